@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the extension, run the `gpu` tests and the benchmarks, and
+# write every log and JSON under OUTDIR (copy it to bench/results/<card>/ afterwards).
+#   bench/gpu_run.sh OUTDIR [build] [tests] [kernels] [e2e]     (no stage named: all of them)
+# Stages keep to a few minutes each so a 10-minute command limit can hold one or two.
+set -uo pipefail
+out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [kernels] [e2e]}
+shift
+stages=${*:-build tests kernels e2e}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+run() {  # run NAME CMD...: log to OUTDIR/NAME.log, remember failures, keep going
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $((SECONDS - t0)) s"; tail -n 15 "$out/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+for s in $stages; do
+  case $s in
+    build)   run build env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS=16 \
+                 python3 -m pip install -e . --no-build-isolation --no-deps ;;
+    tests)   run gpu-tests python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
+    kernels) run bench-kernels python3 -m bench.kernels --device cuda --out "$out" ;;
+    e2e)     run bench-e2e python3 -m bench.e2e --device cuda --out "$out" ;;
+    *) echo "unknown stage $s"; status=2 ;;
+  esac
+done
+exit $status
