@@ -1,0 +1,116 @@
+"""Triton rotary embedding of q and k at per-token positions, in one launch.
+
+Grid (T, q head blocks + k head blocks): a program loads its token's cos/sin row once and
+rotates BLOCK_H heads of q or of k, writing new contiguous [T, H, D] tensors. q and k may be
+strided views (slices of a fused QKV output): rows and heads are addressed by their strides.
+The first rot_dim features are rotated in float32 (the reference's precision) and rounded
+once; features past rot_dim (partial rotary) are copied through. Layouts: NeoX/Llama
+rotate-half (pairs (i, i + rot/2)) and GPT-J interleaved (pairs (2i, 2i + 1)).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(src_ptr, dst_ptr, src_row, src_stride_h, dst_row, n_heads, head0, cos, sin,
+                  D: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
+                  BLOCK_H: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr):
+    h = head0 + tl.arange(0, BLOCK_H)
+    hmask = h < n_heads
+    src = src_ptr + src_row + h[:, None].to(tl.int64) * src_stride_h
+    dst = dst_ptr + dst_row + h[:, None].to(tl.int64) * D
+    i = tl.arange(0, HALF_PAD)
+    m = hmask[:, None] & (i < HALF)[None, :]
+    if IS_NEOX:
+        o1 = i
+        o2 = i + HALF
+    else:
+        o1 = 2 * i
+        o2 = 2 * i + 1
+    x1 = tl.load(src + o1[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + o2[None, :], mask=m, other=0.0).to(tl.float32)
+    out_ty = dst_ptr.dtype.element_ty
+    tl.store(dst + o1[None, :], (x1 * cos - x2 * sin).to(out_ty), mask=m)
+    tl.store(dst + o2[None, :], (x2 * cos + x1 * sin).to(out_ty), mask=m)
+    if 2 * HALF < D:                  # partial rotary: the tail passes through unchanged
+        p = 2 * HALF + tl.arange(0, PASS_PAD)
+        pm = hmask[:, None] & (p < D)[None, :]
+        tl.store(dst + p[None, :], tl.load(src + p[None, :], mask=pm), mask=pm)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, pos_stride,
+                   q_stride_t, q_stride_h, k_stride_t, k_stride_h, cs_stride, HQ, HK,
+                   D: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
+                   BLOCK_H: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
+    i = tl.arange(0, HALF_PAD)
+    cs = cs_ptr + pos * cs_stride
+    cos = tl.load(cs + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    nqb = tl.cdiv(HQ, BLOCK_H)
+    if hb < nqb:
+        _rotate_heads(q_ptr, qo_ptr, t * q_stride_t, q_stride_h, t * HQ * D, HQ, hb * BLOCK_H,
+                      cos, sin, D, HALF, IS_NEOX, BLOCK_H, HALF_PAD, PASS_PAD)
+    else:
+        _rotate_heads(k_ptr, ko_ptr, t * k_stride_t, k_stride_h, t * HK * D, HK,
+                      (hb - nqb) * BLOCK_H, cos, sin, D, HALF, IS_NEOX, BLOCK_H, HALF_PAD,
+                      PASS_PAD)
+
+
+# --------------------------------------------------------------------------- configs
+def _config(num_heads: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps): about 2048 elements per program (Llama-3-8B: 16 heads of 128,
+    so q is 2 programs and k 1 per token)."""
+    block_h = min(triton.next_power_of_2(max(num_heads, 1)),
+                  max(1, 2048 // triton.next_power_of_2(head_dim)))
+    return block_h, 4
+
+
+# --------------------------------------------------------------------------- launcher
+def _launch(positions, q, k, cos_sin_cache, is_neox: bool):
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if T == 0 or D == 0 or HQ + HK == 0:
+        return q_out, k_out
+    rot = cos_sin_cache.shape[1]
+    if rot % 2 or rot > D:
+        raise ValueError(f"cos_sin_cache: rotary dim {rot} must be even and at most {D}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("q: last dimension must be contiguous (and k's, cos_sin_cache's)")
+    block_h, warps = _config(max(HQ, HK), D)
+    half = rot // 2
+    grid = (T, triton.cdiv(HQ, block_h) + triton.cdiv(HK, block_h))
+    _rotary_kernel[grid](positions, q, k, cos_sin_cache, q_out, k_out, positions.stride(0),
+                         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                         cos_sin_cache.stride(0), HQ, HK, D=D, HALF=half, IS_NEOX=is_neox,
+                         BLOCK_H=block_h, HALF_PAD=triton.next_power_of_2(half),
+                         PASS_PAD=triton.next_power_of_2(max(D - rot, 1)), num_warps=warps)
+    return q_out, k_out
+
+
+# Opaque to torch.compile (fullgraph); eager calls bypass the dispatcher.
+@torch.library.custom_op("ragged_triton::rotary_embedding", mutates_args=())
+def _rotary_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               cos_sin_cache: torch.Tensor, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(positions, q, k, cos_sin_cache, is_neox)
+
+
+@_rotary_op.register_fake
+def _(positions, q, k, cos_sin_cache, is_neox):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+# --------------------------------------------------------------------------- public
+def rotary_embedding(positions, q, k, cos_sin_cache, is_neox: bool):
+    """(q, k) rotated by cos_sin_cache[positions] -> new tensors (q_rot, k_rot)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ragged_triton.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    return _launch(positions, q, k, cos_sin_cache, is_neox)
