@@ -1,0 +1,234 @@
+"""Engine: requests in, one fused step at a time, RequestOutputs out.
+
+A step: schedule (host) -> build the ragged batch (host, one copy to the device) -> model
+forward over all new tokens of all scheduled sequences -> sample the rows that end a prompt or
+decode -> append tokens, finish what is done, free its blocks. One device sync per step (the
+sampled token ids). Per-request timings and per-step StepStats are recorded for benchmarks.
+"""
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .batch import BatchBuilder
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler
+from .sequence import RequestOutput, Sequence, Status
+
+
+@dataclass
+class StepStats:
+    step: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_seqs: int
+    step_time_s: float          # whole step: schedule + batch + forward + sample + bookkeeping
+    schedule_time_s: float      # scheduler only
+    kv_blocks_used: int         # after scheduling (the step's peak)
+    num_preempted: int
+    prefix_hit_tokens: int
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
+def profile_num_blocks(model, config: EngineConfig, budget: int, sampler: Sampler) -> int:
+    """KV blocks that fit on the GPU: run one forward at the full token budget (and sample
+    max_num_seqs rows) to measure peak activation memory, then give the KV cache what is left
+    of gpu_memory_utilization * total memory."""
+    dev = model.device
+    bs = config.block_size
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    nblk = -(-budget // bs)
+    kv = model.allocate_kv_cache(nblk, bs)
+    rows = min(budget, config.max_num_seqs)
+    from kernels import AttentionMetadata
+    i32 = dict(dtype=torch.int32, device=dev)
+    attn = AttentionMetadata(torch.tensor([0, budget], **i32), torch.tensor([budget], **i32),
+                             torch.arange(nblk, **i32)[None], torch.arange(budget, device=dev),
+                             budget, budget)
+    ids = torch.zeros(budget, dtype=torch.int64, device=dev)
+    with torch.inference_mode():
+        logits = model.forward(ids, torch.arange(budget, device=dev), attn, kv,
+                               torch.arange(budget - rows, budget, device=dev))
+        sampler(logits, [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows, [0] * rows)
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+    del kv, logits
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(dev)
+    # Memory held outside torch's allocator (CUDA context, other processes) is total - free -
+    # reserved; torch's own share is the measured peak (weights + activations).
+    other = total - free - torch.cuda.memory_reserved(dev)
+    avail = config.gpu_memory_utilization * total - other - peak
+    num_blocks = int(avail // model.kv_cache_bytes_per_block(bs))
+    if num_blocks < 1:
+        raise ValueError(f"gpu_memory_utilization: {config.gpu_memory_utilization} leaves no "
+                         f"memory for the KV cache (peak use {peak / 2**30:.2f} GiB)")
+    return num_blocks
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig | None = None, tokenizer=None):
+        """model: a loaded model (model.load_model's result, or any object with its interface)."""
+        self.config = config = config or EngineConfig()
+        self.model = model
+        self.device = torch.device(model.device)
+        mcfg = model.config
+        self.vocab_size = mcfg.vocab_size
+        eos = mcfg.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
+        self.sampler = Sampler(self.device, config.seed)
+        budget = config.max_num_batched_tokens or (2048 if self.device.type == "cuda" else 256)
+        if config.num_blocks is not None:
+            num_blocks = config.num_blocks
+        elif self.device.type == "cuda":
+            num_blocks = profile_num_blocks(model, config, budget, self.sampler)
+        else:
+            num_blocks = config.default_cpu_blocks(mcfg.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({mcfg.max_position_embeddings})")
+        self.config = config = config.resolve(self.device.type, mcfg.max_position_embeddings,
+                                               num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.batch_builder = BatchBuilder(config.block_size, self.device)
+        self.kv_caches = model.allocate_kv_cache(num_blocks, config.block_size)
+        self.tokenizer = tokenizer
+        self.requests: dict[str, Sequence] = {}       # unfinished requests
+        self.step_log: list[StepStats] = []
+        self.stats = EngineStats()
+        self._arrivals = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None):
+        """Queue a request. Bad input raises ValueError and changes nothing."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use by an unfinished request")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority: must be an int, got {priority!r}")
+        ids = self._prompt_ids(prompt)
+        max_len = self.config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room for output within "
+                             f"max_model_len={max_len}")
+        seq = Sequence(request_id, ids, params, priority,
+                       time.perf_counter() if arrival_time is None else float(arrival_time),
+                       self._arrivals)
+        self._arrivals += 1
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        self.stats.num_prompt_tokens += len(ids)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text needs a tokenizer (the model directory has none); "
+                                 "pass token ids")
+            prompt = self.tokenizer.encode(prompt)
+        try:
+            items = list(prompt)
+        except TypeError:
+            items = None
+        if items is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                    for t in items):
+            raise ValueError(f"prompt: expected a str or a sequence of int token ids, got {prompt!r:.80}")
+        ids = [int(t) for t in items]
+        if not ids:
+            raise ValueError("prompt: is empty (at least one token is needed)")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks now. False if it is unknown or already finished."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.finish_reason = "abort"
+        seq.metrics.finish_time = time.perf_counter()
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        kv_used = self.block_manager.num_used_blocks
+        outputs = []
+        if sched.scheduled:
+            batch = self.batch_builder.build(sched.scheduled)
+            logits = self.model.forward(batch.input_ids, batch.positions, batch.attn,
+                                        self.kv_caches, batch.logits_indices)
+            rows = [s for (s, _), take in zip(sched.scheduled, batch.sampled_rows) if take]
+            tokens = []
+            if rows:
+                tokens = self.sampler(logits, [s.params for s in rows],
+                                      [s.num_output_tokens for s in rows]).tolist()
+            done = self.scheduler.update(sched)
+            assert done == rows, "scheduler and batch disagree on which rows are sampled"
+            now = time.perf_counter()
+            for seq, tok in zip(rows, tokens):
+                outputs.append(self._append(seq, tok, now))
+        elif self.scheduler.has_unfinished():
+            raise RuntimeError("scheduler produced an empty step with requests pending (a bug)")
+        t2 = time.perf_counter()
+        self.stats.num_steps += 1
+        self.stats.num_preemptions += len(sched.preempted)
+        self.stats.prefix_hit_tokens += sched.prefix_hit_tokens
+        self.step_log.append(StepStats(
+            step=len(self.step_log), num_prefill_tokens=sched.num_prefill_tokens,
+            num_decode_tokens=sched.num_decode_tokens, num_seqs=len(sched.scheduled),
+            step_time_s=t2 - t0, schedule_time_s=t1 - t0, kv_blocks_used=kv_used,
+            num_preempted=len(sched.preempted), prefix_hit_tokens=sched.prefix_hit_tokens))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+        seq.token_ids.append(token)
+        m, p = seq.metrics, seq.params
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.token_times.append(now)
+        self.stats.num_generated_tokens += 1
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            m.finish_time = now
+            self.scheduler.remove(seq)
+            del self.requests[seq.request_id]
+        return self.output(seq)
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.status == Status.FINISHED
+        text = ""
+        if finished and self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
+                             seq.output_token_ids, text, finished, seq.finish_reason, seq.metrics)
