@@ -1,0 +1,325 @@
+"""End-to-end serving benchmark: our engine under each scheduling policy vs Hugging Face.
+
+    python -m bench.e2e                          # the main job: a default sized for this machine
+    python -m bench.e2e --workload anyscale --cap 1536
+    python -m bench.e2e --workload poisson --rate 8 --policies continuous,prefill_first
+
+One workload (bench/workloads.py, seeded) runs through every system on the same weights:
+ragged.Engine under each policy (requests added at their arrival times, step() in a loop),
+transformers static batching with generate(), and transformers' continuous batching where
+the installed version has it. Per system: throughput, TTFT/TPOT/ITL/E2E distributions
+(bench/metrics.py), the ratio to HF static, and for our engine the per-step picture from
+engine.step_log. Writes <out>/<stem>.json (with bench.common.run_info) and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from . import hf_baseline, metrics, plots, workloads
+from .common import run_info, write_json
+
+POLICIES = ("continuous", "prefill_first", "static")
+SYSTEMS = ("ragged", "hf_static", "hf_continuous")
+
+# Sizes per scale. "gpu": the published workload shapes with llama3-8b; "cpu": the tiny model,
+# small enough that the no-argument run stays near two minutes on 2 cores; "quick": smoke test.
+SCALES = {
+    "gpu": dict(model="llama3-8b", dtype="bfloat16", num_requests=128, cap=512, rate=4.0,
+                hf_batch_size=32, mean_output=128.0, prompt_len=512, prompt_range=(128, 384),
+                long_range=(4096, 8000), decode_prompt_len=128, decode_tokens=256,
+                interval=1.0, prefix_len=2048, suffix_range=(16, 64)),
+    "cpu": dict(model="tiny", dtype="float32", num_requests=24, cap=64, rate=8.0,
+                hf_batch_size=8, mean_output=32.0, prompt_len=128, prompt_range=(32, 96),
+                long_range=(384, 768), decode_prompt_len=32, decode_tokens=64,
+                interval=0.5, prefix_len=256, suffix_range=(8, 32)),
+    "quick": dict(model="tiny", dtype="float32", num_requests=4, cap=8, rate=50.0,
+                  hf_batch_size=2, mean_output=4.0, prompt_len=16, prompt_range=(8, 24),
+                  long_range=(64, 96), decode_prompt_len=8, decode_tokens=8,
+                  interval=0.05, prefix_len=32, suffix_range=(4, 8)),
+}
+
+
+def workload_kwargs(name: str, s: dict) -> dict:
+    """The generator arguments of workload `name` at the sizes in s."""
+    out = dict(cap=s["cap"], mean_output=s["mean_output"])
+    if name == "anyscale":
+        return out | dict(prompt_len=s["prompt_len"])
+    if name == "poisson":
+        return out | dict(rate=s["rate"], prompt_range=s["prompt_range"])
+    if name == "shared_prefix":
+        return out | dict(prefix_len=s["prefix_len"], suffix_range=s["suffix_range"])
+    if name == "stall":
+        return dict(long_range=s["long_range"], decode_prompt_len=s["decode_prompt_len"],
+                    decode_tokens=s["decode_tokens"], interval=s["interval"])
+    raise ValueError(f"workload must be one of {sorted(workloads.WORKLOADS)}, got {name!r}")
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- our engine
+def drive(engine, requests, *, t0=None, progress=None) -> list[metrics.RequestTrace]:
+    """Feed requests to engine at their arrival times and step until all are done."""
+    from ragged import SamplingParams
+    pending = sorted(requests, key=lambda r: r.arrival_time)
+    by_id = {r.id: r for r in requests}
+    t0 = time.perf_counter() if t0 is None else t0
+    traces, i = [], 0
+    while i < len(pending) or engine.has_unfinished_requests():
+        now = time.perf_counter()
+        while i < len(pending) and t0 + pending[i].arrival_time <= now:
+            r = pending[i]
+            i += 1
+            # Greedy, exact length: the same work HF does. The arrival stamp is the scheduled
+            # time, so time the loop spent in step() before noticing counts as queueing.
+            params = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
+            engine.add_request(r.id, list(r.prompt_token_ids), params, priority=r.priority,
+                               arrival_time=t0 + r.arrival_time)
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, t0 + pending[i].arrival_time - time.perf_counter()))
+            continue
+        for out in engine.step():
+            if not out.finished:
+                continue
+            r, m = by_id[out.request_id], out.metrics
+            if len(out.token_ids) != r.max_tokens:
+                raise RuntimeError(f"request {r.id}: {len(out.token_ids)} tokens, "
+                                   f"asked for {r.max_tokens}")
+            traces.append(metrics.RequestTrace(
+                r.id, r.prompt_len, t0 + r.arrival_time, m.first_token_time, m.finish_time,
+                list(m.token_times), list(out.token_ids)))
+            if progress is not None:
+                progress.update(1)
+    return traces
+
+
+def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
+    """One policy on an already loaded model (loaded once for all policies: 16 GB for
+    llama3-8b); each policy gets a fresh engine and KV cache."""
+    from ragged import LLM
+    extra = {k: v for k, v in dict(block_size=a.block_size, num_blocks=a.num_blocks,
+                                   max_num_batched_tokens=a.max_num_batched_tokens,
+                                   max_num_seqs=a.max_num_seqs).items() if v is not None}
+    llm = LLM(model, policy=policy, seed=a.seed, **extra)
+    engine = llm.engine
+    try:
+        drive(engine, warmup)  # JIT compilation and allocator warm-up stay out of the timing
+        first_step = len(engine.step_log)
+        with tqdm(total=len(requests), desc=f"ragged:{policy}", unit="req", leave=False) as bar:
+            traces = drive(engine, requests, progress=bar)
+        steps = list(engine.step_log[first_step:])
+        info = {"num_blocks": engine.block_manager.num_blocks, "engine_args": extra,
+                "steps": metrics.step_summary(steps, num_blocks=engine.block_manager.num_blocks,
+                                              prompt_tokens=sum(r.prompt_len for r in requests)),
+                "step_log": metrics.step_records(steps)}
+        return traces, info
+    finally:
+        del engine, llm
+        _free(a.device)
+
+
+# ---------------------------------------------------------------------------- the run
+def _per_request(traces) -> list[dict]:
+    return [{"id": t.id, "prompt_len": t.prompt_len, "output_len": t.output_len,
+             "ttft_s": metrics.ttft(t), "tpot_s": metrics.tpot(t), "e2e_s": metrics.e2e(t)}
+            for t in sorted(traces, key=lambda t: t.id)]
+
+
+def _agreement(traces, ref) -> dict | None:
+    """How often greedy outputs match HF static's (same weights): informational, since
+    kernels reorder float sums and random-weight logits are close to ties."""
+    ref = {t.id: t.token_ids for t in ref if t.token_ids}
+    pairs = [(t.token_ids, ref[t.id]) for t in traces if t.token_ids and t.id in ref]
+    if not pairs:
+        return None
+    first = sum(a[0] == b[0] for a, b in pairs) / len(pairs)
+    same = sum(a == b for a, b in pairs) / len(pairs)
+    return {"first_token_match": first, "all_tokens_match": same, "n": len(pairs)}
+
+
+def _record(systems, name, traces, extra=None):
+    s = metrics.summarize(traces)
+    systems[name] = {"status": "ok", "summary": s, "requests": _per_request(traces),
+                     "itl_samples_s": [x for t in traces for x in metrics.itls(t)],
+                     **(extra or {})}
+
+
+def run(a) -> dict:
+    scale = dict(SCALES[a.scale])
+    for k in ("num_requests", "cap", "rate", "mean_output", "hf_batch_size"):
+        if getattr(a, k) is not None:
+            scale[k] = getattr(a, k)
+    a.hf_batch_size = scale["hf_batch_size"]
+    from model import ModelConfig
+    cfg = (ModelConfig.from_hf_config(a.model) if _is_dir(a.model) else ModelConfig.preset(a.model))
+    kwargs = workload_kwargs(a.workload, scale)
+    requests = workloads.make(a.workload, scale["num_requests"], vocab_size=cfg.vocab_size,
+                              seed=a.seed, **kwargs)
+    warmup = workloads.anyscale(2, vocab_size=cfg.vocab_size, cap=4, prompt_len=8, seed=a.seed + 1)
+    dtype = getattr(torch, a.dtype)
+    systems, traces_by, ref = {}, {}, None
+    with tempfile.TemporaryDirectory(prefix="ragged-e2e-") as tmp:
+        need_hf = {"hf_static", "hf_continuous"} & set(a.systems)
+        hf_model, model_dir = hf_baseline.build_hf_model(a.model, dtype=dtype, device=a.device,
+                                                         seed=a.seed, save_dir=tmp)
+        if not need_hf:
+            del hf_model
+            _free(a.device)
+        if "hf_static" in a.systems:
+            hf_baseline.run_static(hf_model, warmup, batch_size=2, device=a.device)
+            with tqdm(total=len(requests), desc="hf_static", unit="req", leave=False) as bar:
+                ref = hf_baseline.run_static(hf_model, requests, batch_size=a.hf_batch_size,
+                                             device=a.device, progress=bar)
+            _record(systems, "hf_static", ref, {"batch_size": a.hf_batch_size})
+        if "hf_continuous" in a.systems:
+            try:
+                hf_baseline.run_continuous(hf_model, warmup, device=a.device)
+                with tqdm(total=len(requests), desc="hf_continuous", unit="req", leave=False) as bar:
+                    tr = hf_baseline.run_continuous(hf_model, requests, device=a.device, progress=bar)
+                _record(systems, "hf_continuous", tr)
+                traces_by["hf_continuous"] = tr
+            except Exception as e:  # noqa: BLE001 - any failure means "not available here"
+                systems["hf_continuous"] = {"status": "unavailable",
+                                            "error": f"{type(e).__name__}: {e}"}
+        if need_hf:
+            del hf_model
+            _free(a.device)
+        if "ragged" in a.systems:
+            from model import load_model
+            ours = load_model(model_dir, dtype=dtype, device=a.device, seed=a.seed)
+            for policy in a.policies:
+                tr, info = run_engine(ours, policy, requests, warmup, a)
+                _record(systems, f"ragged:{policy}", tr, info)
+                traces_by[f"ragged:{policy}"] = tr
+    base = systems.get("hf_static", {}).get("summary")
+    for name, s in systems.items():
+        if s["status"] == "ok" and base:
+            s["ratio_to_hf_static"] = {k: s["summary"][k] / base[k] for k in
+                                       ("total_tokens_per_s", "output_tokens_per_s", "requests_per_s")}
+        if ref is not None and name in traces_by:
+            s["agreement_with_hf_static"] = _agreement(traces_by[name], ref)
+    outs = [r.max_tokens for r in requests]
+    return {
+        "run_info": run_info(a.device),
+        "config": {"workload": a.workload, "model": a.model, "dtype": a.dtype, "device": a.device,
+                   "scale": a.scale, "seed": a.seed, "workload_kwargs": kwargs,
+                   "hf_batch_size": a.hf_batch_size, "policies": a.policies, "systems": a.systems,
+                   "sampling": "greedy, ignore_eos, exact max_tokens per request"},
+        "workload": {"num_requests": len(requests),
+                     "prompt_tokens": sum(r.prompt_len for r in requests),
+                     "output_tokens": sum(outs), "output_len_mean": sum(outs) / len(outs),
+                     "output_len_max": max(outs),
+                     "last_arrival_s": max(r.arrival_time for r in requests)},
+        "systems": systems,
+        "notes": {"hf_static": "token times from a per-step callback (what streaming would show); "
+                               "finish = when generate() returns the batch",
+                  "percentiles": metrics.summarize.__module__ + ": numpy.percentile "
+                                 f"method={metrics.PERCENTILE_METHOD!r}"},
+    }
+
+
+def _is_dir(path) -> bool:
+    import os
+    return os.path.isdir(path)
+
+
+def _ms(d, key):
+    v = d.get(key) if d else None
+    return f"{v * 1e3:9.1f}" if v is not None else f"{'-':>9}"
+
+
+def table(payload) -> str:
+    cols = ("system", "tok/s", "out tok/s", "req/s", "TTFT p50", "TPOT p50", "ITL p50",
+            "ITL p99", "E2E p50", "E2E p99", "x HF st")
+    lines = [f"{cols[0]:<22}" + "".join(f"{c:>10}" for c in cols[1:]),
+             f"{'':<22}{'':>30}" + f"{'(ms)':>10}" * 6]
+    for name, s in payload["systems"].items():
+        if s["status"] != "ok":
+            lines.append(f"{name:<22}  {s['status']}: {s.get('error', '')[:90]}")
+            continue
+        m = s["summary"]
+        ratio = s.get("ratio_to_hf_static", {}).get("total_tokens_per_s")
+        lines.append(f"{name:<22}{m['total_tokens_per_s']:10.1f}{m['output_tokens_per_s']:10.1f}"
+                     f"{m['requests_per_s']:10.2f} {_ms(m['ttft_s'], 'p50')}"
+                     f" {_ms(m['tpot_s'], 'p50')} {_ms(m['itl_s'], 'p50')} {_ms(m['itl_s'], 'p99')}"
+                     f" {_ms(m['e2e_s'], 'p50')} {_ms(m['e2e_s'], 'p99')}"
+                     + (f"{ratio:9.2f}x" if ratio else f"{'-':>10}"))
+    return "\n".join(lines)
+
+
+def stem(payload) -> str:
+    c = payload["config"]
+    model = c["model"].rstrip("/").split("/")[-1]
+    tag = {"anyscale": f"_cap{c['workload_kwargs'].get('cap')}",
+           "poisson": f"_rate{c['workload_kwargs'].get('rate')}"}.get(c["workload"], "")
+    return f"e2e_{c['workload']}{tag}_{model}_{torch.device(c['device']).type}{'_quick' if c['scale'] == 'quick' else ''}"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", default="anyscale", choices=sorted(workloads.WORKLOADS))
+    p.add_argument("--model", help="preset name or HF directory (default: tiny on CPU, llama3-8b on GPU)")
+    p.add_argument("--num-requests", type=int)
+    p.add_argument("--cap", type=int, help="output length cap (anyscale sweep: 32, 128, 512, 1536)")
+    p.add_argument("--rate", type=float, help="poisson arrival rate, requests/s")
+    p.add_argument("--mean-output", type=float, help="mean of the exponential output length")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--out", help="output directory (default bench/results)")
+    p.add_argument("--quick", action="store_true", help="a few tiny requests (smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-batch-size", type=int, help="HF static batch size")
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--num-blocks", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(argv)
+    a.scale = "quick" if a.quick else ("gpu" if torch.device(a.device).type == "cuda" else "cpu")
+    a.model = a.model or SCALES[a.scale]["model"]
+    a.dtype = a.dtype or SCALES[a.scale]["dtype"]
+    a.policies = [x for x in a.policies.split(",") if x]
+    a.systems = [x for x in a.systems.split(",") if x]
+    for x in a.policies:
+        if x not in POLICIES:
+            p.error(f"--policies: {x!r} is not one of {POLICIES}")
+    for x in a.systems:
+        if x not in SYSTEMS:
+            p.error(f"--systems: {x!r} is not one of {SYSTEMS}")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    t = time.perf_counter()
+    payload = run(a)
+    payload["wall_s"] = time.perf_counter() - t
+    name = stem(payload)
+    path = write_json(name, payload, a.out)
+    files = [] if a.no_plots else plots.write_all(payload, path.parent, name)
+    print(f"\n{a.workload} on {payload['run_info']['device']}, model {a.model} ({a.dtype}), "
+          f"{payload['workload']['num_requests']} requests, {payload['wall_s']:.0f} s")
+    print(table(payload))
+    print("wrote", path, *files, sep="\n  ")
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
