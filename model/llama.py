@@ -1,0 +1,90 @@
+"""The Llama-family causal LM (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) over ragged batches.
+
+forward() takes the flat new tokens of all scheduled sequences (no padding), their positions,
+the step's AttentionMetadata and the per-layer paged KV caches; it returns float32 logits only
+for the rows in logits_indices (the final norm and lm_head run on those S rows, not on all T:
+for a prefill chunk of thousands of tokens that skips a [T, vocab] GEMM). No host syncs, no
+per-token Python: everything is a fixed sequence of kernel launches per layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels.reference import rope_cos_sin_cache
+
+from .config import ModelConfig
+from .layers import DecoderLayer, _param
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, *, dtype=torch.float32, device="cpu", backend=None):
+        super().__init__()
+        device = torch.device(device)
+        self.config, self.backend = config, backend
+        kw = dict(dtype=dtype, device=device)
+        self.embed_tokens = _param(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = _param(config.hidden_size, **kw)
+        self.lm_head = (self.embed_tokens if config.tie_word_embeddings
+                        else _param(config.vocab_size, config.hidden_size, **kw))
+        # Built once; Llama-3 / linear scaling is baked into the table. float32 whatever the
+        # model dtype (the kernels compute RoPE in float32).
+        cache = rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
+                                   config.rope_theta, config.rope_scaling)
+        self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    # ------------------------------------------------------------------ KV cache
+    def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        """Bytes of one block in all layers, K and V."""
+        c = self.config
+        return (2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim
+                * self.embed_tokens.element_size())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (k_cache, v_cache), each [num_blocks, block_size, Hkv, D].
+
+        Zero-filled, not empty: kernels that load a whole block and mask the tail multiply
+        the masked probabilities (0) by whatever the slots hold, and 0 * NaN garbage is NaN.
+        """
+        for name, v in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}: must be a positive int, got {v!r}")
+        c = self.config
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        kw = dict(dtype=self.dtype, device=self.device)
+        return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw))
+                for _ in range(c.num_hidden_layers)]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn: kernels.AttentionMetadata, kv_caches, logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions int64 [T]; kv_caches per layer (k, v); logits_indices int64 [S]
+        -> logits float32 [S, vocab]. Writes this step's K/V at attn.slot_mapping."""
+        if input_ids.dim() != 1 or positions.shape != input_ids.shape:
+            raise ValueError(f"positions: shape {tuple(positions.shape)} must equal input_ids' "
+                             f"{tuple(input_ids.shape)} (both 1-D [T])")
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"kv_caches: {len(kv_caches)} layers given, model has {len(self.layers)}")
+        backend = self.backend
+        h = F.embedding(input_ids, self.embed_tokens)
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h, residual = layer(h, residual, positions, self.cos_sin_cache, attn, k_cache,
+                                v_cache, backend)
+        # Only the sampled rows go through the last residual add, the final norm and lm_head.
+        h, residual = h.index_select(0, logits_indices), residual.index_select(0, logits_indices)
+        h, _ = kernels.rms_norm(h, self.norm, self.config.rms_norm_eps, residual=residual,
+                                backend=backend)
+        return F.linear(h, self.lm_head).float()
