@@ -1,0 +1,193 @@
+"""bench/ e2e harness: seeded workloads, metrics on a hand-made trace, and a CPU smoke run."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bench import metrics, workloads
+from bench.metrics import RequestTrace
+
+V = 259  # the tiny preset's vocab
+
+
+# ---------------------------------------------------------------------------- workloads
+def _all(seed):
+    return {
+        "anyscale": workloads.anyscale(20, vocab_size=V, cap=64, prompt_len=33, seed=seed),
+        "poisson": workloads.poisson(20, vocab_size=V, rate=5.0, seed=seed),
+        "stall": workloads.stall(8, vocab_size=V, long_range=(100, 200), seed=seed),
+        "shared_prefix": workloads.shared_prefix(10, vocab_size=V, prefix_len=48, seed=seed),
+    }
+
+
+def test_workloads_reproducible_and_seeded():
+    a, b, c = _all(0), _all(0), _all(1)
+    for name in a:
+        assert a[name] == b[name], name
+        assert a[name] != c[name], name
+        for r in a[name]:
+            assert all(0 <= t < V for t in r.prompt_token_ids), name
+            assert r.max_tokens >= 1 and r.arrival_time >= 0
+        times = [r.arrival_time for r in a[name]]
+        assert times == sorted(times), name
+        assert len({r.id for r in a[name]}) == len(a[name]), name
+    assert workloads.make("anyscale", 20, vocab_size=V, cap=64, prompt_len=33) == a["anyscale"]
+
+
+def test_anyscale_output_distribution():
+    reqs = workloads.anyscale(4000, vocab_size=V, cap=512, prompt_len=512, seed=3)
+    outs = np.array([r.max_tokens for r in reqs])
+    # E[min(ceil(X), 512)] for X ~ Exp(128): about 128 * (1 - e^-4) + 0.5 = 126; std err 2.
+    print("mean output", outs.mean(), "max", outs.max())
+    assert outs.min() >= 1 and outs.max() <= 512
+    assert 119 < outs.mean() < 133
+    assert all(r.prompt_len == 512 and r.arrival_time == 0.0 for r in reqs)
+    # cap 32: P(ceil(X) >= 32) = P(X > 31) = exp(-31/128) = 0.785 of requests sit at the cap.
+    capped = np.array([r.max_tokens for r in workloads.anyscale(4000, vocab_size=V, cap=32)])
+    print("fraction at cap 32", (capped == 32).mean())
+    assert capped.max() == 32 and 0.76 < (capped == 32).mean() < 0.81
+
+
+def test_poisson_arrivals_and_prompts():
+    reqs = workloads.poisson(4000, vocab_size=V, rate=10.0, cap=128, seed=5)
+    gaps = np.diff([r.arrival_time for r in reqs])
+    lens = np.array([r.prompt_len for r in reqs])
+    print("mean gap", gaps.mean(), "mean prompt", lens.mean())
+    assert reqs[0].arrival_time == 0.0 and (gaps >= 0).all()
+    assert 0.095 < gaps.mean() < 0.105          # 1/rate; std err 0.0016
+    assert lens.min() >= 128 and lens.max() <= 384 and 250 < lens.mean() < 262
+    assert max(r.max_tokens for r in reqs) <= 128
+
+
+def test_stall_and_shared_prefix_shapes():
+    reqs = workloads.stall(12, vocab_size=V, long_range=(300, 400), interval=0.5, seed=2)
+    long = [r for r in reqs if r.id.startswith("stall-long")]
+    short = [r for r in reqs if r.id.startswith("stall-decode")]
+    assert len(long) == 3 and len(short) == 9
+    assert all(300 <= r.prompt_len <= 400 for r in long)
+    assert [r.arrival_time for r in long] == [0.5, 1.0, 1.5]
+    assert all(r.arrival_time == 0.0 for r in short)
+    sp = workloads.shared_prefix(16, vocab_size=V, prefix_len=64, suffix_range=(4, 9), seed=2)
+    prefix = sp[0].prompt_token_ids[:64]
+    assert all(r.prompt_token_ids[:64] == prefix and 68 <= r.prompt_len <= 73 for r in sp)
+    assert len({r.prompt_token_ids for r in sp}) == 16  # suffixes make every prompt unique
+
+
+@pytest.mark.parametrize("call", [
+    lambda: workloads.poisson(4, vocab_size=V, rate=0.0),
+    lambda: workloads.anyscale(4, vocab_size=V, cap=0),
+    lambda: workloads.anyscale(0, vocab_size=V),
+    lambda: workloads.stall(4, vocab_size=V, num_long=4),
+    lambda: workloads.make("bursty", 4, vocab_size=V),
+])
+def test_workload_bad_arguments(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+# ---------------------------------------------------------------------------- metrics
+def _trace():
+    return [
+        # A: TTFT 1.0, TPOT (2.5 - 1.0) / 2 = 0.75, ITL 0.5 and 1.0, E2E 2.5
+        RequestTrace("A", 10, arrival=0.0, first_token=1.0, finish=2.5, token_times=[1.0, 1.5, 2.5]),
+        # B: TTFT 1.0, TPOT (4.0 - 2.0) / 4 = 0.5, ITL 0.2 0.2 0.2 1.4, E2E 3.0
+        RequestTrace("B", 20, arrival=1.0, first_token=2.0, finish=4.0,
+                     token_times=[2.0, 2.2, 2.4, 2.6, 4.0]),
+        # C: one token: TTFT 2.5, no TPOT, no ITL, E2E 2.5
+        RequestTrace("C", 5, arrival=0.5, first_token=3.0, finish=3.0, token_times=[3.0]),
+    ]
+
+
+def test_metrics_hand_made_trace():
+    s = metrics.summarize(_trace())
+    print(json.dumps(s, indent=1))
+    approx = lambda x: pytest.approx(x, rel=1e-12, abs=1e-12)  # noqa: E731
+    # span 0.0 -> 4.0 s; 35 prompt + 9 output tokens, 3 requests
+    assert s["duration_s"] == approx(4.0)
+    assert s["prompt_tokens"] == 35 and s["output_tokens"] == 9
+    assert s["total_tokens_per_s"] == approx(11.0)
+    assert s["output_tokens_per_s"] == approx(2.25)
+    assert s["requests_per_s"] == approx(0.75)
+    # TTFT [1.0, 1.0, 2.5]; type-7 p90: rank 0.9 * 2 = 1.8 -> 1.0 + 0.8 * 1.5 = 2.2
+    assert s["ttft_s"]["mean"] == approx(1.5) and s["ttft_s"]["p50"] == approx(1.0)
+    assert s["ttft_s"]["p90"] == approx(2.2) and s["ttft_s"]["p99"] == approx(2.47)
+    # TPOT [0.75, 0.5] (C has one token and no TPOT)
+    assert s["tpot_s"]["n"] == 2 and s["tpot_s"]["p50"] == approx(0.625)
+    # ITL sorted [0.2, 0.2, 0.2, 0.5, 1.0, 1.4]: p50 rank 2.5 -> 0.35; p99 rank 4.95 -> 1.38
+    assert s["itl_s"]["n"] == 6 and s["itl_s"]["mean"] == approx(3.5 / 6)
+    assert s["itl_s"]["p50"] == approx(0.35) and s["itl_s"]["p99"] == approx(1.38)
+    assert s["itl_s"]["max"] == approx(1.4)
+    # E2E [2.5, 3.0, 2.5]
+    assert s["e2e_s"]["p50"] == approx(2.5) and s["e2e_s"]["mean"] == approx(8 / 3)
+    # an explicit start (the benchmark clock's zero) lengthens the span
+    assert metrics.summarize(_trace(), start=-1.0)["total_tokens_per_s"] == approx(44 / 5)
+
+
+def test_metrics_rejects_bad_traces():
+    with pytest.raises(ValueError, match="not sorted"):
+        RequestTrace("x", 1, 0.0, 1.0, 2.0, [1.0, 0.5])
+    with pytest.raises(ValueError, match="arrival"):
+        RequestTrace("x", 1, 2.0, 1.0, 2.0, [1.0])
+    with pytest.raises(ValueError):
+        metrics.summarize([])
+    assert metrics.distribution([])["p50"] is None
+
+
+def test_step_summary_hand_made_log():
+    rows = [(10, 0, 2, 0, 4), (5, 2, 3, 1, 0), (0, 3, 3, 0, 0)]
+    log = [SimpleNamespace(step=i, num_prefill_tokens=p, num_decode_tokens=d, num_seqs=2,
+                           step_time_s=0.1 * (i + 1), schedule_time_s=0.001, kv_blocks_used=k,
+                           num_preempted=pre, prefix_hit_tokens=hit)
+           for i, (p, d, k, pre, hit) in enumerate(rows)]
+    s = metrics.step_summary(log, num_blocks=10, prompt_tokens=20)
+    print(s)
+    assert s["num_steps"] == 3 and s["mixed_steps"] == 1 and s["preemptions"] == 1
+    assert s["prefix_hit_rate"] == pytest.approx(0.2)
+    assert s["kv_usage_max"] == pytest.approx(0.3) and s["kv_usage_mean"] == pytest.approx(8 / 30)
+    assert s["tokens_per_step"]["mean"] == pytest.approx(20 / 3)
+    assert s["step_time_s"]["p50"] == pytest.approx(0.2)
+    assert metrics.step_records([dict(num_decode_tokens=1)])[0]["num_prefill_tokens"] == 0
+
+
+# ---------------------------------------------------------------------------- smoke run
+def test_e2e_quick_smoke(tmp_path):
+    from bench import e2e
+    payload = e2e.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    files = {p.name for p in tmp_path.iterdir()}
+    print(sorted(files))
+    stem = e2e.stem(payload)
+    assert {f"{stem}.json", f"{stem}_throughput.png", f"{stem}_latency_cdf.png",
+            f"{stem}_timeline.png"} <= files
+    assert all((tmp_path / f).stat().st_size > 1000 for f in files)
+    saved = json.loads((tmp_path / f"{stem}.json").read_text())
+    systems = saved["systems"]
+    assert set(systems) == {"hf_static", "hf_continuous", "ragged:continuous",
+                            "ragged:prefill_first", "ragged:static"}
+    want_out = saved["workload"]["output_tokens"]
+    for name, s in systems.items():
+        if name == "hf_continuous" and s["status"] != "ok":
+            assert s["status"] == "unavailable" and s["error"]  # said honestly, with the reason
+            continue
+        assert s["status"] == "ok", name
+        # every system did exactly the requested work, and its latencies are causal
+        assert s["summary"]["output_tokens"] == want_out, name
+        assert all(r["ttft_s"] >= 0 and r["e2e_s"] >= r["ttft_s"] for r in s["requests"]), name
+        assert s["ratio_to_hf_static"]["total_tokens_per_s"] > 0
+        if name.startswith("ragged:"):
+            steps = s["step_log"]
+            assert steps and s["steps"]["num_steps"] == len(steps)
+            assert sum(r["num_decode_tokens"] for r in steps) + len(s["requests"]) >= want_out
+    assert saved["run_info"]["device"].startswith("cpu")
+
+
+def test_e2e_poisson_arrivals_respected(tmp_path):
+    from bench import e2e
+    payload = e2e.main(["--quick", "--device", "cpu", "--workload", "poisson", "--rate", "20",
+                        "--systems", "ragged", "--policies", "continuous", "--no-plots",
+                        "--out", str(tmp_path)])
+    s = payload["systems"]["ragged:continuous"]
+    assert s["status"] == "ok" and set(payload["systems"]) == {"ragged:continuous"}
+    # arrivals spread over time: the run lasts at least until the last request arrived
+    assert s["summary"]["duration_s"] >= payload["workload"]["last_arrival_s"]
+    assert payload["workload"]["last_arrival_s"] > 0
