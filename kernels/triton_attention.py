@@ -1,0 +1,373 @@
+"""Triton ragged paged attention: decodes, speculative queries and prefill chunks in ONE launch.
+
+Grid (axis 0, axis 1, axis 2) = (q blocks, KV heads, KV splits).
+
+* q blocks. A program owns up to Q = BLOCK_M // G consecutive new tokens of one sequence and
+  all G query heads sharing one KV head (GQA packing: tile row r is token r // G, head r % G),
+  so each K/V tile is read once per KV head, not G times. Sequence b's blocks start at
+  ``cu_seqlens_q[b] // Q + b`` (monotone in b, and it leaves b at least cdiv(q_len_b, Q)
+  slots), so ``T // Q + B`` programs -- host ints -- cover any batch without reading the
+  device; a program finds its sequence by binary search over cu_seqlens_q and exits at once
+  if it has no tokens (at most B such programs, plus those of empty sequences).
+* KV tiles of BLOCK_N keys are gathered key by key through the block table
+  (block = block_table[b, j // block_size]), so any block size works (multiple of 16 up to
+  256) and tiles need not align with blocks. Every address is int64: block ids of 131072+
+  times a block stride of 16 * 8 * 128 overflow int32.
+* Masks are paid only where needed: the tiles a program visits split into a masked head
+  (sliding window edge), an unmasked body (visible to every row) and a masked tail (the
+  causal diagonal and the end of the sequence). A decode masks only its last tile.
+* Split-KV (flash-decoding): with few programs (few sequences x KV heads) a long context
+  would leave most SMs idle, so axis 2 splits each program's tile range; every split writes
+  its normalised partial output and log2-sum-exp to an fp32 workspace and a second kernel
+  merges them. The split count is decided from host ints only; with one split the kernel
+  writes the output directly (a single launch). Empty splits write lse = -inf, weight 0.
+
+Online softmax in fp32 with exp2 (scale folded with log2(e)). Rows that see no key (q_len >
+seq_len, or padding) produce zeros, never NaN. fp32 inputs use tl.dot(input_precision=
+"ieee"): the TF32 default keeps 10 mantissa bits and would miss the fp32 tolerance.
+No .item() / host sync anywhere: the call is CUDA-graph capturable given max_seqlen_q/k.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_2d(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load with only the masks that can be false (unmasked loads vectorise best)."""
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp/log (the interpreter has no tanh) to a few ulps near 0 as well.
+
+    1 - 2 / (e^2x + 1) loses ~eps / |x| relative accuracy for small |x|, which a softcap of
+    30 turns into logit errors ~10x fp32 rounding. Instead tanh|x| = -e / (e + 2) with
+    e = expm1(-2|x|), and expm1 by Kahan's trick (u - 1) * y / log(u), u = exp(y), whose
+    rounding errors in u cancel.
+    """
+    y = -2.0 * tl.abs(x)
+    u = tl.exp(y)
+    log_u = tl.log(tl.where(u == 1.0, 0.5, u))            # guarded: no 0/0 where unused
+    em = tl.where(u == 1.0, y, (u - 1.0) * y / log_u)
+    em = tl.where(u == 0.0, -1.0, em)                     # |x| > ~45: exp underflows
+    th = -em / (em + 2.0)
+    return tl.where(x < 0.0, -th, th)
+
+
+@triton.jit
+def _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off, start_n, seq_len, qpos,
+               stride_kb, stride_ks, block_size, qk_scale, softcap, window,
+               offs_n, offs_d, d_ok,
+               MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One BLOCK_N-key tile of online softmax for all BLOCK_M rows of the program."""
+    kpos = start_n + offs_n
+    k_ok = kpos < seq_len
+    if MASK:
+        blk = tl.load(bt_row + kpos // block_size, mask=k_ok, other=0)
+    else:
+        blk = tl.load(bt_row + kpos // block_size)
+    kv_off = blk.to(tl.int64) * stride_kb + (kpos % block_size).to(tl.int64) * stride_ks + kv_head_off
+    # K tile read transposed ([D, N]) so the dot needs no tl.trans.
+    k = _load_2d(k_ptr + kv_off[None, :] + offs_d[:, None], d_ok, k_ok, not EVEN_D, MASK)
+    s = tl.dot(q, k, input_precision=DOT_PREC)
+    if SOFTCAP:                       # softcap * tanh(s * scale / softcap), in log2 units
+        s = _tanh(s * qk_scale) * (softcap * 1.4426950408889634)
+    else:
+        s = s * qk_scale
+    if MASK:
+        vis = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+        if WINDOW:
+            vis = vis & (kpos[None, :] > qpos[:, None] - window)
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # fully masked row: no NaN
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_2d(v_ptr + kv_off[:, None] + offs_d[None, :], k_ok, d_ok, MASK, not EVEN_D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "search_iters", "window"])
+def _paged_attn_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+        num_seqs, num_tokens, num_q_heads, group, q_per_block, search_iters,
+        qk_scale, softcap, window,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+        block_size,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    # Sequence of this q block: the last b with cu[b] // Q + b <= pid (binary search).
+    lo = pid * 0
+    hi = lo + num_seqs - 1
+    for _ in range(search_iters):
+        mid = (lo + hi + 1) // 2
+        mid_start = tl.load(cu_ptr + mid) // q_per_block + mid
+        go_right = mid_start <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    b = lo
+    q_start = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_start
+    tok0 = (pid - (q_start // q_per_block + b)) * q_per_block
+    if tok0 >= q_len:                 # spare slot of the grid's upper bound: nothing to do
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx = seq_len - q_len             # may be < 0 for malformed rows: they see fewer keys
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    tok = tok0 + offs_m // group
+    head = kvh * group + offs_m % group
+    row_ok = (offs_m < q_per_block * group) & (tok < q_len)
+    qpos = ctx + tok
+    row_off = (q_start + tok).to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+    q = _load_2d(q_ptr + row_off[:, None] + offs_d[None, :], row_ok, d_ok, True, not EVEN_D)
+
+    # Keys any row may see: [kv_lo, kv_hi); tiles start at a BLOCK_N multiple below kv_lo.
+    tok_last = tl.minimum(tok0 + q_per_block, q_len) - 1
+    p_first = ctx + tok0
+    p_last = ctx + tok_last
+    kv_hi = tl.minimum(seq_len, p_last + 1)
+    if WINDOW:
+        kv_lo = tl.maximum(p_first - window + 1, 0)
+    else:
+        kv_lo = p_first * 0
+    base = (kv_lo // BLOCK_N) * BLOCK_N
+    n_tiles = tl.maximum(kv_hi - base + BLOCK_N - 1, 0) // BLOCK_N
+    per_split = (n_tiles + num_splits - 1) // num_splits
+    t_lo = tl.minimum(split * per_split, n_tiles)
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    # Tiles every row sees whole: key end <= p_first and key start > p_last - window.
+    full_hi = tl.maximum(p_first + 1 - base, 0) // BLOCK_N
+    if WINDOW:
+        full_lo = (tl.maximum(p_last - window + 1 - base, 0) + BLOCK_N - 1) // BLOCK_N
+    else:
+        full_lo = full_hi * 0
+    a = tl.minimum(tl.maximum(full_lo, t_lo), t_hi)
+    c = tl.maximum(tl.minimum(full_hi, t_hi), a)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    kv_head_off = kvh.to(tl.int64) * stride_kh
+    for t in range(t_lo, a):          # window edge
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off,
+                                   base + t * BLOCK_N, seq_len, qpos, stride_kb, stride_ks,
+                                   block_size, qk_scale, softcap, window, offs_n, offs_d, d_ok,
+                                   True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC)
+    for t in range(a, c):             # fully visible body: no mask
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off,
+                                   base + t * BLOCK_N, seq_len, qpos, stride_kb, stride_ks,
+                                   block_size, qk_scale, softcap, window, offs_n, offs_d, d_ok,
+                                   False, WINDOW, SOFTCAP, EVEN_D, DOT_PREC)
+    for t in range(c, t_hi):          # causal diagonal / sequence end
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off,
+                                   base + t * BLOCK_N, seq_len, qpos, stride_kb, stride_ks,
+                                   block_size, qk_scale, softcap, window, offs_n, offs_d, d_ok,
+                                   True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC)
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]          # rows with no key: 0
+    if SPLIT:
+        ws_row = (split * num_tokens + q_start + tok).to(tl.int64) * num_q_heads + head
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(ws_lse_ptr + ws_row, lse, mask=row_ok)
+        tl.store(ws_o_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        out_off = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+        tl.store(out_ptr + out_off[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
+def _merge_kernel(out_ptr, ws_o_ptr, ws_lse_ptr, num_tokens, num_q_heads, num_splits,
+                  stride_ot, stride_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t, h] = sum_s 2^lse_s o_s / sum_s 2^lse_s over the splits of one (token, head)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    d_ok = offs_d < HEAD_DIM
+    rows = (offs_s.to(tl.int64) * num_tokens + t) * num_q_heads + h
+    lse = tl.load(ws_lse_ptr + rows, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))      # empty split: weight 0
+    denom = tl.sum(w, 0)
+    o = tl.load(ws_o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class _Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Decode class (q_len <= 16 everywhere): memory bound, so few rows (>= 16 for tl.dot, >= G)
+# and many small programs; prefill class: compute bound, FlashAttention-2-sized tiles
+# (128 x 64 with 8 warps for D <= 128 on H100), halved where D = 256 or fp32 would overflow
+# shared memory with 2-3 pipeline stages. Stored, not autotuned: autotuning would sync and
+# re-benchmark for every new shape, which breaks CUDA-graph capture.
+_DECODE_MAX_Q = 16
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 512      # below this a split's fixed cost (q load, merge) dominates
+
+
+@functools.lru_cache(maxsize=None)
+def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int) -> _Config:
+    wide = head_dim > 128 or dtype == torch.float32
+    if max_seqlen_q <= _DECODE_MAX_Q:
+        block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
+        cfg = _Config(block_m, 32 if wide else 64, 4, 2 if wide else 3)
+    else:
+        cfg = _Config(64, 32, 4, 2) if wide else _Config(128, 64, 8, 3)
+    if cfg.block_m < group:       # a q block must hold at least one token's G heads
+        cfg = _Config(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4                      # interpreter: a nominal small machine
+
+
+def _num_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, q_per_block: int,
+                max_seqlen_k: int, device: torch.device) -> int:
+    """Split-KV factor from host ints: aim at ~4 resident programs per SM (enough loads in
+    flight to approach copy bandwidth) without splits shorter than MIN_KEYS_PER_SPLIT."""
+    busy = min(num_tokens, num_tokens // q_per_block + num_seqs) * num_kv_heads
+    target = 4 * _sm_count(device)
+    if busy >= target:
+        return 1
+    by_len = max_seqlen_k // MIN_KEYS_PER_SPLIT
+    return max(1, min(triton.cdiv(target, busy), by_len, MAX_SPLITS))
+
+
+# --------------------------------------------------------------------------- launcher
+def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale: float,
+            max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int],
+            softcap: Optional[float], num_kv_splits: Optional[int]) -> None:
+    T, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    B = seq_lens.shape[0]
+    if k_cache.shape[-1] != D or Hq % Hkv != 0:
+        raise ValueError(f"k_cache: shape {tuple(k_cache.shape)} does not fit q's {tuple(q.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache: caches must be contiguous")
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or out.shape != q.shape:
+        raise ValueError("out: must match q's shape with a contiguous last dimension")
+    group = Hq // Hkv
+    if group > 128:
+        raise ValueError(f"q: {group} query heads per KV head is more than the supported 128")
+    if T == 0 or B == 0:
+        return
+    cfg = _config(D, q.dtype, group, max_seqlen_q)
+    q_per_block = cfg.block_m // group
+    splits = num_kv_splits if num_kv_splits is not None else _num_splits(
+        T, B, Hkv, q_per_block, max_seqlen_k, q.device)
+    splits = max(1, min(int(splits), MAX_SPLITS))
+    block_d = max(16, triton.next_power_of_2(D))
+    if splits > 1:
+        ws_o = torch.empty(splits, T, Hq, D, dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty(splits, T, Hq, dtype=torch.float32, device=q.device)
+    else:
+        ws_o = ws_lse = out                       # unused (SPLIT is off)
+    use_softcap = softcap is not None and softcap > 0
+    window = int(sliding_window) if sliding_window else 0
+    grid = (T // q_per_block + B, Hkv, splits)
+    _paged_attn_kernel[grid](
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, ws_o, ws_lse,
+        B, T, Hq, group, q_per_block, B.bit_length(),
+        scale / softcap if use_softcap else scale * LOG2E,
+        float(softcap) if use_softcap else 0.0, window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        block_size,
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        SPLIT=splits > 1, WINDOW=window > 0, SOFTCAP=use_softcap,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        _merge_kernel[(T, Hq)](out, ws_o, ws_lse, T, Hq, splits, out.stride(0), out.stride(1),
+                               HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits),
+                               BLOCK_D=block_d, num_warps=4 if D > 64 else 2)
+
+
+# torch.compile sees an opaque op that mutates `out`; eager calls skip the dispatcher.
+@torch.library.custom_op("ragged_triton::paged_attention", mutates_args=("out",))
+def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
+                        max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int],
+                        softcap: Optional[float], num_kv_splits: Optional[int]) -> None:
+    _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale,
+            max_seqlen_q, max_seqlen_k, sliding_window, softcap, num_kv_splits)
+
+
+@_paged_attention_op.register_fake
+def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale, max_seqlen_q,
+      max_seqlen_k, sliding_window, softcap, num_kv_splits) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- public
+def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale: float,
+                    max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int] = None,
+                    softcap: Optional[float] = None, out: Optional[torch.Tensor] = None,
+                    num_kv_splits: Optional[int] = None) -> torch.Tensor:
+    """Ragged paged attention -> [T, Hq, D] (written into ``out`` when given).
+
+    Arguments as kernels.paged_attention (which validates them); max_seqlen_q/k are host
+    bounds used only for the tile class and the split heuristic, never for correctness.
+    """
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    args = (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, float(scale),
+            int(max_seqlen_q), int(max_seqlen_k), sliding_window, softcap, num_kv_splits)
+    if torch.compiler.is_compiling():
+        _paged_attention_op(*args)
+    else:
+        _launch(*args)
+    return out

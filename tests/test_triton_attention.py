@@ -1,0 +1,216 @@
+"""Triton ragged paged attention vs the float64 PyTorch reference.
+
+CPU: the Triton interpreter, fp16 and fp32, small awkward shapes (tens of tokens, few heads).
+GPU (`gpu` marker): fp16/bf16 Llama shapes, every head dim and group size, long contexts,
+int64 addressing in a 131072+-block cache, CUDA-graph replay and torch.compile.
+Tolerance (tests/tolerance.py): err(kernel vs float64) <= 2 x err(PyTorch in the kernel's
+dtype vs float64) + a few-ulp floor.
+"""
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from tests.attention_cases import attn_args, cast, make_batch
+from tests.tolerance import EPS, FACTOR, assert_close, errors
+
+ta = pytest.importorskip("kernels.triton_attention")
+
+CPU_DTYPES = [torch.float16, torch.float32]
+
+
+def _check(q_lens, kv_lens, *, hq=4, hkv=2, d=64, bs=16, dtype=torch.float16, device="cpu",
+           window=None, softcap=None, splits=None, scale=None, out=None, name="", batch=None):
+    """Run the kernel through kernels.paged_attention and assert it against the reference."""
+    b64 = batch if batch is not None else make_batch(
+        q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=bs,
+        dtype=torch.float64, device=device)
+    bl = cast(b64, dtype)
+    kw = dict(scale=scale, sliding_window=window, softcap=softcap)
+    got = kernels.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                                  max_seqlen_k=bl["max_seqlen_k"], out=out,
+                                  num_kv_splits=splits, backend="triton", **kw)
+    ref = reference.paged_attention(*attn_args(b64), **kw)
+    lowp = reference.paged_attention(*attn_args(bl), **kw)
+    assert_close(got, ref, lowp, name=name or f"{dtype} q{q_lens} kv{kv_lens}")
+    return got, ref, lowp
+
+
+# --------------------------------------------------------------------------- batch shapes
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_mixed_batch_one_launch(dtype):
+    # prefill chunk with cached context (q 40 > 16: the prefill tile class), decodes, and
+    # speculative-verification queries of 2..8 tokens, in one call
+    _check([40, 1, 3, 1, 8, 2, 1], [97, 33, 17, 1, 25, 2, 64], hq=8, hkv=2, d=80, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_short_queries_decode_class(dtype):
+    # max q_len <= 16: the decode tile class, several q blocks per sequence (G=5: 3 tokens/block)
+    _check([1, 7, 2, 16, 5], [40, 7, 50, 33, 5], hq=10, hkv=2, d=64, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_all_decode_many_sequences(dtype):
+    # 37 sequences: the binary search over cu_seqlens_q must place every q block
+    kv = [1 + (7 * i) % 45 for i in range(37)]
+    _check([1] * 37, kv, hq=4, hkv=1, d=64, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_all_prefill_no_context(dtype):
+    _check([33, 17, 1, 50], [33, 17, 1, 50], hq=4, hkv=4, d=96, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_kv_len_one(dtype):
+    _check([1, 1], [1, 1], hq=4, hkv=1, d=64, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_empty_sequences_and_keyless_rows(dtype):
+    # q_len 0 with KV, q_len 0 without KV, and (by editing seq_lens) a sequence whose new
+    # tokens see no key at all and one where only the last new token sees a key
+    b = make_batch([0, 3, 0, 2, 1, 4], [9, 12, 0, 5, 1, 6], num_q_heads=4, num_kv_heads=2,
+                   head_dim=64, dtype=torch.float64)
+    b["seq_lens"][3] = 0
+    b["seq_lens"][5] = 1
+    got, _, _ = _check(None, None, dtype=dtype, batch=b, name="empty/keyless")
+    cu = b["cu_seqlens_q"].tolist()
+    assert got[cu[3]:cu[4]].abs().max() == 0                 # seq_len 0: zeros
+    assert got[cu[5]:cu[5] + 3].abs().max() == 0             # rows before key 0 is visible
+    assert got[cu[5] + 3].abs().max() > 0
+
+
+# --------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("group", [1, 4, 5, 7])
+@pytest.mark.parametrize("d", [64, 80, 96])
+def test_group_sizes_and_head_dims(group, d):
+    dtype = torch.float16 if (group + d) % 2 else torch.float32   # both dtypes across the grid
+    _check([20, 1, 3, 1], [45, 30, 3, 17], hq=2 * group, hkv=2, d=d, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_head_dim_128(dtype):
+    _check([18, 1, 2], [40, 19, 6], hq=8, hkv=2, d=128, dtype=dtype)
+
+
+@pytest.mark.parametrize("bs", [16, 32, 64, 256])
+def test_block_sizes(bs):
+    _check([20, 1, 4, 1], [300, 97, 260, 17], hq=4, hkv=1, d=64, bs=bs)
+
+
+# --------------------------------------------------------------------------- options
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("window", [1, 7, 70])
+def test_sliding_window(dtype, window):
+    _check([30, 1, 5, 1], [150, 97, 40, 3], hq=4, hkv=2, d=64, dtype=dtype, window=window)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_softcap_and_scale(dtype):
+    _check([20, 1, 4], [60, 30, 9], hq=4, hkv=2, d=64, dtype=dtype, softcap=5.0, scale=0.3)
+    _check([20, 1, 4], [60, 30, 9], hq=4, hkv=2, d=64, dtype=dtype, softcap=30.0, window=9)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_split_count_invariance(dtype):
+    # 13 splits over sequences of 1..5 tiles: many splits are empty and must weigh nothing
+    b = make_batch([1, 3, 1, 20], [300, 150, 2, 200], num_q_heads=8, num_kv_heads=2,
+                   head_dim=64, dtype=torch.float64)
+    outs = {s: _check(None, None, dtype=dtype, batch=b, splits=s, name=f"splits={s}")
+            for s in (1, 2, 5, 13)}
+    _, ref, lowp = outs[1]
+    tol = FACTOR * errors(lowp, ref)[0] + 4 * EPS[dtype] * ref.abs().max().item()
+    for s in (2, 5, 13):
+        diff = (outs[s][0].double() - outs[1][0].double()).abs().max().item()
+        print(f"splits {s} vs 1: max diff {diff:.3e} (tol {tol:.3e})")
+        assert diff <= tol
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_out_given_strided_inputs(dtype):
+    # q as a slice of a fused QKV output and out as a strided view: only the last dim is dense
+    b = make_batch([6, 1, 2], [20, 9, 2], num_q_heads=4, num_kv_heads=2, head_dim=64,
+                   dtype=torch.float64)
+    qkv = torch.randn(b["q"].shape[0], 8, 64, dtype=torch.float64)
+    qkv[:, :4] = b["q"]
+    b["q"] = qkv[:, :4]
+    backing = torch.zeros(b["q"].shape[0], 4, 128, dtype=dtype)
+    out = backing[..., 32:96]
+    got, _, _ = _check(None, None, dtype=dtype, batch=b, out=out, name="out= strided")
+    assert got.data_ptr() == out.data_ptr()
+    assert backing[..., :32].abs().max() == 0 and backing[..., 96:].abs().max() == 0
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_poisoned_output_fully_written(splits):
+    b = make_batch([5, 0, 1, 2, 1], [20, 4, 1, 30, 1], num_q_heads=6, num_kv_heads=2,
+                   head_dim=80, dtype=torch.float64)
+    out = torch.full(b["q"].shape, float("nan"), dtype=torch.float16)
+    _check(None, None, batch=b, out=out, splits=splits, name=f"poisoned splits={splits}")
+    assert not out.isnan().any()
+
+
+def test_validation_errors_name_the_argument():
+    b = cast(make_batch([2, 1], [5, 3], num_q_heads=4, num_kv_heads=2, head_dim=64), torch.float16)
+    args = dict(zip(("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens"),
+                    attn_args(b)))
+
+    def call(**over):
+        kw = {**args, **over}
+        return kernels.paged_attention(*[kw.pop(k) for k in list(args)], backend="triton", **kw)
+
+    bad = {
+        "block_table": dict(block_table=args["block_table"].long()),
+        "cu_seqlens_q": dict(cu_seqlens_q=args["cu_seqlens_q"][:-1]),
+        "k_cache": dict(k_cache=args["k_cache"].float()),
+        "v_cache": dict(v_cache=args["v_cache"][:, :, :1]),
+        "q": dict(q=args["q"][:, :3]),
+        "out": dict(out=torch.empty(4, 4, 64, dtype=torch.float16)),
+        "num_kv_splits": dict(num_kv_splits=0),
+        "sliding_window": dict(sliding_window=0),
+        "softcap": dict(softcap=-1.0),
+        "max_seqlen_k": dict(max_seqlen_k=-1),
+        "seq_lens": dict(seq_lens=args["seq_lens"].long()),
+    }
+    for name, over in bad.items():
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            call(**over)
+    with pytest.raises(ValueError, match="^k_cache:"):       # block size not a multiple of 16
+        kc = torch.zeros(4, 24, 2, 64, dtype=torch.float16)
+        call(k_cache=kc, v_cache=kc.clone())
+
+
+# --------------------------------------------------------------------------- host logic
+def test_tile_config_holds_a_group_and_splits_only_when_idle():
+    for group in (1, 4, 5, 7, 8, 16, 32):
+        for mq in (1, 4, 16, 17, 4096):
+            cfg = ta._config(128, torch.bfloat16, group, mq)
+            assert cfg.block_m >= max(16, group) and cfg.block_m % 16 == 0
+    assert ta._config(128, torch.bfloat16, 4, 1).block_m == 16          # decode: small tiles
+    assert ta._config(128, torch.bfloat16, 4, 4096).block_m == 128      # prefill: FA2 tiles
+    cpu = torch.device("cpu")
+    assert ta._num_splits(8, 8, 8, 4, 300, cpu) == 1                    # short context
+    assert ta._num_splits(8192, 2, 8, 32, 65536, cpu) == 1              # prefill: busy enough
+    assert ta._num_splits(1, 1, 1, 16, 65536, cpu) == 4 * ta._sm_count(cpu)
+    assert ta._num_splits(1, 1, 1, 16, 10 ** 7, cpu) <= ta.MAX_SPLITS
+
+
+def test_custom_op_and_compile_cpu():
+    # the registered op passes torch's schema/fake checks, and a function calling the
+    # public function compiles with fullgraph=True (aot_eager: no GPU codegen needed here)
+    b = make_batch([5, 1, 0, 3], [37, 20, 9, 3], num_q_heads=8, num_kv_heads=2, head_dim=64)
+    out = torch.empty_like(b["q"])
+    torch.library.opcheck(ta._paged_attention_op,
+                          (*attn_args(b), out, 0.125, 5, 37, None, None, None))
+
+    def f(q, kc, vc, bt, cu, sl):
+        return ta.paged_attention(q, kc, vc, bt, cu, sl, scale=0.125, max_seqlen_q=5,
+                                  max_seqlen_k=37) * 2
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*attn_args(b))
+    ref = reference.paged_attention(*attn_args(cast(b, torch.float64)), scale=0.125)
+    lowp = reference.paged_attention(*attn_args(b), scale=0.125)
+    assert_close(got / 2, ref, lowp, name="compiled")
+
