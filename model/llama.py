@@ -83,6 +83,8 @@ class LlamaForCausalLM(nn.Module):
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, self.cos_sin_cache, attn, k_cache,
                                 v_cache, backend)
+        if logits_indices.shape[0] == 0:        # only mid-prompt chunks: nothing to sample
+            return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=h.device)
         # Only the sampled rows go through the last residual add, the final norm and lm_head.
         h, residual = h.index_select(0, logits_indices), residual.index_select(0, logits_indices)
         h, _ = kernels.rms_norm(h, self.norm, self.config.rms_norm_eps, residual=residual,

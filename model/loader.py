@@ -42,14 +42,14 @@ def load_model(model, *, dtype=torch.float32, device="cpu", backend=None, seed=0
         cfg, path = model, None
     elif isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
         cfg, path = ModelConfig.from_hf_config(model), os.fspath(model)
-    elif isinstance(model, str):
+    elif isinstance(model, str) and os.path.sep not in model:
         from .presets import PRESETS
         if model not in PRESETS:
             raise ValueError(f"model: {model!r} is neither a directory nor a preset "
                              f"({', '.join(PRESETS)})")
         cfg, path = ModelConfig.preset(model), None
     else:
-        raise ValueError(f"model: expected a path, preset name or ModelConfig, got {type(model).__name__}")
+        raise ValueError(f"model: expected a HF directory, preset name or ModelConfig, got {model!r}")
     m = LlamaForCausalLM(cfg, dtype=resolve_dtype(dtype, cfg), device=device, backend=backend)
     if path is None:
         init_random(m, seed)
