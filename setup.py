@@ -17,7 +17,14 @@ from setuptools import find_packages, setup
 PACKAGES = find_packages(include=["kernels", "kernels.*", "ragged", "ragged.*", "model",
                                   "model.*", "bench", "bench.*"])
 # Kernels stay torch-free in .cu files (fast nvcc); torch glue lives in one host-compiled file.
-CUDA_SOURCES = []  # filled by csrc/ (issue: CUDA C++ kernels)
+CUDA_SOURCES = [
+    "csrc/bindings.cpp",          # g++: TORCH_LIBRARY(ragged) schemas + CUDA impls
+    "csrc/paged_attention.cu",    # nvcc, torch-free
+    "csrc/write_kv.cu",
+    "csrc/rms_norm.cu",
+    "csrc/rotary.cu",
+    "csrc/silu_mul.cu",
+]
 
 
 def notice(msg):
@@ -38,7 +45,21 @@ def cuda_extension():
     if torch.version.cuda is None or CUDA_HOME is None:
         return notice("no CUDA toolkit or CPU-only torch")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    ext = CUDAExtension("kernels._C", CUDA_SOURCES)
+    # torch's CUDA headers may include cusparse.h & co., shipped in the nvidia wheel rather
+    # than the toolkit: searched after every other directory so the toolkit's headers win.
+    cxx = ["-O3", "-std=c++17"]
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            inc = os.path.join(root, "cu" + torch.version.cuda.split(".")[0], "include")
+            if os.path.isdir(inc):
+                cxx += ["-idirafter", inc]
+    except ImportError:
+        pass
+    # No --use_fast_math: the kernels call expf/tanhf/rsqrtf where accuracy matters.
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    ext = CUDAExtension("kernels._C", CUDA_SOURCES, include_dirs=[os.path.abspath("csrc")],
+                        extra_compile_args={"cxx": cxx, "nvcc": nvcc})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -1,0 +1,383 @@
+// Paged attention over a ragged batch (semantics: kernels/reference.py paged_attention).
+//
+// One CTA per (sequence, KV head, KV split, tile of kRows query rows). A "row" is one
+// (new token, query head of the GQA group) pair, so in decode (q_len = 1) every query head of
+// the group shares each K/V tile the CTA streams through shared memory: K/V bytes are read
+// once per KV head, not once per query head as vLLM's v1/v2 kernels do. Longer queries
+// (prefill chunks) use more row tiles of the same kernel: correct, not tuned.
+//
+// Per K/V tile of NK keys (cp.async, double-buffered, 16-byte accesses):
+//   scores  S[r][k] = (q_r * scale) . k_k in fp32 (+ softcap, causal/window/length mask)
+//   online softmax per row (running max m, sum l, rescale alpha) in fp32
+//   acc[r][:] = alpha * acc[r][:] + sum_k P[r][k] v_k
+// Split-KV: each sequence picks its own split count on the device (plan_splits, bounded by the
+// host's num_kv_splits, which sizes the grid). A sequence with one split writes `out`
+// directly; otherwise each split writes a normalised fp32 partial and its log-sum-exp, and
+// merge_splits_kernel combines them. Grids depend on host ints only (CUDA-graph capturable).
+#include <cfloat>
+
+#include "cuda_utils.cuh"
+
+namespace ragged {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 16;           // (token, head) rows per CTA: a whole GQA group up to 16
+constexpr int kSplitMinKeys = 128;  // fewer keys per split costs more in merging than it saves
+constexpr int kSplitAlign = 64;
+
+struct SplitPlan {
+  int lo;     // first key any query of the sequence can see
+  int chunk;  // keys per split
+  int n;      // splits used by this sequence, 1 <= n <= max_splits
+};
+
+// Must give the same answer in the attention and the merge kernel (both call it).
+__device__ __forceinline__ SplitPlan plan_splits(int kv_len, int q_len, int window,
+                                                 int max_splits) {
+  const int ctx = kv_len - q_len;
+  const int lo = window > 0 ? max(0, ctx - window + 1) : 0;
+  const int eff = max(kv_len - lo, 0);
+  int chunk = max((eff + max_splits - 1) / max_splits, kSplitMinKeys);
+  chunk = (chunk + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
+  const int n = max(1, (eff + chunk - 1) / chunk);
+  return {lo, chunk, n};
+}
+
+template <typename T, int D>
+struct AttnCfg {
+  static constexpr int VEC = 16 / sizeof(T);    // elements per 16-byte access
+  static constexpr int NC = D / VEC;            // 16-byte chunks per head vector
+  static constexpr int NK = (D * sizeof(T) <= 256) ? 32 : 16;  // keys per tile
+  static constexpr int KROW = D + VEC;          // smem row pitch: +16 B avoids bank conflicts
+  static constexpr int RG = kThreads / NC;      // row groups in the PV product
+  static constexpr int MAXR = (kRows + RG - 1) / RG;  // rows per thread in the PV product
+  static_assert(D % VEC == 0, "head dim must be a multiple of 16 bytes");
+  static_assert(NC <= kThreads, "head dim too large for the CTA");
+  static constexpr size_t q_bytes = sizeof(float) * kRows * D;
+  static constexpr size_t s_bytes = sizeof(float) * kRows * NK;
+  static constexpr size_t stat_bytes = sizeof(float) * kRows * 4;  // m, l, alpha, pad
+  static constexpr size_t kv_bytes = sizeof(T) * 2 * 2 * NK * KROW;  // 2 stages x (K, V)
+  static constexpr size_t smem = q_bytes + s_bytes + stat_bytes + kv_bytes;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+paged_attention_kernel(const PagedAttentionParams p) {
+  using C = AttnCfg<T, D>;
+  constexpr int VEC = C::VEC, NC = C::NC, NK = C::NK, KROW = C::KROW, RG = C::RG,
+                MAXR = C::MAXR;
+  extern __shared__ float4 smem_raw[];  // float4: 16-byte alignment for every section
+  float* Qs = reinterpret_cast<float*>(smem_raw);     // [kRows][D], pre-scaled
+  float* Ss = Qs + kRows * D;                          // [kRows][NK] scores, then P
+  float* m_s = Ss + kRows * NK;                        // running max per row
+  float* l_s = m_s + kRows;                            // running sum per row
+  float* alpha_s = l_s + kRows;                        // rescale of this tile per row
+  T* kv_s = reinterpret_cast<T*>(alpha_s + 2 * kRows); // [2][2][NK][KROW]
+
+  const int S = p.num_kv_splits;
+  const int split = static_cast<int>(blockIdx.x % S);
+  const int rtile = static_cast<int>(blockIdx.x / S);
+  const int kvh = blockIdx.y;
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int q_start = p.cu_seqlens_q[b];
+  const int q_len = p.cu_seqlens_q[b + 1] - q_start;
+  const int kv_len = p.seq_lens[b];
+  const int64_t total_rows = static_cast<int64_t>(max(q_len, 0)) * G;
+  const int64_t row0_64 = static_cast<int64_t>(rtile) * kRows;
+  if (row0_64 >= total_rows) return;            // q_len 0, or a tile past this sequence
+  const int row0 = static_cast<int>(row0_64);
+  const int nrows = total_rows - row0_64 < kRows ? static_cast<int>(total_rows - row0_64) : kRows;
+  const SplitPlan plan = plan_splits(kv_len, q_len, p.sliding_window, S);
+  if (split >= plan.n) return;
+
+  const int window = p.sliding_window;
+  const int ctx = kv_len - q_len;
+  const int tok_first = row0 / G, tok_last = (row0 + nrows - 1) / G;
+  // Keys any row of this CTA can see, within this split.
+  int lo = window > 0 ? max(0, ctx + tok_first - window + 1) : 0;
+  int hi = min(kv_len, ctx + tok_last + 1);
+  const int split_lo = plan.lo + split * plan.chunk;
+  lo = max(lo, split_lo);
+  const int64_t split_hi = static_cast<int64_t>(split_lo) + plan.chunk;  // may pass INT_MAX
+  if (split_hi < hi) hi = static_cast<int>(split_hi);
+  const int ntiles = hi > lo ? (hi - lo + NK - 1) / NK : 0;
+
+  // Q rows -> fp32 smem, scaled once here rather than per score.
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < kRows * NC; i += kThreads) {
+    const int r = i / NC, c = i % NC;
+    float f[VEC];
+    if (r < nrows) {
+      const int rg = row0 + r;
+      const int64_t t = q_start + rg / G;
+      const int qh = kvh * G + rg % G;
+      load_f<T, VEC>(q + t * p.q_stride_t + qh * p.q_stride_h + c * VEC, f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) f[e] = 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) Qs[r * D + c * VEC + e] = f[e] * p.scale;
+  }
+  if (tid < kRows) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.f;
+    alpha_s[tid] = 1.f;
+  }
+
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+  const int64_t blk_stride = tok_stride * p.block_size;
+  const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
+  const int64_t head_off = static_cast<int64_t>(kvh) * D;
+
+  auto load_tile = [&](int tile, int stage) {
+    const int key0 = lo + tile * NK;
+    for (int i = tid; i < 2 * NK * NC; i += kThreads) {
+      const int which = i / (NK * NC);  // 0: K, 1: V
+      const int rem = i % (NK * NC);
+      const int k = rem / NC, c = rem % NC;
+      const int key = key0 + k;
+      const bool valid = key < hi;
+      const T* base = which ? vc : kc;
+      const T* src = base;  // a valid address even when nothing is read
+      if (valid) {
+        const int64_t blk = bt[key / p.block_size];
+        src = base + blk * blk_stride + static_cast<int64_t>(key % p.block_size) * tok_stride +
+              head_off + c * VEC;
+      }
+      cp_async16(kv_s + ((stage * 2 + which) * NK + k) * KROW + c * VEC, src, valid);
+    }
+  };
+
+  float acc[MAXR][VEC];
+#pragma unroll
+  for (int j = 0; j < MAXR; ++j)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[j][e] = 0.f;
+  const int pv_c = tid % NC, pv_rg = tid / NC;
+  const bool pv_active = pv_rg < RG;
+
+  if (ntiles > 0) load_tile(0, 0);
+  cp_async_commit();
+  __syncthreads();  // Qs and the row statistics are visible to every thread
+
+  for (int it = 0; it < ntiles; ++it) {
+    const int stage = it & 1;
+    if (it + 1 < ntiles) load_tile(it + 1, stage ^ 1);
+    cp_async_commit();    // possibly empty group: keeps "all but the newest" == tile `it`
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* Ks = kv_s + (stage * 2) * NK * KROW;
+    const T* Vs = Ks + NK * KROW;
+    const int key0 = lo + it * NK;
+
+    // Scores; consecutive threads take consecutive keys of one row (Q row is a broadcast).
+    for (int i = tid; i < nrows * NK; i += kThreads) {
+      const int r = i / NK, k = i % NK;
+      const int key = key0 + k;
+      const int qpos = ctx + (row0 + r) / G;
+      float s = -INFINITY;
+      if (key < hi && key <= qpos && (window <= 0 || key > qpos - window)) {
+        const float* qr = Qs + r * D;
+        const T* kr = Ks + k * KROW;
+        float dot = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          float kf[VEC];
+          load_f<T, VEC>(kr + c * VEC, kf);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) dot = fmaf(qr[c * VEC + e], kf[e], dot);
+        }
+        s = dot;
+        if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
+      }
+      Ss[r * NK + k] = s;
+    }
+    __syncthreads();
+
+    // Online softmax: one warp per row.
+    for (int r = warp; r < nrows; r += kWarps) {
+      float mx = -INFINITY;
+      for (int k = lane; k < NK; k += 32) mx = fmaxf(mx, Ss[r * NK + k]);
+      mx = warp_max(mx);
+      const float m_old = m_s[r];
+      const float m_new = fmaxf(m_old, mx);
+      float sum = 0.f;
+      for (int k = lane; k < NK; k += 32) {
+        const float pr = m_new == -INFINITY ? 0.f : expf(Ss[r * NK + k] - m_new);
+        Ss[r * NK + k] = pr;
+        sum += pr;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float alpha = m_new == -INFINITY ? 1.f : expf(m_old - m_new);
+        alpha_s[r] = alpha;
+        l_s[r] = l_s[r] * alpha + sum;
+        m_s[r] = m_new;
+      }
+    }
+    __syncthreads();
+
+    // acc = alpha * acc + P V; thread (pv_rg, pv_c) owns 16 bytes of D for rows pv_rg + j*RG.
+    if (pv_active) {
+#pragma unroll
+      for (int j = 0; j < MAXR; ++j) {
+        const int r = pv_rg + j * RG;
+        if (r < nrows) {
+          const float a = alpha_s[r];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[j][e] *= a;
+        }
+      }
+      for (int k = 0; k < NK; ++k) {
+        float vf[VEC];
+        load_f<T, VEC>(Vs + k * KROW + pv_c * VEC, vf);
+#pragma unroll
+        for (int j = 0; j < MAXR; ++j) {
+          const int r = pv_rg + j * RG;
+          if (r < nrows) {
+            const float pr = Ss[r * NK + k];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(pr, vf[e], acc[j][e]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+  }
+  cp_async_wait<0>();
+
+  if (!pv_active) return;
+#pragma unroll
+  for (int j = 0; j < MAXR; ++j) {
+    const int r = pv_rg + j * RG;
+    if (r >= nrows) continue;
+    const int rg = row0 + r;
+    const int64_t t = q_start + rg / G;
+    const int qh = kvh * G + rg % G;
+    const float l = l_s[r];
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
+    float o[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o[e] = acc[j][e] * inv;
+    if (plan.n == 1) {
+      T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h + pv_c * VEC;
+      store_f<T, VEC>(out, o);
+    } else {
+      const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * p.num_q_heads + qh;
+      float* po = p.partial_out + row * D + pv_c * VEC;
+#pragma unroll
+      for (int e = 0; e < VEC; e += 4)
+        *reinterpret_cast<float4*>(po + e) = make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
+      if (pv_c == 0) p.partial_lse[row] = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
+    }
+  }
+}
+
+// Combine the splits of every (token, query head) of sequences that used more than one.
+// Grid (max_seqlen_q, B); one warp per query head, lanes over D in float4s.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAttentionParams p) {
+  const int i = blockIdx.x, b = blockIdx.y;
+  const int q_start = p.cu_seqlens_q[b];
+  const int q_len = p.cu_seqlens_q[b + 1] - q_start;
+  if (i >= q_len) return;
+  const SplitPlan plan = plan_splits(p.seq_lens[b], q_len, p.sliding_window, p.num_kv_splits);
+  if (plan.n <= 1) return;  // written directly by the attention kernel
+  const int64_t t = q_start + i;
+  const int D = p.head_dim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
+  for (int qh = warp; qh < p.num_q_heads; qh += kWarps) {
+    const int64_t row = t * p.num_q_heads + qh;
+    float mx = -INFINITY;
+    for (int s = 0; s < plan.n; ++s) mx = fmaxf(mx, p.partial_lse[s * split_stride + row]);
+    float wsum = 0.f;
+    if (mx != -INFINITY)
+      for (int s = 0; s < plan.n; ++s) {
+        const float l = p.partial_lse[s * split_stride + row];
+        if (l != -INFINITY) wsum += expf(l - mx);
+      }
+    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+    T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
+    for (int d = lane * 4; d < D; d += 128) {
+      float a[4] = {0.f, 0.f, 0.f, 0.f};
+      if (mx != -INFINITY)
+        for (int s = 0; s < plan.n; ++s) {
+          const float l = p.partial_lse[s * split_stride + row];
+          if (l == -INFINITY) continue;  // an empty split: its partial is not read
+          const float w = expf(l - mx);
+          const float4 v = *reinterpret_cast<const float4*>(
+              p.partial_out + (s * split_stride + row) * D + d);
+          a[0] = fmaf(w, v.x, a[0]);
+          a[1] = fmaf(w, v.y, a[1]);
+          a[2] = fmaf(w, v.z, a[2]);
+          a[3] = fmaf(w, v.w, a[3]);
+        }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[d + e] = from_f<T>(a[e] * inv);
+    }
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
+  using C = AttnCfg<T, D>;
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int64_t row_tiles = (static_cast<int64_t>(p.max_seqlen_q) * G + kRows - 1) / kRows;
+  const int64_t gx = row_tiles * p.num_kv_splits;
+  if (gx > 0x7fffffffLL || p.num_kv_heads > 65535 || p.num_seqs > 65535)
+    return cudaErrorInvalidConfiguration;
+  const size_t smem = C::smem;
+  auto kernel = paged_attention_kernel<T, D>;
+  if (smem > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(static_cast<unsigned>(gx), p.num_kv_heads, p.num_seqs), kThreads, smem,
+           stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || p.num_kv_splits <= 1) return e;
+  merge_splits_kernel<T><<<dim3(p.max_seqlen_q, p.num_seqs), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, stream);
+    case 80: return launch<T, 80>(p, stream);
+    case 96: return launch<T, 96>(p, stream);
+    case 128: return launch<T, 128>(p, stream);
+    case 256: return launch<T, 256>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+bool paged_attention_head_dim_supported(int d) {
+  return d == 64 || d == 80 || d == 96 || d == 128 || d == 256;
+}
+
+cudaError_t paged_attention(const PagedAttentionParams& p, cudaStream_t stream) {
+  if (p.num_seqs == 0 || p.num_tokens == 0 || p.max_seqlen_q == 0) return cudaSuccess;
+  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.num_kv_splits < 1 ||
+      p.block_size <= 0)
+    return cudaErrorInvalidValue;
+  if (p.num_kv_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr))
+    return cudaErrorInvalidValue;
+  RAGGED_DISPATCH_DTYPE(p.dtype, return dispatch_head_dim<scalar_t>(p, stream));
+  return cudaSuccess;
+}
+
+}  // namespace ragged
