@@ -255,6 +255,20 @@ def test_rope_settings_read_from_both_config_styles():
     assert v4.num_key_value_heads == 4 and v4.head_dim == 16
 
 
+def test_hf_dir_extras_eos_and_tokenizer(tmp_path):
+    """generation_config.json's eos ids join config.json's; the helper's tokenizer round-trips."""
+    from transformers import AutoTokenizer
+    path = make_hf_model("llama", tmp_path / "llama")
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [7, 2]}, f)
+    cfg = ModelConfig.from_hf_config(path)
+    assert cfg.eos_token_id == [2, 7] and cfg.bos_token_id == 1 and cfg.name_or_path == path
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("héllo, world")["input_ids"]
+    assert tok.decode(ids) == "héllo, world" and max(ids) < cfg.vocab_size
+    assert tok.eos_token_id == 2 and len(tok) == cfg.vocab_size
+
+
 # ----------------------------------------------------------------------- errors
 def test_config_errors_name_the_problem():
     base = dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=64,
