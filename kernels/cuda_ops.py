@@ -1,0 +1,148 @@
+"""The "cuda" backend: thin wrappers over torch.ops.ragged.* (csrc/, built as kernels._C).
+
+The ops write their outputs in place (``Tensor(a!)`` schemas); the wrappers here allocate the
+outputs and pick the host-side launch parameters (split-KV count). Arguments were already
+checked by kernels._checks; the C++ side re-checks what the kernels rely on.
+
+Importing this module never touches the device: the extension is imported lazily, guarded,
+and ``is_available()`` only says whether it loaded and a CUDA device exists.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+HEAD_DIMS = (64, 80, 96, 128, 256)   # compiled paged-attention head dims (csrc/paged_attention.cu)
+MAX_KV_SPLITS = 32
+_SPLIT_MIN_KEYS = 128                # keep in step with kSplitMinKeys in paged_attention.cu
+_WORKSPACE_BYTES = 256 << 20         # cap of the fp32 split-KV partials [S, T, Hq, D]
+
+
+@functools.lru_cache(maxsize=None)
+def extension_loaded() -> bool:
+    """True when kernels._C imported (its ops are registered in torch.ops.ragged)."""
+    try:
+        import kernels._C  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    _register_fakes()
+    return True
+
+
+def is_available() -> bool:
+    """True when the extension is built and a CUDA device exists (no device is touched)."""
+    return extension_loaded() and torch.cuda.is_available()
+
+
+def _ops():
+    if not extension_loaded():
+        raise RuntimeError("kernels._C is not built (pip install -e . --no-build-isolation "
+                           "with a CUDA toolkit and a CUDA build of torch)")
+    return torch.ops.ragged
+
+
+def _register_fakes():
+    """Fake (meta) implementations: the ops only mutate their outputs, so they return None."""
+    def fake(name):
+        return torch.library.register_fake(f"ragged::{name}")
+
+    @fake("paged_attention")
+    def _(out, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_q,
+          max_seqlen_k, sliding_window, softcap, num_kv_splits):
+        return None
+
+    @fake("write_kv")
+    def _(key, value, k_cache, v_cache, slot_mapping):
+        return None
+
+    @fake("rms_norm")
+    def _(out, x, weight, eps):
+        return None
+
+    @fake("fused_add_rms_norm")
+    def _(out, residual_out, x, residual, weight, eps):
+        return None
+
+    @fake("rotary_embedding")
+    def _(query_out, key_out, positions, query, key, cos_sin_cache, is_neox):
+        return None
+
+    @fake("silu_and_mul")
+    def _(out, x):
+        return None
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seqlen_k: int) -> int:
+    """Host-side upper bound of the split-KV factor; each sequence picks its own count on the
+    device from its length (so short sequences in a mixed batch are not split). Aim: about
+    two CTAs per SM; no split below _SPLIT_MIN_KEYS keys; the fp32 workspace stays capped."""
+    if max_seqlen_k <= _SPLIT_MIN_KEYS:
+        return 1
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    row_tiles = -(-max_seqlen_q * (Hq // Hkv) // 16)
+    ctas = max(1, num_seqs * Hkv * row_tiles)
+    sms = _sm_count(q.device)
+    splits = min(MAX_KV_SPLITS, -(-2 * sms // ctas), -(-max_seqlen_k // _SPLIT_MIN_KEYS))
+    splits = min(splits, max(1, _WORKSPACE_BYTES // max(1, T * Hq * D * 4)))
+    return max(1, splits)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale,
+                    max_seqlen_q, max_seqlen_k, sliding_window, softcap, out, num_kv_splits):
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"q: head dim {q.shape[-1]} not supported by the cuda backend "
+                         f"(one of {HEAD_DIMS})")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_kv_splits is None:
+        num_kv_splits = default_num_kv_splits(q, k_cache, seq_lens.shape[0], max_seqlen_q,
+                                              max_seqlen_k)
+    _ops().paged_attention(out, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
+                           float(scale), int(max_seqlen_q), int(max_seqlen_k),
+                           int(sliding_window or 0), float(softcap or 0.0), int(num_kv_splits))
+    return out
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping):
+    _ops().write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(x, weight, eps, residual):
+    # The kernel takes the weight in x's dtype or in float32 (the product is then formed in
+    # float32, as PyTorch's type promotion does for mixed dtypes).
+    if weight.dtype != x.dtype:
+        weight = weight.float()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if residual is None:
+        _ops().rms_norm(out, x, weight, float(eps))
+        return out
+    residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _ops().fused_add_rms_norm(out, residual_out, x, residual, weight, float(eps))
+    return out, residual_out
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    # int32 positions and a float64 cache are accepted by the API; the kernel reads int64
+    # and float32 (the reference computes in float32 for these dtypes too).
+    _ops().rotary_embedding(q_out, k_out, positions.to(torch.int64), q, k,
+                            cos_sin_cache.to(torch.float32), bool(is_neox))
+    return q_out, k_out
+
+
+def silu_and_mul(x):
+    out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
+    _ops().silu_and_mul(out, x)
+    return out
