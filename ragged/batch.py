@@ -46,11 +46,16 @@ class BatchBuilder:
     def __init__(self, block_size: int, device):
         self.block_size = block_size
         self.device = torch.device(device)
-        self._pin = self.device.type == "cuda"
+        self._pin = self.device.type == "cuda"     # reuse one pinned buffer on CUDA
         self._host = torch.empty(0, dtype=torch.uint8)
         self._copied = None   # CUDA event: the last copy out of _host has finished
 
     def _buffer(self, nbytes: int) -> np.ndarray:
+        if not self._pin:
+            # CPU: the host buffer IS the batch, so each step gets a fresh one (no copy; the
+            # previous batch stays valid).
+            self._host = torch.empty(nbytes, dtype=torch.uint8)
+            return self._host.numpy()
         if self._copied is not None:
             # Never overwrite the pinned buffer while a previous copy may still read it.
             self._copied.synchronize()
@@ -59,22 +64,25 @@ class BatchBuilder:
             self._host = torch.empty(size, dtype=torch.uint8, pin_memory=self._pin)
         return self._host.numpy()
 
-    def build(self, scheduled: list[tuple[Sequence, int]]) -> RaggedBatch:
+    def build(self, scheduled: list[tuple[Sequence, int]], tables: np.ndarray) -> RaggedBatch:
+        """scheduled: (sequence, new tokens) in batch order; tables: BlockManager.table (each
+        sequence's blocks in its row seq.table_row)."""
         B = len(scheduled)
         assert B > 0, "an empty step is never built"
         bs = self.block_size
         seqs = [s for s, _ in scheduled]
         q_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=B)
         ctx = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=B)
-        num_tok = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=B)
-        nblk = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=B)
+        num_tok = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=B)
+        rows = np.fromiter((s.table_row for s in seqs), dtype=np.int64, count=B)
         seq_lens = ctx + q_lens
         T = int(q_lens.sum())
         cu = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(q_lens, out=cu[1:])
         sampled = seq_lens == num_tok          # the chunk reaches the end: sample a token
         S = int(sampled.sum())
-        max_blocks = max(int(nblk.max()), 1)
+        max_seqlen_k = int(seq_lens.max())
+        max_blocks = -(-max_seqlen_k // bs)
 
         # Layout of the single buffer: int64 [T] x3, [S]; then int32 [B+1], [B], [B, max_blocks].
         n64 = 3 * T + S
@@ -93,10 +101,7 @@ class BatchBuilder:
                                 zip(seqs, ctx.tolist(), q_lens.tolist())), dtype=np.int64, count=T)
         seq_of_tok = np.repeat(np.arange(B), q_lens)
         positions[:] = np.arange(T) - np.repeat(cu[:-1] - ctx, q_lens)
-        table.fill(0)                                  # unused entries: any valid id
-        flat = np.fromiter(chain.from_iterable(s.block_table for s in seqs), dtype=np.int32,
-                           count=int(nblk.sum()))
-        table[np.arange(max_blocks)[None, :] < nblk[:, None]] = flat
+        table[:] = tables[rows, :max_blocks]           # entries past a sequence's end: stale, valid
         slots[:] = table[seq_of_tok, positions // bs].astype(np.int64) * bs + positions % bs
         logits_idx[:] = cu[1:][sampled] - 1
         cu32[:] = cu
@@ -107,13 +112,11 @@ class BatchBuilder:
             dev = dev.to(self.device, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
-        else:
-            dev = dev.clone()        # the host buffer is reused next step
         d64 = dev[:8 * n64].view(torch.int64)
         d32 = dev[8 * n64:].view(torch.int32)
         return RaggedBatch(
             input_ids=d64[:T], positions=d64[T:2 * T], slot_mapping=d64[2 * T:3 * T],
             logits_indices=d64[3 * T:], cu_seqlens_q=d32[:B + 1], seq_lens=d32[B + 1:2 * B + 1],
             block_table=d32[2 * B + 1:].view(B, max_blocks),
-            max_seqlen_q=int(q_lens.max()), max_seqlen_k=int(seq_lens.max()),
+            max_seqlen_q=int(q_lens.max()), max_seqlen_k=max_seqlen_k,
             sampled_rows=sampled)

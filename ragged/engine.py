@@ -105,7 +105,8 @@ class Engine:
         self.config = config = config.resolve(self.device.type, mcfg.max_position_embeddings,
                                                num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching,
+                                          max_blocks_per_seq=-(-config.max_model_len // config.block_size))
         self.scheduler = Scheduler(config, self.block_manager)
         self.batch_builder = BatchBuilder(config.block_size, self.device)
         self.kv_caches = model.allocate_kv_cache(num_blocks, config.block_size)
@@ -182,7 +183,7 @@ class Engine:
         kv_used = self.block_manager.num_used_blocks
         outputs = []
         if sched.scheduled:
-            batch = self.batch_builder.build(sched.scheduled)
+            batch = self.batch_builder.build(sched.scheduled, self.block_manager.table)
             logits = self.model.forward(batch.input_ids, batch.positions, batch.attn,
                                         self.kv_caches, batch.logits_indices)
             rows = [s for (s, _), take in zip(sched.scheduled, batch.sampled_rows) if take]
@@ -230,5 +231,5 @@ class Engine:
         text = ""
         if finished and self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
+        return RequestOutput(seq.request_id, seq.prompt_token_ids,
                              seq.output_token_ids, text, finished, seq.finish_reason, seq.metrics)

@@ -48,7 +48,7 @@ class Scheduler:
         self.cfg = config
         self.bm = block_manager
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []      # kept sorted by _run_key: the tail is the victim
         self._admit_counter = 0
         # Per-step state (valid during schedule()).
         self._plan: dict[Sequence, int] = {}
@@ -92,7 +92,7 @@ class Scheduler:
         policy = self.cfg.policy
         if policy == "static" and not self.running:
             self._form_static_batch()
-        running = sorted(self.running, key=self._run_key)
+        running = list(self.running)
         prefills = [s for s in running if s.is_prefill]
         decodes = [s for s in running if not s.is_prefill]
         if policy == "continuous":
@@ -109,12 +109,12 @@ class Scheduler:
                 self._schedule_running(decodes)
         out = self._out
         # Batch order: decodes first, then prefill chunks (any order is valid for the model).
-        for seq, n in self._plan.items():
-            if seq.is_prefill:
-                out.num_prefill_tokens += n
-            else:
-                out.num_decode_tokens += n
-        out.scheduled = sorted(self._plan.items(), key=lambda sn: sn[0].is_prefill)
+        items = list(self._plan.items())
+        is_pre = [s.is_prefill for s, _ in items]
+        out.scheduled = ([it for it, p in zip(items, is_pre) if not p]
+                         + [it for it, p in zip(items, is_pre) if p])
+        out.num_prefill_tokens = sum(n for (_, n), p in zip(items, is_pre) if p)
+        out.num_decode_tokens = sum(n for _, n in items) - out.num_prefill_tokens
         now = time.perf_counter()
         for seq, _ in out.scheduled:
             if seq.metrics.first_scheduled_time is None:
@@ -129,7 +129,7 @@ class Scheduler:
                 continue
             n = min(seq.num_remaining, self._budget)
             while not self.bm.ensure_slots(seq, n):
-                victim = max(self.running, key=self._run_key)
+                victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -171,7 +171,11 @@ class Scheduler:
         seq.status = Status.RUNNING
         seq.admit_index = self._admit_counter
         self._admit_counter += 1
-        self.running.append(seq)
+        if self.cfg.queue_order == "priority":
+            keys = [self._run_key(s) for s in self.running]
+            self.running.insert(bisect.bisect_right(keys, self._run_key(seq)), seq)
+        else:                                  # admission order is the key order
+            self.running.append(seq)
 
     def _form_static_batch(self):
         """Static batching: the next batch is whoever waits (up to max_num_seqs). Blocks come

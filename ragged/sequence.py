@@ -47,6 +47,7 @@ class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  priority: int, arrival_time: float, arrival_index: int):
         self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)   # never mutated: shared by outputs
         self.token_ids = list(prompt_token_ids)          # prompt + output
         self.num_prompt_tokens = len(self.token_ids)
         self.params = params
@@ -59,6 +60,7 @@ class Sequence:
         # preemption prompt + generated tokens (only used to label prefill vs decode).
         self.prefill_len = self.num_prompt_tokens
         self.block_table: list[int] = []                 # physical KV blocks, logical order
+        self.table_row = -1                              # its row in BlockManager.table
         self.block_hashes: list[int] = []                # chained hashes of its full, cached blocks
         self.finish_reason: str | None = None
         self.num_preemptions = 0
