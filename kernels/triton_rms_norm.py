@@ -27,7 +27,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, sum_ptr, x_stride, res_stride
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)    # rounded like torch's add
         tl.store(sum_ptr + row * N + cols, x, mask=mask)
     h = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / N + eps)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)        # torch.rsqrt: rsqrt.approx on GPU
     hn = (h * rstd).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + cols, (hn * w).to(y_ptr.dtype.element_ty), mask=mask)

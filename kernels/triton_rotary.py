@@ -24,17 +24,19 @@ def _rotate_heads(src_ptr, dst_ptr, src_row, src_stride_h, dst_row, n_heads, hea
     dst = dst_ptr + dst_row + h[:, None].to(tl.int64) * D
     i = tl.arange(0, HALF_PAD)
     m = hmask[:, None] & (i < HALF)[None, :]
-    if IS_NEOX:
-        o1 = i
-        o2 = i + HALF
-    else:
-        o1 = 2 * i
-        o2 = 2 * i + 1
-    x1 = tl.load(src + o1[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + o2[None, :], mask=m, other=0.0).to(tl.float32)
     out_ty = dst_ptr.dtype.element_ty
-    tl.store(dst + o1[None, :], (x1 * cos - x2 * sin).to(out_ty), mask=m)
-    tl.store(dst + o2[None, :], (x2 * cos + x1 * sin).to(out_ty), mask=m)
+    if IS_NEOX:                       # pairs (i, i + HALF): two contiguous half-rows
+        x1 = tl.load(src + i[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + i[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(dst + i[None, :], (x1 * cos - x2 * sin).to(out_ty), mask=m)
+        tl.store(dst + HALF + i[None, :], (x2 * cos + x1 * sin).to(out_ty), mask=m)
+    else:                             # pairs (2i, 2i + 1): load whole contiguous rows
+        r = tl.arange(0, 2 * HALF_PAD)  # (16-byte accesses), split even/odd in registers
+        mr = hmask[:, None] & (r < 2 * HALF)[None, :]
+        x = tl.load(src + r[None, :], mask=mr, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, HALF_PAD, 2)))
+        y = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+        tl.store(dst + r[None, :], tl.reshape(y, (BLOCK_H, 2 * HALF_PAD)).to(out_ty), mask=mr)
     if 2 * HALF < D:                  # partial rotary: the tail passes through unchanged
         p = 2 * HALF + tl.arange(0, PASS_PAD)
         pm = hmask[:, None] & (p < D)[None, :]

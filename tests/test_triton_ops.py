@@ -238,6 +238,60 @@ def test_compile_fullgraph_cpu():
     check_compile_fullgraph("cpu", "aot_eager")
 
 
+# --------------------------------------------------------------------------- compiles for sm_90
+_COMPILE_SCRIPT = r"""
+import re, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import triton_rms_norm as R, triton_rotary as RO, triton_silu_mul as S, triton_write_kv as W
+
+def ptx(fn, sig, const, warps):
+    sig = dict(sig, **dict.fromkeys(const, "constexpr"))
+    div = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t != "constexpr"}
+    k = triton.compile(ASTSource(fn, sig, const, div), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
+    return set(re.findall(r"(?:ld|st)\.global\.v4\.b32", k.asm["ptx"]))
+
+p, i32 = "*" + sys.argv[1], "i32"
+b, w = W._config(8 * 128)
+print("write_kv", ptx(W._write_kv_kernel, dict(key_ptr=p, value_ptr=p, k_cache_ptr=p, v_cache_ptr=p,
+      slot_ptr="*i64", key_stride_t=i32, key_stride_h=i32, value_stride_t=i32, value_stride_h=i32,
+      slot_stride=i32, HD=i32), dict(D=128, BLOCK=b), w))
+b, w = R._config(4096)
+print("rms_norm", ptx(R._rms_norm_kernel, dict(x_ptr=p, res_ptr=p, w_ptr=p, y_ptr=p, sum_ptr=p,
+      x_stride=i32, res_stride=i32, N=i32, eps="fp32"), dict(HAS_RESIDUAL=True, BLOCK_N=b), w))
+b, w = S._config(14336)
+print("silu", ptx(S._silu_and_mul_kernel, dict(x_ptr=p, out_ptr=p, x_stride=i32, I=i32), dict(BLOCK=b), w))
+for neox in (True, False):
+    b, w = RO._config(32, 128)
+    print("rotary", ptx(RO._rotary_kernel, dict(pos_ptr="*i64", q_ptr=p, k_ptr=p, cs_ptr="*fp32",
+          qo_ptr=p, ko_ptr=p, pos_stride=i32, q_stride_t=i32, q_stride_h=i32, k_stride_t=i32,
+          k_stride_h=i32, cs_stride=i32, HQ=i32, HK=i32), dict(D=128, HALF=48, IS_NEOX=neox,
+          BLOCK_H=b, HALF_PAD=64, PASS_PAD=32), w))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_kernels_compile_for_sm90_with_16_byte_accesses(tmp_path, dtype):
+    """The CPU suite runs the kernels interpreted; this compiles them (no GPU needed) for H100
+    at Llama-3-8B shapes so a kernel that does not compile cannot land, and checks the
+    memory-bound kernels use 16-byte global loads and stores."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, dtype], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(res.stdout)
+    lines = res.stdout.splitlines()
+    assert len(lines) == 5, res.stdout
+    for line in lines:                  # write_kv, rms_norm, silu, rotary NeoX and GPT-J
+        assert "ld.global.v4.b32" in line and "st.global.v4.b32" in line, line
+
+
 # --------------------------------------------------------------------------- benchmark smoke
 def test_bench_kernels_cpu_quick(tmp_path):
     from bench import kernels as bk
@@ -254,6 +308,20 @@ def test_bench_kernels_cpu_quick(tmp_path):
         assert r["median_us"] > 0 and r["gbs"] > 0 and "pct_copy_bw" in r
     assert any(r["impl"] == "torch-sdpa" for r in timed)
     assert any(r["impl"] == "triton" and r["kind"] == "op" for r in timed)
+
+
+def test_bench_refuses_to_time_a_wrong_kernel():
+    from bench import kernels as bk
+    x = torch.randn(64, 8)
+    rows = []
+    ctx = dict(device=torch.device("cpu"), dtype=torch.float32, bw=1e9, warmup=0, iters=1)
+    bk.measure(rows, "op", "t", {}, [("good", lambda: x), ("close", lambda: x + 1e-6),
+                                     ("wrong", lambda: x * 1.01), ("broken", lambda: 1 / 0)],
+               x.numel() * 4, 0, ctx)
+    good, close, wrong, broken = rows
+    assert good["median_us"] > 0 and close["median_us"] > 0 and close["max_err"] > 0
+    assert wrong["median_us"] is None and "mismatch" in wrong["error"]
+    assert broken["median_us"] is None and "ZeroDivisionError" in broken["error"]
 
 
 # --------------------------------------------------------------------------- GPU
