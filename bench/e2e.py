@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -159,6 +160,28 @@ def _record(systems, name, traces, extra=None):
                      **(extra or {})}
 
 
+def run_hf_continuous(hf_model, requests, warmup, a, traces_by) -> dict:
+    """transformers' continuous batching: its defaults first (it switches to flash attention
+    when installed), then without that switch (flash kernels it cannot load offline); any
+    failure of both is reported as "unavailable" with the errors, never hidden."""
+    errors = []
+    for options in ({}, {"auto_switch_to_flash": False}):
+        try:
+            hf_baseline.run_continuous(hf_model, warmup, device=a.device, options=options)
+            with tqdm(total=len(requests), desc="hf_continuous", unit="req", leave=False) as bar:
+                tr = hf_baseline.run_continuous(hf_model, requests, device=a.device,
+                                                progress=bar, options=options)
+        except Exception as e:  # noqa: BLE001 - any failure means "not available here"
+            errors.append(f"options {options}: {type(e).__name__}: {e}")
+            continue
+        traces_by["hf_continuous"] = tr
+        out = {}
+        _record(out, "x", tr, {"options": options, "errors_before": errors,
+                               "attn_implementation": getattr(hf_model.config, "_attn_implementation", None)})
+        return out["x"]
+    return {"status": "unavailable", "error": " | ".join(errors)}
+
+
 def run(a) -> dict:
     scale = dict(SCALES[a.scale])
     for k in ("num_requests", "cap", "rate", "mean_output", "hf_batch_size"):
@@ -166,7 +189,7 @@ def run(a) -> dict:
             scale[k] = getattr(a, k)
     a.hf_batch_size = scale["hf_batch_size"]
     from model import ModelConfig
-    cfg = (ModelConfig.from_hf_config(a.model) if _is_dir(a.model) else ModelConfig.preset(a.model))
+    cfg = (ModelConfig.from_hf_config(a.model) if os.path.isdir(a.model) else ModelConfig.preset(a.model))
     kwargs = workload_kwargs(a.workload, scale)
     requests = workloads.make(a.workload, scale["num_requests"], vocab_size=cfg.vocab_size,
                               seed=a.seed, **kwargs)
@@ -187,15 +210,7 @@ def run(a) -> dict:
                                              device=a.device, progress=bar)
             _record(systems, "hf_static", ref, {"batch_size": a.hf_batch_size})
         if "hf_continuous" in a.systems:
-            try:
-                hf_baseline.run_continuous(hf_model, warmup, device=a.device)
-                with tqdm(total=len(requests), desc="hf_continuous", unit="req", leave=False) as bar:
-                    tr = hf_baseline.run_continuous(hf_model, requests, device=a.device, progress=bar)
-                _record(systems, "hf_continuous", tr)
-                traces_by["hf_continuous"] = tr
-            except Exception as e:  # noqa: BLE001 - any failure means "not available here"
-                systems["hf_continuous"] = {"status": "unavailable",
-                                            "error": f"{type(e).__name__}: {e}"}
+            systems["hf_continuous"] = run_hf_continuous(hf_model, requests, warmup, a, traces_by)
         if need_hf:
             del hf_model
             _free(a.device)
@@ -206,11 +221,14 @@ def run(a) -> dict:
                 tr, info = run_engine(ours, policy, requests, warmup, a)
                 _record(systems, f"ragged:{policy}", tr, info)
                 traces_by[f"ragged:{policy}"] = tr
-    base = systems.get("hf_static", {}).get("summary")
+    for base_name in ("hf_static", "hf_continuous"):
+        base = systems.get(base_name, {}).get("summary")
+        for name, s in systems.items():
+            if s["status"] == "ok" and base:
+                s[f"ratio_to_{base_name}"] = {k: s["summary"][k] / base[k] for k in
+                                              ("total_tokens_per_s", "output_tokens_per_s",
+                                               "requests_per_s")}
     for name, s in systems.items():
-        if s["status"] == "ok" and base:
-            s["ratio_to_hf_static"] = {k: s["summary"][k] / base[k] for k in
-                                       ("total_tokens_per_s", "output_tokens_per_s", "requests_per_s")}
         if ref is not None and name in traces_by:
             s["agreement_with_hf_static"] = _agreement(traces_by[name], ref)
     outs = [r.max_tokens for r in requests]
@@ -228,14 +246,11 @@ def run(a) -> dict:
         "systems": systems,
         "notes": {"hf_static": "token times from a per-step callback (what streaming would show); "
                                "finish = when generate() returns the batch",
-                  "percentiles": metrics.summarize.__module__ + ": numpy.percentile "
-                                 f"method={metrics.PERCENTILE_METHOD!r}"},
+                  "percentiles": f"numpy.percentile(method={metrics.PERCENTILE_METHOD!r}), "
+                                 "Hyndman-Fan type 7",
+                  "throughput": "requested tokens only (prompt + max_tokens) over first "
+                                "arrival -> last finish; padding and overshoot are waste"},
     }
-
-
-def _is_dir(path) -> bool:
-    import os
-    return os.path.isdir(path)
 
 
 def _ms(d, key):
@@ -245,7 +260,7 @@ def _ms(d, key):
 
 def table(payload) -> str:
     cols = ("system", "tok/s", "out tok/s", "req/s", "TTFT p50", "TPOT p50", "ITL p50",
-            "ITL p99", "E2E p50", "E2E p99", "x HF st")
+            "ITL p99", "E2E p50", "E2E p99", "x HF st", "x HF cb")
     lines = [f"{cols[0]:<22}" + "".join(f"{c:>10}" for c in cols[1:]),
              f"{'':<22}{'':>30}" + f"{'(ms)':>10}" * 6]
     for name, s in payload["systems"].items():
@@ -253,12 +268,13 @@ def table(payload) -> str:
             lines.append(f"{name:<22}  {s['status']}: {s.get('error', '')[:90]}")
             continue
         m = s["summary"]
-        ratio = s.get("ratio_to_hf_static", {}).get("total_tokens_per_s")
+        ratios = [s.get(f"ratio_to_{b}", {}).get("total_tokens_per_s")
+                  for b in ("hf_static", "hf_continuous")]
         lines.append(f"{name:<22}{m['total_tokens_per_s']:10.1f}{m['output_tokens_per_s']:10.1f}"
                      f"{m['requests_per_s']:10.2f} {_ms(m['ttft_s'], 'p50')}"
                      f" {_ms(m['tpot_s'], 'p50')} {_ms(m['itl_s'], 'p50')} {_ms(m['itl_s'], 'p99')}"
                      f" {_ms(m['e2e_s'], 'p50')} {_ms(m['e2e_s'], 'p99')}"
-                     + (f"{ratio:9.2f}x" if ratio else f"{'-':>10}"))
+                     + "".join(f"{r:9.2f}x" if r else f"{'-':>10}" for r in ratios))
     return "\n".join(lines)
 
 

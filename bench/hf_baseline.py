@@ -136,23 +136,24 @@ def run_static(model, requests: list[Request], *, batch_size: int, device, t0: f
 
 
 def run_continuous(model, requests: list[Request], *, device, t0: float | None = None,
-                   progress=None, timeout_s: float = 600.0) -> list[RequestTrace]:
-    """transformers' continuous batching, fed in real time. Raises on any failure."""
+                   progress=None, timeout_s: float = 600.0, options: dict | None = None
+                   ) -> list[RequestTrace]:
+    """transformers' continuous batching, fed in real time. Raises on any failure.
+    options: ContinuousBatchingConfig fields (e.g. auto_switch_to_flash=False)."""
     from transformers import GenerationConfig
     gen = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_tokens for r in requests),
                            eos_token_id=-1, pad_token_id=PAD_ID)
-    cb_kwargs = {}
-    try:
+    options = dict(options or {})
+    if torch.device(device).type != "cuda":
+        # Off CUDA it sizes its cache from host memory through psutil, which may be missing.
+        longest = max(r.prompt_len + r.max_tokens for r in requests)
+        options = dict(page_size=16, num_blocks=-(-longest // 16) * len(requests) + 8,
+                       max_batch_tokens=512) | options
+    kwargs = {}
+    if options:
         from transformers import ContinuousBatchingConfig
-        if torch.device(device).type != "cuda":
-            # Off CUDA it cannot size its cache from free memory (it wants psutil): say it.
-            longest = max(r.prompt_len + r.max_tokens for r in requests)
-            pages = -(-longest // 16) * len(requests) + 8
-            cb_kwargs["continuous_batching_config"] = ContinuousBatchingConfig(
-                page_size=16, num_blocks=pages, max_batch_tokens=512)
-    except ImportError:
-        pass
-    manager = model.init_continuous_batching(generation_config=gen, **cb_kwargs)
+        kwargs["continuous_batching_config"] = ContinuousBatchingConfig(**options)
+    manager = model.init_continuous_batching(generation_config=gen, **kwargs)
     if hasattr(manager, "warmup") and torch.device(device).type == "cuda":
         manager.warmup()  # CUDA graphs are captured here, outside the timed run
     manager.start()
