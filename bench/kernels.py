@@ -241,9 +241,13 @@ def measure(rows, kind, name, shape, impls, nbytes, flops, ctx):
             continue
         if anchor is None:
             anchor, row["max_err"] = (impl, out), 0.0
+        elif [a.shape for a in out] != [b.shape for b in anchor[1]]:
+            row["error"] = f"mismatch vs {anchor[0]}: shapes {[tuple(a.shape) for a in out]}"
+            print(f"  {name:28s} {impl:11s} NOT TIMED: {row['error']}")
+            continue
         else:
-            row["max_err"] = max((a - b).abs().max().item() if a.numel() else 0.0
-                                 for a, b in zip(out, anchor[1]))
+            row["max_err"] = max([(a - b).abs().max().item() if a.numel() else 0.0
+                                  for a, b in zip(out, anchor[1])] + [0.0])
             mag = max(max((b.abs().max().item() if b.numel() else 0.0) for b in anchor[1]), 1.0)
             tol = max(4 * EPS[ctx["dtype"]], 2e-3) * mag
             if row["max_err"] > tol:
@@ -274,7 +278,9 @@ def attention_sweeps(rows, p, backends, ctx, flex):
             if B * L > p["max_kv_tokens"]:
                 print(f"  decode B={B} ctx={L}: skipped (KV above {p['max_kv_tokens']} tokens)")
                 continue
-            run("decode", f"decode B={B} ctx={L}", attention_case([1] * B, [L] * B, dtype=dt, device=dev, **h))
+            c = attention_case([1] * B, [L] * B, dtype=dt, device=dev, **h)
+            run("decode", f"decode B={B} ctx={L}", c)
+            del c
             _free(dev)
     for n in p["prefill"]:
         run("prefill", f"prefill {n}", attention_case([n], [n], dtype=dt, device=dev, **h))
@@ -285,7 +291,7 @@ def attention_sweeps(rows, p, backends, ctx, flex):
     run("mixed", f"mixed {chunk}+{nd}x{L}", c)
     split = [(b, split_fn(dec, pre, b, torch.empty_like(c["q"]))) for b in backends if b != "torch"]
     if split:
-        run("mixed", "mixed as 2 launches", c, [("torch-sdpa", sdpa_fn(c))] + split)
+        run("mixed", "mixed as 2 launches", c, [("torch-sdpa", lazy(lambda: sdpa_fn(c)))] + split)
     run("mixed", "mixed: decode part", dec)
     run("mixed", "mixed: prefill part", pre)
 
