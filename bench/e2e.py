@@ -19,7 +19,9 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,6 +30,7 @@ from .common import run_info, write_json
 
 POLICIES = ("continuous", "prefill_first", "static")
 SYSTEMS = ("ragged", "hf_static", "hf_continuous")
+CDF_POINTS = np.linspace(0, 100, 401)
 
 # Sizes per scale. "gpu": the published workload shapes with llama3-8b; "cpu": the tiny model,
 # small enough that the no-argument run stays near two minutes on 2 cores; "quick": smoke test.
@@ -74,7 +77,7 @@ def _free(device):
 
 
 # ---------------------------------------------------------------------------- our engine
-def drive(engine, requests, *, t0=None, progress=None) -> list[metrics.RequestTrace]:
+def drive(engine, requests, *, t0=None, progress=None, timeout_s=None) -> list[metrics.RequestTrace]:
     """Feed requests to engine at their arrival times and step until all are done."""
     from ragged import SamplingParams
     pending = sorted(requests, key=lambda r: r.arrival_time)
@@ -83,6 +86,8 @@ def drive(engine, requests, *, t0=None, progress=None) -> list[metrics.RequestTr
     traces, i = [], 0
     while i < len(pending) or engine.has_unfinished_requests():
         now = time.perf_counter()
+        if timeout_s is not None and now - t0 > timeout_s:
+            raise RuntimeError(f"{len(traces)}/{len(requests)} requests done after {timeout_s} s")
         while i < len(pending) and t0 + pending[i].arrival_time <= now:
             r = pending[i]
             i += 1
@@ -122,7 +127,7 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
         drive(engine, warmup)  # JIT compilation and allocator warm-up stay out of the timing
         first_step = len(engine.step_log)
         with tqdm(total=len(requests), desc=f"ragged:{policy}", unit="req", leave=False) as bar:
-            traces = drive(engine, requests, progress=bar)
+            traces = drive(engine, requests, progress=bar, timeout_s=a.system_timeout)
         steps = list(engine.step_log[first_step:])
         info = {"num_blocks": engine.block_manager.num_blocks, "engine_args": extra,
                 "steps": metrics.step_summary(steps, num_blocks=engine.block_manager.num_blocks,
@@ -153,33 +158,73 @@ def _agreement(traces, ref) -> dict | None:
     return {"first_token_match": first, "all_tokens_match": same, "n": len(pairs)}
 
 
-def _record(systems, name, traces, extra=None):
-    s = metrics.summarize(traces)
-    systems[name] = {"status": "ok", "summary": s, "requests": _per_request(traces),
-                     "itl_samples_s": [x for t in traces for x in metrics.itls(t)],
-                     **(extra or {})}
+def warmup_requests(name, vocab_size, kwargs, seed) -> list:
+    """A few requests shaped like the workload's shortest and longest prompts (other seed, so
+    no prefix-cache hits on the real ones), all at t=0, at most 4 output tokens: kernels get
+    compiled/tuned for the run's shapes before the clock starts."""
+    reqs = sorted(workloads.make(name, 8, vocab_size=vocab_size, seed=seed + 1000, **kwargs),
+                  key=lambda r: r.prompt_len)
+    return [workloads.Request(f"warmup-{i}", r.prompt_token_ids, min(r.max_tokens, 4), 0.0)
+            for i, r in enumerate(reqs[:2] + reqs[-2:])]
 
 
-def run_hf_continuous(hf_model, requests, warmup, a, traces_by) -> dict:
+class Unavailable(RuntimeError):
+    """The installed transformers cannot run this system here (reported, not a failure)."""
+
+
+def _result(traces, extra=None) -> dict:
+    itl = [x for t in traces for x in metrics.itls(t)]
+    return {"status": "ok", "summary": metrics.summarize(traces), "requests": _per_request(traces),
+            # the ITL CDF at every 0.25 percent (for plots): all samples would be ~65k floats
+            "itl_cdf_s": (np.percentile(itl, CDF_POINTS, method=metrics.PERCENTILE_METHOD).tolist()
+                          if itl else []),
+            **(extra or {})}
+
+
+def _attempt(systems, traces_by, name, a, fn):
+    """Run one system; a failure is recorded with its error and the others still run."""
+    try:
+        traces, extra = fn()
+    except Unavailable as e:
+        systems[name] = {"status": "unavailable", "error": str(e)}
+        return None
+    except Exception as e:  # noqa: BLE001 - one broken system must not lose the others
+        systems[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                         "traceback": traceback.format_exc()[-3000:]}
+        print(f"\n{name} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        _free(a.device)
+        return None
+    systems[name] = _result(traces, extra)
+    traces_by[name] = traces
+    return traces
+
+
+def run_hf_static(hf_model, requests, warmup, a):
+    hf_baseline.run_static(hf_model, warmup, batch_size=2, device=a.device)
+    with tqdm(total=len(requests), desc="hf_static", unit="req", leave=False) as bar:
+        tr = hf_baseline.run_static(hf_model, requests, batch_size=a.hf_batch_size,
+                                    device=a.device, progress=bar, timeout_s=a.system_timeout)
+    return tr, {"batch_size": a.hf_batch_size}
+
+
+def run_hf_continuous(hf_model, requests, warmup, a):
     """transformers' continuous batching: its defaults first (it switches to flash attention
-    when installed), then without that switch (flash kernels it cannot load offline); any
-    failure of both is reported as "unavailable" with the errors, never hidden."""
+    when installed), then without that switch (flash kernels it cannot load offline). If
+    both fail it is reported "unavailable" with both errors, never hidden."""
     errors = []
     for options in ({}, {"auto_switch_to_flash": False}):
         try:
             hf_baseline.run_continuous(hf_model, warmup, device=a.device, options=options)
             with tqdm(total=len(requests), desc="hf_continuous", unit="req", leave=False) as bar:
-                tr = hf_baseline.run_continuous(hf_model, requests, device=a.device,
-                                                progress=bar, options=options)
+                tr = hf_baseline.run_continuous(hf_model, requests, device=a.device, progress=bar,
+                                                options=options, timeout_s=a.system_timeout)
         except Exception as e:  # noqa: BLE001 - any failure means "not available here"
             errors.append(f"options {options}: {type(e).__name__}: {e}")
+            _free(a.device)
             continue
-        traces_by["hf_continuous"] = tr
-        out = {}
-        _record(out, "x", tr, {"options": options, "errors_before": errors,
-                               "attn_implementation": getattr(hf_model.config, "_attn_implementation", None)})
-        return out["x"]
-    return {"status": "unavailable", "error": " | ".join(errors)}
+        return tr, {"options": options, "errors_before": errors,
+                    "attn_implementation": getattr(hf_model.config, "_attn_implementation", None)}
+    raise Unavailable(" | ".join(errors))
 
 
 def run(a) -> dict:
@@ -193,34 +238,29 @@ def run(a) -> dict:
     kwargs = workload_kwargs(a.workload, scale)
     requests = workloads.make(a.workload, scale["num_requests"], vocab_size=cfg.vocab_size,
                               seed=a.seed, **kwargs)
-    warmup = workloads.anyscale(2, vocab_size=cfg.vocab_size, cap=4, prompt_len=8, seed=a.seed + 1)
+    warmup = warmup_requests(a.workload, cfg.vocab_size, kwargs, a.seed)
     dtype = getattr(torch, a.dtype)
-    systems, traces_by, ref = {}, {}, None
+    systems, traces_by = {}, {}
     with tempfile.TemporaryDirectory(prefix="ragged-e2e-") as tmp:
-        need_hf = {"hf_static", "hf_continuous"} & set(a.systems)
         hf_model, model_dir = hf_baseline.build_hf_model(a.model, dtype=dtype, device=a.device,
                                                          seed=a.seed, save_dir=tmp)
-        if not need_hf:
-            del hf_model
-            _free(a.device)
         if "hf_static" in a.systems:
-            hf_baseline.run_static(hf_model, warmup, batch_size=2, device=a.device)
-            with tqdm(total=len(requests), desc="hf_static", unit="req", leave=False) as bar:
-                ref = hf_baseline.run_static(hf_model, requests, batch_size=a.hf_batch_size,
-                                             device=a.device, progress=bar)
-            _record(systems, "hf_static", ref, {"batch_size": a.hf_batch_size})
+            _attempt(systems, traces_by, "hf_static", a,
+                     lambda: run_hf_static(hf_model, requests, warmup, a))
         if "hf_continuous" in a.systems:
-            systems["hf_continuous"] = run_hf_continuous(hf_model, requests, warmup, a, traces_by)
-        if need_hf:
-            del hf_model
-            _free(a.device)
+            _attempt(systems, traces_by, "hf_continuous", a,
+                     lambda: run_hf_continuous(hf_model, requests, warmup, a))
+        del hf_model  # free its memory before our engine sizes its KV cache
+        _free(a.device)
         if "ragged" in a.systems:
             from model import load_model
             ours = load_model(model_dir, dtype=dtype, device=a.device, seed=a.seed)
             for policy in a.policies:
-                tr, info = run_engine(ours, policy, requests, warmup, a)
-                _record(systems, f"ragged:{policy}", tr, info)
-                traces_by[f"ragged:{policy}"] = tr
+                _attempt(systems, traces_by, f"ragged:{policy}", a,
+                         lambda: run_engine(ours, policy, requests, warmup, a))
+            del ours
+            _free(a.device)
+    ref = traces_by.get("hf_static")
     for base_name in ("hf_static", "hf_continuous"):
         base = systems.get(base_name, {}).get("summary")
         for name, s in systems.items():
@@ -307,6 +347,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--system-timeout", type=float, default=900.0,
+                   help="seconds one system may run before it is recorded as failed")
     a = p.parse_args(argv)
     a.scale = "quick" if a.quick else ("gpu" if torch.device(a.device).type == "cuda" else "cpu")
     a.model = a.model or SCALES[a.scale]["model"]
@@ -338,4 +380,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    result = main(sys.argv[1:])
+    # "unavailable" (HF continuous batching missing here) is an honest answer, not an error
+    sys.exit(int(any(s["status"] == "failed" for s in result["systems"].values())))

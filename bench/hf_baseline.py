@@ -110,7 +110,7 @@ def _generate_batch(model, batch: list[Request], device):
 
 
 def run_static(model, requests: list[Request], *, batch_size: int, device, t0: float | None = None,
-               progress=None) -> list[RequestTrace]:
+               progress=None, timeout_s: float | None = None) -> list[RequestTrace]:
     """Static batching. A batch starts when its last member has arrived and the previous
     batch is done. Token times come from the per-step clock (what streaming would show);
     a request finishes when generate() returns its batch (a non-streaming server answers
@@ -122,6 +122,8 @@ def run_static(model, requests: list[Request], *, batch_size: int, device, t0: f
     traces = []
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
+        if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+            raise RuntimeError(f"HF static: {b}/{len(order)} requests done after {timeout_s} s")
         wait = t0 + batch[-1].arrival_time - time.perf_counter()
         if wait > 0:
             time.sleep(wait)

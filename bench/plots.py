@@ -61,12 +61,14 @@ def latency_cdf(payload, path):
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     for ax, (label, key) in zip(axes, panels):
         for name, s in systems.items():
-            v = (s.get("itl_samples_s", []) if key is None
-                 else [r[key] for r in s["requests"] if r[key] is not None])
-            if not v:
-                continue
-            v = np.sort(np.asarray(v) * 1e3)
-            ax.plot(v, np.arange(1, v.size + 1) / v.size, label=name, drawstyle="steps-post")
+            if key is None:  # stored as quantiles at evenly spaced probabilities
+                v = np.asarray(s.get("itl_cdf_s", [])) * 1e3
+                y = np.linspace(0, 1, v.size)
+            else:
+                v = np.sort([r[key] * 1e3 for r in s["requests"] if r[key] is not None])
+                y = np.arange(1, v.size + 1) / max(v.size, 1)
+            if v.size:
+                ax.plot(np.maximum(v, 1e-3), y, label=name, drawstyle="steps-post")
         ax.set_xlabel(f"{label} (ms)")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log minor labels overlap
