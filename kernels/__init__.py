@@ -9,8 +9,10 @@ Semantics are identical across backends (DESIGN.md, "Kernel API").
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
+import sys
 
 import torch
 
@@ -34,8 +36,12 @@ _MODULES = {
 }
 
 
+# Looked up once: torch.compile cannot trace importlib calls inside the public functions.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _triton_usable(device: torch.device) -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -43,8 +49,7 @@ def _triton_usable(device: torch.device) -> bool:
 def _cuda_usable(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
-    from . import cuda_ops
-    return cuda_ops.is_available()
+    return _module("kernels.cuda_ops").is_available()
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -72,8 +77,15 @@ def _resolve(backend, device: torch.device) -> str:
     return backend
 
 
+def _module(name: str):
+    # sys.modules first: torch.compile(fullgraph=True) traces a dict lookup but not an import,
+    # so a backend module imported once (eagerly, or by the model) compiles without a break.
+    mod = sys.modules.get(name)
+    return mod if mod is not None else importlib.import_module(name)
+
+
 def _impl(op: str, backend: str):
-    return getattr(importlib.import_module(_MODULES[backend][op]), op)
+    return getattr(_module(_MODULES[backend][op]), op)
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale=None,
