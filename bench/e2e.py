@@ -65,11 +65,6 @@ def workload_kwargs(name: str, s: dict) -> dict:
     raise ValueError(f"workload must be one of {sorted(workloads.WORKLOADS)}, got {name!r}")
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _free(device):
     gc.collect()
     if torch.device(device).type == "cuda":

@@ -150,6 +150,34 @@ def test_step_summary_hand_made_log():
     assert metrics.step_records([dict(num_decode_tokens=1)])[0]["num_prefill_tokens"] == 0
 
 
+# ---------------------------------------------------------------------------- harness
+def test_failed_system_is_recorded_and_others_run():
+    from bench import e2e
+    a = SimpleNamespace(device="cpu")
+    systems, traces_by = {}, {}
+
+    def broken():
+        raise RuntimeError("out of KV blocks")
+
+    def unavailable():
+        raise e2e.Unavailable("no generate_batch in this transformers")
+
+    assert e2e._attempt(systems, traces_by, "ragged:static", a, broken) is None
+    e2e._attempt(systems, traces_by, "hf_continuous", a, unavailable)
+    assert e2e._attempt(systems, traces_by, "ragged:continuous", a, lambda: (_trace(), {}))
+    assert systems["ragged:static"]["status"] == "failed"
+    assert "out of KV blocks" in systems["ragged:static"]["error"]
+    assert systems["hf_continuous"] == {"status": "unavailable",
+                                        "error": "no generate_batch in this transformers"}
+    ok = systems["ragged:continuous"]
+    assert ok["status"] == "ok" and ok["summary"]["output_tokens"] == 9
+    assert len(ok["itl_cdf_s"]) == 401 and ok["itl_cdf_s"][0] == pytest.approx(0.2)
+    assert ok["itl_cdf_s"][-1] == pytest.approx(1.4) and list(traces_by) == ["ragged:continuous"]
+    text = e2e.table({"systems": systems})
+    print(text)
+    assert "failed: RuntimeError: out of KV blocks" in text and "unavailable" in text
+
+
 # ---------------------------------------------------------------------------- smoke run
 def test_e2e_quick_smoke(tmp_path):
     from bench import e2e
