@@ -57,15 +57,20 @@ def build_hf_model(model: str, *, dtype: torch.dtype, device, seed: int = 0,
     saved to save_dir as safetensors: 16 GB for llama3-8b in bf16)."""
     from transformers import AutoModelForCausalLM
     if os.path.isdir(model):
-        m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=str(device))
-        return m.eval(), model
+        # .to() rather than device_map=: device_map needs `accelerate`, which may be missing
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        return m.to(device).eval(), model
     from model import ModelConfig
     cfg = ModelConfig.preset(model)  # ValueError naming an unknown preset
     if save_dir is None:
         raise ValueError("save_dir: needed to share a preset's random weights with our engine")
     torch.manual_seed(seed)
-    with torch.device(device):
-        m = AutoModelForCausalLM.from_config(hf_config(cfg, dtype), dtype=dtype)
+    try:  # initialise on the device: an 8B model's random init on the host takes minutes
+        with torch.device(device):
+            m = AutoModelForCausalLM.from_config(hf_config(cfg, dtype), dtype=dtype)
+    except ValueError:  # a transformers that wants `accelerate` for a device context
+        torch.manual_seed(seed)
+        m = AutoModelForCausalLM.from_config(hf_config(cfg, dtype), dtype=dtype).to(device)
     m = m.eval()
     m.save_pretrained(save_dir)
     return m, save_dir
