@@ -116,8 +116,8 @@ def _paged_attn_kernel(
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
         block_size,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, WINDOW: tl.constexpr,
-        SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, SPLIT: tl.constexpr,
+        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -145,7 +145,6 @@ def _paged_attn_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     tok = tok0 + offs_m // group
     head = kvh * group + offs_m % group
     row_ok = (offs_m < q_per_block * group) & (tok < q_len)
@@ -244,10 +243,15 @@ class _Config:
 
 
 # Decode class (q_len <= 16 everywhere): memory bound, so few rows (>= 16 for tl.dot, >= G)
-# and many small programs; prefill class: compute bound, FlashAttention-2-sized tiles
-# (128 x 64 with 8 warps for D <= 128 on H100), halved where D = 256 or fp32 would overflow
-# shared memory with 2-3 pipeline stages. Stored, not autotuned: autotuning would sync and
-# re-benchmark for every new shape, which breaks CUDA-graph capture.
+# and many small programs; prefill class: compute bound, FlashAttention-2-sized tiles.
+# Register counts below are ptxas's for sm_90 (compiled without a GPU, divisibility-16
+# specialisation as at launch): bf16 D=128 decode 16x64 / 4 warps / 3 stages: 163 regs, mma.sync
+# + cp.async; prefill 128x64 / 8 warps / 3 stages: 196 regs, wgmma, 99 KB smem; D=256 prefill
+# 64x32 spills with 4 warps (255 regs + stack), not with 8 (188); decode 64x64 at D=128:
+# 229 regs, 32x32 at D=256: 207. fp32 (ieee: no tensor-core
+# path, an FMA dot) spills at 32x32 and up, so it gets 16x16 tiles (89 regs at D=128): it is
+# the accuracy path, not a fast one. Stored, not autotuned: autotuning syncs and re-benchmarks
+# per new shape, which breaks CUDA-graph capture.
 _DECODE_MAX_Q = 16
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 512      # below this a split's fixed cost (q load, merge) dominates
@@ -255,12 +259,14 @@ MIN_KEYS_PER_SPLIT = 512      # below this a split's fixed cost (q load, merge) 
 
 @functools.lru_cache(maxsize=None)
 def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int) -> _Config:
-    wide = head_dim > 128 or dtype == torch.float32
-    if max_seqlen_q <= _DECODE_MAX_Q:
+    if dtype == torch.float32:
+        cfg = _Config(16, 16, 4, 2)
+    elif max_seqlen_q <= _DECODE_MAX_Q:
         block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
-        cfg = _Config(block_m, 32 if wide else 64, 4, 2 if wide else 3)
+        warps = 8 if block_m * head_dim > 32 * 256 else 4    # 64 x 256 at 4 warps spills
+        cfg = _Config(block_m, 32, warps, 2) if head_dim > 128 else _Config(block_m, 64, 4, 3)
     else:
-        cfg = _Config(64, 32, 4, 2) if wide else _Config(128, 64, 8, 3)
+        cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 3)
     if cfg.block_m < group:       # a q block must hold at least one token's G heads
         cfg = _Config(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
     return cfg
@@ -326,7 +332,7 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         block_size,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        SPLIT=splits > 1, WINDOW=window > 0, SOFTCAP=use_softcap,
+        EVEN_D=block_d == D, SPLIT=splits > 1, WINDOW=window > 0, SOFTCAP=use_softcap,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
