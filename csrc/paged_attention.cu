@@ -331,9 +331,11 @@ template <typename T, int D>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, D>;
   const int G = p.num_q_heads / p.num_kv_heads;
-  const int64_t row_tiles = (static_cast<int64_t>(p.max_seqlen_q) * G + kRows - 1) / kRows;
+  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * G;  // rows index as int32
+  const int64_t row_tiles = (rows + kRows - 1) / kRows;
   const int64_t gx = row_tiles * p.num_kv_splits;
-  if (gx > 0x7fffffffLL || p.num_kv_heads > 65535 || p.num_seqs > 65535)
+  if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535 ||
+      p.num_seqs > 65535)
     return cudaErrorInvalidConfiguration;
   const size_t smem = C::smem;
   auto kernel = paged_attention_kernel<T, D>;
