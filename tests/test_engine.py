@@ -1,0 +1,299 @@
+"""End to end through LLM/Engine with tiny random Hugging Face models (CPU, fp32): greedy
+outputs equal transformers' generate for every family, with prompts chunked into steps shared
+with decodes, under preemption, under every policy and with prefix-cache hits; seeded sampling;
+stop conditions; metrics; bad input that must not disturb the requests being served."""
+import pytest
+import torch
+
+from model import load_model
+from ragged import LLM, EngineConfig, SamplingParams
+from tests.hf_models import EOS_ID, FAMILIES, make_hf_model
+
+MAX_NEW = 8
+PROMPT_LENS = (1, 17, 30, 45, 9)      # awkward on purpose; 45 > 2 budgets of 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine their
+    spin-waits cost 20x (5.4 s -> 0.23 s for one test's generate calls)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {f: make_hf_model(f, root / f, seed=3) for f in FAMILIES}
+
+
+def prompts(seed=0, lens=PROMPT_LENS):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 259, (n,), generator=g).tolist() for n in lens]
+
+
+_HF_CACHE = {}
+
+
+def hf_greedy(path, prompt, n=MAX_NEW):
+    """transformers' greedy continuation, cut after the first EOS (as the engine stops there)."""
+    key = (path, tuple(prompt), n)
+    if key not in _HF_CACHE:
+        from transformers import AutoModelForCausalLM
+        if path not in _HF_CACHE:
+            _HF_CACHE[path] = AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation="eager", dtype=torch.float32).eval()
+        hf = _HF_CACHE[path]
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        if EOS_ID in out:
+            out = out[:out.index(EOS_ID) + 1]
+        _HF_CACHE[key] = out
+    return _HF_CACHE[key]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+
+
+def mixed_steps(llm):
+    return sum(1 for s in llm.engine.step_log if s.num_prefill_tokens and s.num_decode_tokens)
+
+
+def assert_all_free(llm):
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_hf_with_chunks_fused_with_decodes(model_dirs, family):
+    path = model_dirs[family]
+    llm = LLM(path, max_num_batched_tokens=16)
+    ps = prompts()
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(path, p), (family, len(p))
+        assert o.prompt_token_ids == p and o.finished
+    log = llm.engine.step_log
+    print(family, "steps", len(log), "mixed", mixed_steps(llm))
+    assert mixed_steps(llm) > 0
+    assert all(s.num_prefill_tokens + s.num_decode_tokens <= 16 for s in log)
+    assert max(s.num_prefill_tokens for s in log) == 16        # the 45-token prompt is chunked
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_greedy_equals_hf_under_preemption(model_dirs, family):
+    path = model_dirs[family]
+    # 16 blocks of 4 tokens (64 tokens) for ~150 tokens of demand: sequences get evicted and
+    # recomputed (prompt + generated) and must still produce exactly HF's tokens.
+    llm = LLM(path, block_size=4, num_blocks=16, max_num_batched_tokens=32)
+    ps = prompts(seed=1)
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    stats = llm.engine.stats
+    print(family, "preemptions", stats.num_preemptions)
+    assert stats.num_preemptions > 0
+    assert sum(s.num_preempted for s in llm.engine.step_log) == stats.num_preemptions
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(path, p)
+    assert_all_free(llm)
+
+
+@pytest.mark.parametrize("policy", ["prefill_first", "static"])
+def test_other_policies_same_tokens(model_dirs, policy):
+    path = model_dirs["qwen2"]
+    llm = LLM(path, max_num_batched_tokens=16, max_num_seqs=3, policy=policy)
+    ps = prompts(seed=2)
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(path, p)
+    assert mixed_steps(llm) == 0          # neither policy fuses prefill with decode
+    assert_all_free(llm)
+
+
+def test_prefix_cache_hits_give_identical_outputs(model_dirs):
+    path = model_dirs["llama"]
+    shared = prompts(seed=4, lens=(40,))[0]
+    tails = prompts(seed=5, lens=(3, 1, 7))
+    # shared[:32] is exactly 2 full blocks: its hit is capped at 1 block so that its last
+    # token is computed and gives the first output token.
+    ps = [shared + t for t in tails] + [shared, shared[:32]]
+    cold = LLM(path, max_num_batched_tokens=16, enable_prefix_caching=False)
+    want = [o.token_ids for o in cold.generate(ps, GREEDY, use_tqdm=False)]
+    assert cold.engine.stats.prefix_hit_tokens == 0
+    warm = LLM(path, max_num_batched_tokens=16)
+    first = warm.generate(ps[:1], GREEDY, use_tqdm=False)          # fills the cache
+    assert first[0].token_ids == want[0]
+    again = warm.generate(ps, GREEDY, use_tqdm=False)
+    hits = warm.engine.stats.prefix_hit_tokens
+    print("prefix hit tokens", hits)
+    assert hits >= 2 * 32                       # 2 full blocks of 16 per later request
+    assert sum(s.prefix_hit_tokens for s in warm.engine.step_log) == hits
+    assert [o.token_ids for o in again] == want
+    for p, w in zip(ps, want):
+        assert w == hf_greedy(path, p)
+    assert_all_free(warm)
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(model_dirs):
+    path = model_dirs["qwen3"]
+    p = prompts(seed=6, lens=(11,))[0]
+    sp = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = LLM(path, seed=0).generate([p], sp, use_tqdm=False)[0].token_ids
+    others = prompts(seed=7, lens=(5, 23, 2))
+    crowd = LLM(path, seed=99, max_num_batched_tokens=16)
+    mix = crowd.generate(others[:2] + [p] + others[2:],
+                         [SamplingParams(temperature=1.0, max_tokens=12)] * 2 + [sp]
+                         + [SamplingParams(temperature=1.0, max_tokens=12)], use_tqdm=False)
+    tight = LLM(path, block_size=4, num_blocks=12, max_num_batched_tokens=8)
+    pre = tight.generate(others + [p], [SamplingParams(temperature=1.0, max_tokens=12)] * 3 + [sp],
+                         use_tqdm=False)
+    print("seeded", alone, "preemptions", tight.engine.stats.num_preemptions)
+    assert mix[2].token_ids == alone and pre[3].token_ids == alone
+    other_seed = LLM(path).generate([p], SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=1235,
+                                                        max_tokens=10, ignore_eos=True), use_tqdm=False)
+    assert other_seed[0].token_ids != alone
+
+
+def test_stop_conditions_and_max_model_len(model_dirs):
+    path = model_dirs["mistral"]
+    p = prompts(seed=8, lens=(6,))[0]
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm = LLM(path)
+    full = llm.generate([p], free, use_tqdm=False)[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 12
+    stop = full.token_ids[4]
+    cut = full.token_ids[:full.token_ids.index(stop) + 1]
+    o = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop]),
+                     use_tqdm=False)[0]
+    assert o.token_ids == cut and o.finish_reason == "stop"
+    # EOS from the model config stops (unless ignore_eos).
+    m = load_model(path)
+    m.config.eos_token_id = [stop]
+    eos_llm = LLM(m)
+    assert eos_llm.generate([p], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0].token_ids == cut
+    assert eos_llm.generate([p], free, use_tqdm=False)[0].token_ids == full.token_ids
+    # prompt + output never exceed max_model_len.
+    short = LLM(path, max_model_len=10)
+    o = short.generate([p], free, use_tqdm=False)[0]
+    assert o.token_ids == full.token_ids[:4] and o.finish_reason == "length"
+
+
+def test_metrics_and_step_stats(model_dirs):
+    llm = LLM(model_dirs["llama"], max_num_batched_tokens=16)
+    outs = llm.generate(prompts(seed=9), SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                        use_tqdm=False)
+    for o in outs:
+        m = o.metrics
+        assert len(m.token_times) == len(o.token_ids) == 5
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time == m.token_times[0]
+        assert m.token_times == sorted(m.token_times) and m.token_times[-1] == m.finish_time
+    log = llm.engine.step_log
+    assert [s.step for s in log] == list(range(len(log)))
+    assert sum(s.num_prefill_tokens for s in log) == sum(PROMPT_LENS)
+    assert sum(s.num_decode_tokens for s in log) == 4 * len(outs)   # the first token comes from prefill
+    assert all(0 < s.schedule_time_s <= s.step_time_s and s.kv_blocks_used > 0 for s in log)
+
+
+def test_text_prompts_with_tokenizer(model_dirs):
+    path = model_dirs["qwen2"]
+    llm = LLM(path)
+    o = llm.generate("Hello, ragged!", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                     use_tqdm=False)[0]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    assert o.prompt_token_ids == tok.encode("Hello, ragged!")
+    assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
+    assert o.token_ids == hf_greedy(path, o.prompt_token_ids, 6)[:6] or EOS_ID in o.token_ids
+
+
+def test_bad_input_rejected_while_serving(model_dirs):
+    path = model_dirs["llama"]
+    llm = LLM(load_model(path), max_model_len=64, max_num_batched_tokens=16)   # no tokenizer
+    eng = llm.engine
+    good = prompts(seed=10, lens=(20, 7))
+    long = SamplingParams(temperature=0.0, max_tokens=30)        # still running at the end
+    outs = {}
+
+    def step():
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+
+    eng.add_request("a", good[0], long)
+    step()
+    eng.add_request("b", good[1], GREEDY)
+    step()
+    bad = [
+        (dict(request_id="c", prompt=list(range(3, 67)), params=GREEDY), "max_model_len"),
+        (dict(request_id="c", prompt=[], params=GREEDY), "empty"),
+        (dict(request_id="c", prompt=[5, 259], params=GREEDY), "vocabulary"),
+        (dict(request_id="c", prompt=[5, -1], params=GREEDY), "vocabulary"),
+        (dict(request_id="c", prompt=[5, 2.0], params=GREEDY), "prompt"),
+        (dict(request_id="c", prompt="text", params=GREEDY), "tokenizer"),
+        (dict(request_id="c", prompt=[5], params={"max_tokens": 3}), "params"),
+        (dict(request_id="a", prompt=[5], params=GREEDY), "already in use"),
+        (dict(request_id="c", prompt=[5], params=GREEDY, priority="high"), "priority"),
+    ]
+    for kw, msg in bad:
+        free_before = eng.block_manager.num_free_blocks
+        with pytest.raises(ValueError, match=msg):
+            eng.add_request(**kw)
+        assert "c" not in eng.requests and eng.block_manager.num_free_blocks == free_before
+        step()
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    # generate() is all or nothing: a bad prompt in the middle leaves nothing queued.
+    n_before = len(eng.requests)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[5, 6], [], [7]], GREEDY, use_tqdm=False)
+    assert len(eng.requests) == n_before
+    while eng.has_unfinished_requests():
+        step()
+    assert outs["a"].token_ids == hf_greedy(path, good[0], 30)
+    assert outs["b"].token_ids == hf_greedy(path, good[1])
+    assert_all_free(llm)
+
+
+def test_abort_frees_blocks_at_once(model_dirs):
+    path = model_dirs["qwen3"]
+    llm = LLM(path, max_num_batched_tokens=16)
+    eng = llm.engine
+    a, b = prompts(seed=11, lens=(40, 10))
+    eng.add_request("a", a, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    eng.add_request("b", b, GREEDY)
+    for _ in range(3):
+        eng.step()
+    held = len(eng.requests["a"].block_table)
+    free = eng.block_manager.num_free_blocks
+    assert held >= 2
+    assert eng.abort("a") and not eng.abort("a") and not eng.abort("nope")
+    assert eng.block_manager.num_free_blocks == free + held
+    outs = {}
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o for o in eng.step() if o.finished})
+    assert list(outs) == ["b"] and outs["b"].token_ids == hf_greedy(path, b)
+    # Aborting a waiting request works too, and its id can be reused afterwards.
+    eng.add_request("w", b, GREEDY)
+    assert eng.abort("w")
+    eng.add_request("w", b, GREEDY)
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert_all_free(llm)
+
+
+def test_config_validation():
+    for kw, name in ((dict(block_size=0), "block_size"), (dict(policy="fifo"), "policy"),
+                     (dict(max_num_seqs=0), "max_num_seqs"), (dict(gpu_memory_utilization=1.5),
+                                                              "gpu_memory_utilization"),
+                     (dict(queue_order="lifo"), "queue_order"), (dict(num_blocks=-1), "num_blocks"),
+                     (dict(max_num_batched_tokens=0), "max_num_batched_tokens")):
+        with pytest.raises(ValueError, match=name):
+            EngineConfig(**kw)
+
+
+def test_kv_cache_too_small_for_max_model_len(model_dirs):
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(model_dirs["llama"], block_size=16, num_blocks=2, max_model_len=64)
