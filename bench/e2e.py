@@ -230,43 +230,12 @@ def run_hf_continuous(hf_model, requests, warmup, a):
     raise Unavailable(" | ".join(errors))
 
 
-def run(a) -> dict:
-    scale = dict(SCALES[a.scale])
-    for k in ("num_requests", "cap", "rate", "mean_output", "hf_batch_size", "hf_max_requests"):
-        if getattr(a, k) is not None:
-            scale[k] = getattr(a, k)
-    a.hf_batch_size, a.hf_max_requests = scale["hf_batch_size"], scale["hf_max_requests"]
-    from model import ModelConfig
-    cfg = (ModelConfig.from_hf_config(a.model) if os.path.isdir(a.model) else ModelConfig.preset(a.model))
-    kwargs = workload_kwargs(a.workload, scale)
-    requests = workloads.make(a.workload, scale["num_requests"], vocab_size=cfg.vocab_size,
-                              seed=a.seed, **kwargs)
-    warmup = warmup_requests(a.workload, cfg.vocab_size, kwargs, a.seed)
-    dtype = getattr(torch, a.dtype)
-    systems, traces_by = {}, {}
-    with tempfile.TemporaryDirectory(prefix="ragged-e2e-") as tmp:
-        hf_model, model_dir = hf_baseline.build_hf_model(a.model, dtype=dtype, device=a.device,
-                                                         seed=a.seed, save_dir=tmp)
-        if "hf_static" in a.systems:
-            _attempt(systems, traces_by, "hf_static", a,
-                     lambda: run_hf_static(hf_model, requests, warmup, a))
-        if "hf_continuous" in a.systems:
-            _attempt(systems, traces_by, "hf_continuous", a,
-                     lambda: run_hf_continuous(hf_model, requests, warmup, a))
-        del hf_model  # free its memory before our engine sizes its KV cache
-        _free(a.device)
-        if "ragged" in a.systems:
-            from model import load_model
-            ours = load_model(model_dir, dtype=dtype, device=a.device, seed=a.seed)
-            for policy in a.policies:
-                _attempt(systems, traces_by, f"ragged:{policy}", a,
-                         lambda: run_engine(ours, policy, requests, warmup, a))
-            del ours
-            _free(a.device)
-    ref = traces_by.get("hf_static")
+def _compare(payload, traces_by):
+    """Ratios to the HF baselines and greedy-output agreement with HF static."""
+    systems, ref = payload["systems"], traces_by.get("hf_static")
     for base_name in ("hf_static", "hf_continuous"):
         base = systems.get(base_name, {}).get("summary")
-        for name, s in systems.items():
+        for s in systems.values():
             if s["status"] == "ok" and base:
                 s[f"ratio_to_{base_name}"] = {k: s["summary"][k] / base[k] for k in
                                               ("total_tokens_per_s", "output_tokens_per_s",
@@ -274,9 +243,28 @@ def run(a) -> dict:
     for name, s in systems.items():
         if ref is not None and name in traces_by:
             s["agreement_with_hf_static"] = _agreement(traces_by[name], ref)
+
+
+def run(a, checkpoint=None) -> dict:
+    """Run every system; checkpoint(payload) is called after each one, so a run killed by a
+    time limit still leaves the systems it finished on disk."""
+    scale = dict(SCALES[a.scale])
+    for k in ("num_requests", "cap", "rate", "mean_output", "hf_batch_size", "hf_max_requests"):
+        if getattr(a, k) is not None:
+            scale[k] = getattr(a, k)
+    a.hf_batch_size, a.hf_max_requests = scale["hf_batch_size"], scale["hf_max_requests"]
+    from model import ModelConfig
+    cfg = (ModelConfig.from_hf_config(a.model) if os.path.isdir(a.model)
+           else ModelConfig.preset(a.model))
+    kwargs = workload_kwargs(a.workload, scale)
+    requests = workloads.make(a.workload, scale["num_requests"], vocab_size=cfg.vocab_size,
+                              seed=a.seed, **kwargs)
+    warmup = warmup_requests(a.workload, cfg.vocab_size, kwargs, a.seed)
+    dtype = getattr(torch, a.dtype)
     outs = [r.max_tokens for r in requests]
-    return {
+    payload = {
         "run_info": run_info(a.device),
+        "complete": False,
         "config": {"workload": a.workload, "model": a.model, "dtype": a.dtype, "device": a.device,
                    "scale": a.scale, "seed": a.seed, "workload_kwargs": kwargs,
                    "hf_batch_size": a.hf_batch_size, "hf_max_requests": a.hf_max_requests,
@@ -287,7 +275,7 @@ def run(a) -> dict:
                      "output_tokens": sum(outs), "output_len_mean": sum(outs) / len(outs),
                      "output_len_max": max(outs),
                      "last_arrival_s": max(r.arrival_time for r in requests)},
-        "systems": systems,
+        "systems": {},
         "notes": {"hf_static": "token times from a per-step callback (what streaming would show); "
                                "finish = when generate() returns the batch",
                   "percentiles": f"numpy.percentile(method={metrics.PERCENTILE_METHOD!r}), "
@@ -295,6 +283,32 @@ def run(a) -> dict:
                   "throughput": "requested tokens only (prompt + max_tokens) over first "
                                 "arrival -> last finish; padding and overshoot are waste"},
     }
+    systems, traces_by = payload["systems"], {}
+
+    def attempt(name, fn):
+        _attempt(systems, traces_by, name, a, fn)
+        _compare(payload, traces_by)
+        if checkpoint is not None:
+            checkpoint(payload)
+
+    with tempfile.TemporaryDirectory(prefix="ragged-e2e-") as tmp:
+        hf_model, model_dir = hf_baseline.build_hf_model(a.model, dtype=dtype, device=a.device,
+                                                         seed=a.seed, save_dir=tmp)
+        if "hf_static" in a.systems:
+            attempt("hf_static", lambda: run_hf_static(hf_model, requests, warmup, a))
+        if "hf_continuous" in a.systems:
+            attempt("hf_continuous", lambda: run_hf_continuous(hf_model, requests, warmup, a))
+        del hf_model  # free its memory before our engine sizes its KV cache
+        _free(a.device)
+        if "ragged" in a.systems:
+            from model import load_model
+            ours = load_model(model_dir, dtype=dtype, device=a.device, seed=a.seed)
+            for policy in a.policies:
+                attempt(f"ragged:{policy}", lambda: run_engine(ours, policy, requests, warmup, a))
+            del ours
+            _free(a.device)
+    payload["complete"] = True
+    return payload
 
 
 def _ms(d, key):
@@ -373,10 +387,13 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     a = parse_args(argv)
     t = time.perf_counter()
-    payload = run(a)
-    payload["wall_s"] = time.perf_counter() - t
-    name = stem(payload)
-    path = write_json(name, payload, a.out)
+
+    def checkpoint(p):
+        p["wall_s"] = time.perf_counter() - t
+        return write_json(stem(p), p, a.out)
+
+    payload = run(a, checkpoint)
+    path, name = checkpoint(payload), stem(payload)
     files = [] if a.no_plots else plots.write_all(payload, path.parent, name)
     print(f"\n{a.workload} on {payload['run_info']['device']}, model {a.model} ({a.dtype}), "
           f"{payload['workload']['num_requests']} requests, {payload['wall_s']:.0f} s")
