@@ -15,7 +15,7 @@ import torch
 
 from .batch import BatchBuilder
 from .block_manager import BlockManager
-from .config import EngineConfig
+from .config import DEFAULT_BATCHED_TOKENS, EngineConfig
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status
@@ -43,7 +43,7 @@ class EngineStats:
     num_generated_tokens: int = 0
 
 
-def profile_num_blocks(model, config: EngineConfig, budget: int, sampler: Sampler) -> int:
+def profile_num_blocks(model, config: EngineConfig, budget: int) -> int:
     """KV blocks that fit on the GPU: run one forward at the full token budget (and sample
     max_num_seqs rows) to measure peak activation memory, then give the KV cache what is left
     of gpu_memory_utilization * total memory."""
@@ -62,9 +62,12 @@ def profile_num_blocks(model, config: EngineConfig, budget: int, sampler: Sample
                              budget, budget)
     ids = torch.zeros(budget, dtype=torch.int64, device=dev)
     with torch.inference_mode():
-        logits = model.forward(ids, torch.arange(budget, device=dev), attn, kv,
+        # Positions wrap at the RoPE table's size (a budget can exceed a small model's).
+        pos = torch.arange(budget, device=dev) % model.config.max_position_embeddings
+        logits = model.forward(ids, pos, attn, kv,
                                torch.arange(budget - rows, budget, device=dev))
-        sampler(logits, [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows, [0] * rows)
+        # A throwaway sampler: the engine's generator must not be advanced by profiling.
+        Sampler(dev)(logits, [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows, [0] * rows)
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev) - sum(k.numel() * k.element_size() * 2 for k, _ in kv)
     del kv, logits
@@ -92,16 +95,16 @@ class Engine:
         eos = mcfg.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
         self.sampler = Sampler(self.device, config.seed)
-        budget = config.max_num_batched_tokens or (2048 if self.device.type == "cuda" else 256)
-        if config.num_blocks is not None:
-            num_blocks = config.num_blocks
-        elif self.device.type == "cuda":
-            num_blocks = profile_num_blocks(model, config, budget, self.sampler)
-        else:
-            num_blocks = config.default_cpu_blocks(mcfg.max_position_embeddings)
         if config.max_model_len is not None and config.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({mcfg.max_position_embeddings})")
+        if config.num_blocks is not None:
+            num_blocks = config.num_blocks
+        elif self.device.type == "cuda":
+            budget = config.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS["cuda"]
+            num_blocks = profile_num_blocks(model, config, budget)
+        else:
+            num_blocks = config.default_cpu_blocks(mcfg.max_position_embeddings)
         self.config = config = config.resolve(self.device.type, mcfg.max_position_embeddings,
                                                num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size,

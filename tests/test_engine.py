@@ -297,3 +297,28 @@ def test_config_validation():
 def test_kv_cache_too_small_for_max_model_len(model_dirs):
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(model_dirs["llama"], block_size=16, num_blocks=2, max_model_len=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_profiled_kv_cache_and_hf_equivalence(model_dirs, backend):
+    """On CUDA: the KV cache is sized by the profiling pass (no num_blocks given), the batch
+    goes through the pinned buffer, and greedy fp32 outputs still equal HF's (CPU) ones."""
+    path = model_dirs["qwen3"]
+    llm = LLM(path, device="cuda", dtype=torch.float32, backend=backend,
+              gpu_memory_utilization=0.3, max_num_batched_tokens=16)
+    eng = llm.engine
+    kv_bytes = eng.block_manager.num_blocks * eng.model.kv_cache_bytes_per_block(16)
+    total = torch.cuda.get_device_properties(0).total_memory
+    print("profiled blocks", eng.block_manager.num_blocks, "KV GiB", kv_bytes / 2**30)
+    assert 0.1 * total < kv_bytes < 0.3 * total
+    ps = prompts()
+    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(path, p), len(p)
+    assert mixed_steps(llm) > 0
+    sp = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=6, ignore_eos=True)
+    a = llm.generate([ps[1]], sp, use_tqdm=False)[0].token_ids
+    b = llm.generate(ps[:3], [GREEDY, sp, GREEDY], use_tqdm=False)[1].token_ids
+    assert a == b
+    assert_all_free(llm)
