@@ -3,6 +3,8 @@
     python -m bench.e2e                          # the main job: a default sized for this machine
     python -m bench.e2e --workload anyscale --cap 1536
     python -m bench.e2e --workload poisson --rate 8 --policies continuous,prefill_first
+    python -m bench.e2e --workload stall --systems ragged      # chunked prefill vs stalls
+    python -m bench.e2e --workload shared_prefix [--no-prefix-caching]
 
 One workload (bench/workloads.py, seeded) runs through every system on the same weights:
 ragged.Engine under each policy (requests added at their arrival times, step() in a loop),
@@ -116,6 +118,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
     extra = {k: v for k, v in dict(block_size=a.block_size, num_blocks=a.num_blocks,
                                    max_num_batched_tokens=a.max_num_batched_tokens,
                                    max_num_seqs=a.max_num_seqs).items() if v is not None}
+    if a.no_prefix_caching:
+        extra["enable_prefix_caching"] = False
     llm = LLM(model, policy=policy, seed=a.seed, **extra)
     engine = llm.engine
     try:
@@ -366,6 +370,7 @@ def parse_args(argv=None):
     p.add_argument("--num-blocks", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--system-timeout", type=float, default=900.0,
                    help="seconds one system may run before it is recorded as failed")
