@@ -129,6 +129,114 @@ def test_default_num_kv_splits(monkeypatch):
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 65536) == 1        # a split) workspace cap
 
 
+# --------------------------------------------------------------------------- emulated kernels
+# The kernels' own CUDA source, compiled by g++ against a CPU emulation of blocks, barriers,
+# shared memory and warp shuffles (csrc/emu/emu.h): index math, masks, online softmax and the
+# split merge are checked here on every CI run; the gpu tests below check the real hardware.
+def _emulated():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "emu", "emulated.py")
+    spec = importlib.util.spec_from_file_location("ragged_emulated", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not mod.available():
+        pytest.skip("no g++ or CUDA headers for the emulated kernels")
+    mod.build()
+    return mod
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return _emulated()
+
+
+EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
+    ([1, 3, 1, 8, 2, 1], [97, 17, 1, 25, 2, 300], 8, 2, 64, 16, torch.float16, 1, None, None),
+    ([1, 3, 1, 8, 2, 1], [97, 17, 1, 25, 2, 300], 8, 2, 64, 16, torch.float16, 3, None, None),
+    ([1, 3, 1, 8, 2, 1], [97, 17, 1, 25, 2, 300], 8, 2, 64, 16, torch.bfloat16, 3, None, None),
+    ([5, 1, 2], [40, 300, 2], 5, 1, 80, 32, torch.float16, 4, 7, None),
+    ([1, 2], [200, 70], 14, 2, 96, 48, torch.float32, 3, None, None),
+    ([1, 3], [260, 30], 32, 2, 128, 16, torch.float32, 2, None, 5.0),
+    ([2, 1], [150, 33], 4, 2, 256, 256, torch.bfloat16, 2, 40, None),
+]
+
+
+@pytest.mark.parametrize("case", range(len(EMU_CASES)))
+def test_emulated_paged_attention(emu, case):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = EMU_CASES[case]
+    b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                     block_size=bs, dtype=torch.float64)
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, **kw)
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"emulated case {case}")
+
+
+def test_emulated_paged_attention_empty_and_keyless(emu):
+    b = make_batch([0, 3, 0, 2, 1, 4], [9, 12, 0, 5, 1, 6], num_q_heads=4, num_kv_heads=2,
+                   head_dim=64, dtype=torch.float64)
+    b["seq_lens"][3] = 0                                    # new tokens but no key at all
+    b["seq_lens"][5] = 1                                    # only the last new token sees one
+    bl = cast(b, torch.float16)
+    cu = b["cu_seqlens_q"].tolist()
+    for splits in (1, 2):
+        got = emu.paged_attention(*attn_args(bl), scale=0.125, max_seqlen_q=4,
+                                  num_kv_splits=splits)
+        assert_close(got, ref.paged_attention(*attn_args(b), scale=0.125),
+                     ref.paged_attention(*attn_args(bl), scale=0.125), name=f"keyless {splits}")
+        assert got[cu[3]:cu[4]].abs().max() == 0 and got[cu[5]:cu[5] + 3].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_emulated_selective_ops(emu, dtype, vectorized):
+    g = lambda *s: torch.randn(*s, dtype=torch.float64).to(dtype)  # noqa: E731
+    # write_kv: strided slices of a fused QKV, padding slots and a slot past the cache
+    T, H, D = 13, 3, 80
+    qkv = g(T, 9 * D)
+    k, v = qkv[:, 3 * D:6 * D].view(T, H, D), qkv[:, 6 * D:].view(T, H, D)
+    kc = torch.full((4, 32, H, D), SENTINEL, dtype=dtype)
+    vc, kc2, vc2 = kc.clone(), kc.clone(), kc.clone()
+    slots = torch.randperm(128)[:T]
+    slots[::4] = -1
+    emu.write_kv(k, v, kc, vc, torch.cat([slots[:1], torch.tensor([128 + 5]), slots[2:]]),
+                 vectorized)
+    slots[1] = -1
+    ref.write_kv(k, v, kc2, vc2, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    # rms_norm (with/without residual, weight in x's dtype or fp32) on strided rows
+    Hd = 200 if vectorized else 203
+    x = g(7, Hd + 8)[:, 8:] if vectorized else g(7, Hd + 8)[:, 1:Hd + 1]
+    r = g(7, Hd)
+    for w in ((1 + 0.1 * g(Hd)), (1 + 0.1 * torch.randn(Hd))):
+        y = emu.rms_norm(x, w, 1e-6, None, vectorized)
+        assert_close(y, ref.rms_norm(x.double(), w.double(), 1e-6), ref.rms_norm(x, w, 1e-6),
+                     f"rms_norm w={w.dtype}")
+        y, s = emu.rms_norm(x, w, 1e-6, r, vectorized)
+        want, lowp = ref.rms_norm(x.double(), w.double(), 1e-6, r.double()), ref.rms_norm(x, w, 1e-6, r)
+        assert torch.equal(s, lowp[1])
+        assert_close(y, want[0], lowp[0], f"fused_add_rms_norm w={w.dtype}")
+    # rotary, both layouts, partial rotary dim, Llama-3 cache
+    d, rot = (96, 64) if vectorized else (80, 40)
+    qkv = g(9, 7 * d)
+    q, k = qkv[:, :3 * d].view(9, 3, d), qkv[:, 3 * d:5 * d].view(9, 2, d)
+    cache = ref.rope_cos_sin_cache(rot, 4096, base=500000.0, scaling=LLAMA3)
+    pos = torch.randint(0, 4096, (9,))
+    for neox in (True, False):
+        qr, kr = emu.rotary_embedding(pos, q, k, cache, neox, vectorized)
+        gq, gk = ref.rotary_embedding(pos, q.double(), k.double(), cache.double(), neox)
+        lq, lk = ref.rotary_embedding(pos, q, k, cache, neox)
+        assert_close(qr, gq, lq, f"rotary q neox={neox}")
+        assert_close(kr, gk, lk, f"rotary k neox={neox}")
+        assert torch.equal(qr[..., rot:], q[..., rot:])
+    # silu_and_mul on strided rows
+    x = g(5, 2 * 96 + 8)[:, 8:] if vectorized else g(5, 2 * 37 + 1)[:, 1:]
+    assert_close(emu.silu_and_mul(x, vectorized), ref.silu_and_mul(x.double()),
+                 ref.silu_and_mul(x), "silu_and_mul")
+
+
 # =========================================================================== GPU
 gpu = pytest.mark.gpu
 

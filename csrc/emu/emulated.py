@@ -1,0 +1,151 @@
+"""The csrc/ kernels run on CPU tensors through the emulation in emu.h (for CPU tests).
+
+build() compiles the kernels' own source with g++ into a ctypes library; the functions below
+call it on contiguous-or-strided CPU tensors like the CUDA ops do (outputs start as NaN, so
+an element the kernel forgets shows). `vectorized` picks the 16-byte path the bindings pick
+for aligned tensors, or the scalar one.
+
+The .cu sources are rewritten textually: `extern __shared__ T name[];` becomes a pointer to the
+emulated dynamic shared memory, and `kernel<<<grid, block, smem, stream>>>(p)` a call of
+emu_launch (every kernel takes its one params struct). Cached by source hash under build/.
+"""
+from __future__ import annotations
+
+import functools
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+CSRC = pathlib.Path(__file__).resolve().parent.parent
+UNITS = ("paged_attention", "write_kv", "rms_norm", "rotary", "silu_mul")
+
+
+def _rewrite(text: str) -> str:
+    text = re.sub(r"extern __shared__ (\w+) (\w+)\[\];",
+                  r"\1* \2 = reinterpret_cast<\1*>(emu_dyn_smem);", text)
+    return re.sub(r"(\w+(?:<[^<>]*>)?)<<<(.*?)>>>\((\w*)\)", r"emu_launch(\1, \2, \3)", text,
+                  flags=re.S)
+
+
+def cuda_include() -> str | None:
+    """A directory with cuda_fp16.h/cuda_bf16.h (host-usable): the toolkit's or the wheel's."""
+    dirs = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")]
+    try:
+        import nvidia
+        dirs += [os.path.join(p, "cu13", "include") for p in nvidia.__path__]
+    except ImportError:
+        pass
+    return next((d for d in dirs if os.path.exists(os.path.join(d, "cuda_fp16.h"))), None)
+
+
+def available() -> bool:
+    return shutil.which("g++") is not None and cuda_include() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def build() -> ctypes.CDLL:
+    files = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h"))
+    files += [CSRC / "emu" / "emu.h", CSRC / "emu" / "shim.cpp", pathlib.Path(__file__)]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    out = CSRC.parent / "build" / f"emu-{digest}"
+    lib = out / "libragged_emu.so"
+    if not lib.exists():
+        src = out / "src"
+        src.mkdir(parents=True, exist_ok=True)
+        for f in files[:-3]:
+            (src / f.name).write_text(_rewrite(f.read_text()))
+        tus = []
+        for unit in UNITS:
+            tu = out / f"tu_{unit}.cpp"
+            tu.write_text(f'#include "emu.h"\n#include "src/{unit}.cu"\n')
+            tus.append(str(tu))
+        shutil.copy(CSRC / "emu" / "emu.h", out / "emu.h")
+        shutil.copy(CSRC / "emu" / "shim.cpp", out / "shim.cpp")
+        tmp = out / "lib.tmp.so"
+        subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w",
+                        f"-I{cuda_include()}", f"-I{out}", *tus, str(out / "shim.cpp"), "-o",
+                        str(tmp)], check=True, capture_output=True, text=True)
+        tmp.rename(lib)
+    return ctypes.CDLL(str(lib))
+
+
+_DT = {"torch.float16": 0, "torch.bfloat16": 1, "torch.float32": 2}
+_P, _I, _i, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGS = {"emu_paged_attention": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P]
+         + [_i] * 9 + [_f, _f],
+         "emu_write_kv": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _i, _i, _i, _i],
+         "emu_rms_norm": [_i, _i, _P, _P, _P, _I, _P, _I, _P, _I, _i, _f, _i],
+         "emu_rotary": [_i, _P, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I] + [_i] * 7,
+         "emu_silu": [_i, _P, _P, _I, _I, _i, _i]}
+
+
+def _call(name, *args):
+    fn = getattr(build(), name)
+    fn.argtypes = _SIGS[name]
+    rc = fn(*args)
+    if rc != 0:
+        raise RuntimeError(f"{name}: cudaError {rc}")
+
+
+def _nan(shape, dtype):
+    import torch
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale,
+                    max_seqlen_q, num_kv_splits=1, sliding_window=None, softcap=None, out=None):
+    import torch
+    T, Hq, D = q.shape
+    out = _nan(q.shape, q.dtype) if out is None else out
+    S = num_kv_splits
+    po, pl = _nan((S, T, Hq, D), torch.float32), _nan((S, T, Hq), torch.float32)
+    _call("emu_paged_attention", _DT[str(q.dtype)], out.data_ptr(), out.stride(0),
+          out.stride(1), q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(),
+          v_cache.data_ptr(), block_table.data_ptr(), block_table.stride(0),
+          cu_seqlens_q.data_ptr(), seq_lens.data_ptr(), po.data_ptr(), pl.data_ptr(),
+          seq_lens.shape[0], T, Hq, k_cache.shape[2], D, k_cache.shape[1], max_seqlen_q, S,
+          sliding_window or 0, scale, softcap or 0.0)
+    return out
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, vectorized):
+    _call("emu_write_kv", _DT[str(key.dtype)], key.data_ptr(), key.stride(0), key.stride(1),
+          value.data_ptr(), value.stride(0), value.stride(1), k_cache.data_ptr(),
+          v_cache.data_ptr(), slot_mapping.data_ptr(), slot_mapping.stride(0),
+          k_cache.shape[0] * k_cache.shape[1], key.shape[0], key.shape[1], key.shape[2],
+          int(vectorized))
+
+
+def rms_norm(x, weight, eps, residual, vectorized):
+    """x, residual: [rows, H] with contiguous rows (any row stride)."""
+    rows, H = x.shape
+    out, res_out = _nan(x.shape, x.dtype), _nan(x.shape, x.dtype)
+    _call("emu_rms_norm", _DT[str(x.dtype)], int(weight.dtype != x.dtype), out.data_ptr(),
+          res_out.data_ptr() if residual is not None else None, x.data_ptr(), x.stride(0),
+          residual.data_ptr() if residual is not None else None,
+          residual.stride(0) if residual is not None else 0, weight.data_ptr(), rows, H, eps,
+          int(vectorized))
+    return out if residual is None else (out, res_out)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache, is_neox, vectorized):
+    qo, ko = _nan(q.shape, q.dtype), _nan(k.shape, k.dtype)
+    T, Hq, D = q.shape
+    _call("emu_rotary", _DT[str(q.dtype)], positions.data_ptr(), q.data_ptr(), q.stride(0),
+          q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), qo.data_ptr(), ko.data_ptr(),
+          cos_sin_cache.data_ptr(), cos_sin_cache.shape[0], T, Hq, k.shape[1], D,
+          cos_sin_cache.shape[1], int(is_neox), int(vectorized))
+    return qo, ko
+
+
+def silu_and_mul(x, vectorized):
+    """x: [rows, 2I] with contiguous rows."""
+    out = _nan((x.shape[0], x.shape[1] // 2), x.dtype)
+    _call("emu_silu", _DT[str(x.dtype)], out.data_ptr(), x.data_ptr(), x.stride(0), x.shape[0],
+          x.shape[1] // 2, int(vectorized))
+    return out
