@@ -302,8 +302,12 @@ def run(a, checkpoint=None) -> dict:
             attempt("hf_static", lambda: run_hf_static(hf_model, requests, warmup, a))
         if "hf_continuous" in a.systems:
             attempt("hf_continuous", lambda: run_hf_continuous(hf_model, requests, warmup, a))
-        del hf_model  # free its memory before our engine sizes its KV cache
+        if hasattr(hf_model, "destroy_cached_continuous_batching_manager"):
+            hf_model.destroy_cached_continuous_batching_manager()
+        del hf_model  # free its memory before our engine sizes its KV cache from what is free
         _free(a.device)
+        if torch.device(a.device).type == "cuda":  # a leak here would shrink our KV cache
+            payload["cuda_gib_allocated_before_engine"] = torch.cuda.memory_allocated() / 2**30
         if "ragged" in a.systems:
             from model import load_model
             ours = load_model(model_dir, dtype=dtype, device=a.device, seed=a.seed)
