@@ -153,15 +153,16 @@ class Engine:
             items = list(prompt)
         except TypeError:
             items = None
-        if items is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
-                                    for t in items):
+        # Fast path: plain ints (type() is int also rules out bools); else any integer type.
+        if items is None or not (all(type(t) is int for t in items) or all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items)):
             raise ValueError(f"prompt: expected a str or a sequence of int token ids, got {prompt!r:.80}")
         ids = [int(t) for t in items]
         if not ids:
             raise ValueError("prompt: is empty (at least one token is needed)")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
     def abort(self, request_id: str) -> bool:

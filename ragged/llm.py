@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -73,10 +74,9 @@ class LLM:
         """prompts: one prompt (str or list of token ids) or a list of them. sampling_params:
         None (defaults), one SamplingParams for all, or a list (one per prompt). Returns the
         finished RequestOutputs in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and not isinstance(prompts[0], (str, list, tuple))):
+        prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
+        if prompts and isinstance(prompts[0], numbers.Integral):    # one prompt of token ids
             prompts = [prompts]
-        prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):

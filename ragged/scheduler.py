@@ -15,8 +15,9 @@ sequences. Policies:
 Queue order: "fcfs", or "priority" (lower value first, ties by arrival, like vLLM).
 Out of KV blocks: preempt by recompute the least important (highest priority value, only in
 "priority" order), latest-admitted running sequence: its blocks are freed at once and it goes
-back to the front of the waiting queue to recompute prompt + generated tokens. Nothing new is
-admitted in a step that preempted.
+back to the front of the waiting queue (in "priority" order: ahead of every later arrival of
+its priority) to recompute prompt + generated tokens. Nothing new is admitted in a step that
+preempted.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 outputs equal transformers' generate for every family, with prompts chunked into steps shared
 with decodes, under preemption, under every policy and with prefix-cache hits; seeded sampling;
 stop conditions; metrics; bad input that must not disturb the requests being served."""
+import numpy as np
 import pytest
 import torch
 
@@ -209,6 +210,17 @@ def test_text_prompts_with_tokenizer(model_dirs):
     assert o.prompt_token_ids == tok.encode("Hello, ragged!")
     assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
     assert o.token_ids == hf_greedy(path, o.prompt_token_ids, 6)[:6] or EOS_ID in o.token_ids
+
+
+def test_generate_prompt_forms(model_dirs):
+    llm = LLM(model_dirs["llama"])
+    p = prompts(seed=12, lens=(5,))[0]
+    one = llm.generate(p, GREEDY, use_tqdm=False)                   # a single list of ids
+    arr = llm.generate([np.array(p), tuple(p)], GREEDY, use_tqdm=False)
+    assert len(one) == 1 and [o.token_ids for o in arr] == [one[0].token_ids] * 2
+    assert llm.generate([], GREEDY, use_tqdm=False) == []
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.generate([p, p], [GREEDY], use_tqdm=False)
 
 
 def test_bad_input_rejected_while_serving(model_dirs):
