@@ -118,7 +118,9 @@ def _paged_attn_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, SPLIT: tl.constexpr,
         WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
+    # Reversed so the last q blocks -- the longest causal rows of a prefill -- start first and
+    # the short ones fill the tail (FlashAttention's load-balancing order).
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
@@ -364,6 +366,8 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
                     softcap: Optional[float] = None, out: Optional[torch.Tensor] = None,
                     num_kv_splits: Optional[int] = None) -> torch.Tensor:
     """Ragged paged attention -> [T, Hq, D] (written into ``out`` when given).
+
+    num_kv_splits above MAX_SPLITS is clamped to it (results do not depend on it).
 
     Arguments as kernels.paged_attention (which validates them); max_seqlen_q/k are host
     bounds used only for the tile class and the split heuristic, never for correctness.

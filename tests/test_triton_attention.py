@@ -197,6 +197,17 @@ def test_tile_config_holds_a_group_and_splits_only_when_idle():
     assert ta._num_splits(1, 1, 1, 16, 10 ** 7, cpu) <= ta.MAX_SPLITS
 
 
+def test_one_split_is_one_launch(monkeypatch):
+    # one split writes the output directly: no workspace, no merge kernel
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("merge kernel launched for a single split")
+    monkeypatch.setattr(ta, "_merge_kernel", NoLaunch())
+    _check([3, 1], [40, 20], splits=1, name="single launch")
+    with pytest.raises(AssertionError, match="merge kernel launched"):
+        _check([3, 1], [40, 20], splits=2)
+
+
 def test_custom_op_and_compile_cpu():
     # the registered op passes torch's schema/fake checks, and a function calling the
     # public function compiles with fullgraph=True (aot_eager: no GPU codegen needed here)
@@ -214,3 +225,153 @@ def test_custom_op_and_compile_cpu():
     lowp = reference.paged_attention(*attn_args(b), scale=0.125)
     assert_close(got / 2, ref, lowp, name="compiled")
 
+
+
+# --------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+GPU_DTYPES = [torch.float16, torch.bfloat16]
+LLAMA3_8B = dict(hq=32, hkv=8, d=128)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("bs", [16, 64, 256])
+def test_gpu_llama3_8b_mixed_batch(dtype, bs):
+    # prefill chunk on a long context, a fresh 513-token prompt, 12 decodes, two spec queries
+    q_lens = [300, 513] + [1] * 12 + [4, 7]
+    kv_lens = [1300, 513] + [100 + 397 * i for i in range(12)] + [2000, 777]
+    _check(q_lens, kv_lens, bs=bs, dtype=dtype, device="cuda", **LLAMA3_8B)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 5, 7, 8, 16])
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+def test_gpu_head_dims_and_groups(d, group, dtype):
+    _check([77, 1, 1, 9, 200, 3], [1025, 2048, 17, 500, 200, 3], hq=2 * group, hkv=2, d=d,
+           dtype=dtype, device="cuda")
+    _check([1] * 5 + [16], [4097, 1, 33, 600, 1999, 16], hq=2 * group, hkv=2, d=d,   # decode class
+           dtype=dtype, device="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("d", [80, 128, 256])
+def test_gpu_fp32_ieee(d):
+    _check([40, 1, 5], [700, 1500, 5], hq=8, hkv=2, d=d, dtype=torch.float32, device="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_window_and_softcap(dtype):
+    q, kv = [257, 1, 1, 12], [3000, 4096, 100, 700]
+    _check(q, kv, dtype=dtype, device="cuda", window=1000, **LLAMA3_8B)
+    _check(q, kv, dtype=dtype, device="cuda", softcap=50.0, hq=16, hkv=8, d=256)
+    _check(q, kv, dtype=dtype, device="cuda", softcap=30.0, window=33, **LLAMA3_8B)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_long_context_split_invariance(dtype):
+    b = make_batch([1, 1, 5, 16], [65536 + 13, 30000, 40001, 9000], num_q_heads=32,
+                   num_kv_heads=8, head_dim=128, dtype=torch.float64, device="cuda")
+    outs = {s: _check(None, None, dtype=dtype, batch=b, splits=s, name=f"splits={s}")
+            for s in (None, 1, 7, 64)}
+    _, ref, lowp = outs[1]
+    tol = FACTOR * errors(lowp, ref)[0] + 4 * EPS[dtype] * ref.abs().max().item()
+    for s in (None, 7, 64):
+        diff = (outs[s][0].double() - outs[1][0].double()).abs().max().item()
+        print(f"splits {s} vs 1: max diff {diff:.3e} (tol {tol:.3e})")
+        assert diff <= tol
+
+
+@gpu
+@pytest.mark.parametrize("splits", [1, 4])
+def test_gpu_int64_addressing_high_block_ids(splits):
+    # 131072+ blocks of 16 x 8 x 128: block id x block stride passes 2^31 elements
+    dtype, bs = torch.float16, 16
+    small = make_batch([3, 1, 40], [700, 1500, 40], num_q_heads=16, num_kv_heads=8,
+                       head_dim=128, block_size=bs, dtype=torch.float64, device="cuda")
+    nb, offset = small["k_cache"].shape[0], 131072 + 7
+    big = {}
+    for name in ("k_cache", "v_cache"):
+        big[name] = torch.zeros(offset + nb, bs, 8, 128, dtype=dtype, device="cuda")
+        big[name][offset:] = small[name].to(dtype)
+    table = small["block_table"] + offset
+    got = kernels.paged_attention(
+        small["q"].to(dtype), big["k_cache"], big["v_cache"], table, small["cu_seqlens_q"],
+        small["seq_lens"], max_seqlen_q=40, max_seqlen_k=1500, num_kv_splits=splits,
+        backend="triton")
+    ref = reference.paged_attention(*attn_args(small))
+    lowp = reference.paged_attention(*attn_args(cast(small, dtype)))
+    assert_close(got, ref, lowp, name=f"high block ids, splits={splits}")
+
+
+def _shifted_table(t, width, shift):
+    out = torch.zeros(t.shape[0], width, dtype=torch.int32, device=t.device)
+    out[:, :t.shape[1]] = t + shift
+    return out
+
+
+@gpu
+def test_gpu_cuda_graph_replay_with_new_metadata():
+    # capture once, then replay with other sequences' lengths / block tables (same T and B):
+    # nothing may depend on the metadata contents seen at capture time
+    dtype = torch.bfloat16
+    kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.float64, device="cuda")
+    a = make_batch([1, 1, 3, 20], [1500, 250, 1040, 60], **kw)
+    c = make_batch([10, 1, 13, 1], [30, 2100, 13, 700], **kw)
+    na = a["k_cache"].shape[0]
+    kc64 = torch.cat([a["k_cache"], c["k_cache"]])
+    vc64 = torch.cat([a["v_cache"], c["v_cache"]])
+    width = max(a["block_table"].shape[1], c["block_table"].shape[1])
+    st = dict(q=a["q"].to(dtype), k_cache=kc64.to(dtype), v_cache=vc64.to(dtype),
+              block_table=_shifted_table(a["block_table"], width, 0),
+              cu_seqlens_q=a["cu_seqlens_q"].clone(), seq_lens=a["seq_lens"].clone())
+
+    def run():
+        return kernels.paged_attention(*attn_args(st), max_seqlen_q=20, max_seqlen_k=2100,
+                                       backend="triton")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):             # compile + warm up outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for batch, shift in ((c, na), (a, 0)):
+        st["q"].copy_(batch["q"])
+        st["block_table"].copy_(_shifted_table(batch["block_table"], width, shift))
+        st["cu_seqlens_q"].copy_(batch["cu_seqlens_q"])
+        st["seq_lens"].copy_(batch["seq_lens"])
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        args64 = [batch["q"], kc64, vc64, _shifted_table(batch["block_table"], width, shift),
+                  batch["cu_seqlens_q"], batch["seq_lens"]]
+        ref = reference.paged_attention(*args64)
+        lowp = reference.paged_attention(*[x.to(dtype) if x.is_floating_point() else x
+                                           for x in args64])
+        assert_close(out, ref, lowp, name=f"graph replay shift={shift}")
+
+
+@gpu
+def test_gpu_torch_compile_fullgraph_and_opcheck():
+    dtype = torch.bfloat16
+    b = make_batch([9, 1, 1, 3], [300, 1024, 5, 3], num_q_heads=8, num_kv_heads=2,
+                   head_dim=128, dtype=torch.float64, device="cuda")
+    bl = cast(b, dtype)
+
+    def f(q, kc, vc, bt, cu, sl):
+        o = ta.paged_attention(q * 1.0, kc, vc, bt, cu, sl, scale=0.1, max_seqlen_q=9,
+                               max_seqlen_k=1024)
+        return o * 2.0                        # exact: the check divides it back
+
+    got = torch.compile(f, fullgraph=True)(*attn_args(bl)) / 2.0
+    ref = reference.paged_attention(*attn_args(b), scale=0.1)
+    lowp = reference.paged_attention(*attn_args(bl), scale=0.1)
+    assert_close(got, ref, lowp, name="compiled")
+    out = torch.empty_like(bl["q"])
+    torch.library.opcheck(ta._paged_attention_op,
+                          (*attn_args(bl), out, 0.1, 9, 1024, None, None, None))
