@@ -98,7 +98,7 @@ void paged_attention(Tensor& out, const Tensor& q_in, const Tensor& k_cache,
   TORCH_CHECK_VALUE(k_cache.size(3) == D, "k_cache: head dim ", k_cache.size(3),
                     " differs from q's ", D);
   TORCH_CHECK_VALUE(ragged::paged_attention_head_dim_supported(static_cast<int>(D)),
-                    "q: head dim ", D, " not supported (64, 80, 96, 128, 256)");
+                    "q: head dim ", D, " not supported (a multiple of 8 up to 256)");
   TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "q: ", Hq,
                     " query heads is not a multiple of k_cache's ", Hkv, " KV heads");
   TORCH_CHECK_VALUE(block_size > 0 && block_size % 16 == 0 && block_size <= 256,

@@ -45,29 +45,31 @@ __device__ __forceinline__ SplitPlan plan_splits(int kv_len, int q_len, int wind
   return {lo, chunk, n};
 }
 
-template <typename T, int D>
+// Sizes for head dims up to DM (the kernel's compile-time bound; the common head dims get an
+// exact instantiation, others run a bucket's kernel with the head dim read at run time).
+template <typename T, int DM>
 struct AttnCfg {
   static constexpr int VEC = 16 / sizeof(T);    // elements per 16-byte access
-  static constexpr int NC = D / VEC;            // 16-byte chunks per head vector
-  static constexpr int NK = (D * sizeof(T) <= 256) ? 32 : 16;  // keys per tile
-  static constexpr int KROW = D + VEC;          // smem row pitch: +16 B avoids bank conflicts
-  static constexpr int RG = kThreads / NC;      // row groups in the PV product
-  static constexpr int MAXR = (kRows + RG - 1) / RG;  // rows per thread in the PV product
-  static_assert(D % VEC == 0, "head dim must be a multiple of 16 bytes");
-  static_assert(NC <= kThreads, "head dim too large for the CTA");
-  static constexpr size_t q_bytes = sizeof(float) * kRows * D;
-  static constexpr size_t s_bytes = sizeof(float) * kRows * NK;
-  static constexpr size_t stat_bytes = sizeof(float) * kRows * 4;  // m, l, alpha, pad
-  static constexpr size_t kv_bytes = sizeof(T) * 2 * 2 * NK * KROW;  // 2 stages x (K, V)
-  static constexpr size_t smem = q_bytes + s_bytes + stat_bytes + kv_bytes;
+  static constexpr int NCM = DM / VEC;          // 16-byte chunks per head vector, at most
+  static constexpr int NK = (DM * sizeof(T) <= 256) ? 32 : 16;  // keys per tile
+  static constexpr int RGM = kThreads / NCM;    // row groups in the PV product, at least
+  static constexpr int MAXR = (kRows + RGM - 1) / RGM;  // rows per thread in the PV product
+  static_assert(DM % VEC == 0 && NCM <= kThreads, "head dim bound");
+  // Layout: Qs fp32 [kRows][d] | Ss fp32 [kRows][NK] | m, l, alpha, pad [kRows] each |
+  // K/V tiles [2 stages][K, V][NK][d + VEC] (row pitch +16 B against bank conflicts).
+  static size_t smem(int d) {
+    return sizeof(float) * (kRows * d + kRows * NK + 4 * kRows) +
+           sizeof(T) * 2 * 2 * NK * static_cast<size_t>(d + VEC);
+  }
 };
 
-template <typename T, int D>
+template <typename T, int DM, bool EXACT>
 __global__ void __launch_bounds__(kThreads)
 paged_attention_kernel(const PagedAttentionParams p) {
-  using C = AttnCfg<T, D>;
-  constexpr int VEC = C::VEC, NC = C::NC, NK = C::NK, KROW = C::KROW, RG = C::RG,
-                MAXR = C::MAXR;
+  using C = AttnCfg<T, DM>;
+  constexpr int VEC = C::VEC, NCM = C::NCM, NK = C::NK, MAXR = C::MAXR;
+  const int D = EXACT ? DM : p.head_dim;  // a constant in the exact instantiations
+  const int NC = D / VEC, KROW = D + VEC, RG = kThreads / NC;
   extern __shared__ float4 smem_raw[];  // float4: 16-byte alignment for every section
   float* Qs = reinterpret_cast<float*>(smem_raw);     // [kRows][D], pre-scaled
   float* Ss = Qs + kRows * D;                          // [kRows][NK] scores, then P
@@ -189,7 +191,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
         const T* kr = Ks + k * KROW;
         float dot = 0.f;
 #pragma unroll
-        for (int c = 0; c < NC; ++c) {
+        for (int c = 0; c < NCM; ++c) {
+          if (c >= NC) break;  // only in the run-time head dim kernels
           float kf[VEC];
           load_f<T, VEC>(kr + c * VEC, kf);
 #pragma unroll
@@ -327,9 +330,9 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
-template <typename T, int D>
+template <typename T, int DM, bool EXACT>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
-  using C = AttnCfg<T, D>;
+  using C = AttnCfg<T, DM>;
   const int G = p.num_q_heads / p.num_kv_heads;
   const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * G;  // rows index as int32
   const int64_t row_tiles = (rows + kRows - 1) / kRows;
@@ -337,8 +340,8 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535 ||
       p.num_seqs > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = C::smem;
-  auto kernel = paged_attention_kernel<T, D>;
+  const size_t smem = C::smem(p.head_dim);
+  auto kernel = paged_attention_kernel<T, DM, EXACT>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -356,20 +359,22 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, stream);
-    case 80: return launch<T, 80>(p, stream);
-    case 96: return launch<T, 96>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
-    case 256: return launch<T, 256>(p, stream);
-    default: return cudaErrorInvalidValue;
+    case 64: return launch<T, 64, true>(p, stream);
+    case 80: return launch<T, 80, true>(p, stream);
+    case 96: return launch<T, 96, true>(p, stream);
+    case 128: return launch<T, 128, true>(p, stream);
+    case 256: return launch<T, 256, true>(p, stream);
+    default: break;
   }
+  if (!paged_attention_head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;
+  if (p.head_dim <= 64) return launch<T, 64, false>(p, stream);
+  if (p.head_dim <= 128) return launch<T, 128, false>(p, stream);
+  return launch<T, 256, false>(p, stream);
 }
 
 }  // namespace
 
-bool paged_attention_head_dim_supported(int d) {
-  return d == 64 || d == 80 || d == 96 || d == 128 || d == 256;
-}
+bool paged_attention_head_dim_supported(int d) { return d > 0 && d % 8 == 0 && d <= 256; }
 
 cudaError_t paged_attention(const PagedAttentionParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.max_seqlen_q == 0) return cudaSuccess;

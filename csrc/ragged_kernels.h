@@ -14,7 +14,8 @@ namespace ragged {
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
 
 // ------------------------------------------------------------------ paged attention
-// Head dims with a compiled kernel; others are rejected by the bindings.
+// Head dims the kernel handles: multiples of 8 up to 256 (64, 80, 96, 128 and 256 have
+// their own instantiation; the others share a bucket's kernel with a run-time head dim).
 bool paged_attention_head_dim_supported(int head_dim);
 
 struct PagedAttentionParams {

@@ -13,7 +13,6 @@ import functools
 
 import torch
 
-HEAD_DIMS = (64, 80, 96, 128, 256)   # compiled paged-attention head dims (csrc/paged_attention.cu)
 MAX_KV_SPLITS = 32
 _SPLIT_MIN_KEYS = 128                # keep in step with kSplitMinKeys in paged_attention.cu
 _WORKSPACE_BYTES = 256 << 20         # cap of the fp32 split-KV partials [S, T, Hq, D]
@@ -100,9 +99,10 @@ def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seql
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale,
                     max_seqlen_q, max_seqlen_k, sliding_window, softcap, out, num_kv_splits):
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"q: head dim {q.shape[-1]} not supported by the cuda backend "
-                         f"(one of {HEAD_DIMS})")
+    d = q.shape[-1]
+    if d % 8 != 0 or not 0 < d <= 256:
+        raise ValueError(f"q: head dim {d} not supported by the cuda backend (a multiple of 8 "
+                         "up to 256)")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_kv_splits is None:

@@ -108,8 +108,8 @@ def test_no_cuda_backend_for_cpu_tensors():
 
 
 def test_unsupported_head_dim_names_q():
-    q = torch.empty(2, 4, 48)
-    with pytest.raises(ValueError, match="^q: head dim 48"):
+    q = torch.empty(2, 4, 44)
+    with pytest.raises(ValueError, match="^q: head dim 44"):
         cuda_ops.paged_attention(q, None, None, None, None, None, scale=1.0, max_seqlen_q=1,
                                  max_seqlen_k=1, sliding_window=None, softcap=None, out=None,
                                  num_kv_splits=1)
@@ -158,6 +158,11 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
     ([1, 2], [200, 70], 14, 2, 96, 48, torch.float32, 3, None, None),
     ([1, 3], [260, 30], 32, 2, 128, 16, torch.float32, 2, None, 5.0),
     ([2, 1], [150, 33], 4, 2, 256, 256, torch.bfloat16, 2, 40, None),
+    # head dims without their own instantiation (run-time head dim, bucket 64 / 128 / 256)
+    ([3, 1], [40, 200], 4, 2, 16, 16, torch.float32, 2, None, None),
+    ([3, 1], [40, 200], 6, 2, 24, 16, torch.float16, 1, None, None),
+    ([2, 1], [33, 130], 4, 1, 112, 32, torch.bfloat16, 2, None, None),
+    ([2, 1], [33, 130], 4, 4, 192, 16, torch.float32, 2, None, 10.0),
 ]
 
 
@@ -300,7 +305,7 @@ def test_attention_empty_sequences_and_keyless_rows(dtype):
 
 @gpu
 @pytest.mark.parametrize("group", [1, 5, 7, 16, 24])
-@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("d", [16, 40, 64, 80, 96, 128, 192, 256])
 def test_attention_group_sizes_and_head_dims(group, d):
     dtype = GPU_DTYPES[(group + d // 16) % 3]               # every dtype across the grid
     _check_attn([20, 1, 3, 1], [450, 300, 3, 17], hq=2 * group, hkv=2, d=d, dtype=dtype)
