@@ -82,6 +82,13 @@ def test_empty_sequences_and_keyless_rows(dtype):
     assert got[cu[5] + 3].abs().max() > 0
 
 
+def test_no_new_tokens_and_wide_groups():
+    got, _, _ = _check([0, 0], [5, 0], name="T=0")                      # nothing to launch
+    assert got.shape == (0, 4, 64)
+    _check([3, 1, 2], [20, 9, 2], hq=16, hkv=1, d=64, name="G=16")      # one token per q block
+    _check([2, 1], [30, 7], hq=32, hkv=1, d=64, name="G=32")            # tile grows past 16 rows
+
+
 # --------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize("group", [1, 4, 5, 7])
 @pytest.mark.parametrize("d", [64, 80, 96])
