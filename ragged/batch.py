@@ -54,8 +54,9 @@ class BatchBuilder:
         if not self._pin:
             # CPU: the host buffer IS the batch, so each step gets a fresh one (no copy; the
             # previous batch stays valid).
-            self._host = torch.empty(nbytes, dtype=torch.uint8)
-            return self._host.numpy()
+            raw = np.empty(nbytes, dtype=np.uint8)
+            self._host = torch.from_numpy(raw)
+            return raw
         if self._copied is not None:
             # Never overwrite the pinned buffer while a previous copy may still read it.
             self._copied.synchronize()

@@ -93,11 +93,13 @@ class BlockManager:
     def ensure_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give seq blocks for its next num_new_tokens tokens. All or nothing: False (and no
         change) when there are not enough free blocks."""
-        need = self.blocks_needed(seq, num_new_tokens)
+        # blocks_needed() inlined: this runs for every scheduled sequence every step.
+        need = (-(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+                - len(seq.block_table))
+        if need <= 0:
+            return True
         if need > self.num_free_blocks:
             return False
-        if need == 0:
-            return True
         start = len(seq.block_table)
         for _ in range(need):
             if self._free_plain:

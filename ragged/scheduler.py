@@ -93,9 +93,9 @@ class Scheduler:
         policy = self.cfg.policy
         if policy == "static" and not self.running:
             self._form_static_batch()
-        running = list(self.running)
-        prefills = [s for s in running if s.is_prefill]
-        decodes = [s for s in running if not s.is_prefill]
+        prefills, decodes = [], []
+        for s in self.running:
+            (prefills if s.num_computed_tokens < s.prefill_len else decodes).append(s)
         if policy == "continuous":
             self._schedule_running(decodes + prefills)
             self._admit(whole_prompts=False)
