@@ -616,3 +616,33 @@ def test_selective_ops_cuda_graph_replay():
     torch.cuda.synchronize()
     for got, want in zip(outs, run()):
         assert torch.equal(got, want)
+
+
+@gpu
+def test_compile_fullgraph_inductor():
+    # the mutating ops functionalise (register_fake + Tensor(a!) schemas) inside a full graph
+    t = lambda *s: torch.randn(*s, device="cuda").to(torch.bfloat16)  # noqa: E731
+    b = cast(make_batch([3, 1, 2], [300, 20, 2], num_q_heads=8, num_kv_heads=2, head_dim=64),
+             torch.bfloat16, "cuda")
+    x, r, w = t(6, 96), t(6, 96), t(96)
+    k = t(6, 2, 64)
+    cache = ref.rope_cos_sin_cache(64, 512).cuda()
+    pos = torch.arange(6, device="cuda") + 290
+
+    def block(x, r, q, k, kc, vc):
+        y, s = cuda_ops.rms_norm(x, w, 1e-6, r)
+        qr, kr = cuda_ops.rotary_embedding(pos, q, k, cache, True)
+        cuda_ops.write_kv(kr, k, kc, vc, b["slot_mapping"])
+        o = cuda_ops.paged_attention(qr, kc, vc, b["block_table"], b["cu_seqlens_q"],
+                                     b["seq_lens"], scale=0.125, max_seqlen_q=3,
+                                     max_seqlen_k=300, sliding_window=None, softcap=None,
+                                     out=None, num_kv_splits=3)
+        return cuda_ops.silu_and_mul(y), s, o
+
+    args = [x, r, b["q"], k, b["k_cache"].clone(), b["v_cache"].clone()]
+    eager_args = [a.clone() for a in args]
+    got = torch.compile(block, fullgraph=True, backend="inductor")(*args)
+    want = block(*eager_args)
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+    assert torch.equal(args[4], eager_args[4]) and torch.equal(args[5], eager_args[5])

@@ -55,6 +55,8 @@ def build() -> ctypes.CDLL:
     out = CSRC.parent / "build" / f"emu-{digest}"
     lib = out / "libragged_emu.so"
     if not lib.exists():
+        for stale in out.parent.glob("emu-*"):     # builds of older sources
+            shutil.rmtree(stale, ignore_errors=True)
         src = out / "src"
         src.mkdir(parents=True, exist_ok=True)
         for f in files[:-3]:
