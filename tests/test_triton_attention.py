@@ -15,6 +15,9 @@ from tests.attention_cases import attn_args, cast, make_batch
 from tests.tolerance import EPS, FACTOR, assert_close, errors
 
 ta = pytest.importorskip("kernels.triton_attention")
+# The interpreter converts loop bounds loaded from memory with a numpy call numpy 2 deprecates
+# (triton/runtime/interpreter.py): thousands of identical warnings, none ours.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 CPU_DTYPES = [torch.float16, torch.float32]
 
