@@ -201,7 +201,7 @@ def _paged_attn_kernel(
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]          # rows with no key: 0
     if SPLIT:
-        ws_row = (split * num_tokens + q_start + tok).to(tl.int64) * num_q_heads + head
+        ws_row = (split.to(tl.int64) * num_tokens + q_start + tok) * num_q_heads + head
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(ws_lse_ptr + ws_row, lse, mask=row_ok)
         tl.store(ws_o_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o,
