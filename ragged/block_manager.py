@@ -61,10 +61,6 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
-        return max(0, total - len(seq.block_table))
-
     # ------------------------------------------------------------------ allocation
     def allocate_prefix(self, seq: Sequence) -> int:
         """On admission: reuse cached blocks of the sequence's leading full blocks.
@@ -93,7 +89,7 @@ class BlockManager:
     def ensure_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give seq blocks for its next num_new_tokens tokens. All or nothing: False (and no
         change) when there are not enough free blocks."""
-        # blocks_needed() inlined: this runs for every scheduled sequence every step.
+        # Runs for every scheduled sequence every step: keep the no-new-block path short.
         need = (-(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
                 - len(seq.block_table))
         if need <= 0:

@@ -9,6 +9,7 @@ import bisect
 import math
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -285,7 +286,8 @@ def test_random_workloads(data, policy, order, block_size, budget, max_seqs, cac
 def test_host_overhead_bench_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench.host_overhead", "--num-seqs", "32",
                         "--steps", "5", "--out-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr
     import json
     res = json.loads((tmp_path / "host_overhead.json").read_text())
