@@ -37,6 +37,10 @@ def cuda_extension():
         return notice("RAGGED_SKIP_CUDA_BUILD=1")
     if not CUDA_SOURCES:
         return notice("no csrc/ sources yet")
+    # torch derives CUDA_HOME from the nvcc on PATH; where that is a /usr/local/bin shim its
+    # guess (/usr/local) has no CUDA headers, so prefer the toolkit's own directory.
+    if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
