@@ -4,12 +4,11 @@ The ops write their outputs in place (``Tensor(a!)`` schemas); the wrappers here
 outputs and pick the host-side launch parameters (split-KV count). Arguments were already
 checked by kernels._checks; the C++ side re-checks what the kernels rely on.
 
-Importing this module never touches the device: the extension is imported lazily, guarded,
-and ``is_available()`` only says whether it loaded and a CUDA device exists.
+Importing this module never touches the device: it loads the extension (guarded: a missing
+build leaves the module importable) and ``is_available()`` only says whether it loaded and a
+CUDA device exists.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -18,27 +17,13 @@ _SPLIT_MIN_KEYS = 128                # keep in step with kSplitMinKeys in paged_
 _WORKSPACE_BYTES = 256 << 20         # cap of the fp32 split-KV partials [S, T, Hq, D]
 
 
-@functools.lru_cache(maxsize=None)
-def extension_loaded() -> bool:
-    """True when kernels._C imported (its ops are registered in torch.ops.ragged)."""
+def _load() -> bool:
     try:
         import kernels._C  # noqa: F401
     except (ImportError, OSError):
         return False
     _register_fakes()
     return True
-
-
-def is_available() -> bool:
-    """True when the extension is built and a CUDA device exists (no device is touched)."""
-    return extension_loaded() and torch.cuda.is_available()
-
-
-def _ops():
-    if not extension_loaded():
-        raise RuntimeError("kernels._C is not built (pip install -e . --no-build-isolation "
-                           "with a CUDA toolkit and a CUDA build of torch)")
-    return torch.ops.ragged
 
 
 def _register_fakes():
@@ -72,13 +57,38 @@ def _register_fakes():
         return None
 
 
+# Loaded once at import (loading a shared library touches no device). A plain module constant,
+# not an lru_cache: torch.compile traces through lru_cache wrappers into the loader, whose
+# register_fake calls it cannot trace (fullgraph=True then fails).
+_LOADED = _load()
+
+
+def extension_loaded() -> bool:
+    """True when kernels._C imported (its ops are registered in torch.ops.ragged)."""
+    return _LOADED
+
+
+def is_available() -> bool:
+    """True when the extension is built and a CUDA device exists (no device is touched)."""
+    return _LOADED and torch.cuda.is_available()
+
+
+def _ops():
+    if not _LOADED:
+        raise RuntimeError("kernels._C is not built (pip install -e . --no-build-isolation "
+                           "with a CUDA toolkit and a CUDA build of torch)")
+    return torch.ops.ragged
+
+
+_SM_COUNT: dict[int, int] = {}  # device index -> SMs (a dict, traceable, unlike lru_cache)
+
+
 def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(index)
+    if n is None:
+        n = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return n
 
 
 def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seqlen_k: int) -> int:
