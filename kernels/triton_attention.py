@@ -1,14 +1,23 @@
 """Triton ragged paged attention: decodes, speculative queries and prefill chunks in ONE launch.
 
-Grid (axis 0, axis 1, axis 2) = (q blocks, KV heads, KV splits).
+Grid: one axis of (q block [, KV split]) x KV head programs, KV head fastest, so all heads
+of a q block are dispatched together. Two program classes share the launch:
 
-* q blocks. A program owns up to Q = BLOCK_M // G consecutive new tokens of one sequence and
-  all G query heads sharing one KV head (GQA packing: tile row r is token r // G, head r % G),
-  so each K/V tile is read once per KV head, not G times. Sequence b's blocks start at
-  ``cu_seqlens_q[b] // Q + b`` (monotone in b, and it leaves b at least cdiv(q_len_b, Q)
-  slots), so ``T // Q + B`` programs -- host ints -- cover any batch without reading the
-  device; a program finds its sequence by binary search over cu_seqlens_q and exits at once
-  if it has no tokens (at most B such programs, plus those of empty sequences).
+* Search class (always). A program owns up to Q = BLOCK_M // G consecutive new tokens of one
+  sequence and all G query heads sharing one KV head (GQA packing: tile row r is token
+  r // G, head r % G), so each K/V tile is read once per KV head, not G times. Sequence b's
+  blocks start at ``cu_seqlens_q[b] // Q + b`` (monotone in b, and it leaves b at least
+  cdiv(q_len_b, Q) slots), so ``T // Q + B`` programs -- host ints -- cover any batch
+  without reading the device; a program finds its sequence by binary search over
+  cu_seqlens_q and exits at once if it has no tokens.
+* Direct class (mixed launches: max_seqlen_q > 16 in fp16/bf16). Decodes and short
+  (speculative) queries, q_len <= 16, would fill only G * q_len rows of a 128-row prefill
+  tile, so they get their own decode tile (BLOCK_M_D: 16 rows at G <= 16): one program per
+  sequence, KV head and split, found by index (no search), looping over its q blocks when
+  q_len > BLOCK_M_D // G (a decode: one). The search class then serves only q_len >= 17, at most T // 17 sequences, so its
+  slots start at ``cu[b] // Q + cu[b] // 17`` when that bound is tighter than B. Each class
+  is an inlined `_attend` with its own constexpr tile; the kernel's registers are the max of
+  the two (not the sum), its warps and stages the prefill tile's.
 * KV tiles of BLOCK_N keys are gathered key by key through the block table
   (block = block_table[b, j // block_size]), so any block size works (multiple of 16 up to
   256) and tiles need not align with blocks. Every address is int64: block ids of 131072+
@@ -17,10 +26,12 @@ Grid (axis 0, axis 1, axis 2) = (q blocks, KV heads, KV splits).
   (sliding window edge), an unmasked body (visible to every row) and a masked tail (the
   causal diagonal and the end of the sequence). A decode masks only its last tile.
 * Split-KV (flash-decoding): with few programs (few sequences x KV heads) a long context
-  would leave most SMs idle, so axis 2 splits each program's tile range; every split writes
-  its normalised partial output and log2-sum-exp to an fp32 workspace and a second kernel
-  merges them. The split count is decided from host ints only; with one split the kernel
-  writes the output directly (a single launch). Empty splits write lse = -inf, weight 0.
+  would leave most SMs idle, so a program's tile range is split; every split writes its
+  normalised partial output and log2-sum-exp to an fp32 workspace and a second kernel merges
+  them. The split count is decided from host ints only; with one split the kernel writes the
+  output directly (a single launch). Empty splits write lse = -inf, weight 0. In a mixed
+  launch only the direct class splits; the search class writes its rows directly and marks
+  them with lse = NaN in split 0, which the merge skips.
 
 Online softmax in fp32 with exp2 (scale folded with log2(e)). Rows that see no key (q_len >
 seq_len, or padding) produce zeros, never NaN. fp32 inputs use tl.dot(input_precision=
@@ -108,41 +119,21 @@ def _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off, start_n, seq
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "search_iters", "window"])
-def _paged_attn_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
-        num_seqs, num_tokens, num_q_heads, group, q_per_block, search_iters,
-        qk_scale, softcap, window,
-        stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
-        block_size,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, SPLIT: tl.constexpr,
-        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    # Reversed so the last q blocks -- the longest causal rows of a prefill -- start first and
-    # the short ones fill the tail (FlashAttention's load-balancing order).
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
-
-    # Sequence of this q block: the last b with cu[b] // Q + b <= pid (binary search).
-    lo = pid * 0
-    hi = lo + num_seqs - 1
-    for _ in range(search_iters):
-        mid = (lo + hi + 1) // 2
-        mid_start = tl.load(cu_ptr + mid) // q_per_block + mid
-        go_right = mid_start <= pid
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid - 1)
-    b = lo
-    q_start = tl.load(cu_ptr + b)
-    q_len = tl.load(cu_ptr + b + 1) - q_start
-    tok0 = (pid - (q_start // q_per_block + b)) * q_per_block
-    if tok0 >= q_len:                 # spare slot of the grid's upper bound: nothing to do
-        return
-    seq_len = tl.load(seq_lens_ptr + b)
+@triton.jit
+def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, b_tok0, q_start, q_len,
+            seq_len, kvh, split, num_splits, num_tokens, num_q_heads, group, q_per_block,
+            qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+            stride_ks, stride_kh, block_size,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TO_WS: tl.constexpr,
+            MARK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+            DOT_PREC: tl.constexpr):
+    """One q block (q_per_block tokens from b_tok0, x G heads) of one sequence, one KV head,
+    one split of its KV tiles. TO_WS: write the normalised partial output + lse to the
+    workspace; else write the output, and with MARK also a NaN lse in split 0 of the
+    workspace so the merge kernel leaves these (unsplit) rows alone."""
+    tok0 = b_tok0
     ctx = seq_len - q_len             # may be < 0 for malformed rows: they see fewer keys
-
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -180,7 +171,6 @@ def _paged_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     kv_head_off = kvh.to(tl.int64) * stride_kh
     for t in range(t_lo, a):          # window edge
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off,
@@ -200,8 +190,8 @@ def _paged_attn_kernel(
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]          # rows with no key: 0
-    if SPLIT:
-        ws_row = (split.to(tl.int64) * num_tokens + q_start + tok) * num_q_heads + head
+    ws_row = (split.to(tl.int64) * num_tokens + q_start + tok) * num_q_heads + head
+    if TO_WS:
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(ws_lse_ptr + ws_row, lse, mask=row_ok)
         tl.store(ws_o_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o,
@@ -210,6 +200,82 @@ def _paged_attn_kernel(
         out_off = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
         tl.store(out_ptr + out_off[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
+        if MARK:
+            tl.store(ws_lse_ptr + ws_row, tl.full([BLOCK_M], float("nan"), tl.float32),
+                     mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "search_iters", "window",
+                               "num_search", "search_splits", "seq_div", "min_q",
+                               "direct_splits"])
+def _paged_attn_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+        num_seqs, num_tokens, num_q_heads, num_kv_heads, group, search_iters,
+        num_search, search_splits, q_per_block, seq_div, min_q,
+        direct_splits, q_per_block_d,
+        qk_scale, softcap, window,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+        block_size,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+        SPLIT_SEARCH: tl.constexpr, MARK: tl.constexpr, SPLIT_DIRECT: tl.constexpr,
+        MIXED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    # 1-D grid, KV head fastest, so every head of one q block is dispatched together.
+    pid = tl.program_id(0) // num_kv_heads
+    kvh = tl.program_id(0) % num_kv_heads
+    n_first = num_search * search_splits
+    if pid < n_first:
+        # Search class (BLOCK_M rows). Reversed so the last q blocks -- the longest causal rows
+        # of a prefill -- start first and short ones fill the tail (FlashAttention's order).
+        r = n_first - 1 - pid
+        slot = r // search_splits
+        split = r % search_splits
+        # Sequence of this slot: the last b with start(b) <= slot (binary search), where
+        # start(b) = cu[b] // Q + (b, or cu[b] // seq_div when only sequences with
+        # q_len >= seq_div are served: each of them still gets cdiv(q_len, Q) slots).
+        lo = slot * 0
+        hi = lo + num_seqs - 1
+        for _ in range(search_iters):
+            mid = (lo + hi + 1) // 2
+            cu_mid = tl.load(cu_ptr + mid)
+            extra = tl.where(seq_div > 0, cu_mid // tl.maximum(seq_div, 1), mid)
+            go_right = cu_mid // q_per_block + extra <= slot
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid - 1)
+        b = lo
+        q_start = tl.load(cu_ptr + b)
+        q_len = tl.load(cu_ptr + b + 1) - q_start
+        extra_b = tl.where(seq_div > 0, q_start // tl.maximum(seq_div, 1), b)
+        tok0 = (slot - (q_start // q_per_block + extra_b)) * q_per_block
+        # spare slot of the grid's upper bound, or (mixed launch) a decode-class sequence
+        if (tok0 < q_len) & (q_len >= min_q):
+            seq_len = tl.load(seq_lens_ptr + b)
+            bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+            _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_start,
+                    q_len, seq_len, kvh, split, search_splits, num_tokens, num_q_heads, group,
+                    q_per_block, qk_scale, softcap, window, stride_qt, stride_qh, stride_ot,
+                    stride_oh, stride_kb, stride_ks, stride_kh, block_size,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, SPLIT_SEARCH, MARK, WINDOW,
+                    SOFTCAP, DOT_PREC)
+    elif MIXED:
+        # Direct class (BLOCK_M_D rows) of a mixed launch: one program per sequence with
+        # q_len < min_q (x KV head x split), found by index; a short query of more than
+        # q_per_block_d tokens loops over its q blocks (decodes: one iteration).
+        r = pid - n_first
+        b = r // direct_splits
+        split = r % direct_splits
+        q_start = tl.load(cu_ptr + b)
+        q_len = tl.load(cu_ptr + b + 1) - q_start
+        if q_len < min_q:
+            seq_len = tl.load(seq_lens_ptr + b)
+            bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+            for tok0 in range(0, q_len, q_per_block_d):
+                _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0,
+                        q_start, q_len, seq_len, kvh, split, direct_splits, num_tokens,
+                        num_q_heads, group, q_per_block_d, qk_scale, softcap, window,
+                        stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
+                        stride_kh, block_size, HEAD_DIM, BLOCK_M_D, BLOCK_N, BLOCK_D, EVEN_D,
+                        SPLIT_DIRECT, False, WINDOW, SOFTCAP, DOT_PREC)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "num_splits"])
@@ -219,6 +285,9 @@ def _merge_kernel(out_ptr, ws_o_ptr, ws_lse_ptr, num_tokens, num_q_heads, num_sp
     """out[t, h] = sum_s 2^lse_s o_s / sum_s 2^lse_s over the splits of one (token, head)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    lse0 = tl.load(ws_lse_ptr + t * num_q_heads + h)
+    if lse0 != lse0:                  # NaN mark: a row the kernel wrote directly, unsplit
+        return
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
@@ -244,25 +313,29 @@ class _Config:
     num_stages: int
 
 
-# Decode class (q_len <= 16 everywhere): memory bound, so few rows (>= 16 for tl.dot, >= G)
-# and many small programs; prefill class: compute bound, FlashAttention-2-sized tiles.
+# Decode tiles (max q_len <= 16, and the direct class of mixed launches): memory bound, so
+# few rows (>= 16 for tl.dot, >= G) and many small programs; prefill tiles: compute bound,
+# FlashAttention-2-sized. A mixed launch compiles both into one kernel with the prefill
+# tile's warps/stages: bf16 D=128 G=4, 128x64 + 64x64 at 8 warps: 212 regs (228 with
+# splits), 97.5 KB smem, no spill (bench/triton_compile_check.py prints every config).
 # Register counts below are ptxas's for sm_90 (compiled without a GPU, divisibility-16
 # specialisation as at launch): bf16 D=128 decode 16x64 / 4 warps / 3 stages: 163 regs, mma.sync
 # + cp.async; prefill 128x64 / 8 warps / 3 stages: 196 regs, wgmma, 99 KB smem; D=256 prefill
 # 64x32 spills with 4 warps (255 regs + stack), not with 8 (188); decode 64x64 at D=128:
 # 229 regs, 32x32 at D=256: 207. fp32 (ieee: no tensor-core
-# path, an FMA dot) spills at 32x32 and up, so it gets 16x16 tiles (89 regs at D=128): it is
-# the accuracy path, not a fast one. Stored, not autotuned: autotuning syncs and re-benchmarks
+# path, an FMA dot) spills at 32x32 and up, so it gets 16x16 tiles, 3 stages (with 2, ptxas
+# spilled 4-16 bytes at 72 regs for D=64/80): it is the accuracy path, not a fast one. Stored, not autotuned: autotuning syncs and re-benchmarks
 # per new shape, which breaks CUDA-graph capture.
 _DECODE_MAX_Q = 16
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 512      # below this a split's fixed cost (q load, merge) dominates
+TWO_CLASSES = True            # False: mixed launches use one (prefill) tile class; for A/B timing
 
 
 @functools.lru_cache(maxsize=None)
 def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int) -> _Config:
     if dtype == torch.float32:
-        cfg = _Config(16, 16, 4, 2)
+        cfg = _Config(16, 16, 4, 3)
     elif max_seqlen_q <= _DECODE_MAX_Q:
         block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
         warps = 8 if block_m * head_dim > 32 * 256 else 4    # 64 x 256 at 4 warps spills
@@ -293,6 +366,50 @@ def _num_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, q_per_block: 
     return max(1, min(triton.cdiv(target, busy), by_len, MAX_SPLITS))
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Host-int launch plan. Search class: num_search slots x search_splits (a slot = one q
+    block of q_per_block tokens, found by binary search; sequences with q_len >= min_q).
+    Mixed launches add the direct class: one program per sequence x direct_splits for the
+    sequences with q_len < min_q, in q blocks of q_per_block_d tokens."""
+    cfg: _Config
+    mixed: bool
+    splits: int
+    num_search: int
+    search_splits: int
+    q_per_block: int
+    seq_div: int
+    min_q: int
+    block_m_d: int
+    q_per_block_d: int
+    direct_splits: int
+    num_programs: int           # per KV head
+
+
+def _plan(T: int, B: int, Hkv: int, D: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
+          max_seqlen_k: int, num_kv_splits: Optional[int], device: torch.device) -> _Plan:
+    cfg = _config(D, dtype, group, max_seqlen_q)
+    q_per_block = cfg.block_m // group
+    splits = num_kv_splits if num_kv_splits is not None else _num_splits(
+        T, B, Hkv, q_per_block, max_seqlen_k, device)
+    splits = max(1, min(int(splits), MAX_SPLITS))
+    dcfg = _config(D, dtype, group, 1)
+    # A launch that may hold prefill rows (q_len > 16) gives the sequences with q_len <= 16
+    # their own decode tile: a decode at G = 4 fills 4 of a 128-row prefill tile's rows.
+    mixed = TWO_CLASSES and max_seqlen_q > _DECODE_MAX_Q and dcfg.block_m < cfg.block_m
+    if not mixed:                 # one class: every sequence by search, any q_len
+        n = T // q_per_block + B
+        return _Plan(cfg, False, splits, n, splits, q_per_block, 0, 0, 16, 1, 1, n * splits)
+    # Search class: only q_len >= 17, so at most T // 17 such sequences: slot starts
+    # cu[b] // Q + cu[b] // 17 still leave each cdiv(q_len, Q) slots; never split (a
+    # prefill chunk keeps the SMs busy). Direct class: program b, no search.
+    min_q = _DECODE_MAX_Q + 1
+    seq_div = min_q if T // min_q < B else 0
+    n = T // q_per_block + (T // min_q if seq_div else B)
+    return _Plan(cfg, True, splits, n, 1, q_per_block, seq_div, min_q, dcfg.block_m,
+                 dcfg.block_m // group, splits, n + B * splits)
+
+
 # --------------------------------------------------------------------------- launcher
 def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale: float,
             max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int],
@@ -311,30 +428,31 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         raise ValueError(f"q: {group} query heads per KV head is more than the supported 128")
     if T == 0 or B == 0:
         return
-    cfg = _config(D, q.dtype, group, max_seqlen_q)
-    q_per_block = cfg.block_m // group
-    splits = num_kv_splits if num_kv_splits is not None else _num_splits(
-        T, B, Hkv, q_per_block, max_seqlen_k, q.device)
-    splits = max(1, min(int(splits), MAX_SPLITS))
+    plan = _plan(T, B, Hkv, D, q.dtype, group, max_seqlen_q, max_seqlen_k, num_kv_splits,
+                 q.device)
+    cfg, splits = plan.cfg, plan.splits
     block_d = max(16, triton.next_power_of_2(D))
     if splits > 1:
         ws_o = torch.empty(splits, T, Hq, D, dtype=torch.float32, device=q.device)
         ws_lse = torch.empty(splits, T, Hq, dtype=torch.float32, device=q.device)
     else:
-        ws_o = ws_lse = out                       # unused (SPLIT is off)
+        ws_o = ws_lse = out                       # unused (no split writes or marks)
     use_softcap = softcap is not None and softcap > 0
     window = int(sliding_window) if sliding_window else 0
-    grid = (T // q_per_block + B, Hkv, splits)
-    _paged_attn_kernel[grid](
+    _paged_attn_kernel[(plan.num_programs * Hkv,)](
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, ws_o, ws_lse,
-        B, T, Hq, group, q_per_block, B.bit_length(),
+        B, T, Hq, Hkv, group, B.bit_length(),
+        plan.num_search, plan.search_splits, plan.q_per_block, plan.seq_div, plan.min_q,
+        plan.direct_splits, plan.q_per_block_d,
         scale / softcap if use_softcap else scale * LOG2E,
         float(softcap) if use_softcap else 0.0, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         block_size,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        EVEN_D=block_d == D, SPLIT=splits > 1, WINDOW=window > 0, SOFTCAP=use_softcap,
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_M_D=plan.block_m_d, BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d, EVEN_D=block_d == D, SPLIT_SEARCH=plan.search_splits > 1,
+        MARK=plan.mixed and splits > 1, SPLIT_DIRECT=plan.direct_splits > 1, MIXED=plan.mixed,
+        WINDOW=window > 0, SOFTCAP=use_softcap,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:

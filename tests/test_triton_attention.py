@@ -92,6 +92,28 @@ def test_no_new_tokens_and_wide_groups():
     _check([2, 1], [30, 7], hq=32, hkv=1, d=64, name="G=32")            # tile grows past 16 rows
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("hq", [4, 16])
+def test_mixed_launch_two_tile_classes(hq, splits):
+    # q_len > 16 rows take the prefill tile (found by search), q_len <= 16 the decode tile
+    # (found by index; 16 rows, so at G=4 a 16-token query loops over 4 q blocks and at
+    # G=16 over 16), in one launch; 16/17 is the boundary. With splits only the decode
+    # class splits: prefill rows are written directly and the merge must leave them alone
+    # (NaN-poisoned out catches a row written by nobody or merged from garbage). Two grid
+    # bounds: T // 17 < B (slot starts cu // Q + cu // 17) and T // 17 >= B (cu // Q + b).
+    cases = [([16, 17, 1, 0, 40, 3, 1], [30, 17, 50, 5, 100, 3, 1]), ([60, 1], [70, 33])]
+    for q_lens, kv_lens in cases:
+        b = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=1, head_dim=64,
+                       dtype=torch.float64)
+        plan = ta._plan(sum(q_lens), len(q_lens), 1, 64, torch.float16, hq, max(q_lens),
+                        max(kv_lens), splits, torch.device("cpu"))
+        assert plan.mixed and plan.block_m_d < plan.cfg.block_m
+        assert (plan.seq_div > 0) == (sum(q_lens) // 17 < len(q_lens))
+        out = torch.full(b["q"].shape, float("nan"), dtype=torch.float16)
+        _check(None, None, batch=b, out=out, splits=splits, name=f"mixed G={hq} splits={splits}")
+        assert not out.isnan().any()
+
+
 # --------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize("group", [1, 4, 5, 7])
 @pytest.mark.parametrize("d", [64, 80, 96])
@@ -200,6 +222,14 @@ def test_tile_config_holds_a_group_and_splits_only_when_idle():
             assert cfg.block_m >= max(16, group) and cfg.block_m % 16 == 0
     assert ta._config(128, torch.bfloat16, 4, 1).block_m == 16          # decode: small tiles
     assert ta._config(128, torch.bfloat16, 4, 4096).block_m == 128      # prefill: FA2 tiles
+    # Llama-3-8B mixed step (2048-token chunk + 256 decodes): decodes get a 16-row tile (one
+    # program per sequence and KV head), the chunk 128-row tiles; few spare programs
+    p = ta._plan(2048 + 256, 257, 8, 128, torch.bfloat16, 4, 2048, 2048, None,
+                 torch.device("cpu"))
+    assert p.mixed and (p.cfg.block_m, p.block_m_d, p.q_per_block_d) == (128, 16, 4)
+    assert p.num_search == 2304 // 32 + 2304 // 17 and p.num_programs == p.num_search + 257
+    assert not ta._plan(40, 3, 8, 128, torch.float32, 4, 40, 99, 1, torch.device("cpu")).mixed
+    assert not ta._plan(40, 3, 8, 128, torch.float16, 4, 16, 99, 1, torch.device("cpu")).mixed
     cpu = torch.device("cpu")
     assert ta._num_splits(8, 8, 8, 4, 300, cpu) == 1                    # short context
     assert ta._num_splits(8192, 2, 8, 32, 65536, cpu) == 1              # prefill: busy enough
