@@ -98,6 +98,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
   if (split >= plan.n) return;
 
   const int window = p.sliding_window;
+  // One division per CTA, not one per score (an IEEE division is ~10 instructions + a slow path).
+  const float inv_cap = p.softcap > 0.f ? 1.f / p.softcap : 0.f;
   const int ctx = kv_len - q_len;
   const int tok_first = row0 / G, tok_last = (row0 + nrows - 1) / G;
   // Keys any row of this CTA can see, within this split.
@@ -199,7 +201,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
           for (int e = 0; e < VEC; ++e) dot = fmaf(qr[c * VEC + e], kf[e], dot);
         }
         s = dot;
-        if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
+        if (p.softcap > 0.f) s = p.softcap * tanhf(s * inv_cap);
       }
       Ss[r * NK + k] = s;
     }

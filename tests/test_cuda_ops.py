@@ -199,7 +199,11 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
     ([3, 1], [40, 200], 6, 2, 24, 16, torch.float16, 1, None, None),
     ([2, 1], [33, 130], 4, 1, 112, 32, torch.bfloat16, 2, None, None),
     ([2, 1], [33, 130], 4, 4, 192, 16, torch.float32, 2, None, 10.0),
+    # a GQA group of 24 > 16 rows per CTA: row tiles straddle tokens
+    ([3, 1], [40, 200], 48, 2, 64, 16, torch.float16, 2, None, None),
 ]
+# Dynamic shared memory over 48 KB (the emulated launch fails without the kernel's opt-in):
+# bf16 d=256 (case 6) 50 KB, fp32 d=192 in the 256 bucket (case 10) 62 KB.
 
 
 @pytest.mark.parametrize("case", range(len(EMU_CASES)))
@@ -228,6 +232,21 @@ def test_emulated_paged_attention_empty_and_keyless(emu):
         assert_close(got, ref.paged_attention(*attn_args(b), scale=0.125),
                      ref.paged_attention(*attn_args(bl), scale=0.125), name=f"keyless {splits}")
         assert got[cu[3]:cu[4]].abs().max() == 0 and got[cu[5]:cu[5] + 3].abs().max() == 0
+
+
+def test_emulated_paged_attention_grid_limit(emu):
+    # gridDim.z (sequences) is limited to 65535: the launcher refuses rather than launching a
+    # grid the GPU would reject (the bindings raise a ValueError naming seq_lens before this)
+    B = 65536
+    cu = torch.ones(B + 1, dtype=torch.int32)
+    cu[0] = 0
+    seq_lens = torch.zeros(B, dtype=torch.int32)
+    seq_lens[0] = 1
+    q, kc = torch.randn(1, 2, 64), torch.randn(1, 16, 1, 64)
+    with pytest.raises(RuntimeError, match="cudaError 9"):   # cudaErrorInvalidConfiguration
+        emu.paged_attention(q, kc, kc, torch.zeros(B, 1, dtype=torch.int32), cu, seq_lens,
+                            scale=0.125, max_seqlen_q=1)
+    # (65535 sequences would pass, but emulating 65535 blocks of 128 threads takes minutes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,7 +5,8 @@
 // exchange through a buffer with a warp barrier, `__shared__` is `static` (one block at a time)
 // and dynamic shared memory is a buffer poisoned with 0xff before each block. cp.async takes its
 // plain-copy fallback (no __CUDA_ARCH__). What it cannot check: real warp scheduling, alignment
-// faults, register/shared-memory limits, the cp.async PTX itself: the gpu tests do that.
+// faults, register limits, the cp.async PTX itself: the gpu tests do that. It does check the
+// launch configuration (grid/block limits, dynamic shared memory and its 48 KB opt-in).
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <thread>
 #include <vector>
 #include <memory>
@@ -51,11 +53,33 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
-inline bool emu_fail = false;
+// Launch-configuration errors a GPU would report: grid/block limits, and dynamic shared
+// memory over 48 KB without cudaFuncSetAttribute(MaxDynamicSharedMemorySize) for that kernel.
+inline cudaError_t emu_error = cudaSuccess;
+inline std::map<const void*, size_t> emu_smem_optin;
+constexpr size_t kEmuSmemDefault = 48 * 1024, kEmuSmemMax = 227 * 1024;  // sm_90
+template <typename F>
+cudaError_t emu_func_set_attribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || static_cast<size_t>(value) > kEmuSmemMax) return cudaErrorInvalidValue;
+  emu_smem_optin[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+inline cudaError_t emu_get_last_error() {  // returns and clears, like cudaGetLastError
+  const cudaError_t e = emu_error;
+  emu_error = cudaSuccess;
+  return e;
+}
 template <typename... P, typename... A>
 void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A... args) {
   int nthr = b.x * b.y * b.z;
-  if (nthr % 32 || nthr > 1024 || b.y != 1 || b.z != 1) { emu_fail = true; return; }
+  const auto optin = emu_smem_optin.find(reinterpret_cast<const void*>(k));
+  const size_t smem_max = optin == emu_smem_optin.end() ? kEmuSmemDefault : optin->second;
+  if (nthr % 32 || nthr > 1024 || b.y != 1 || b.z != 1 || g.x == 0 || g.y == 0 || g.z == 0 ||
+      g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535 || smem > smem_max) {
+    emu_error = cudaErrorInvalidConfiguration;
+    return;
+  }
   emu_bdim = b; emu_gdim = g;
   std::vector<char> buf(smem + 64);
   void* base = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 15) & ~uintptr_t(15));
@@ -75,5 +99,5 @@ void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A...
     for (auto& th : ts) th.join();
   }
 }
-#define cudaGetLastError() (emu_fail ? cudaErrorInvalidConfiguration : cudaSuccess)
-#define cudaFuncSetAttribute(...) cudaSuccess
+#define cudaGetLastError() emu_get_last_error()
+#define cudaFuncSetAttribute(kernel, attr, value) emu_func_set_attribute(kernel, attr, value)
