@@ -354,11 +354,11 @@ def _sm_count(device: torch.device) -> int:
     return 4                      # interpreter: a nominal small machine
 
 
-def _num_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, q_per_block: int,
-                max_seqlen_k: int, device: torch.device) -> int:
-    """Split-KV factor from host ints: aim at ~4 resident programs per SM (enough loads in
-    flight to approach copy bandwidth) without splits shorter than MIN_KEYS_PER_SPLIT."""
-    busy = min(num_tokens, num_tokens // q_per_block + num_seqs) * num_kv_heads
+def _num_splits(programs: int, max_seqlen_k: int, device: torch.device) -> int:
+    """Split-KV factor from host ints, for `programs` (q blocks x KV heads) that would split:
+    aim at ~4 resident programs per SM (enough loads in flight to approach copy bandwidth)
+    without splits shorter than MIN_KEYS_PER_SPLIT."""
+    busy = max(1, programs)
     target = 4 * _sm_count(device)
     if busy >= target:
         return 1
@@ -390,13 +390,17 @@ def _plan(T: int, B: int, Hkv: int, D: int, dtype: torch.dtype, group: int, max_
           max_seqlen_k: int, num_kv_splits: Optional[int], device: torch.device) -> _Plan:
     cfg = _config(D, dtype, group, max_seqlen_q)
     q_per_block = cfg.block_m // group
-    splits = num_kv_splits if num_kv_splits is not None else _num_splits(
-        T, B, Hkv, q_per_block, max_seqlen_k, device)
-    splits = max(1, min(int(splits), MAX_SPLITS))
     dcfg = _config(D, dtype, group, 1)
     # A launch that may hold prefill rows (q_len > 16) gives the sequences with q_len <= 16
     # their own decode tile: a decode at G = 4 fills 4 of a 128-row prefill tile's rows.
     mixed = TWO_CLASSES and max_seqlen_q > _DECODE_MAX_Q and dcfg.block_m < cfg.block_m
+    # Programs that would split: every q block; in a mixed launch only the decodes (one per
+    # sequence): a 64k-context decode beside a prefill chunk must still split, or it is the
+    # launch's tail long after the chunk's short programs have finished.
+    programs = (B if mixed else min(T, T // q_per_block + B)) * Hkv
+    splits = num_kv_splits if num_kv_splits is not None else _num_splits(
+        programs, max_seqlen_k, device)
+    splits = max(1, min(int(splits), MAX_SPLITS))
     if not mixed:                 # one class: every sequence by search, any q_len
         n = T // q_per_block + B
         return _Plan(cfg, False, splits, n, splits, q_per_block, 0, 0, 16, 1, 1, n * splits)

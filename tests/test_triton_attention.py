@@ -231,10 +231,15 @@ def test_tile_config_holds_a_group_and_splits_only_when_idle():
     assert not ta._plan(40, 3, 8, 128, torch.float32, 4, 40, 99, 1, torch.device("cpu")).mixed
     assert not ta._plan(40, 3, 8, 128, torch.float16, 4, 16, 99, 1, torch.device("cpu")).mixed
     cpu = torch.device("cpu")
-    assert ta._num_splits(8, 8, 8, 4, 300, cpu) == 1                    # short context
-    assert ta._num_splits(8192, 2, 8, 32, 65536, cpu) == 1              # prefill: busy enough
-    assert ta._num_splits(1, 1, 1, 16, 65536, cpu) == 4 * ta._sm_count(cpu)
-    assert ta._num_splits(1, 1, 1, 16, 10 ** 7, cpu) <= ta.MAX_SPLITS
+    assert ta._num_splits(64, 300, cpu) == 1                            # short context
+    assert ta._num_splits(8192 // 32 * 8, 65536, cpu) == 1              # prefill: busy enough
+    assert ta._num_splits(1, 65536, cpu) == 4 * ta._sm_count(cpu)
+    assert ta._num_splits(1, 10 ** 7, cpu) <= ta.MAX_SPLITS
+    bf16 = torch.bfloat16
+    # a 64-token chunk beside 2 decodes at 64k context: the decodes split (the chunk's
+    # programs do not count: they finish long before a 64k-key decode)
+    assert ta._plan(66, 3, 1, 128, bf16, 4, 64, 65536, None, cpu).direct_splits > 1
+    assert ta._plan(66, 3, 1, 128, bf16, 4, 64, 300, None, cpu).direct_splits == 1
 
 
 def test_one_split_is_one_launch(monkeypatch):
