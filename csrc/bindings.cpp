@@ -123,7 +123,7 @@ void paged_attention(Tensor& out, const Tensor& q_in, const Tensor& k_cache,
   TORCH_CHECK_VALUE(num_kv_splits >= 1 && num_kv_splits <= 1024, "num_kv_splits: ",
                     num_kv_splits, " out of range [1, 1024]");
   to_int(max_seqlen_k, "max_seqlen_k");
-  TORCH_CHECK_VALUE(B <= 65535, "seq_lens: at most 65535 sequences per launch, got ", B);
+  TORCH_CHECK_VALUE(B <= INT_MAX - 1, "seq_lens: too many sequences (", B, ")");
   TORCH_CHECK_VALUE(Hkv <= 65535, "k_cache: at most 65535 KV heads, got ", Hkv);
   if (T == 0 || B == 0 || max_seqlen_q == 0) return;
 

@@ -1,6 +1,6 @@
 // Paged attention over a ragged batch (semantics: kernels/reference.py paged_attention).
 //
-// One CTA per (sequence, KV head, KV split, tile of kRows query rows). A "row" is one
+// One CTA per (row tile of a sequence, KV split) x KV head. A "row" is one
 // (new token, query head of the GQA group) pair, so in decode (q_len = 1) every query head of
 // the group shares each K/V tile the CTA streams through shared memory: K/V bytes are read
 // once per KV head, not once per query head as vLLM's v1/v2 kernels do. Longer queries
@@ -14,6 +14,13 @@
 // host's num_kv_splits, which sizes the grid). A sequence with one split writes `out`
 // directly; otherwise each split writes a normalised fp32 partial and its log-sum-exp, and
 // merge_splits_kernel combines them. Grids depend on host ints only (CUDA-graph capturable).
+//
+// Row tiles -> CTAs (grid.x = slots x splits, KV head on grid.y): with B sequences whose
+// q_len all fit one bound (decodes, uniform chunks) every sequence gets the same number of
+// slots, max_seqlen_q * G / kRows rounded up, and a CTA finds its sequence by a division.
+// A mixed batch (one 2048-token chunk + 256 decodes) would make that B x 512 slots, 99.8 %
+// of them empty CTAs; there sequence b owns slots from cu_seqlens_q[b] * G / kRows + b on
+// (floor(T G / kRows) + B slots in all) and a CTA finds b by binary search over cu_seqlens_q.
 #include <cfloat>
 
 #include "cuda_utils.cuh"
@@ -43,6 +50,23 @@ __device__ __forceinline__ SplitPlan plan_splits(int kv_len, int q_len, int wind
   chunk = (chunk + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
   const int n = max(1, (eff + chunk - 1) / chunk);
   return {lo, chunk, n};
+}
+
+// First row-tile slot of sequence b in the searched layout: floor(cu[b] G / kRows) + b slots
+// come before it; it owns at least ceil(q_len G / kRows) (floor(a + x) - floor(a) + 1 >= ceil(x)).
+__device__ __forceinline__ int64_t first_slot(const int32_t* cu, int b, int G) {
+  return static_cast<int64_t>(cu[b]) * G / kRows + b;
+}
+
+// The sequence owning `slot` (the last b with first_slot(b) <= slot; first_slot increases).
+__device__ __forceinline__ int find_seq(const int32_t* cu, int num_seqs, int G, int64_t slot) {
+  int lo = 0, hi = num_seqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (first_slot(cu, mid, G) <= slot) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
 }
 
 // Sizes for head dims up to DM (the kernel's compile-time bound; the common head dims get an
@@ -80,12 +104,19 @@ paged_attention_kernel(const PagedAttentionParams p) {
 
   const int S = p.num_kv_splits;
   const int split = static_cast<int>(blockIdx.x % S);
-  const int rtile = static_cast<int>(blockIdx.x / S);
+  const int64_t slot = blockIdx.x / S;
   const int kvh = blockIdx.y;
-  const int b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   const int G = p.num_q_heads / p.num_kv_heads;
+  int b, rtile;
+  if (p.tiles_per_seq > 0) {  // uniform layout
+    b = static_cast<int>(slot / p.tiles_per_seq);
+    rtile = static_cast<int>(slot % p.tiles_per_seq);
+  } else {                    // searched layout (mixed batches)
+    b = find_seq(p.cu_seqlens_q, p.num_seqs, G, slot);
+    rtile = static_cast<int>(slot - first_slot(p.cu_seqlens_q, b, G));
+  }
   const int q_start = p.cu_seqlens_q[b];
   const int q_len = p.cu_seqlens_q[b + 1] - q_start;
   const int kv_len = p.seq_lens[b];
@@ -287,16 +318,24 @@ paged_attention_kernel(const PagedAttentionParams p) {
 }
 
 // Combine the splits of every (token, query head) of sequences that used more than one.
-// Grid (max_seqlen_q, B); one warp per query head, lanes over D in float4s.
+// Grid (T): one CTA per token, whose sequence is found by binary search over cu_seqlens_q
+// (a (max_seqlen_q, B) grid would be mostly empty CTAs in a mixed batch); one warp per query
+// head, lanes over D in float4s.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAttentionParams p) {
-  const int i = blockIdx.x, b = blockIdx.y;
-  const int q_start = p.cu_seqlens_q[b];
-  const int q_len = p.cu_seqlens_q[b + 1] - q_start;
-  if (i >= q_len) return;
+  const int64_t t = blockIdx.x;
+  const int32_t* cu = p.cu_seqlens_q;
+  if (t < cu[0] || t >= cu[p.num_seqs]) return;  // a row of no sequence
+  int lo = 0, hi = p.num_seqs - 1;                // the last b with cu[b] <= t
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (cu[mid] <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  const int b = lo;
+  const int q_len = cu[b + 1] - cu[b];
   const SplitPlan plan = plan_splits(p.seq_lens[b], q_len, p.sliding_window, p.num_kv_splits);
   if (plan.n <= 1) return;  // written directly by the attention kernel
-  const int64_t t = q_start + i;
   const int D = p.head_dim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
@@ -337,10 +376,13 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
   const int G = p.num_q_heads / p.num_kv_heads;
   const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * G;  // rows index as int32
-  const int64_t row_tiles = (rows + kRows - 1) / kRows;
-  const int64_t gx = row_tiles * p.num_kv_splits;
-  if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535 ||
-      p.num_seqs > 65535)
+  const int64_t tiles_per_seq = (rows + kRows - 1) / kRows;
+  const int64_t uniform = tiles_per_seq * p.num_seqs;
+  const int64_t searched = static_cast<int64_t>(p.num_tokens) * G / kRows + p.num_seqs;
+  PagedAttentionParams q = p;
+  q.tiles_per_seq = uniform <= searched ? static_cast<int>(tiles_per_seq) : 0;
+  const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
+  if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
   const size_t smem = C::smem(p.head_dim);
   auto kernel = paged_attention_kernel<T, DM, EXACT>;
@@ -350,11 +392,10 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
                              static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  kernel<<<dim3(static_cast<unsigned>(gx), p.num_kv_heads, p.num_seqs), kThreads, smem,
-           stream>>>(p);
+  kernel<<<dim3(static_cast<unsigned>(gx), p.num_kv_heads), kThreads, smem, stream>>>(q);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.num_kv_splits <= 1) return e;
-  merge_splits_kernel<T><<<dim3(p.max_seqlen_q, p.num_seqs), kThreads, 0, stream>>>(p);
+  merge_splits_kernel<T><<<dim3(p.num_tokens), kThreads, 0, stream>>>(q);
   return cudaGetLastError();
 }
 

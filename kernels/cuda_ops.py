@@ -99,8 +99,11 @@ def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seql
         return 1
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    row_tiles = -(-max_seqlen_q * (Hq // Hkv) // 16)
-    ctas = max(1, num_seqs * Hkv * row_tiles)
+    G = Hq // Hkv
+    # row tiles of 16 (token, head) rows: the fewer of the kernel's two layouts (uniform
+    # B x tiles of the longest query, or searched T G / 16 + B; paged_attention.cu)
+    row_tiles = min(num_seqs * -(-max_seqlen_q * G // 16), T * G // 16 + num_seqs)
+    ctas = max(1, Hkv * row_tiles)
     sms = _sm_count(q.device)
     splits = min(MAX_KV_SPLITS, -(-2 * sms // ctas), -(-max_seqlen_k // _SPLIT_MIN_KEYS))
     splits = min(splits, max(1, _WORKSPACE_BYTES // max(1, T * Hq * D * 4)))

@@ -155,7 +155,7 @@ def test_attention_int64_addressing_high_blocks(dtype):
                                       num_kv_splits=splits, backend="cuda")
         assert_close(got, ref.paged_attention(*attn_args(small)),
                      ref.paged_attention(*attn_args(bl)), name=f"high blocks splits={splits}")
-    del big
+    del big, c                                              # both caches, before empty_cache
     torch.cuda.empty_cache()
 
 

@@ -201,7 +201,11 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
     ([2, 1], [33, 130], 4, 4, 192, 16, torch.float32, 2, None, 10.0),
     # a GQA group of 24 > 16 rows per CTA: row tiles straddle tokens
     ([3, 1], [40, 200], 48, 2, 64, 16, torch.float16, 2, None, None),
+    # a chunk among decodes and empty sequences: searched CTA layout (19 slots, not 80)
+    ([37, 1, 0, 1, 1, 5, 0, 1], [100, 150, 0, 1, 260, 5, 3, 33], 8, 2, 64, 16, torch.float16,
+     3, None, None),
 ]
+# CTA layouts (paged_attention.cu): searched in cases 0-3, 11, 12; uniform in 4-10.
 # Dynamic shared memory over 48 KB (the emulated launch fails without the kernel's opt-in):
 # bf16 d=256 (case 6) 50 KB, fp32 d=192 in the 256 bucket (case 10) 62 KB.
 
@@ -217,6 +221,24 @@ def test_emulated_paged_attention(emu, case):
                               num_kv_splits=splits, **kw)
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name=f"emulated case {case}")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_emulated_paged_attention_random_mixed(emu, seed):
+    # random mixes of empty sequences, decodes and chunks (both CTA layouts, any split count)
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=g))]  # noqa: E731
+    q_lens = [pick([0, 1, 1, 1, 2, 5, 23]) for _ in range(7)]
+    kv_lens = [q + int(torch.randint(0, 150, (1,), generator=g)) for q in q_lens]
+    splits = pick([1, 2, 4])
+    b64 = make_batch(q_lens, kv_lens, num_q_heads=6, num_kv_heads=2, head_dim=32,
+                     dtype=torch.float64, generator=g)
+    bl = cast(b64, torch.float32)
+    got = emu.paged_attention(*attn_args(bl), scale=0.2, max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits)
+    assert_close(got, ref.paged_attention(*attn_args(b64), scale=0.2),
+                 ref.paged_attention(*attn_args(bl), scale=0.2),
+                 name=f"random q{q_lens} kv{kv_lens} splits={splits}")
 
 
 def test_emulated_paged_attention_empty_and_keyless(emu):
@@ -235,18 +257,14 @@ def test_emulated_paged_attention_empty_and_keyless(emu):
 
 
 def test_emulated_paged_attention_grid_limit(emu):
-    # gridDim.z (sequences) is limited to 65535: the launcher refuses rather than launching a
-    # grid the GPU would reject (the bindings raise a ValueError naming seq_lens before this)
-    B = 65536
-    cu = torch.ones(B + 1, dtype=torch.int32)
-    cu[0] = 0
-    seq_lens = torch.zeros(B, dtype=torch.int32)
-    seq_lens[0] = 1
-    q, kc = torch.randn(1, 2, 64), torch.randn(1, 16, 1, 64)
+    # KV heads sit on gridDim.y (at most 65535): the launcher refuses rather than launching a
+    # grid the GPU would reject (the bindings raise a ValueError naming k_cache before this).
+    # Sequences and row tiles share gridDim.x (2^31 - 1), so the batch size has no such limit.
+    q, kc = torch.randn(1, 65536, 8), torch.randn(1, 16, 65536, 8)
     with pytest.raises(RuntimeError, match="cudaError 9"):   # cudaErrorInvalidConfiguration
-        emu.paged_attention(q, kc, kc, torch.zeros(B, 1, dtype=torch.int32), cu, seq_lens,
-                            scale=0.125, max_seqlen_q=1)
-    # (65535 sequences would pass, but emulating 65535 blocks of 128 threads takes minutes)
+        emu.paged_attention(q, kc, kc, torch.zeros(1, 1, dtype=torch.int32),
+                            torch.tensor([0, 1], dtype=torch.int32),
+                            torch.tensor([1], dtype=torch.int32), scale=0.125, max_seqlen_q=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
