@@ -324,7 +324,8 @@ class _Config:
 # 64x32 spills with 4 warps (255 regs + stack), not with 8 (188); decode 64x64 at D=128:
 # 229 regs, 32x32 at D=256: 207. fp32 (ieee: no tensor-core
 # path, an FMA dot) spills at 32x32 and up, so it gets 16x16 tiles, 3 stages (with 2, ptxas
-# spilled 4-16 bytes at 72 regs for D=64/80): it is the accuracy path, not a fast one. Stored, not autotuned: autotuning syncs and re-benchmarks
+# spilled 4-16 bytes at 72 regs for D=64/80; D=256 spills at 4 warps with 2 or 3 stages, not
+# at 8 warps / 2 stages: 80 regs): it is the accuracy path, not a fast one. Stored, not autotuned: autotuning syncs and re-benchmarks
 # per new shape, which breaks CUDA-graph capture.
 _DECODE_MAX_Q = 16
 MAX_SPLITS = 64
@@ -335,7 +336,7 @@ TWO_CLASSES = True            # False: mixed launches use one (prefill) tile cla
 @functools.lru_cache(maxsize=None)
 def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int) -> _Config:
     if dtype == torch.float32:
-        cfg = _Config(16, 16, 4, 3)
+        cfg = _Config(16, 16, 8, 2) if head_dim > 128 else _Config(16, 16, 4, 3)
     elif max_seqlen_q <= _DECODE_MAX_Q:
         block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
         warps = 8 if block_m * head_dim > 32 * 256 else 4    # 64 x 256 at 4 warps spills

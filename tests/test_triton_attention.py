@@ -315,9 +315,15 @@ def test_gpu_window_and_softcap(dtype):
 
 
 @gpu
+@pytest.mark.parametrize("chunk", [0, 40])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
-def test_gpu_long_context_split_invariance(dtype):
-    b = make_batch([1, 1, 5, 16], [65536 + 13, 30000, 40001, 9000], num_q_heads=32,
+def test_gpu_long_context_split_invariance(dtype, chunk):
+    # chunk=40: a mixed launch (prefill tile unsplit, decode tile split, merge skips the
+    # chunk's rows); chunk=0: decode-only, every q block split
+    q_lens, kv_lens = [1, 1, 5, 16], [65536 + 13, 30000, 40001, 9000]
+    if chunk:
+        q_lens, kv_lens = q_lens + [chunk], kv_lens + [20000]
+    b = make_batch(q_lens, kv_lens, num_q_heads=32,
                    num_kv_heads=8, head_dim=128, dtype=torch.float64, device="cuda")
     outs = {s: _check(None, None, dtype=dtype, batch=b, splits=s, name=f"splits={s}")
             for s in (None, 1, 7, 64)}
