@@ -105,9 +105,24 @@ def _compile(job, arch):
 
 
 # --------------------------------------------------------------------------- configs
-def attention_jobs(quick: bool):
+def attention_jobs(quick: bool, arch: int = 90):
     from kernels import triton_attention as ta
     jobs = []
+    saved_arch = ta._arch
+    ta._arch = lambda device: arch          # the configs the launcher picks on that device
+    try:
+        _attention_jobs(ta, jobs, quick)
+    finally:
+        ta._arch = saved_arch
+    seen, uniq = set(), []                 # merge kernels repeat across classes
+    for j in jobs:
+        if j[0] not in seen:
+            seen.add(j[0])
+            uniq.append(j)
+    return uniq
+
+
+def _attention_jobs(ta, jobs, quick):
     dims = (128, 256) if quick else HEAD_DIMS
     dtypes = ("bf16", "fp32") if quick else ("fp16", "bf16", "fp32")
     # (class, group, max_seqlen_q, T): decode-only launches (max q_len <= 16: one tile class)
@@ -149,12 +164,6 @@ def attention_jobs(quick: bool):
                                 continue     # splits=64: only for the widest merge
                             label = tag if name == "attn" else f"merge D={d} {dn} splits={splits}"
                             jobs.append(_job(label, fn, args, dict(kw)))
-    seen, uniq = set(), []                 # merge kernels repeat across classes
-    for j in jobs:
-        if j[0] not in seen:
-            seen.add(j[0])
-            uniq.append(j)
-    return uniq
 
 
 def op_jobs(quick: bool):
@@ -205,8 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="substring filter on the config label")
     ap.add_argument("--jobs", type=int, default=2)
     a = ap.parse_args(argv)
-    jobs = [j for j in attention_jobs(a.quick) + op_jobs(a.quick) if a.only in j[0]]
-    work = [(j, int(arch)) for arch in a.arch.split(",") for j in jobs]
+    ops = op_jobs(a.quick)
+    work = [(j, arch) for arch in map(int, a.arch.split(","))
+            for j in attention_jobs(a.quick, arch) + ops if a.only in j[0]]
     bad = 0
     print(f"{'config':<58} {'sm':>3} {'warps':>5} {'stg':>3} {'regs':>4} {'local':>5} "
           f"{'smem KB':>7}  mma")

@@ -334,7 +334,8 @@ TWO_CLASSES = True            # False: mixed launches use one (prefill) tile cla
 
 
 @functools.lru_cache(maxsize=None)
-def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int) -> _Config:
+def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
+            arch: int = 90) -> _Config:
     if dtype == torch.float32:
         cfg = _Config(16, 16, 8, 2) if head_dim > 128 else _Config(16, 16, 4, 3)
     elif max_seqlen_q <= _DECODE_MAX_Q:
@@ -343,9 +344,22 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int) ->
         cfg = _Config(block_m, 32, warps, 2) if head_dim > 128 else _Config(block_m, 64, 4, 3)
     else:
         cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 3)
+    if arch < 90 and dtype != torch.float32 and cfg.block_m >= 64:
+        # sm_80 (mma.sync, no wgmma) spills 28-128 bytes at 255 regs with 128x64 / 8 warps,
+        # 64x64 / 4 warps and 128x32 / 8 warps; 64 rows at 8 warps, 2 stages: 184, no spill
+        cfg = _Config(64, cfg.block_n, 8, 2)
     if cfg.block_m < group:       # a q block must hold at least one token's G heads
         cfg = _Config(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> int:
+    """Compute capability as 80, 90, ...; the interpreter plans for an H100."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
 
 
 @functools.lru_cache(maxsize=None)
@@ -389,9 +403,10 @@ class _Plan:
 
 def _plan(T: int, B: int, Hkv: int, D: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
           max_seqlen_k: int, num_kv_splits: Optional[int], device: torch.device) -> _Plan:
-    cfg = _config(D, dtype, group, max_seqlen_q)
+    arch = _arch(device)
+    cfg = _config(D, dtype, group, max_seqlen_q, arch)
     q_per_block = cfg.block_m // group
-    dcfg = _config(D, dtype, group, 1)
+    dcfg = _config(D, dtype, group, 1, arch)
     # A launch that may hold prefill rows (q_len > 16) gives the sequences with q_len <= 16
     # their own decode tile: a decode at G = 4 fills 4 of a 128-row prefill tile's rows.
     mixed = TWO_CLASSES and max_seqlen_q > _DECODE_MAX_Q and dcfg.block_m < cfg.block_m

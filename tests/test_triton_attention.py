@@ -222,6 +222,7 @@ def test_tile_config_holds_a_group_and_splits_only_when_idle():
             assert cfg.block_m >= max(16, group) and cfg.block_m % 16 == 0
     assert ta._config(128, torch.bfloat16, 4, 1).block_m == 16          # decode: small tiles
     assert ta._config(128, torch.bfloat16, 4, 4096).block_m == 128      # prefill: FA2 tiles
+    assert ta._config(128, torch.bfloat16, 4, 4096, 80) == ta._Config(64, 64, 8, 2)  # A100
     # Llama-3-8B mixed step (2048-token chunk + 256 decodes): decodes get a 16-row tile (one
     # program per sequence and KV head), the chunk 128-row tiles; few spare programs
     p = ta._plan(2048 + 256, 257, 8, 128, torch.bfloat16, 4, 2048, 2048, None,
@@ -251,6 +252,23 @@ def test_one_split_is_one_launch(monkeypatch):
     _check([3, 1], [40, 20], splits=1, name="single launch")
     with pytest.raises(AssertionError, match="merge kernel launched"):
         _check([3, 1], [40, 20], splits=2)
+
+
+def test_mixed_kernel_compiles_for_sm90_without_spills(tmp_path):
+    # the interpreter cannot see registers: compile the two-class kernel for H100 (Llama-3-8B
+    # heads, bf16, with splits) and fail on spills / shared memory over 227 KB
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "bench.triton_compile_check", "--arch", "90",
+                          "--jobs", "1", "--only", "attn D=128 bf16 mixed-G4 splits=4"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "1 compiles, 0 failing" in res.stdout and "wgmma" in res.stdout
 
 
 def test_custom_op_and_compile_cpu():
