@@ -316,17 +316,15 @@ class _Config:
 # Decode tiles (max q_len <= 16, and the direct class of mixed launches): memory bound, so
 # few rows (>= 16 for tl.dot, >= G) and many small programs; prefill tiles: compute bound,
 # FlashAttention-2-sized. A mixed launch compiles both into one kernel with the prefill
-# tile's warps/stages: bf16 D=128 G=4, 128x64 + 64x64 at 8 warps: 212 regs (228 with
-# splits), 97.5 KB smem, no spill (bench/triton_compile_check.py prints every config).
-# Register counts below are ptxas's for sm_90 (compiled without a GPU, divisibility-16
-# specialisation as at launch): bf16 D=128 decode 16x64 / 4 warps / 3 stages: 163 regs, mma.sync
-# + cp.async; prefill 128x64 / 8 warps / 3 stages: 196 regs, wgmma, 99 KB smem; D=256 prefill
-# 64x32 spills with 4 warps (255 regs + stack), not with 8 (188); decode 64x64 at D=128:
-# 229 regs, 32x32 at D=256: 207. fp32 (ieee: no tensor-core
-# path, an FMA dot) spills at 32x32 and up, so it gets 16x16 tiles, 3 stages (with 2, ptxas
-# spilled 4-16 bytes at 72 regs for D=64/80; D=256 spills at 4 warps with 2 or 3 stages, not
-# at 8 warps / 2 stages: 80 regs): it is the accuracy path, not a fast one. Stored, not autotuned: autotuning syncs and re-benchmarks
-# per new shape, which breaks CUDA-graph capture.
+# tile's warps/stages. Register counts are ptxas's for sm_90 (bench/triton_compile_check.py,
+# no GPU needed, prints every shipped config): bf16 D=128 decode 16x64 / 4 warps / 3 stages
+# 158-164 regs (mma.sync + cp.async); spec decode 64x64 / 4 warps 229-254; mixed 128x64 +
+# 16x64 / 8 warps / 3 stages 195-228 regs, 97.5 KB smem (wgmma); D=256 prefill 64x32 spills
+# with 4 warps, not with 8 (188-210). fp32 (ieee: no tensor-core path, an FMA dot) spills at
+# 32x32 and up, so it gets 16x16 tiles; ptxas still spilled 4-16 bytes at 4 warps / 2 stages
+# (D=64/80) and at 4 warps for D=256, hence the warps/stages below (sm_80: 8 warps / 3
+# stages everywhere). It is the accuracy path, not a fast one. Stored, not autotuned:
+# autotuning syncs and re-benchmarks per new shape, which breaks CUDA-graph capture.
 _DECODE_MAX_Q = 16
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 512      # below this a split's fixed cost (q load, merge) dominates
@@ -337,17 +335,21 @@ TWO_CLASSES = True            # False: mixed launches use one (prefill) tile cla
 def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
             arch: int = 90) -> _Config:
     if dtype == torch.float32:
-        cfg = _Config(16, 16, 8, 2) if head_dim > 128 else _Config(16, 16, 4, 3)
+        if arch < 90:
+            cfg = _Config(16, 16, 8, 3)
+        else:
+            cfg = _Config(16, 16, 8, 2) if head_dim > 128 else _Config(16, 16, 4, 3)
     elif max_seqlen_q <= _DECODE_MAX_Q:
         block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
         warps = 8 if block_m * head_dim > 32 * 256 else 4    # 64 x 256 at 4 warps spills
         cfg = _Config(block_m, 32, warps, 2) if head_dim > 128 else _Config(block_m, 64, 4, 3)
     else:
         cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 3)
-    if arch < 90 and dtype != torch.float32 and cfg.block_m >= 64:
+    if arch < 90 and dtype != torch.float32 and (cfg.block_m >= 64 or head_dim > 128):
         # sm_80 (mma.sync, no wgmma) spills 28-128 bytes at 255 regs with 128x64 / 8 warps,
-        # 64x64 / 4 warps and 128x32 / 8 warps; 64 rows at 8 warps, 2 stages: 184, no spill
-        cfg = _Config(64, cfg.block_n, 8, 2)
+        # 64x64 / 4 warps and 128x32 / 8 warps; 64 rows at 8 warps, 2 stages: 184, no spill.
+        # D=256 decode 16x32 at 4 warps: 168 regs + 8 bytes spilled; 8 warps: 128, none.
+        cfg = _Config(min(cfg.block_m, 64), cfg.block_n, 8, 2)
     if cfg.block_m < group:       # a q block must hold at least one token's G heads
         cfg = _Config(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
     return cfg
