@@ -114,6 +114,13 @@ def test_mixed_launch_two_tile_classes(hq, splits):
         assert not out.isnan().any()
 
 
+def test_mixed_launch_single_class_fallback(monkeypatch):
+    # TWO_CLASSES=False (kept for A/B timing on a GPU): the same batch in one prefill-tile class
+    monkeypatch.setattr(ta, "TWO_CLASSES", False)
+    assert not ta._plan(24, 3, 1, 64, torch.float16, 4, 20, 50, 2, torch.device("cpu")).mixed
+    _check([20, 1, 3], [50, 9, 3], hq=4, hkv=1, splits=2, name="single class")
+
+
 # --------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize("group", [1, 4, 5, 7])
 @pytest.mark.parametrize("d", [64, 80, 96])
