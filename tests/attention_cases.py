@@ -55,3 +55,28 @@ ATTN_KEYS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens
 
 def attn_args(batch: dict):
     return [batch[k] for k in ATTN_KEYS]
+
+
+def check_paged_attention(backend, q_lens=None, kv_lens=None, *, hq=4, hkv=2, d=64, bs=16,
+                          dtype=torch.float16, device="cpu", window=None, softcap=None,
+                          splits=None, scale=None, out=None, batch=None, name=""):
+    """Run kernels.paged_attention on ``backend`` and assert it against the float64 reference,
+    with PyTorch's own error in ``dtype`` as the yardstick (tests/tolerance.py).
+    ``batch``: a float64 make_batch result to reuse instead of building one."""
+    import kernels
+    from kernels import reference
+    from tests.tolerance import assert_close
+
+    b64 = batch if batch is not None else make_batch(
+        q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=bs,
+        dtype=torch.float64, device=device)
+    bl = cast(b64, dtype)
+    kw = dict(scale=scale, sliding_window=window, softcap=softcap)
+    got = kernels.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                                  max_seqlen_k=bl["max_seqlen_k"], out=out,
+                                  num_kv_splits=splits, backend=backend, **kw)
+    want = reference.paged_attention(*attn_args(b64), **kw)
+    lowp = reference.paged_attention(*attn_args(bl), **kw)
+    assert_close(got, want, lowp,
+                 name=name or f"{backend} {dtype} q{q_lens} kv{kv_lens} splits={splits}")
+    return got, want, lowp

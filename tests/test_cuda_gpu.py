@@ -11,7 +11,7 @@ import torch
 import kernels
 from kernels import cuda_ops
 from kernels import reference as ref
-from tests.attention_cases import attn_args, cast, make_batch
+from tests.attention_cases import attn_args, cast, check_paged_attention, make_batch
 from tests.tolerance import EPS, FACTOR, assert_close, errors
 
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -22,21 +22,9 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 pytestmark = pytest.mark.gpu
 
 
-def _check_attn(q_lens=None, kv_lens=None, *, hq=4, hkv=2, d=64, bs=16, dtype=torch.float16,
-                window=None, softcap=None, splits=None, scale=None, out=None, batch=None,
-                name=""):
-    b64 = batch if batch is not None else make_batch(
-        q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=bs,
-        dtype=torch.float64, device="cuda")
-    bl = cast(b64, dtype)
-    kw = dict(scale=scale, sliding_window=window, softcap=softcap)
-    got = kernels.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
-                                  max_seqlen_k=bl["max_seqlen_k"], out=out,
-                                  num_kv_splits=splits, backend="cuda", **kw)
-    want = ref.paged_attention(*attn_args(b64), **kw)
-    lowp = ref.paged_attention(*attn_args(bl), **kw)
-    assert_close(got, want, lowp, name=name or f"{dtype} q{q_lens} kv{kv_lens} splits={splits}")
-    return got, want, lowp
+def _check_attn(q_lens=None, kv_lens=None, **kw):
+    """The CUDA kernel through kernels.paged_attention, asserted against the reference."""
+    return check_paged_attention("cuda", q_lens, kv_lens, device="cuda", **kw)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)

@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from kernels import reference
-from tests.attention_cases import attn_args, cast, make_batch
+from tests.attention_cases import attn_args, cast, check_paged_attention, make_batch
 from tests.tolerance import EPS, FACTOR, assert_close, errors
 
 ta = pytest.importorskip("kernels.triton_attention")
@@ -22,21 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 CPU_DTYPES = [torch.float16, torch.float32]
 
 
-def _check(q_lens, kv_lens, *, hq=4, hkv=2, d=64, bs=16, dtype=torch.float16, device="cpu",
-           window=None, softcap=None, splits=None, scale=None, out=None, name="", batch=None):
-    """Run the kernel through kernels.paged_attention and assert it against the reference."""
-    b64 = batch if batch is not None else make_batch(
-        q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=bs,
-        dtype=torch.float64, device=device)
-    bl = cast(b64, dtype)
-    kw = dict(scale=scale, sliding_window=window, softcap=softcap)
-    got = kernels.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
-                                  max_seqlen_k=bl["max_seqlen_k"], out=out,
-                                  num_kv_splits=splits, backend="triton", **kw)
-    ref = reference.paged_attention(*attn_args(b64), **kw)
-    lowp = reference.paged_attention(*attn_args(bl), **kw)
-    assert_close(got, ref, lowp, name=name or f"{dtype} q{q_lens} kv{kv_lens}")
-    return got, ref, lowp
+def _check(q_lens, kv_lens, **kw):
+    """The Triton kernel through kernels.paged_attention, asserted against the reference."""
+    return check_paged_attention("triton", q_lens, kv_lens, **kw)
 
 
 # --------------------------------------------------------------------------- batch shapes
