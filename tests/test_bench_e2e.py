@@ -204,9 +204,11 @@ def test_e2e_quick_smoke(tmp_path):
         assert s["ratio_to_hf_static"]["total_tokens_per_s"] > 0
         if name != "hf_static":
             # same weights as HF: random-weight greedy outputs agree (different weights would
-            # match a first token 1 time in 259); kernels may flip a rare near-tie
+            # match a first token 1 time in 259). CPU fp32 with the torch backend: every first
+            # token must match, as test_engine.py demands of whole outputs (0.75 let one of
+            # the 4 requests disagree)
             print(name, s["agreement_with_hf_static"])
-            assert s["agreement_with_hf_static"]["first_token_match"] >= 0.75, name
+            assert s["agreement_with_hf_static"]["first_token_match"] == 1.0, name
         if name.startswith("ragged:"):
             steps = s["step_log"]
             assert steps and s["steps"]["num_steps"] == len(steps)

@@ -72,7 +72,7 @@ def test_rotary_reference_is_a_rotation_by_position():
 
 
 def test_llama3_rope_scaling_matches_transformers():
-    tr = pytest.importorskip("transformers")
+    import transformers as tr      # a requirement: its absence must fail, not skip
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
