@@ -12,12 +12,10 @@ import kernels
 from kernels import cuda_ops
 from kernels import reference as ref
 from tests.attention_cases import attn_args, cast, check_paged_attention, make_batch
+from tests.op_cases import LLAMA3, check_rotary, check_write_kv, fused_qkv
 from tests.tolerance import EPS, FACTOR, assert_close, errors
 
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-SENTINEL = -7.25
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
 
 pytestmark = pytest.mark.gpu
 
@@ -192,39 +190,11 @@ def test_attention_cuda_graph_replay(dtype):
 
 
 # --------------------------------------------------------------------------- selective batching
-def fused_qkv(T, hq, hkv, d, dtype, device="cuda", pad=0):
-    """q, k, v as [T, H, D] views of one [T, pad + (hq + 2 hkv) * d] projection output
-    (pad elements in front: pad = 1 makes every view misaligned for 16-byte accesses)."""
-    qkv = torch.randn(T, pad + (hq + 2 * hkv) * d, dtype=torch.float64).to(dtype).to(device)
-    qkv = qkv[:, pad:]
-    q = qkv[:, :hq * d].view(T, hq, d)
-    k = qkv[:, hq * d:(hq + hkv) * d].view(T, hkv, d)
-    v = qkv[:, (hq + hkv) * d:].view(T, hkv, d)
-    return q, k, v
-
-
-def check_write_kv(T, hkv, d, bs, num_blocks, dtype, slot_sample=None, pad=0):
-    _, k, v = fused_qkv(T, 2 * hkv, hkv, d, dtype, pad=pad)
-    kc = torch.full((num_blocks, bs, hkv, d), SENTINEL, dtype=dtype, device="cuda")
-    vc = torch.full_like(kc, SENTINEL)
-    slots = slot_sample if slot_sample is not None else torch.randperm(num_blocks * bs)[:T]
-    slots = slots.clone()
-    slots[::5] = -1                                         # padding tokens are skipped
-    slots = slots.cuda()
-    kernels.write_kv(k, v, kc, vc, slots, backend="cuda")
-    keep = slots >= 0
-    assert torch.equal(kc.view(-1, hkv, d)[slots[keep]], k[keep])      # exact copy
-    assert torch.equal(vc.view(-1, hkv, d)[slots[keep]], v[keep])
-    kc.view(-1, hkv, d)[slots[keep]] = SENTINEL
-    vc.view(-1, hkv, d)[slots[keep]] = SENTINEL
-    assert bool((kc == SENTINEL).all()) and bool((vc == SENTINEL).all())  # nothing else written
-
-
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("T,hkv,d,bs,pad", [(97, 3, 80, 32, 0), (8192, 1, 96, 256, 0),
                                             (1, 8, 128, 16, 0), (33, 2, 64, 48, 1)])
 def test_write_kv_gpu(T, hkv, d, bs, pad, dtype):
-    check_write_kv(T, hkv, d, bs, -(-2 * T // bs) + 3, dtype, pad=pad)
+    check_write_kv("cuda", T, hkv, d, bs, -(-2 * T // bs) + 3, dtype, "cuda", pad=pad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -233,7 +203,7 @@ def test_write_kv_gpu_int64_addressing(dtype):
     # distinct slots (a duplicate would be a write race): the random ones stay below the top 64
     slots = torch.randperm(num_blocks * bs - 64)[:T]
     slots[:64] = num_blocks * bs - 1 - torch.arange(64)
-    check_write_kv(T, 8, 128, bs, num_blocks, dtype, slot_sample=slots)
+    check_write_kv("cuda", T, 8, 128, bs, num_blocks, dtype, "cuda", slot_sample=slots)
     torch.cuda.empty_cache()
 
 
@@ -270,16 +240,9 @@ def test_rms_norm_gpu_fp32_weight(dtype):
                                                (1025, 32, 32, 80, 40, 0), (17, 5, 1, 256, 128, 0),
                                                (33, 4, 2, 96, 64, 1)])
 def test_rotary_gpu(T, hq, hk, d, rot, pad, is_neox, dtype):
-    q, k, _ = fused_qkv(T, hq, hk, d, dtype, pad=pad)
-    cache = ref.rope_cos_sin_cache(rot, 131072, base=500000.0, scaling=LLAMA3).cuda()
-    pos = torch.randint(0, 131072, (T,), dtype=torch.int32 if T == 97 else torch.int64).cuda()
-    qr, kr = kernels.rotary_embedding(pos, q, k, cache, is_neox, backend="cuda")
-    gq, gk = ref.rotary_embedding(pos, q.double(), k.double(), cache.double(), is_neox)
-    lq, lk = ref.rotary_embedding(pos, q, k, cache, is_neox)
-    name = f"rotary T={T} {hq}/{hk}x{d} rot={rot} neox={is_neox} {dtype}"
-    assert_close(qr, gq, lq, name + " q")
-    assert_close(kr, gk, lk, name + " k")
-    assert torch.equal(qr[..., rot:], q[..., rot:]) and torch.equal(kr[..., rot:], k[..., rot:])
+    qr, kr, lq, lk = check_rotary("cuda", T, hq, hk, d, rot, is_neox, dtype, "cuda",
+                                  pos_dtype=torch.int32 if T == 97 else torch.int64,
+                                  scaling=LLAMA3, max_pos=131072, pad=pad)
     if dtype == torch.float32:                              # unfused products: bit-exact
         assert torch.equal(qr, lq) and torch.equal(kr, lk)
 
@@ -339,7 +302,7 @@ def test_opcheck_every_op(dtype):
 def test_selective_ops_cuda_graph_replay():
     dt = torch.bfloat16
     x, r, w = (torch.randn(*s, device="cuda").to(dt) for s in ((9, 256), (9, 256), (256,)))
-    q, k, _ = fused_qkv(9, 4, 2, 64, dt)
+    q, k, _ = fused_qkv(9, 4, 2, 64, dt, "cuda")
     pos = torch.arange(9, device="cuda")
     cache = ref.rope_cos_sin_cache(64, 64).cuda()
 

@@ -17,12 +17,10 @@ import kernels
 from kernels import cuda_ops
 from kernels import reference as ref
 from tests.attention_cases import attn_args, cast, make_batch
+from tests.op_cases import LLAMA3, SENTINEL
 from tests.tolerance import assert_close
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-SENTINEL = -7.25
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
 A = "Tensor(a!)"
 SCHEMAS = {
     "paged_attention": f"ragged::paged_attention({A} out, Tensor q, Tensor k_cache, Tensor v_cache, "

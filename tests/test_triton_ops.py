@@ -12,53 +12,18 @@ import torch
 
 import kernels
 from kernels import reference as ref
+from tests.op_cases import LLAMA3, check_rotary, check_write_kv
 from tests.tolerance import assert_close
 
 CPU_DTYPES = [torch.float16, torch.float32]
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-SENTINEL = -7.25
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
-
-
-def fused_qkv(T, hq, hkv, d, dtype, device):
-    """q, k, v as [T, H, D] views of one [T, (hq + 2 hkv) * d] projection output."""
-    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=torch.float64).to(dtype).to(device)
-    q = qkv[:, :hq * d].view(T, hq, d)
-    k = qkv[:, hq * d:(hq + hkv) * d].view(T, hkv, d)
-    v = qkv[:, (hq + hkv) * d:].view(T, hkv, d)
-    return q, k, v
-
-
 # --------------------------------------------------------------------------- write_kv
-def check_write_kv(T, hkv, d, block_size, num_blocks, dtype, device, slot_sample=None):
-    _, k, v = fused_qkv(T, 2 * hkv, hkv, d, dtype, device)
-    assert T == 1 or not k.is_contiguous()
-    kc = torch.full((num_blocks, block_size, hkv, d), SENTINEL, dtype=dtype, device=device)
-    vc = torch.full_like(kc, SENTINEL)
-    n_slots = num_blocks * block_size
-    slots = slot_sample if slot_sample is not None else torch.randperm(n_slots)[:T]
-    slots = slots.clone()
-    slots[::5] = -1                                         # padding tokens are skipped
-    if T > 3:
-        slots[3] = -12345
-    slots = slots.to(device)
-    kernels.write_kv(k, v, kc, vc, slots, backend="triton")
-    keep = slots >= 0
-    assert torch.equal(kc.view(-1, hkv, d)[slots[keep]], k[keep])      # exact copy
-    assert torch.equal(vc.view(-1, hkv, d)[slots[keep]], v[keep])
-    # every other entry is still the sentinel, bit for bit
-    kc.view(-1, hkv, d)[slots[keep]] = SENTINEL
-    vc.view(-1, hkv, d)[slots[keep]] = SENTINEL
-    assert bool((kc == SENTINEL).all()) and bool((vc == SENTINEL).all())
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("T,hkv,d,block_size", [(1, 1, 64, 16), (17, 3, 80, 32),
                                                 (97, 1, 96, 256), (17, 3, 128, 16)])
 def test_write_kv(T, hkv, d, block_size, dtype):
-    check_write_kv(T, hkv, d, block_size, num_blocks=-(-3 * T // block_size) + 2, dtype=dtype,
-                   device="cpu")
+    check_write_kv("triton", T, hkv, d, block_size, num_blocks=-(-3 * T // block_size) + 2,
+                   dtype=dtype, device="cpu")
 
 
 def test_write_kv_matches_reference_and_empty():
@@ -108,31 +73,17 @@ def test_rms_norm_empty_and_fp32_weight():
 
 
 # --------------------------------------------------------------------------- rotary
-def check_rotary(T, hq, hk, d, rot, is_neox, dtype, device, pos_dtype=torch.int64,
-                 scaling=None, max_pos=4096):
-    q, k, _ = fused_qkv(T, hq, hk, d, dtype, device)
-    cache = ref.rope_cos_sin_cache(rot, max_pos, base=500000.0, scaling=scaling).to(device)
-    pos = torch.randint(0, max_pos, (T,), dtype=pos_dtype).to(device)
-    qr, kr = kernels.rotary_embedding(pos, q, k, cache, is_neox, backend="triton")
-    gq, gk = ref.rotary_embedding(pos, q.double(), k.double(), cache.double(), is_neox)
-    lq, lk = ref.rotary_embedding(pos, q, k, cache, is_neox)
-    name = f"rotary T={T} {hq}/{hk}x{d} rot={rot} neox={is_neox} {dtype}"
-    assert_close(qr, gq, lq, name + " q")
-    assert_close(kr, gk, lk, name + " k")
-    assert torch.equal(qr[..., rot:], q[..., rot:]) and torch.equal(kr[..., rot:], k[..., rot:])
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("T,hq,hk,d,rot", [(1, 4, 1, 64, 64), (17, 6, 3, 80, 80),
                                            (97, 4, 1, 128, 64), (17, 2, 2, 96, 32)])
 def test_rotary(T, hq, hk, d, rot, is_neox, dtype):
-    check_rotary(T, hq, hk, d, rot, is_neox, dtype, "cpu")
+    check_rotary("triton", T, hq, hk, d, rot, is_neox, dtype, "cpu")
 
 
 @pytest.mark.parametrize("is_neox", [True, False])
 def test_rotary_llama3_cache_int32_positions(is_neox):
-    check_rotary(17, 8, 2, 128, 128, is_neox, torch.float16, "cpu", pos_dtype=torch.int32,
+    check_rotary("triton", 17, 8, 2, 128, 128, is_neox, torch.float16, "cpu", pos_dtype=torch.int32,
                  scaling=LLAMA3, max_pos=32768)
 
 
@@ -333,7 +284,7 @@ def test_write_kv_gpu_int64_addressing(dtype):
     # Distinct slots (two tokens writing one slot would race): the random ones avoid the top 64.
     slots = torch.randperm(num_blocks * bs - 64)[:T]
     slots[:64] = num_blocks * bs - 1 - torch.arange(64)     # the very top of the cache
-    check_write_kv(T, 8, 128, bs, num_blocks, dtype, "cuda", slot_sample=slots)
+    check_write_kv("triton", T, 8, 128, bs, num_blocks, dtype, "cuda", slot_sample=slots)
     torch.cuda.empty_cache()
 
 
@@ -341,7 +292,7 @@ def test_write_kv_gpu_int64_addressing(dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("T,hkv,d,bs", [(97, 3, 80, 32), (8192, 1, 96, 256), (1, 8, 128, 16)])
 def test_write_kv_gpu_shapes(T, hkv, d, bs, dtype):
-    check_write_kv(T, hkv, d, bs, -(-2 * T // bs) + 3, dtype, "cuda")
+    check_write_kv("triton", T, hkv, d, bs, -(-2 * T // bs) + 3, dtype, "cuda")
 
 
 @pytest.mark.gpu
@@ -358,7 +309,7 @@ def test_rms_norm_gpu(shape, residual, dtype):
 @pytest.mark.parametrize("T,hq,hk,d,rot", [(8192, 32, 8, 128, 128), (97, 14, 2, 64, 64),
                                            (1025, 32, 32, 80, 40), (17, 5, 1, 256, 128)])
 def test_rotary_gpu(T, hq, hk, d, rot, is_neox, dtype):
-    check_rotary(T, hq, hk, d, rot, is_neox, dtype, "cuda", scaling=LLAMA3, max_pos=131072,
+    check_rotary("triton", T, hq, hk, d, rot, is_neox, dtype, "cuda", scaling=LLAMA3, max_pos=131072,
                  pos_dtype=torch.int32 if T == 97 else torch.int64)
 
 
