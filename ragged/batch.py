@@ -65,11 +65,21 @@ class BatchBuilder:
             self._host = torch.empty(size, dtype=torch.uint8, pin_memory=self._pin)
         return self._host.numpy()
 
-    def build(self, scheduled: list[tuple[Sequence, int]], tables: np.ndarray) -> RaggedBatch:
+    def build(self, scheduled: list[tuple[Sequence, int]], tables: np.ndarray, *,
+              pad_to: int | None = None, out: torch.Tensor | None = None) -> RaggedBatch:
         """scheduled: (sequence, new tokens) in batch order; tables: BlockManager.table (each
-        sequence's blocks in its row seq.table_row)."""
+        sequence's blocks in its row seq.table_row).
+
+        pad_to (CUDA-graph decode steps): append pad_to - B dummy sequences (one token each:
+        token 0 at position 0, seq_len 1 over block 0, slot -1 so nothing is written, and
+        sampled, so logits_indices has pad_to rows) and give the block table the full width
+        of ``tables``; the layout then depends only on pad_to and that width (batch_layout),
+        so a graph captured on views of ``out`` (a uint8 device buffer of at least that many
+        bytes) reads this step's batch when it is copied there. sampled_rows stays [B]."""
         B = len(scheduled)
         assert B > 0, "an empty step is never built"
+        P = B if pad_to is None else pad_to
+        assert P >= B, (P, B)
         bs = self.block_size
         seqs = [s for s, _ in scheduled]
         q_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=B)
@@ -83,41 +93,67 @@ class BatchBuilder:
         sampled = seq_lens == num_tok          # the chunk reaches the end: sample a token
         S = int(sampled.sum())
         max_seqlen_k = int(seq_lens.max())
-        max_blocks = -(-max_seqlen_k // bs)
+        max_blocks = -(-max_seqlen_k // bs) if pad_to is None else tables.shape[1]
+        npad = P - B
 
-        # Layout of the single buffer: int64 [T] x3, [S]; then int32 [B+1], [B], [B, max_blocks].
-        n64 = 3 * T + S
-        n32 = (B + 1) + B + B * max_blocks
-        nbytes = 8 * n64 + 4 * n32
+        nbytes, fields = batch_layout(T + npad, S + npad, P, max_blocks)
         raw = self._buffer(nbytes)
-        i64 = raw[:8 * n64].view(np.int64)
-        i32 = raw[8 * n64:nbytes].view(np.int32)
-        input_ids, positions, slots, logits_idx = (i64[:T], i64[T:2 * T], i64[2 * T:3 * T],
-                                                   i64[3 * T:])
-        cu32, lens32 = i32[:B + 1], i32[B + 1:2 * B + 1]
-        table = i32[2 * B + 1:].reshape(B, max_blocks)
+        input_ids, positions, slots, logits_idx, cu32, lens32, table = fields(raw, np)
 
-        input_ids[:] = np.fromiter(
+        input_ids[:T] = np.fromiter(
             chain.from_iterable(s.token_ids[c:c + n] for s, c, n in
                                 zip(seqs, ctx.tolist(), q_lens.tolist())), dtype=np.int64, count=T)
         seq_of_tok = np.repeat(np.arange(B), q_lens)
-        positions[:] = np.arange(T) - np.repeat(cu[:-1] - ctx, q_lens)
-        table[:] = tables[rows, :max_blocks]           # entries past a sequence's end: stale, valid
-        slots[:] = table[seq_of_tok, positions // bs].astype(np.int64) * bs + positions % bs
-        logits_idx[:] = cu[1:][sampled] - 1
-        cu32[:] = cu
-        lens32[:] = seq_lens
+        pos = positions[:T]
+        pos[:] = np.arange(T) - np.repeat(cu[:-1] - ctx, q_lens)
+        table[:B] = tables[rows, :max_blocks]          # entries past a sequence's end: stale, valid
+        slots[:T] = table[seq_of_tok, pos // bs].astype(np.int64) * bs + pos % bs
+        logits_idx[:S] = cu[1:][sampled] - 1
+        cu32[:B + 1] = cu
+        lens32[:B] = seq_lens
+        if npad:
+            input_ids[T:] = 0
+            positions[T:] = 0
+            slots[T:] = -1
+            logits_idx[S:] = np.arange(T, T + npad)
+            cu32[B + 1:] = np.arange(T + 1, T + npad + 1)
+            lens32[B:] = 1
+            table[B:] = 0
 
-        dev = self._host[:nbytes]
+        src = self._host[:nbytes]
         if self.device.type == "cuda":
-            dev = dev.to(self.device, non_blocking=True)
+            if out is None:
+                dev = src.to(self.device, non_blocking=True)
+            else:
+                dev = out[:nbytes]
+                dev.copy_(src, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
-        d64 = dev[:8 * n64].view(torch.int64)
-        d32 = dev[8 * n64:].view(torch.int32)
+        elif out is not None:
+            dev = out[:nbytes]
+            dev.copy_(src)
+        else:
+            dev = src
+        d_ids, d_pos, d_slots, d_logits, d_cu, d_lens, d_table = fields(dev, torch)
         return RaggedBatch(
-            input_ids=d64[:T], positions=d64[T:2 * T], slot_mapping=d64[2 * T:3 * T],
-            logits_indices=d64[3 * T:], cu_seqlens_q=d32[:B + 1], seq_lens=d32[B + 1:2 * B + 1],
-            block_table=d32[2 * B + 1:].view(B, max_blocks),
+            input_ids=d_ids, positions=d_pos, slot_mapping=d_slots, logits_indices=d_logits,
+            cu_seqlens_q=d_cu, seq_lens=d_lens, block_table=d_table,
             max_seqlen_q=int(q_lens.max()), max_seqlen_k=max_seqlen_k,
             sampled_rows=sampled)
+
+
+def batch_layout(T: int, S: int, B: int, max_blocks: int):
+    """Byte layout of one batch in a flat uint8 buffer: int64 [T] x3 (input_ids, positions,
+    slot_mapping) and [S] (logits_indices), then int32 [B+1] (cu_seqlens_q), [B] (seq_lens),
+    [B, max_blocks] (block_table); int64 first so every view stays aligned. Returns (nbytes,
+    fields) where fields(buf, np or torch) slices a host or device buffer into those 7 views."""
+    n64 = 3 * T + S
+    n32 = (B + 1) + B + B * max_blocks
+    nbytes = 8 * n64 + 4 * n32
+
+    def fields(buf, lib):
+        i64 = buf[:8 * n64].view(lib.int64)
+        i32 = buf[8 * n64:nbytes].view(lib.int32)
+        return (i64[:T], i64[T:2 * T], i64[2 * T:3 * T], i64[3 * T:],
+                i32[:B + 1], i32[B + 1:2 * B + 1], i32[2 * B + 1:].reshape(B, max_blocks))
+    return nbytes, fields

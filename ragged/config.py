@@ -50,6 +50,9 @@ class EngineConfig:
                             latest-admitted running sequence.
     enable_prefix_caching   reuse KV blocks of identical prompt prefixes (full blocks only)
     seed                    seed of the sampler's generator for requests without their own seed
+    cuda_graphs             replay decode-only steps as CUDA graphs (one per batch-size bucket,
+                            ragged/graphs.py); None: on for CUDA devices. True on CPU runs the
+                            same padded static-buffer path eagerly (nothing to capture; tests)
     """
 
     block_size: int = 16
@@ -62,6 +65,7 @@ class EngineConfig:
     queue_order: str = "fcfs"
     enable_prefix_caching: bool = True
     seed: int = 0
+    cuda_graphs: bool | None = None
 
     def __post_init__(self):
         _int("block_size", self.block_size, 1, 256)
@@ -79,6 +83,8 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching: must be a bool, got {self.enable_prefix_caching!r}")
         _int("seed", self.seed, 0)
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs: must be a bool or None, got {self.cuda_graphs!r}")
 
     def resolve(self, device_type: str, model_max_len: int, num_blocks: int) -> "EngineConfig":
         """The config with every None filled in, once the device and KV capacity are known."""

@@ -15,6 +15,7 @@ import torch
 
 from .batch import BatchBuilder
 from .block_manager import BlockManager
+from .graphs import DecodeGraphs
 from .config import DEFAULT_BATCHED_TOKENS, EngineConfig
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
@@ -32,6 +33,11 @@ class StepStats:
     kv_blocks_used: int         # after scheduling (the step's peak)
     num_preempted: int
     prefix_hit_tokens: int
+    graph_batch: int = 0        # decode step replayed as the CUDA graph of this bucket (0: eager)
+    # CUDA: time between events recorded before the batch copy and after sampling, i.e. the
+    # device's span for this step (gaps inside it, if launches lag, are included); filled in
+    # once the events complete (Engine.device_times), None on CPU.
+    device_time_s: float | None = None
 
 
 @dataclass
@@ -113,11 +119,23 @@ class Engine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.batch_builder = BatchBuilder(config.block_size, self.device)
         self.kv_caches = model.allocate_kv_cache(num_blocks, config.block_size)
+        # Decode-only steps replay CUDA graphs (captured here, after the KV cache exists);
+        # cuda_graphs=True on CPU runs the same padded path eagerly (for tests).
+        use_graphs = (self.device.type == "cuda" if config.cuda_graphs is None
+                      else config.cuda_graphs)
+        self.graphs = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs=config.max_num_seqs,
+                                       width=self.block_manager.table.shape[1],
+                                       max_model_len=config.max_model_len,
+                                       capture=self.device.type == "cuda")
+            self.graphs.capture()
         self.tokenizer = tokenizer
         self.requests: dict[str, Sequence] = {}       # unfinished requests
         self.step_log: list[StepStats] = []
         self.stats = EngineStats()
         self._arrivals = 0
+        self._pending_events: list[tuple[StepStats, torch.cuda.Event, torch.cuda.Event]] = []
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -186,15 +204,22 @@ class Engine:
         t1 = time.perf_counter()
         kv_used = self.block_manager.num_used_blocks
         outputs = []
+        graph_batch = 0
+        events = None
         if sched.scheduled:
-            batch = self.batch_builder.build(sched.scheduled, self.block_manager.table)
-            logits = self.model.forward(batch.input_ids, batch.positions, batch.attn,
-                                        self.kv_caches, batch.logits_indices)
-            rows = [s for (s, _), take in zip(sched.scheduled, batch.sampled_rows) if take]
+            if self.device.type == "cuda":
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record()
+            logits, rows_taken, graph_batch = self._forward(sched)
+            rows = [s for (s, _), take in zip(sched.scheduled, rows_taken) if take]
             tokens = []
             if rows:
                 tokens = self.sampler(logits, [s.params for s in rows],
-                                      [s.num_output_tokens for s in rows]).tolist()
+                                      [s.num_output_tokens for s in rows])
+            if events is not None:
+                events[1].record()
+            if rows:
+                tokens = tokens.tolist()       # the step's one host sync
             done = self.scheduler.update(sched)
             assert done == rows, "scheduler and batch disagree on which rows are sampled"
             now = time.perf_counter()
@@ -210,8 +235,43 @@ class Engine:
             step=len(self.step_log), num_prefill_tokens=sched.num_prefill_tokens,
             num_decode_tokens=sched.num_decode_tokens, num_seqs=len(sched.scheduled),
             step_time_s=t2 - t0, schedule_time_s=t1 - t0, kv_blocks_used=kv_used,
-            num_preempted=len(sched.preempted), prefix_hit_tokens=sched.prefix_hit_tokens))
+            num_preempted=len(sched.preempted), prefix_hit_tokens=sched.prefix_hit_tokens,
+            graph_batch=graph_batch))
+        if events is not None:
+            self._pending_events.append((self.step_log[-1], *events))
+            self.device_times()
         return outputs
+
+    def device_times(self, wait: bool = False) -> None:
+        """Fill StepStats.device_time_s of the steps whose events have completed (all of
+        them with wait=True). Steps that sample already synced; others are read later, so
+        measuring adds no sync."""
+        keep = []
+        for stats, start, end in self._pending_events:
+            if wait:
+                end.synchronize()
+            if end.query():
+                stats.device_time_s = start.elapsed_time(end) / 1e3
+            else:
+                keep.append((stats, start, end))
+        self._pending_events = keep
+
+    def _forward(self, sched):
+        """The model over the step's batch -> (logits of the sampled rows, which scheduled
+        sequences those rows are, the graph bucket replayed or 0 for eager)."""
+        B = len(sched.scheduled)
+        table = self.block_manager.table
+        P = 0
+        if self.graphs is not None and sched.num_prefill_tokens == 0:
+            P = self.graphs.bucket_for(B) or 0
+        if P:
+            assert sched.num_decode_tokens == B, "a decode-only step has one token per sequence"
+            self.batch_builder.build(sched.scheduled, table, pad_to=P, out=self.graphs.buffer)
+            return self.graphs.run(P)[:B], [True] * B, P
+        batch = self.batch_builder.build(sched.scheduled, table)
+        logits = self.model.forward(batch.input_ids, batch.positions, batch.attn, self.kv_caches,
+                                    batch.logits_indices)
+        return logits, batch.sampled_rows, 0
 
     def _append(self, seq: Sequence, token: int, now: float) -> RequestOutput:
         seq.token_ids.append(token)

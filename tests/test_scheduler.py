@@ -19,7 +19,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from ragged import Engine, EngineConfig, SamplingParams
-from ragged.batch import BatchBuilder
+from ragged.batch import BatchBuilder, batch_layout
+from ragged.graphs import graph_buckets
 from ragged.sequence import Sequence
 
 V = 50
@@ -42,6 +43,7 @@ class CheckingModel:
         self.config = SimpleNamespace(vocab_size=V, eos_token_id=[], max_position_embeddings=4096)
         self.device = torch.device("cpu")
         self.calls = 0
+        self.graph_max_len = 0      # set by engine() when decode steps take the graph path
 
     def allocate_kv_cache(self, num_blocks, block_size):
         shape = (num_blocks, block_size, 1, 1)
@@ -54,12 +56,22 @@ class CheckingModel:
         assert T > 0 and attn.slot_mapping.shape == (T,) and positions.shape == (T,)
         assert attn.cu_seqlens_q.dtype == attn.seq_lens.dtype == attn.block_table.dtype == torch.int32
         assert input_ids.dtype == positions.dtype == attn.slot_mapping.dtype == torch.int64
-        k.view(-1)[attn.slot_mapping] = input_ids.double()
-        v.view(-1)[attn.slot_mapping] = positions.double()
+        # slot -1: a padding row of a CUDA-graph decode batch (a one-token dummy sequence of
+        # seq_len 1 at position 0 over block 0); nothing is written for it, and its logits
+        # are computed but never sampled, so it is checked for its shape only.
+        pad = (attn.slot_mapping < 0).tolist()
+        real = attn.slot_mapping >= 0
+        k.view(-1)[attn.slot_mapping[real]] = input_ids[real].double()
+        v.view(-1)[attn.slot_mapping[real]] = positions[real].double()
         cu, lens = attn.cu_seqlens_q.tolist(), attn.seq_lens.tolist()
         assert cu[0] == 0 and cu[-1] == T
         assert attn.max_seqlen_q == max(b - a for a, b in zip(cu, cu[1:]))
-        assert attn.max_seqlen_k == max(lens)
+        if self.graph_max_len and attn.max_seqlen_q == 1 and attn.max_seqlen_k == self.graph_max_len:
+            # graph batch (decode-only steps when graphs are on): the host bound is
+            # max_model_len, fixed at capture; padding comes after the real decodes
+            assert self.graph_max_len >= max(lens) and pad == sorted(pad)
+        else:
+            assert attn.max_seqlen_k == max(lens) and not any(pad)
         bs = k.shape[1]
         for b, L in enumerate(lens):                       # positions are ctx .. L-1
             q = cu[b + 1] - cu[b]
@@ -69,6 +81,9 @@ class CheckingModel:
             b = bisect.bisect_right(cu, idx) - 1
             assert idx == cu[b + 1] - 1, "a sampled row must be the last token of its sequence"
             L = lens[b]
+            if pad[idx]:
+                assert L == 1 and positions[idx] == 0 and input_ids[idx] == 0
+                continue
             blocks = attn.block_table[b, :math.ceil(L / bs)].long()
             toks = k[blocks].reshape(-1)[:L]
             assert v[blocks].reshape(-1)[:L].tolist() == list(range(L)), "KV history mis-paged"
@@ -80,7 +95,10 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 def engine(**kw):
-    return Engine(CheckingModel(), EngineConfig(**kw))
+    eng = Engine(CheckingModel(), EngineConfig(**kw))
+    if eng.graphs is not None:
+        eng.model.graph_max_len = eng.config.max_model_len
+    return eng
 
 
 def run(eng, max_steps=10_000):
@@ -125,6 +143,61 @@ def test_batch_builder_fields():
     before = batch.input_ids.clone()
     bb.build([(a, 6)], tables)
     assert torch.equal(batch.input_ids, before)
+
+
+def test_batch_builder_pads_for_graphs():
+    """pad_to: the real rows are exactly the unpadded batch's; the dummy rows are one-token
+    sequences (token 0, position 0, seq_len 1, block 0, slot -1) that are sampled; the table
+    has the full width; the bytes land at the start of `out` in batch_layout's layout."""
+    bb = BatchBuilder(4, "cpu")
+    tables = np.zeros((4, 5), dtype=np.int32)
+    a = Sequence("a", list(range(10)), SamplingParams(), 0, 0.0, 0)
+    a.num_computed_tokens, a.table_row, tables[2, :3] = 9, 2, [7, 3, 5]
+    b = Sequence("b", list(range(20, 26)), SamplingParams(), 0, 0.0, 1)
+    b.num_computed_tokens, b.table_row, tables[0, :2] = 5, 0, [2, 9]
+    plain = bb.build([(b, 1), (a, 1)], tables)
+    out = torch.full((4096,), 0xAB, dtype=torch.uint8)
+    padded = bb.build([(b, 1), (a, 1)], tables, pad_to=5, out=out)
+    assert padded.input_ids.data_ptr() == out.data_ptr()
+    views = batch_layout(5, 5, 5, 5)[1](out, torch)
+    for name, v in zip(("input_ids", "positions", "slot_mapping", "logits_indices",
+                        "cu_seqlens_q", "seq_lens", "block_table"), views):
+        assert torch.equal(getattr(padded, name), v), name
+    assert padded.input_ids.tolist() == plain.input_ids.tolist() + [0, 0, 0]
+    assert padded.positions.tolist() == plain.positions.tolist() + [0, 0, 0]
+    assert padded.slot_mapping.tolist() == plain.slot_mapping.tolist() + [-1, -1, -1]
+    assert padded.logits_indices.tolist() == [0, 1, 2, 3, 4]
+    assert padded.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4, 5]
+    assert padded.seq_lens.tolist() == [6, 10, 1, 1, 1]
+    assert padded.block_table.tolist() == [[2, 9, 0, 0, 0], [7, 3, 5, 0, 0]] + [[0] * 5] * 3
+    assert padded.sampled_rows.tolist() == [True, True]
+
+
+def test_graph_buckets():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(6) == [1, 2, 4, 6]
+    assert graph_buckets(256)[:6] == [1, 2, 4, 8, 16, 24] and graph_buckets(256)[-1] == 256
+    assert graph_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_decode_steps_take_the_padded_graph_path():
+    """cuda_graphs=True on CPU: decode-only steps run the same padded static-buffer forward a
+    GPU replays as a graph (5 and 3 running decodes pad to buckets 6 and 4 of max_num_seqs 6);
+    mixed steps stay eager; every token is still the rule's."""
+    eng = engine(max_num_batched_tokens=64, max_num_seqs=6, num_blocks=64, block_size=4,
+                 cuda_graphs=True)
+    lens_tokens = [(3, 2), (5, 4), (2, 6), (7, 6), (4, 9)]
+    for i, (n, mt) in enumerate(lens_tokens):
+        eng.add_request(str(i), [i + 1] * n, SamplingParams(max_tokens=mt, **GREEDY))
+    outs = run(eng)
+    for i, (n, mt) in enumerate(lens_tokens):
+        assert outs[str(i)].token_ids == expected([i + 1] * n, mt)
+    seen = {(s.num_seqs, s.graph_batch) for s in eng.step_log if s.graph_batch}
+    print(sorted(seen))
+    assert {(5, 6), (3, 4), (1, 1)} <= seen
+    assert all(s.graph_batch == 0 for s in eng.step_log if s.num_prefill_tokens)
+    assert eng.graphs.num_replays == sum(1 for s in eng.step_log if s.graph_batch)
+    assert eng.block_manager.num_free_blocks == 64
 
 
 # ------------------------------------------------------------------ policies
@@ -236,16 +309,18 @@ def test_max_num_seqs_respected():
 @settings(max_examples=80, deadline=None)
 @given(data=st.data(), policy=st.sampled_from(["continuous", "prefill_first", "static"]),
        order=st.sampled_from(["fcfs", "priority"]), block_size=st.sampled_from([1, 2, 4]),
-       budget=st.integers(1, 24), max_seqs=st.integers(1, 6), caching=st.booleans())
-def test_random_workloads(data, policy, order, block_size, budget, max_seqs, caching):
+       budget=st.integers(1, 24), max_seqs=st.integers(1, 6), caching=st.booleans(),
+       graphs=st.booleans())
+def test_random_workloads(data, policy, order, block_size, budget, max_seqs, caching, graphs):
     """Random arrivals, lengths, priorities and aborts over a KV cache small enough to
     preempt: limits hold every step, blocks never leak or double-free, every request that was
-    not aborted finishes with exactly the tokens the rule gives."""
+    not aborted finishes with exactly the tokens the rule gives (also when decode-only steps
+    take the padded CUDA-graph path, run eagerly on CPU)."""
     num_blocks = data.draw(st.integers(max(2, 8 // block_size), 24 // block_size + 2), "num_blocks")
     max_len = num_blocks * block_size
     eng = engine(max_num_batched_tokens=budget, max_num_seqs=max_seqs, num_blocks=num_blocks,
                  block_size=block_size, policy=policy, queue_order=order,
-                 enable_prefix_caching=caching, max_model_len=max_len)
+                 enable_prefix_caching=caching, max_model_len=max_len, cuda_graphs=graphs)
     n_req = data.draw(st.integers(1, 8), "n_req")
     reqs = {}
     for i in range(n_req):
@@ -273,6 +348,9 @@ def test_random_workloads(data, policy, order, block_size, budget, max_seqs, cac
     event(f"preempted: {eng.stats.num_preemptions > 0}")       # --hypothesis-show-statistics
     event(f"prefix hits: {eng.stats.prefix_hit_tokens > 0}")
     event(f"mixed step: {any(s.num_prefill_tokens and s.num_decode_tokens for s in eng.step_log)}")
+    event(f"graph step: {any(s.graph_batch for s in eng.step_log)}")
+    event(f"padded graph step: {any(s.graph_batch > s.num_seqs for s in eng.step_log)}")
+    assert graphs or all(s.graph_batch == 0 for s in eng.step_log)
     assert eng.block_manager.num_free_blocks == num_blocks
     for rid, (prompt, mt, at, _) in reqs.items():
         if rid in outs:
