@@ -120,6 +120,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
                                    max_num_seqs=a.max_num_seqs).items() if v is not None}
     if a.no_prefix_caching:
         extra["enable_prefix_caching"] = False
+    if a.no_cuda_graphs:
+        extra["cuda_graphs"] = False
     llm = LLM(model, policy=policy, seed=a.seed, **extra)
     engine = llm.engine
     try:
@@ -127,6 +129,7 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
         first_step = len(engine.step_log)
         with tqdm(total=len(requests), desc=f"ragged:{policy}", unit="req", leave=False) as bar:
             traces = drive(engine, requests, progress=bar, timeout_s=a.system_timeout)
+        engine.device_times(wait=True)
         steps = list(engine.step_log[first_step:])
         info = {"num_blocks": engine.block_manager.num_blocks, "engine_args": extra,
                 "steps": metrics.step_summary(steps, num_blocks=engine.block_manager.num_blocks,
@@ -341,6 +344,13 @@ def table(payload) -> str:
                      f" {_ms(m['tpot_s'], 'p50')} {_ms(m['itl_s'], 'p50')} {_ms(m['itl_s'], 'p99')}"
                      f" {_ms(m['e2e_s'], 'p50')} {_ms(m['e2e_s'], 'p99')}"
                      + "".join(f"{r:9.2f}x" if r else f"{'-':>10}" for r in ratios))
+    for name, s in payload["systems"].items():
+        st = s.get("steps") if s["status"] == "ok" else None
+        if st and st.get("num_steps"):
+            span = st.get("device_span_fraction")
+            lines.append(f"  {name}: {st['num_steps']} steps, {st['mixed_steps']} mixed, "
+                         f"{st['graph_steps']} CUDA-graph decode steps"
+                         + (f", device span {100 * span:.1f}% of step time" if span is not None else ""))
     return "\n".join(lines)
 
 
@@ -376,6 +386,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly (A/B against the default CUDA-graph replay)")
     p.add_argument("--system-timeout", type=float, default=900.0,
                    help="seconds one system may run before it is recorded as failed")
     a = p.parse_args(argv)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension, run the `gpu` tests and the benchmarks, and
 # write every log and JSON under OUTDIR (copy it to bench/results/<card>/ afterwards).
-#   bench/gpu_run.sh OUTDIR [build] [tests] [kernels] [e2e]     (no stage named: all of them)
+#   bench/gpu_run.sh OUTDIR [build] [tests] [kernels] [decode] [e2e] [e2e-eager]
+#   (no stage named: all but e2e-eager; e2e-eager is the same e2e run without CUDA graphs)
 # Stages keep to a few minutes each so a 10-minute command limit can hold one or two.
 set -uo pipefail
-out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [kernels] [e2e]}
+out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [kernels] [decode] [e2e] [e2e-eager]}
 shift
-stages=${*:-build tests kernels e2e}
+stages=${*:-build tests kernels decode e2e}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -27,7 +28,11 @@ for s in $stages; do
                  python3 -m pip install -e . --no-build-isolation --no-deps ;;
     tests)   run gpu-tests python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
     kernels) run bench-kernels python3 -m bench.kernels --device cuda --out "$out" ;;
+    decode)  run bench-decode python3 -m bench.decode_step --device cuda --out "$out" ;;
     e2e)     run bench-e2e python3 -m bench.e2e --device cuda --out "$out" ;;
+    e2e-eager) mkdir -p "$out/eager"
+             run bench-e2e-eager python3 -m bench.e2e --device cuda --no-cuda-graphs \
+                 --systems ragged --policies continuous --out "$out/eager" ;;
     *) echo "unknown stage $s"; status=2 ;;
   esac
 done

@@ -113,7 +113,12 @@ def step_records(step_log) -> list[dict]:
     """engine.step_log (StepStats objects or dicts) as plain dicts for JSON and plots."""
     names = ("step", "num_prefill_tokens", "num_decode_tokens", "num_seqs", "step_time_s",
              "schedule_time_s", "kv_blocks_used", "num_preempted", "prefix_hit_tokens")
-    return [{n: _get(r, n) for n in names} for r in step_log]
+    # Newer fields, absent from older logs: graph_batch (decode step replayed as a CUDA graph
+    # of that bucket, 0 = eager) and device_time_s (CUDA events' span of the step, or None).
+    optional = (("graph_batch", 0), ("device_time_s", None))
+    return [{**{n: _get(r, n) for n in names},
+             **{n: _get(r, n, d) for n, d in optional}}
+            for r in step_log]
 
 
 def step_summary(step_log, *, num_blocks: int | None, prompt_tokens: int) -> dict:
@@ -138,6 +143,13 @@ def step_summary(step_log, *, num_blocks: int | None, prompt_tokens: int) -> dic
         "prefix_hit_rate": float(col["prefix_hit_tokens"].sum() / prompt_tokens) if prompt_tokens else None,
         "kv_blocks_used_max": int(col["kv_blocks_used"].max()),
     }
+    out["graph_steps"] = int(np.sum(col["graph_batch"] > 0))
+    dev = [r["device_time_s"] for r in recs]
+    if all(d is not None for d in dev):
+        # Device span over engine wall time: how much of the time the GPU had a step in
+        # flight (an upper bound of busy: gaps inside a step count as busy). 1 - this is the
+        # share the device waited for the host between steps.
+        out["device_span_fraction"] = float(sum(dev) / col["step_time_s"].sum())
     if num_blocks:
         out["kv_usage_max"] = float(col["kv_blocks_used"].max() / num_blocks)
         out["kv_usage_mean"] = float(col["kv_blocks_used"].mean() / num_blocks)

@@ -138,7 +138,8 @@ def test_step_summary_hand_made_log():
     rows = [(10, 0, 2, 0, 4), (5, 2, 3, 1, 0), (0, 3, 3, 0, 0)]
     log = [SimpleNamespace(step=i, num_prefill_tokens=p, num_decode_tokens=d, num_seqs=2,
                            step_time_s=0.1 * (i + 1), schedule_time_s=0.001, kv_blocks_used=k,
-                           num_preempted=pre, prefix_hit_tokens=hit)
+                           num_preempted=pre, prefix_hit_tokens=hit, graph_batch=2 * (p == 0),
+                           device_time_s=0.05 * (i + 1))
            for i, (p, d, k, pre, hit) in enumerate(rows)]
     s = metrics.step_summary(log, num_blocks=10, prompt_tokens=20)
     print(s)
@@ -147,6 +148,9 @@ def test_step_summary_hand_made_log():
     assert s["kv_usage_max"] == pytest.approx(0.3) and s["kv_usage_mean"] == pytest.approx(8 / 30)
     assert s["tokens_per_step"]["mean"] == pytest.approx(20 / 3)
     assert s["step_time_s"]["p50"] == pytest.approx(0.2)
+    assert s["graph_steps"] == 1 and s["device_span_fraction"] == pytest.approx(0.5)
+    log[1].device_time_s = None        # a CPU engine (or unresolved events): no fraction
+    assert "device_span_fraction" not in metrics.step_summary(log, num_blocks=10, prompt_tokens=20)
     assert metrics.step_records([dict(num_decode_tokens=1)])[0]["num_prefill_tokens"] == 0
 
 
@@ -243,6 +247,29 @@ def test_e2e_quick_smoke_cuda(tmp_path, dtype):
         assert systems[name]["status"] == "ok", name
         assert systems[name]["summary"]["output_tokens"] == payload["workload"]["output_tokens"]
     assert systems["hf_continuous"]["status"] in ("ok", "unavailable")
+    span = systems["ragged:continuous"]["steps"]["device_span_fraction"]
+    print("device span fraction", span)
+    assert 0 < span < 1.5
     if dtype == "float32":
         agree = systems["ragged:continuous"]["agreement_with_hf_static"]["first_token_match"]
         assert agree >= 0.75
+
+
+def test_decode_step_bench_cpu(tmp_path):
+    """bench.decode_step on CPU (eager only): rows for every batch, and its byte count is the
+    weights (embedding: B rows only when untied) plus the KV that B sequences read."""
+    from bench import decode_step
+    payload = decode_step.main(["--device", "cpu", "--batch", "1,3", "--context", "40",
+                                "--out", str(tmp_path)])
+    assert [r["batch"] for r in payload["rows"]] == [1, 3]
+    c = json.loads((tmp_path / "decode_step_tiny_cpu.json").read_text())
+    assert c["info"]["commit"] and c["copy_bandwidth_gbs"] > 0
+    from model import load_model
+    m = load_model("tiny")
+    cfg, e = m.config, 4
+    params = sum(p.numel() for p in m.parameters())
+    emb = 0 if cfg.tie_word_embeddings else (cfg.vocab_size - 3) * cfg.hidden_size
+    kv = 3 * 40 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
+    assert payload["rows"][1]["bytes"] == (params - emb + kv) * e
+    for r in payload["rows"]:
+        assert r["eager_ms"] > 0 and r["time_over_bound"] > 0 and "graph_ms" not in r
