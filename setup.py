@@ -73,6 +73,7 @@ setup(
     version="0.1.0",
     description="Triton and CUDA kernels for ragged paged attention, and a continuous-batching runtime",
     packages=PACKAGES,
+    package_data={"kernels": ["tuned_attention.json"]},   # the offline-tuned Triton tiles, if any
     python_requires=">=3.10",
     ext_modules=built[0] if built else [],
     cmdclass=built[1] if built else {},

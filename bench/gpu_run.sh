@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension, run the `gpu` tests and the benchmarks, and
 # write every log and JSON under OUTDIR (copy it to bench/results/<card>/ afterwards).
-#   bench/gpu_run.sh OUTDIR [build] [tests] [kernels] [decode] [e2e] [e2e-eager]
-#   (no stage named: all but e2e-eager; e2e-eager is the same e2e run without CUDA graphs)
+#   bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [e2e] [e2e-eager]
+#   (no stage named: build tests kernels decode e2e. tune: bench.tune_triton merges winners into
+#   OUTDIR/tuned_attention.json and copies it to kernels/ so later stages use it; commit it.
+#   e2e-eager: the continuous-policy e2e run without CUDA graphs, for A/B)
 # Stages keep to a few minutes each so a 10-minute command limit can hold one or two.
 set -uo pipefail
-out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [kernels] [decode] [e2e] [e2e-eager]}
+out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [e2e] [e2e-eager]}
 shift
 stages=${*:-build tests kernels decode e2e}
 mkdir -p "$out"
@@ -28,6 +30,9 @@ for s in $stages; do
                  python3 -m pip install -e . --no-build-isolation --no-deps ;;
     tests)   run gpu-tests python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
     kernels) run bench-kernels python3 -m bench.kernels --device cuda --out "$out" ;;
+    tune)    [ -f kernels/tuned_attention.json ] && cp kernels/tuned_attention.json "$out/"
+             run tune python3 -m bench.tune_triton --write --table "$out/tuned_attention.json" --out "$out"
+             [ -f "$out/tuned_attention.json" ] && cp "$out/tuned_attention.json" kernels/ ;;
     decode)  run bench-decode python3 -m bench.decode_step --device cuda --out "$out" ;;
     e2e)     run bench-e2e python3 -m bench.e2e --device cuda --out "$out" ;;
     e2e-eager) mkdir -p "$out/eager"

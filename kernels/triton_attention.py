@@ -41,7 +41,9 @@ No .item() / host sync anywhere: the call is CUDA-graph capturable given max_seq
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -331,9 +333,57 @@ MIN_KEYS_PER_SPLIT = 512      # below this a split's fixed cost (q load, merge) 
 TWO_CLASSES = True            # False: mixed launches use one (prefill) tile class; for A/B timing
 
 
+# Configs tuned offline per GPU model (bench/tune_triton.py measures candidates on the device
+# and writes this file; nothing is tuned in the serving path). Keys "decode|prefill:d<D>:g<G>:
+# <dtype>": decode = decode-only launches (q_len 1), prefill = launches with q_len > 16 (their
+# prefill tile; a mixed launch keeps the heuristic decode tile beside it). Anything absent
+# uses the heuristics of _config.
+TUNED_FILE = Path(__file__).with_name("tuned_attention.json")
+
+
+def tuned_key(cls: str, head_dim: int, group: int, dtype: torch.dtype) -> str:
+    return f"{cls}:d{head_dim}:g{group}:{str(dtype).removeprefix('torch.')}"
+
+
+def _valid(cfg: _Config, cls: str, group: int) -> bool:
+    pow2 = all(v > 0 and v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.num_warps))
+    return (pow2 and 16 <= cfg.block_m <= 256 and 16 <= cfg.block_n <= 256
+            and cfg.block_m >= group and 1 <= cfg.num_warps <= 16 and 1 <= cfg.num_stages <= 8
+            and (cls == "prefill" or cfg.block_m <= 64))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(device_name: str, path: str) -> dict:
+    """{key: _Config} stored for this device name; a malformed entry raises (a broken table
+    must not silently fall back)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    table = {}
+    for key, v in data.get("devices", {}).get(device_name, {}).items():
+        cls = key.split(":")[0]
+        cfg = _Config(*(int(x) for x in v["config"])) if isinstance(v, dict) else None
+        group = int(key.split(":g")[1].split(":")[0]) if ":g" in key else 0
+        if cfg is None or cls not in ("decode", "prefill") or not _valid(cfg, cls, group):
+            raise ValueError(f"{path}: entry {key!r} for {device_name!r} is not a valid config: {v!r}")
+        table[key] = cfg
+    return table
+
+
+def device_name(device: torch.device) -> str:
+    """Key of the tuned table: the CUDA device name, or "interpreter" on CPU."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+
+
 @functools.lru_cache(maxsize=None)
 def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
-            arch: int = 90) -> _Config:
+            arch: int = 90, device_name: str = "") -> _Config:
+    cls = "decode" if max_seqlen_q == 1 else "prefill" if max_seqlen_q > _DECODE_MAX_Q else ""
+    if cls and device_name:
+        cfg = _tuned(device_name, str(TUNED_FILE)).get(tuned_key(cls, head_dim, group, dtype))
+        if cfg is not None:
+            return cfg
     if dtype == torch.float32:
         if arch < 90:
             cfg = _Config(16, 16, 8, 3)
@@ -362,6 +412,11 @@ def _arch(device: torch.device) -> int:
         major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
     return 90
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return device_name(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -405,10 +460,10 @@ class _Plan:
 
 def _plan(T: int, B: int, Hkv: int, D: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
           max_seqlen_k: int, num_kv_splits: Optional[int], device: torch.device) -> _Plan:
-    arch = _arch(device)
-    cfg = _config(D, dtype, group, max_seqlen_q, arch)
+    arch, name = _arch(device), _device_name(device)
+    cfg = _config(D, dtype, group, max_seqlen_q, arch, name)
     q_per_block = cfg.block_m // group
-    dcfg = _config(D, dtype, group, 1, arch)
+    dcfg = _config(D, dtype, group, 1, arch, name)
     # A launch that may hold prefill rows (q_len > 16) gives the sequences with q_len <= 16
     # their own decode tile: a decode at G = 4 fills 4 of a 128-row prefill tile's rows.
     mixed = TWO_CLASSES and max_seqlen_q > _DECODE_MAX_Q and dcfg.block_m < cfg.block_m

@@ -6,6 +6,8 @@ int64 addressing in a 131072+-block cache, CUDA-graph replay and torch.compile.
 Tolerance (tests/tolerance.py): err(kernel vs float64) <= 2 x err(PyTorch in the kernel's
 dtype vs float64) + a few-ulp floor.
 """
+import json
+
 import pytest
 import torch
 
@@ -441,3 +443,60 @@ def test_gpu_torch_compile_fullgraph_and_opcheck():
     out = torch.empty_like(bl["q"])
     torch.library.opcheck(ta._paged_attention_op,
                           (*attn_args(bl), out, 0.1, 9, 1024, None, None, None))
+
+
+# --------------------------------------------------------------------------- tuned configs
+@pytest.fixture
+def tuned_table(tmp_path, monkeypatch):
+    """Point the launcher at a temporary tuned table; caches cleared before and after."""
+    path = tmp_path / "tuned.json"
+    monkeypatch.setattr(ta, "TUNED_FILE", path)
+
+    def write(entries):
+        path.write_text(json.dumps({"devices": {"interpreter": entries}}))
+        ta._tuned.cache_clear()
+        ta._config.cache_clear()
+    yield write
+    ta._tuned.cache_clear()
+    ta._config.cache_clear()
+
+
+def test_tuned_table_is_used_and_validated(tuned_table):
+    """A stored decode config for this device replaces the heuristic (and the kernel is
+    still right with it); a prefill entry leaves decode launches alone; a malformed entry
+    raises instead of silently falling back."""
+    cpu = torch.device("cpu")
+    heur = ta._config(64, torch.float16, 2, 1, 90, "")
+    tuned = ta._Config(16, 32, 2, 2)
+    assert tuned != heur
+    tuned_table({ta.tuned_key("decode", 64, 2, torch.float16): {"config": [16, 32, 2, 2]},
+                 ta.tuned_key("prefill", 64, 2, torch.float16): {"config": [64, 32, 4, 2]}})
+    plan = ta._plan(5, 5, 2, 64, torch.float16, 2, 1, 40, None, cpu)
+    assert plan.cfg == tuned
+    assert ta._plan(40, 2, 2, 64, torch.float16, 2, 30, 60, None, cpu).cfg == ta._Config(64, 32, 4, 2)
+    assert ta._plan(5, 5, 2, 64, torch.float32, 2, 1, 40, None, cpu).cfg != tuned   # other dtype
+    _check([1] * 5, [7, 33, 16, 1, 40], hq=4, hkv=2, d=64, dtype=torch.float16)
+    _check([30, 1, 1], [45, 20, 3], hq=4, hkv=2, d=64, dtype=torch.float16)
+    tuned_table({ta.tuned_key("decode", 64, 2, torch.float16): {"config": [8, 32, 2, 2]}})
+    with pytest.raises(ValueError, match="not a valid config"):
+        ta._plan(5, 5, 2, 64, torch.float16, 2, 1, 40, None, cpu)
+
+
+def test_tune_triton_quick_writes_a_loadable_table(tuned_table, tmp_path, monkeypatch):
+    """bench.tune_triton (interpreter, tiny shapes; MIN_GAIN 0 so the fastest candidate is
+    written whatever the CPU's noise) merges winners the launcher then loads and uses."""
+    from bench import tune_triton
+    monkeypatch.setattr(tune_triton, "MIN_GAIN", 0.0)
+    tuned_table({})
+    payload = tune_triton.main(["--device", "cpu", "--quick", "--head-dims", "32", "--groups", "2",
+                                "--dtypes", "float16", "--write", "--table", str(ta.TUNED_FILE),
+                                "--out", str(tmp_path)])
+    keys = {ta.tuned_key(c, 32, 2, torch.float16) for c in ("decode", "prefill")}
+    assert set(payload["results"]) == keys
+    for r in payload["results"].values():
+        assert all("rejected" not in c for c in r["candidates"]), r["candidates"]
+    stored = json.loads(ta.TUNED_FILE.read_text())["devices"]["interpreter"]
+    assert set(stored) == keys
+    cfg = ta._config(32, torch.float16, 2, 1, 90, "interpreter")
+    assert [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages] == stored[
+        ta.tuned_key("decode", 32, 2, torch.float16)]["config"]
