@@ -66,7 +66,10 @@ def main(argv=None):
     model_len = max(max_len, args.max_model_len or 0)
     cfg = EngineConfig(block_size=16, num_blocks=max(n * blocks_per_seq + 1, -(-model_len // 16)),
                        max_num_seqs=n, max_num_batched_tokens=budget, max_model_len=model_len,
-                       cuda_graphs=args.graphs)
+                       cuda_graphs=args.graphs,
+                       # (a) below drives schedule/build/update by hand between engine steps,
+                       # which needs no step left in flight
+                       async_scheduling=False)
     eng = Engine(NoOpModel(device, args.vocab_size), cfg)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i in range(n):   # distinct prompts: no prefix sharing, full block tables

@@ -50,6 +50,8 @@ class EngineConfig:
                             latest-admitted running sequence.
     enable_prefix_caching   reuse KV blocks of identical prompt prefixes (full blocks only)
     seed                    seed of the sampler's generator for requests without their own seed
+    async_scheduling        launch step n before reading step n-1's tokens, so host work overlaps
+                            the device (ragged/engine.py); None: on for CUDA devices
     cuda_graphs             replay decode-only steps as CUDA graphs (one per batch-size bucket,
                             ragged/graphs.py); None: on for CUDA devices. True on CPU runs the
                             same padded static-buffer path eagerly (nothing to capture; tests)
@@ -66,6 +68,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     cuda_graphs: bool | None = None
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         _int("block_size", self.block_size, 1, 256)
@@ -83,8 +86,10 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching: must be a bool, got {self.enable_prefix_caching!r}")
         _int("seed", self.seed, 0)
-        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs: must be a bool or None, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "async_scheduling"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"{name}: must be a bool or None, got {v!r}")
 
     def resolve(self, device_type: str, model_max_len: int, num_blocks: int) -> "EngineConfig":
         """The config with every None filled in, once the device and KV capacity are known."""

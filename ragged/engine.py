@@ -2,8 +2,21 @@
 
 A step: schedule (host) -> build the ragged batch (host, one copy to the device) -> model
 forward over all new tokens of all scheduled sequences -> sample the rows that end a prompt or
-decode -> append tokens, finish what is done, free its blocks. One device sync per step (the
-sampled token ids). Per-request timings and per-step StepStats are recorded for benchmarks.
+decode (launch) -> advance the scheduled sequences, a placeholder token for each sampled row
+(commit) -> read the sampled ids back, fill the placeholders, finish what is done (process).
+One device sync per step (the sampled ids). Per-request timings and per-step StepStats are
+recorded for benchmarks.
+
+Async scheduling (EngineConfig.async_scheduling; on by default on CUDA): step n is launched
+before step n-1's tokens are read, so the host schedules and builds step n while the device
+still runs step n-1 and the device never waits for the host between steps. The placeholder of
+a decode whose previous token is still in flight is filled ON THE DEVICE, from that step's
+sampled-id tensor, before the forward; the host learns the token one step later. A sequence
+that then turns out finished (EOS / stop token) has one wasted row in step n, dropped; one
+that finishes by length is known at commit and never scheduled again. Its blocks are freed
+while step n may still touch them, which is safe: every later use is a later launch on the
+same stream. Prefix-cache hashes are taken at commit, after the placeholders they cover are
+filled, so they never hash a placeholder.
 """
 from __future__ import annotations
 
@@ -47,6 +60,29 @@ class EngineStats:
     prefix_hit_tokens: int = 0
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+
+
+@dataclass
+class _Flight:
+    """One launched step: its schedule, the sequences of its sampled rows, and their token ids
+    (on the device, and being copied to the host)."""
+    sched: object
+    rows: list
+    tokens_dev: torch.Tensor | None
+    tokens_host: torch.Tensor | None
+    copied: object            # CUDA event after the device-to-host copy (None on CPU)
+    graph_batch: int          # CUDA-graph bucket replayed, 0 = eager
+    events: tuple | None      # CUDA: (start, end, previous step's end) for its device span
+
+    def tokens(self) -> list[int]:
+        if self.tokens_host is None:
+            return []
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.tokens_host.tolist()
+
+
+PLACEHOLDER = 0               # a valid token id: a stray read is harmless, never out of range
 
 
 def profile_num_blocks(model, config: EngineConfig, budget: int) -> int:
@@ -136,6 +172,11 @@ class Engine:
         self.stats = EngineStats()
         self._arrivals = 0
         self._pending_events: list[tuple[StepStats, torch.cuda.Event, torch.cuda.Event]] = []
+        self._last_end_event = None
+        self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
+        self._inflight: _Flight | None = None       # async: the launched, unprocessed step
+        self._fix_host = None                       # pinned int64 [2, max_num_seqs] + its event
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -194,66 +235,156 @@ class Engine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns outputs for the tokens that became known in it (async: the
+        previous step's)."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         t1 = time.perf_counter()
         kv_used = self.block_manager.num_used_blocks
-        outputs = []
-        graph_batch = 0
-        events = None
+        flight = None
         if sched.scheduled:
-            if self.device.type == "cuda":
-                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                events[0].record()
-            logits, rows_taken, graph_batch = self._forward(sched)
-            rows = [s for (s, _), take in zip(sched.scheduled, rows_taken) if take]
-            tokens = []
-            if rows:
-                tokens = self.sampler(logits, [s.params for s in rows],
-                                      [s.num_output_tokens for s in rows])
-            if events is not None:
-                events[1].record()
-            if rows:
-                tokens = tokens.tolist()       # the step's one host sync
-            done = self.scheduler.update(sched)
-            assert done == rows, "scheduler and batch disagree on which rows are sampled"
-            now = time.perf_counter()
-            for seq, tok in zip(rows, tokens):
-                outputs.append(self._append(seq, tok, now))
+            flight = self._launch(sched)
         elif self.scheduler.has_unfinished():
             raise RuntimeError("scheduler produced an empty step with requests pending (a bug)")
+        outputs = []
+        if self.async_scheduling:
+            if self._inflight is not None:
+                outputs = self._process(self._inflight)
+            if flight is not None:
+                self._commit(flight)
+            self._inflight = flight
+        elif flight is not None:
+            self._commit(flight)
+            outputs = self._process(flight)
         t2 = time.perf_counter()
         self.stats.num_steps += 1
         self.stats.num_preemptions += len(sched.preempted)
         self.stats.prefix_hit_tokens += sched.prefix_hit_tokens
-        self.step_log.append(StepStats(
+        stats = StepStats(
             step=len(self.step_log), num_prefill_tokens=sched.num_prefill_tokens,
             num_decode_tokens=sched.num_decode_tokens, num_seqs=len(sched.scheduled),
             step_time_s=t2 - t0, schedule_time_s=t1 - t0, kv_blocks_used=kv_used,
             num_preempted=len(sched.preempted), prefix_hit_tokens=sched.prefix_hit_tokens,
-            graph_batch=graph_batch))
-        if events is not None:
-            self._pending_events.append((self.step_log[-1], *events))
+            graph_batch=flight.graph_batch if flight is not None else 0)
+        self.step_log.append(stats)
+        if flight is not None and flight.events is not None:
+            self._pending_events.append((stats, *flight.events))
             self.device_times()
         return outputs
+
+    def _launch(self, sched) -> _Flight:
+        """Build, copy, forward and sample the step without waiting for the device."""
+        start = end = None
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        logits, rows_taken, P = self._forward(sched)
+        rows = [s for (s, _), take in zip(sched.scheduled, rows_taken) if take]
+        tokens_dev = tokens_host = copied = None
+        if rows:
+            tokens_dev = self.sampler(logits, [s.params for s in rows],
+                                      [s.num_output_tokens for s in rows])
+            if self.device.type == "cuda":
+                tokens_host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+                tokens_host.copy_(tokens_dev, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            else:
+                tokens_host = tokens_dev
+        events = None
+        if start is not None:                # resolved later by device_times(): no sync
+            end.record()
+            events = (start, end, self._last_end_event)
+            self._last_end_event = end
+        return _Flight(sched, rows, tokens_dev, tokens_host, copied, P, events)
+
+    def _commit(self, flight: _Flight) -> None:
+        """The step's KV is (being) computed: advance its sequences; each sampled row gets a
+        placeholder token that _process fills. A row whose sequence finished meanwhile (async:
+        EOS seen in the previous step, or an abort) is skipped; a sequence that reaches its
+        length limit with this token leaves the scheduler now (it finishes when the token is
+        read), so no later step schedules it."""
+        done = self.scheduler.update(flight.sched)
+        alive = [s for s in flight.rows if s.status != Status.FINISHED]
+        assert done == alive, "scheduler and batch disagree on which rows are sampled"
+        max_len = self.config.max_model_len
+        for i, seq in enumerate(flight.rows):
+            if seq.status == Status.FINISHED:
+                continue
+            seq.token_ids.append(PLACEHOLDER)
+            seq.pending = (flight, i)
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= max_len:
+                self.scheduler.remove(seq)
+
+    def _process(self, flight: _Flight) -> list[RequestOutput]:
+        """Read the step's sampled ids (the sync), fill the placeholders, finish sequences."""
+        tokens = flight.tokens()
+        now = time.perf_counter()
+        outputs = []
+        for i, (seq, tok) in enumerate(zip(flight.rows, tokens)):
+            if seq.pending is None or seq.pending[0] is not flight:
+                continue                     # finished before this step's commit: dropped
+            seq.pending = None
+            if seq.finish_reason is not None:
+                continue                     # aborted while the token was in flight
+            seq.token_ids[-1] = tok
+            outputs.append(self._append(seq, tok, now))
+        return outputs
+
+    def _fix_inputs(self, input_ids: torch.Tensor, sched) -> None:
+        """Async: decodes whose input token is the in-flight step's sampled id get it copied
+        on the device (index pairs through a pinned buffer: a pageable copy would wait for
+        the stream)."""
+        prev = self._inflight
+        if prev is None or prev.tokens_dev is None:
+            return
+        dst, src, row = [], [], 0
+        for seq, n in sched.scheduled:
+            if seq.pending is not None:
+                assert seq.pending[0] is prev and n == 1, "only the last step's token is pending"
+                dst.append(row)
+                src.append(seq.pending[1])
+            row += n
+        if not dst:
+            return
+        k = len(dst)
+        if self.device.type == "cuda":
+            if self._fix_host is None or self._fix_host[0].numel() < 2 * k:
+                size = 2 * max(k, self.config.max_num_seqs)
+                self._fix_host = [torch.empty(size, dtype=torch.int64, pin_memory=True), None]
+            host, ev = self._fix_host
+            if ev is not None:
+                ev.synchronize()                 # its last copy has left the buffer
+            host[:2 * k] = torch.tensor(dst + src)           # one contiguous pinned slice
+            idx = host[:2 * k].to(self.device, non_blocking=True).view(2, k)
+            self._fix_host[1] = torch.cuda.Event()
+            self._fix_host[1].record()
+        else:
+            idx = torch.tensor([dst, src], dtype=torch.int64)
+        input_ids.index_copy_(0, idx[0], prev.tokens_dev.index_select(0, idx[1]))
 
     def device_times(self, wait: bool = False) -> None:
         """Fill StepStats.device_time_s of the steps whose events have completed (all of
         them with wait=True). Steps that sample already synced; others are read later, so
         measuring adds no sync."""
         keep = []
-        for stats, start, end in self._pending_events:
+        for stats, start, end, prev_end in self._pending_events:
             if wait:
                 end.synchronize()
             if end.query():
-                stats.device_time_s = start.elapsed_time(end) / 1e3
+                # The step occupies the stream from its start or the previous step's end,
+                # whichever is later (async: it is queued behind the previous one).
+                span = start.elapsed_time(end)
+                if prev_end is not None:
+                    span = min(span, prev_end.elapsed_time(end))
+                stats.device_time_s = span / 1e3
             else:
-                keep.append((stats, start, end))
+                keep.append((stats, start, end, prev_end))
         self._pending_events = keep
 
     def _forward(self, sched):
@@ -266,15 +397,18 @@ class Engine:
             P = self.graphs.bucket_for(B) or 0
         if P:
             assert sched.num_decode_tokens == B, "a decode-only step has one token per sequence"
-            self.batch_builder.build(sched.scheduled, table, pad_to=P, out=self.graphs.buffer)
+            batch = self.batch_builder.build(sched.scheduled, table, pad_to=P,
+                                             out=self.graphs.buffer)
+            self._fix_inputs(batch.input_ids, sched)
             return self.graphs.run(P)[:B], [True] * B, P
         batch = self.batch_builder.build(sched.scheduled, table)
+        self._fix_inputs(batch.input_ids, sched)
         logits = self.model.forward(batch.input_ids, batch.positions, batch.attn, self.kv_caches,
                                     batch.logits_indices)
         return logits, batch.sampled_rows, 0
 
     def _append(self, seq: Sequence, token: int, now: float) -> RequestOutput:
-        seq.token_ids.append(token)
+        """seq's newest token (already in token_ids) is known: time it, finish if done."""
         m, p = seq.metrics, seq.params
         if m.first_token_time is None:
             m.first_token_time = now
@@ -286,12 +420,12 @@ class Engine:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             m.finish_time = now
-            self.scheduler.remove(seq)
+            self.scheduler.remove(seq)      # a no-op if _commit already took it out
             del self.requests[seq.request_id]
         return self.output(seq)
 
     def output(self, seq: Sequence) -> RequestOutput:
-        finished = seq.status == Status.FINISHED
+        finished = seq.finish_reason is not None
         text = ""
         if finished and self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)

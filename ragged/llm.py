@@ -51,7 +51,8 @@ class LLM:
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                  max_model_len: int | None = None, policy: str = "continuous",
                  enable_prefix_caching: bool = True, backend=None, seed: int = 0,
-                 queue_order: str = "fcfs", cuda_graphs: bool | None = None):
+                 queue_order: str = "fcfs", cuda_graphs: bool | None = None,
+                 async_scheduling: bool | None = None):
         """model: a HF directory, a preset name, a ModelConfig, or an already loaded model.
         dtype: torch dtype or name; None = the checkpoint's dtype (float32 for presets without
         one). device: None = "cuda" when available, else "cpu"."""
@@ -61,7 +62,7 @@ class LLM:
                               max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                               policy=policy, queue_order=queue_order,
                               enable_prefix_caching=enable_prefix_caching, seed=seed,
-                              cuda_graphs=cuda_graphs)
+                              cuda_graphs=cuda_graphs, async_scheduling=async_scheduling)
         if isinstance(model, torch.nn.Module) or hasattr(model, "allocate_kv_cache"):
             loaded = model
         else:

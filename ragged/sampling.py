@@ -96,11 +96,16 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy
         dev = logits.device
-        temp = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        x = logits / torch.where(temp > 0, temp, 1.0).to(dev, non_blocking=True)[:, None]
+        # Pinned host tensors: a non_blocking copy from pageable memory makes CUDA wait for
+        # the stream first, which would stall the host behind the step it should overlap.
+        pin = dev.type == "cuda"
+        temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, pin_memory=pin)
+        temp = temp.to(dev, non_blocking=True)
+        x = logits / torch.where(temp > 0, temp, 1.0)[:, None]
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            top_k = torch.tensor([p.top_k for p in params]).to(dev, non_blocking=True)
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+            top_k = torch.tensor([p.top_k for p in params], pin_memory=pin).to(dev, non_blocking=True)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32,
+                                 pin_memory=pin).to(dev, non_blocking=True)
             x = apply_top_k_top_p(x, top_k, top_p)
         probs = x.softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
@@ -111,4 +116,4 @@ class Sampler:
                 noise[i].exponential_(generator=self._seeded)
         # Exp(1) can round to 0; a 0/0 would be NaN, which argmax treats as the maximum.
         sampled = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-        return torch.where((temp == 0).to(dev, non_blocking=True), greedy, sampled)
+        return torch.where(temp == 0, greedy, sampled)

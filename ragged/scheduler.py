@@ -76,7 +76,9 @@ class Scheduler:
             self.waiting.append(seq)
 
     def remove(self, seq: Sequence):
-        """Take seq out of the queues and free its blocks (finish or abort)."""
+        """Take seq out of the queues and free its blocks (finish or abort); idempotent."""
+        if seq.status == Status.FINISHED:
+            return
         if seq.status == Status.RUNNING:
             self.running.remove(seq)
         elif seq.status == Status.WAITING:
@@ -189,9 +191,12 @@ class Scheduler:
     # ------------------------------------------------------------------ after the forward
     def update(self, out: SchedulerOutput):
         """The step's tokens are computed: advance each sequence and name its full blocks.
-        Returns the sequences whose last chunk reached the end (they get a sampled token)."""
+        Returns the sequences whose last chunk reached the end (they get a sampled token).
+        Sequences finished since the step was scheduled (async engine) are skipped."""
         sampled = []
         for seq, n in out.scheduled:
+            if seq.status == Status.FINISHED:
+                continue
             seq.num_computed_tokens += n
             self.bm.commit(seq)
             if seq.num_computed_tokens == seq.num_tokens:

@@ -63,6 +63,9 @@ class Sequence:
         self.table_row = -1                              # its row in BlockManager.table
         self.block_hashes: list[int] = []                # chained hashes of its full, cached blocks
         self.finish_reason: str | None = None
+        # (launched step, row) while its newest token is a placeholder for that step's sampled
+        # id, not yet read back (Engine._commit sets it, Engine._process fills the token).
+        self.pending = None
         self.num_preemptions = 0
         self.metrics = RequestMetrics(arrival_time)
 

@@ -123,6 +123,48 @@ def test_padded_graph_decode_path_equals_hf(model_dirs, backend):
     assert_all_free(llm)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_async_scheduling_same_tokens(model_dirs, family):
+    """async_scheduling=True (step n launched before step n-1's tokens are read; decode
+    inputs filled from the previous step's sampled-id tensor) over chunked prompts, padded
+    graph-path decodes and preemption: greedy tokens are HF's; a stop token that ends one
+    request mid-batch (its in-flight row is dropped) gives the same cut as the synchronous
+    engine; seeded sampling draws the same tokens; nothing leaks."""
+    path = model_dirs[family]
+    ps = prompts(seed=5)
+    kw = dict(block_size=4, num_blocks=24, max_num_batched_tokens=16, max_num_seqs=6,
+              cuda_graphs=True)
+    sync = LLM(path, async_scheduling=False, **kw)
+    asy = LLM(path, async_scheduling=True, **kw)
+    assert asy.engine.async_scheduling and not sync.engine.async_scheduling
+    outs = asy.generate(ps, GREEDY, use_tqdm=False)
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(path, p), len(p)
+    log = asy.engine.step_log
+    print(family, "preemptions", asy.engine.stats.num_preemptions, "graph steps",
+          sum(1 for s in log if s.graph_batch), "mixed", mixed_steps(asy))
+    assert asy.engine.stats.num_preemptions > 0 and mixed_steps(asy) > 0
+    assert any(s.graph_batch for s in log)
+    assert_all_free(asy)
+    # A stop token two tokens into request 1 while the others keep decoding.
+    free = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    full = sync.generate(ps, free, use_tqdm=False)
+    stop = full[1].token_ids[2]
+    params = [free] * len(ps)
+    params[1] = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                               stop_token_ids=[stop])
+    a = sync.generate(ps, params, use_tqdm=False)
+    b = asy.generate(ps, params, use_tqdm=False)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert b[1].finish_reason == "stop" and b[1].token_ids[-1] == stop
+    assert len(b[1].token_ids) <= 3 and all(o.finish_reason == "length" for o in b[2:])
+    sp = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=6, ignore_eos=True)
+    assert ([o.token_ids for o in sync.generate(ps[:3], sp, use_tqdm=False)]
+            == [o.token_ids for o in asy.generate(ps[:3], sp, use_tqdm=False)])
+    assert_all_free(asy)
+    assert not asy.engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
 def test_greedy_equals_hf_under_preemption(model_dirs, family):
     path = model_dirs[family]
@@ -380,7 +422,8 @@ def test_gpu_profiled_kv_cache_and_hf_equivalence(model_dirs, backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_cuda_graph_decode(model_dirs, backend):
     """On CUDA, decode steps replay captured graphs (one per bucket of max_num_seqs=8): the
-    greedy fp32 tokens equal HF's and the eager engine's, padded buckets were replayed, and
+    greedy fp32 tokens equal HF's and the eager engine's (synchronous, and with async
+    scheduling: filled inputs from the device), padded buckets were replayed, and
     for one decode batch the replayed logits equal the eager forward's (same weights, same
     KV; fp32 GEMMs of 3 vs 4 rows differ by summation order only, ~1e-6 relative, while a
     padding or layout bug would be O(1)); a second replay is bitwise identical."""
@@ -388,16 +431,25 @@ def test_gpu_cuda_graph_decode(model_dirs, backend):
     path = model_dirs["qwen3"]
     kw = dict(device="cuda", dtype=torch.float32, backend=backend, gpu_memory_utilization=0.3,
               max_num_batched_tokens=64, max_num_seqs=8)
-    llm = LLM(path, **kw)
+    llm = LLM(path, async_scheduling=False, **kw)
     eng = llm.engine
     assert sorted(eng.graphs.graphs) == graph_buckets(8)
     ps = prompts(seed=4, lens=(1, 17, 30, 9, 5))
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    # the defaults on CUDA: async scheduling, with and without graphs
+    both = LLM(path, **kw)
+    assert both.engine.async_scheduling and both.engine.graphs is not None
+    overlapped = both.generate(ps, GREEDY, use_tqdm=False)
     eager = LLM(path, cuda_graphs=False, **kw).generate(ps, GREEDY, use_tqdm=False)
-    for p, o, e in zip(ps, outs, eager):
-        assert o.token_ids == e.token_ids == hf_greedy(path, p), len(p)
+    for p, o, a, e in zip(ps, outs, overlapped, eager):
+        assert o.token_ids == a.token_ids == e.token_ids == hf_greedy(path, p), len(p)
     assert any(s.graph_batch > s.num_seqs for s in eng.step_log)
+    assert any(s.graph_batch > s.num_seqs for s in both.engine.step_log)
+    both.engine.device_times(wait=True)
+    spans = [s.device_time_s for s in both.engine.step_log if s.num_seqs]
+    assert all(t is not None and t > 0 for t in spans), spans
     assert_all_free(llm)
+    assert_all_free(both)
 
     # One decode batch of 3 sequences, two ways (bucket 4: one padding row).
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)

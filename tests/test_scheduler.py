@@ -31,10 +31,12 @@ def rule(tokens):
     return (sum((i + 1) * t for i, t in enumerate(tokens)) * 31 + len(tokens)) % V
 
 
-def expected(prompt, max_tokens, max_model_len=10**9):
+def expected(prompt, max_tokens, max_model_len=10**9, stop=()):
     toks = list(prompt)
     while len(toks) - len(prompt) < max_tokens and len(toks) < max_model_len:
         toks.append(rule(toks))
+        if toks[-1] in stop:
+            break
     return toks[len(prompt):]
 
 
@@ -310,30 +312,35 @@ def test_max_num_seqs_respected():
 @given(data=st.data(), policy=st.sampled_from(["continuous", "prefill_first", "static"]),
        order=st.sampled_from(["fcfs", "priority"]), block_size=st.sampled_from([1, 2, 4]),
        budget=st.integers(1, 24), max_seqs=st.integers(1, 6), caching=st.booleans(),
-       graphs=st.booleans())
-def test_random_workloads(data, policy, order, block_size, budget, max_seqs, caching, graphs):
+       graphs=st.booleans(), overlap=st.booleans())
+def test_random_workloads(data, policy, order, block_size, budget, max_seqs, caching, graphs,
+                          overlap):
     """Random arrivals, lengths, priorities and aborts over a KV cache small enough to
     preempt: limits hold every step, blocks never leak or double-free, every request that was
     not aborted finishes with exactly the tokens the rule gives (also when decode-only steps
-    take the padded CUDA-graph path, run eagerly on CPU)."""
+    take the padded CUDA-graph path, run eagerly on CPU, and under async scheduling, where a
+    step is launched before the previous one's tokens are read)."""
     num_blocks = data.draw(st.integers(max(2, 8 // block_size), 24 // block_size + 2), "num_blocks")
     max_len = num_blocks * block_size
     eng = engine(max_num_batched_tokens=budget, max_num_seqs=max_seqs, num_blocks=num_blocks,
                  block_size=block_size, policy=policy, queue_order=order,
-                 enable_prefix_caching=caching, max_model_len=max_len, cuda_graphs=graphs)
+                 enable_prefix_caching=caching, max_model_len=max_len, cuda_graphs=graphs,
+                 async_scheduling=overlap)
     n_req = data.draw(st.integers(1, 8), "n_req")
     reqs = {}
     for i in range(n_req):
         plen = data.draw(st.integers(1, min(20, max_len - 1)), "plen")
         prompt = [1 + (j * (i % 2 + 1)) % 5 for j in range(plen)]       # shared prefixes
         reqs[str(i)] = (prompt, data.draw(st.integers(1, 10), "max_tokens"),
-                        data.draw(st.integers(0, 3), "arrival_step"), data.draw(st.integers(0, 2), "prio"))
+                        data.draw(st.integers(0, 3), "arrival_step"), data.draw(st.integers(0, 2), "prio"),
+                        tuple(data.draw(st.sets(st.integers(0, V - 1), max_size=4), "stop")))
     aborts = data.draw(st.dictionaries(st.sampled_from(sorted(reqs)), st.integers(0, 10), max_size=2), "aborts")
     outs, step = {}, 0
     while step < 4 or eng.has_unfinished_requests():
-        for rid, (prompt, mt, at, prio) in reqs.items():
+        for rid, (prompt, mt, at, prio, stop) in reqs.items():
             if at == step:
-                eng.add_request(rid, prompt, SamplingParams(max_tokens=mt, **GREEDY), priority=prio)
+                eng.add_request(rid, prompt, SamplingParams(max_tokens=mt, stop_token_ids=stop, **GREEDY),
+                                priority=prio)
         for rid, at in aborts.items():
             if at == step:
                 eng.abort(rid)
@@ -349,13 +356,15 @@ def test_random_workloads(data, policy, order, block_size, budget, max_seqs, cac
     event(f"prefix hits: {eng.stats.prefix_hit_tokens > 0}")
     event(f"mixed step: {any(s.num_prefill_tokens and s.num_decode_tokens for s in eng.step_log)}")
     event(f"graph step: {any(s.graph_batch for s in eng.step_log)}")
+    event(f"stopped by a stop token: {any(o.finish_reason == 'stop' for o in outs.values())}")
     event(f"padded graph step: {any(s.graph_batch > s.num_seqs for s in eng.step_log)}")
     assert graphs or all(s.graph_batch == 0 for s in eng.step_log)
     assert eng.block_manager.num_free_blocks == num_blocks
-    for rid, (prompt, mt, at, _) in reqs.items():
+    for rid, (prompt, mt, at, _, stop) in reqs.items():
         if rid in outs:
-            assert outs[rid].token_ids == expected(prompt, mt, max_len), rid
-            assert outs[rid].finish_reason == "length"
+            want = expected(prompt, mt, max_len, stop)
+            assert outs[rid].token_ids == want, rid
+            assert outs[rid].finish_reason == ("stop" if want[-1] in stop else "length")
         else:
             assert rid in aborts and aborts[rid] >= at, rid          # only aborted ones vanish
 
