@@ -97,7 +97,9 @@ class BatchBuilder:
         npad = P - B
 
         nbytes, fields = batch_layout(T + npad, S + npad, P, max_blocks)
-        raw = self._buffer(nbytes)
+        on_cpu_out = out is not None and self.device.type != "cuda"
+        # CPU with `out`: write the batch straight into it (it is host memory already).
+        raw = out[:nbytes].numpy() if on_cpu_out else self._buffer(nbytes)
         input_ids, positions, slots, logits_idx, cu32, lens32, table = fields(raw, np)
 
         input_ids[:T] = np.fromiter(
@@ -120,8 +122,8 @@ class BatchBuilder:
             lens32[B:] = 1
             table[B:] = 0
 
-        src = self._host[:nbytes]
         if self.device.type == "cuda":
+            src = self._host[:nbytes]
             if out is None:
                 dev = src.to(self.device, non_blocking=True)
             else:
@@ -129,11 +131,10 @@ class BatchBuilder:
                 dev.copy_(src, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
-        elif out is not None:
+        elif on_cpu_out:
             dev = out[:nbytes]
-            dev.copy_(src)
         else:
-            dev = src
+            dev = self._host[:nbytes]
         d_ids, d_pos, d_slots, d_logits, d_cu, d_lens, d_table = fields(dev, torch)
         return RaggedBatch(
             input_ids=d_ids, positions=d_pos, slot_mapping=d_slots, logits_indices=d_logits,
