@@ -144,8 +144,8 @@ def step_summary(step_log, *, num_blocks: int | None, prompt_tokens: int) -> dic
         "kv_blocks_used_max": int(col["kv_blocks_used"].max()),
     }
     out["graph_steps"] = int(np.sum(col["graph_batch"] > 0))
-    dev = [r["device_time_s"] for r in recs]
-    if all(d is not None for d in dev):
+    dev = [r["device_time_s"] for r in recs if r["num_seqs"]]   # (an async engine's last
+    if dev and all(d is not None for d in dev):                  # step only drains: no span)
         # Device span over engine wall time: how much of the time the GPU had a step in
         # flight (an upper bound of busy: gaps inside a step count as busy). 1 - this is the
         # share the device waited for the host between steps.

@@ -149,6 +149,10 @@ def test_step_summary_hand_made_log():
     assert s["tokens_per_step"]["mean"] == pytest.approx(20 / 3)
     assert s["step_time_s"]["p50"] == pytest.approx(0.2)
     assert s["graph_steps"] == 1 and s["device_span_fraction"] == pytest.approx(0.5)
+    log.append(SimpleNamespace(**{**vars(log[0]), "step": 3, "num_seqs": 0, "num_prefill_tokens": 0,
+                                  "device_time_s": None, "step_time_s": 0.4}))   # async drain step
+    s = metrics.step_summary(log, num_blocks=10, prompt_tokens=20)
+    assert s["device_span_fraction"] == pytest.approx(0.3 / 1.0)
     log[1].device_time_s = None        # a CPU engine (or unresolved events): no fraction
     assert "device_span_fraction" not in metrics.step_summary(log, num_blocks=10, prompt_tokens=20)
     assert metrics.step_records([dict(num_decode_tokens=1)])[0]["num_prefill_tokens"] == 0
