@@ -28,8 +28,9 @@ import torch
 
 from .batch import BatchBuilder
 from .block_manager import BlockManager
-from .graphs import DecodeGraphs
 from .config import DEFAULT_BATCHED_TOKENS, EngineConfig
+from .graphs import DecodeGraphs
+from .profiling import profile_num_blocks
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status
@@ -83,47 +84,6 @@ class _Flight:
 
 
 PLACEHOLDER = 0               # a valid token id: a stray read is harmless, never out of range
-
-
-def profile_num_blocks(model, config: EngineConfig, budget: int) -> int:
-    """KV blocks that fit on the GPU: run one forward at the full token budget (and sample
-    max_num_seqs rows) to measure peak activation memory, then give the KV cache what is left
-    of gpu_memory_utilization * total memory."""
-    dev = model.device
-    bs = config.block_size
-    torch.cuda.synchronize(dev)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(dev)
-    nblk = -(-budget // bs)
-    kv = model.allocate_kv_cache(nblk, bs)
-    rows = min(budget, config.max_num_seqs)
-    from kernels import AttentionMetadata
-    i32 = dict(dtype=torch.int32, device=dev)
-    attn = AttentionMetadata(torch.tensor([0, budget], **i32), torch.tensor([budget], **i32),
-                             torch.arange(nblk, **i32)[None], torch.arange(budget, device=dev),
-                             budget, budget)
-    ids = torch.zeros(budget, dtype=torch.int64, device=dev)
-    with torch.inference_mode():
-        # Positions wrap at the RoPE table's size (a budget can exceed a small model's).
-        pos = torch.arange(budget, device=dev) % model.config.max_position_embeddings
-        logits = model.forward(ids, pos, attn, kv,
-                               torch.arange(budget - rows, budget, device=dev))
-        # A throwaway sampler: the engine's generator must not be advanced by profiling.
-        Sampler(dev)(logits, [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows, [0] * rows)
-    torch.cuda.synchronize(dev)
-    peak = torch.cuda.max_memory_allocated(dev) - sum(k.numel() * k.element_size() * 2 for k, _ in kv)
-    del kv, logits
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(dev)
-    # Memory held outside torch's allocator (CUDA context, other processes) is total - free -
-    # reserved; torch's own share is the measured peak (weights + activations).
-    other = total - free - torch.cuda.memory_reserved(dev)
-    avail = config.gpu_memory_utilization * total - other - peak
-    num_blocks = int(avail // model.kv_cache_bytes_per_block(bs))
-    if num_blocks < 1:
-        raise ValueError(f"gpu_memory_utilization: {config.gpu_memory_utilization} leaves no "
-                         f"memory for the KV cache (peak use {peak / 2**30:.2f} GiB)")
-    return num_blocks
 
 
 class Engine:
