@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension, run the `gpu` tests and the benchmarks, and
 # write every log and JSON under OUTDIR (copy it to bench/results/<card>/ afterwards).
-#   bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [e2e] [e2e-eager]
-#   (no stage named: build tests kernels decode e2e. tune: bench.tune_triton merges winners into
+#   bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [host] [e2e] [e2e-eager]
+#   (no stage named: build tests kernels decode host e2e. tune: bench.tune_triton merges winners into
 #   OUTDIR/tuned_attention.json and copies it to kernels/ so later stages use it; commit it.
 #   e2e-eager: the continuous-policy e2e run without CUDA graphs, for A/B)
 # Stages keep to a few minutes each so a 10-minute command limit can hold one or two.
+# At the end everything is packed into OUTDIR/results-<stages>.tar.gz (one file: a result
+# folder of many logs, JSON and PNGs is easier to carry back whole); RAGGED_PACK=0 keeps
+# the files loose.
 set -uo pipefail
-out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [e2e] [e2e-eager]}
+out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [host] [e2e] [e2e-eager]}
 shift
-stages=${*:-build tests kernels decode e2e}
+stages=${*:-build tests kernels decode host e2e}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -34,6 +37,9 @@ for s in $stages; do
              run tune python3 -m bench.tune_triton --write --table "$out/tuned_attention.json" --out "$out"
              [ -f "$out/tuned_attention.json" ] && cp "$out/tuned_attention.json" kernels/ ;;
     decode)  run bench-decode python3 -m bench.decode_step --device cuda --out "$out" ;;
+    host)    run host-overhead python3 -m bench.host_overhead --device cuda --out-dir "$out"
+             run host-overhead-graphs python3 -m bench.host_overhead --device cuda --graphs \
+                 --max-model-len 8192 --out-dir "$out" ;;
     e2e)     run bench-e2e python3 -m bench.e2e --device cuda --out "$out" ;;
     e2e-eager) mkdir -p "$out/eager"
              run bench-e2e-eager python3 -m bench.e2e --device cuda --no-cuda-graphs \
@@ -41,4 +47,11 @@ for s in $stages; do
     *) echo "unknown stage $s"; status=2 ;;
   esac
 done
+if [ "${RAGGED_PACK:-1}" = 1 ]; then
+  tarball="results-$(echo $stages | tr ' ' '-').tar.gz"
+  (cd "$out" && find . -mindepth 1 -maxdepth 1 ! -name 'results-*.tar.gz' -printf '%P\n' \
+     | tar -czf "$tarball" -T - && find . -mindepth 1 -maxdepth 1 ! -name 'results-*.tar.gz' \
+     -exec rm -rf {} +)
+  echo "packed: $out/$tarball"
+fi
 exit $status
