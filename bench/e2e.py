@@ -132,6 +132,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
         engine.device_times(wait=True)
         steps = list(engine.step_log[first_step:])
         info = {"num_blocks": engine.block_manager.num_blocks, "engine_args": extra,
+                "cuda_graphs": engine.graphs is not None,
+                "async_scheduling": engine.async_scheduling,
                 "steps": metrics.step_summary(steps, num_blocks=engine.block_manager.num_blocks,
                                               prompt_tokens=sum(r.prompt_len for r in requests)),
                 "step_log": metrics.step_records(steps)}
