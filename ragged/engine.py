@@ -389,5 +389,5 @@ class Engine:
         text = ""
         if finished and self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        return RequestOutput(seq.request_id, seq.prompt_token_ids,
-                             seq.output_token_ids, text, finished, seq.finish_reason, seq.metrics)
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, seq.token_ids,
+                             seq.num_output_tokens, text, finished, seq.finish_reason, seq.metrics)

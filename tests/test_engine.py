@@ -471,3 +471,27 @@ def test_gpu_cuda_graph_decode(model_dirs, backend):
     print(backend, "graph vs eager max err", err, "scale", scale)
     assert err <= 1e-4 * scale
     assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streamed_outputs_are_stable_prefixes(model_dirs, overlap):
+    """Every RequestOutput a step returns keeps the tokens it had then (token_ids is a lazy
+    view of the sequence's growing list): each is the previous one plus one token, also
+    after preemption, and under async scheduling where placeholders are appended past it."""
+    eng = LLM(model_dirs["llama"], block_size=4, num_blocks=16, max_num_batched_tokens=16,
+              async_scheduling=overlap).engine
+    ps = prompts(seed=9)
+    for i, p in enumerate(ps):
+        eng.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
+    seen = {str(i): [] for i in range(len(ps))}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            seen[o.request_id].append(o)
+    assert eng.stats.num_preemptions > 0
+    for rid, outs in seen.items():
+        final = outs[-1].token_ids
+        assert [len(o.token_ids) for o in outs] == list(range(1, MAX_NEW + 1)), rid
+        assert all(o.token_ids == final[:len(o.token_ids)] for o in outs), rid
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        hf = hf_greedy(model_dirs["llama"], ps[int(rid)])      # cut after an EOS, if any
+        assert final[:len(hf)] == hf, rid
