@@ -429,7 +429,9 @@ def test_gpu_cuda_graph_decode(model_dirs, backend):
     padding or layout bug would be O(1)); a second replay is bitwise identical."""
     from ragged.graphs import graph_buckets
     path = model_dirs["qwen3"]
-    kw = dict(device="cuda", dtype=torch.float32, backend=backend, gpu_memory_utilization=0.3,
+    # num_blocks given: three engines live at once, and a profiled one sizes its cache from
+    # what the others left free (the profiled path is test_gpu_profiled_kv_cache_...)
+    kw = dict(device="cuda", dtype=torch.float32, backend=backend, num_blocks=256,
               max_num_batched_tokens=64, max_num_seqs=8)
     llm = LLM(path, async_scheduling=False, **kw)
     eng = llm.engine
