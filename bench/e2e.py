@@ -122,6 +122,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
         extra["enable_prefix_caching"] = False
     if a.no_cuda_graphs:
         extra["cuda_graphs"] = False
+    if a.no_async_scheduling:
+        extra["async_scheduling"] = False
     llm = LLM(model, policy=policy, seed=a.seed, **extra)
     engine = llm.engine
     try:
@@ -390,6 +392,8 @@ def parse_args(argv=None):
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (A/B against the default CUDA-graph replay)")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="read each step's tokens before launching the next (A/B against overlap)")
     p.add_argument("--system-timeout", type=float, default=900.0,
                    help="seconds one system may run before it is recorded as failed")
     a = p.parse_args(argv)

@@ -4,7 +4,8 @@
 #   bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [host] [e2e] [e2e-eager]
 #   (no stage named: build tests kernels decode host e2e. tune: bench.tune_triton merges winners into
 #   OUTDIR/tuned_attention.json and copies it to kernels/ so later stages use it; commit it.
-#   e2e-eager: the continuous-policy e2e run without CUDA graphs, for A/B)
+#   e2e-eager: the continuous-policy e2e run without CUDA graphs, and without async
+#   scheduling, for A/B)
 # Stages keep to a few minutes each so a 10-minute command limit can hold one or two.
 # At the end everything is packed into OUTDIR/results-<stages>.tar.gz (one file: a result
 # folder of many logs, JSON and PNGs is easier to carry back whole); RAGGED_PACK=0 keeps
@@ -41,9 +42,11 @@ for s in $stages; do
              run host-overhead-graphs python3 -m bench.host_overhead --device cuda --graphs \
                  --max-model-len 8192 --out-dir "$out" ;;
     e2e)     run bench-e2e python3 -m bench.e2e --device cuda --out "$out" ;;
-    e2e-eager) mkdir -p "$out/eager"
+    e2e-eager) mkdir -p "$out/eager" "$out/sync"
              run bench-e2e-eager python3 -m bench.e2e --device cuda --no-cuda-graphs \
-                 --systems ragged --policies continuous --out "$out/eager" ;;
+                 --systems ragged --policies continuous --out "$out/eager"
+             run bench-e2e-sync python3 -m bench.e2e --device cuda --no-async-scheduling \
+                 --systems ragged --policies continuous --out "$out/sync" ;;
     *) echo "unknown stage $s"; status=2 ;;
   esac
 done
