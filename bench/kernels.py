@@ -189,7 +189,8 @@ def attention_impls(c, backends, device, flex):
 
 # --------------------------------------------------------------------------- ops
 def op_cases(p, backends, dtype, device):
-    """(name, shape, bytes, {impl: fn}) for the four selective-batching ops."""
+    """(name, shape, bytes, {impl: fn}) for the selective-batching ops (and RoPE + KV write
+    fused vs separate)."""
     T, hq, hkv, d, hidden, inter = p["op_tokens"], p["hq"], p["hkv"], p["d"], p["hidden"], p["inter"]
     e = torch.tensor([], dtype=dtype).element_size()
     rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
@@ -209,7 +210,27 @@ def op_cases(p, backends, dtype, device):
     def wkv(b):
         kc, vc = caches[b]
         return lambda: (kernels.write_kv(k, v, kc, vc, slots, backend=b), kc, vc)[1:]
+
+    # RoPE + KV write: fused (one launch on Triton) vs the two ops (the "<b>-separate" rows),
+    # each implementation with its own caches so their results can be compared.
+    rkv_caches = {}
+
+    def rkv(b, fused):
+        kc, vc = rkv_caches.setdefault((b, fused), tuple(torch.zeros_like(c) for c in caches[b]))
+        if fused:
+            return lambda: (kernels.rotary_write_kv(pos, q, k, v, cos_sin, kc, vc, slots, True,
+                                                    backend=b), kc, vc)
+
+        def sep():
+            qr, kr = kernels.rotary_embedding(pos, q, k, cos_sin, True, backend=b)
+            kernels.write_kv(kr, v, kc, vc, slots, backend=b)
+            return qr, kc, vc
+        return sep
+    rkv_impls = {b: rkv(b, True) for b in backends}
+    rkv_impls.update({f"{b}-separate": rkv(b, False) for b in backends if b == "triton"})
     return [
+        ("rotary+write_kv", dict(T=T, hq=hq, hkv=hkv, d=d),
+         (T * (hq + 2 * hkv) * d + T * hq * d + 2 * T * hkv * d) * e + T * (4 * d + 16), rkv_impls),
         ("write_kv", dict(T=T, hkv=hkv, d=d), 4 * T * hkv * d * e + 8 * T, {b: wkv(b) for b in backends}),
         ("rms_norm+residual", dict(T=T, hidden=hidden), (4 * T + 1) * hidden * e,
          {b: (lambda b=b: kernels.rms_norm(x, w, 1e-5, res, backend=b)) for b in backends}),

@@ -196,6 +196,12 @@ def op_jobs(quick: bool):
                         cache, neox)):
                     jobs.append(_job(f"rotary {hq}/{hk}x{d} rot={rot} neox={neox} {dn}",
                                      fn, a, dict(kw)))
+                kc = torch.empty(4, 16, hk, d, dtype=dt)
+                for fn, a, kw in _record(RO, ("_rotary_kv_kernel",), lambda: RO._launch_kv(
+                        torch.zeros(3, dtype=torch.int64), qkv[:, :hq], qkv[:, hq:hq + hk],
+                        qkv[:, hq + hk:], cache, kc, kc, torch.zeros(3, dtype=torch.int64), neox)):
+                    jobs.append(_job(f"rotary_write_kv {hq}/{hk}x{d} rot={rot} neox={neox} {dn}",
+                                     fn, a, dict(kw)))
     return jobs
 
 

@@ -20,19 +20,20 @@ from . import _checks
 from .metadata import AttentionMetadata
 
 __all__ = ["AttentionMetadata", "paged_attention", "write_kv", "rms_norm", "rotary_embedding",
-           "silu_and_mul", "available_backends", "BACKENDS"]
+           "rotary_write_kv", "silu_and_mul", "available_backends", "BACKENDS"]
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {
     "torch": dict.fromkeys(("paged_attention", "write_kv", "rms_norm", "rotary_embedding",
-                            "silu_and_mul"), "kernels.reference"),
+                            "rotary_write_kv", "silu_and_mul"), "kernels.reference"),
     "triton": {"paged_attention": "kernels.triton_attention",
                "write_kv": "kernels.triton_write_kv",
                "rms_norm": "kernels.triton_rms_norm",
                "rotary_embedding": "kernels.triton_rotary",
+               "rotary_write_kv": "kernels.triton_rotary",
                "silu_and_mul": "kernels.triton_silu_mul"},
     "cuda": dict.fromkeys(("paged_attention", "write_kv", "rms_norm", "rotary_embedding",
-                           "silu_and_mul"), "kernels.cuda_ops"),
+                           "rotary_write_kv", "silu_and_mul"), "kernels.cuda_ops"),
 }
 
 
@@ -151,6 +152,21 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True, backend=None)
     b = _resolve(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
     _checks.rotary_args(b, positions, q, k, cos_sin_cache, is_neox)
     return _impl("rotary_embedding", b)(positions, q, k, cos_sin_cache, is_neox)
+
+
+def rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                    is_neox=True, backend=None):
+    """rotary_embedding of q and k, then write_kv of the rotated k and of v, fused where the
+    backend can (Triton: one launch, k goes from registers to its cache slot) -> rotated q.
+
+    Same arguments and semantics as the two ops (slots < 0 skip the write); k_rot is not
+    returned: attention reads k from the cache.
+    """
+    b = _resolve(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
+    _checks.rotary_write_kv_args(b, positions, q, k, v, cos_sin_cache, k_cache, v_cache,
+                                 slot_mapping, is_neox)
+    return _impl("rotary_write_kv", b)(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
+                                       slot_mapping, is_neox)
 
 
 def silu_and_mul(x, backend=None):

@@ -152,6 +152,12 @@ def rotary_args(backend, positions, q, k, cos_sin_cache, is_neox):
         _fail("is_neox", f"must be a bool, got {is_neox!r}")
 
 
+def rotary_write_kv_args(backend, positions, q, k, v, cos_sin_cache, k_cache, v_cache,
+                         slot_mapping, is_neox):
+    rotary_args(backend, positions, q, k, cos_sin_cache, is_neox)
+    write_kv_args(backend, k, v, k_cache, v_cache, slot_mapping)
+
+
 def silu_and_mul_args(backend, x):
     tensor("x", x, dtypes=value_dtypes(backend), last_contiguous=True)
     if x.dim() < 1 or x.shape[-1] % 2 != 0:

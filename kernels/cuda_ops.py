@@ -155,6 +155,13 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
     return q_out, k_out
 
 
+def rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox):
+    # Not fused on this backend yet: the two kernels, with the rotated k in between.
+    q_rot, k_rot = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    write_kv(k_rot, v, k_cache, v_cache, slot_mapping)
+    return q_rot
+
+
 def silu_and_mul(x):
     out = torch.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype, device=x.device)
     _ops().silu_and_mul(out, x)

@@ -160,6 +160,14 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True, upcast=False)
             _rotate(k.to(acc), cos, sin, is_neox).to(k.dtype))
 
 
+def rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                    is_neox=True):
+    """rotary_embedding then write_kv of the rotated k (and v); returns the rotated q."""
+    q_rot, k_rot = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    write_kv(k_rot, v, k_cache, v_cache, slot_mapping)
+    return q_rot
+
+
 def silu_and_mul(x, upcast=False):
     """x [..., 2 I] -> silu(x[..., :I]) * x[..., I:]  (gate then up, the fused MLP layout)."""
     d = x.shape[-1] // 2

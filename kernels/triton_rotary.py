@@ -65,6 +65,54 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr, pos_stride,
                       PASS_PAD)
 
 
+@triton.jit
+def _cos_sin(cs_ptr, pos_ptr, t, pos_stride, cs_stride, HALF: tl.constexpr,
+             HALF_PAD: tl.constexpr):
+    pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
+    i = tl.arange(0, HALF_PAD)
+    cs = cs_ptr + pos * cs_stride
+    cos = tl.load(cs + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+                      pos_stride, q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t,
+                      v_stride_h, cs_stride, slot_stride, HQ, HK,
+                      D: tl.constexpr, HALF: tl.constexpr, IS_NEOX: tl.constexpr,
+                      BLOCK_H: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr,
+                      D_PAD: tl.constexpr):
+    """Rotary + KV-cache write in one launch. Grid (T, q blocks + k blocks + v blocks): q
+    programs write the rotated q ([T, Hq, D], for attention); k programs write the rotated
+    k straight into its cache slot (no k_rot tensor round trip); v programs copy v there.
+    Slots < 0 (padding) write nothing."""
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    nqb = tl.cdiv(HQ, BLOCK_H)
+    nkb = tl.cdiv(HK, BLOCK_H)
+    if hb < nqb:
+        cos, sin = _cos_sin(cs_ptr, pos_ptr, t, pos_stride, cs_stride, HALF, HALF_PAD)
+        _rotate_heads(q_ptr, qo_ptr, t * q_stride_t, q_stride_h, t * HQ * D, HQ, hb * BLOCK_H,
+                      cos, sin, D, HALF, IS_NEOX, BLOCK_H, HALF_PAD, PASS_PAD)
+    else:
+        slot = tl.load(slot_ptr + t * slot_stride).to(tl.int64)
+        if slot >= 0:
+            row = slot * HK * D           # int64: slot * Hkv * D overflows int32 in big caches
+            if hb < nqb + nkb:
+                cos, sin = _cos_sin(cs_ptr, pos_ptr, t, pos_stride, cs_stride, HALF, HALF_PAD)
+                _rotate_heads(k_ptr, kc_ptr, t * k_stride_t, k_stride_h, row, HK,
+                              (hb - nqb) * BLOCK_H, cos, sin, D, HALF, IS_NEOX, BLOCK_H,
+                              HALF_PAD, PASS_PAD)
+            else:
+                h = (hb - nqb - nkb) * BLOCK_H + tl.arange(0, BLOCK_H)
+                d = tl.arange(0, D_PAD)
+                m = (h < HK)[:, None] & (d < D)[None, :]
+                src = v_ptr + t * v_stride_t + h[:, None].to(tl.int64) * v_stride_h + d[None, :]
+                dst = vc_ptr + row + h[:, None].to(tl.int64) * D + d[None, :]
+                tl.store(dst, tl.load(src, mask=m), mask=m)
+
+
 # --------------------------------------------------------------------------- configs
 def _config(num_heads: int, head_dim: int) -> tuple[int, int]:
     """(BLOCK_H, num_warps): about 2048 elements per program (Llama-3-8B: 16 heads of 128,
@@ -116,3 +164,53 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox: bool):
     if torch.compiler.is_compiling():
         return torch.ops.ragged_triton.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
     return _launch(positions, q, k, cos_sin_cache, is_neox)
+
+
+# --------------------------------------------------------------------------- fused with write_kv
+def _launch_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox: bool):
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if T == 0 or D == 0:
+        return q_out
+    rot = cos_sin_cache.shape[1]
+    if rot % 2 or rot > D:
+        raise ValueError(f"cos_sin_cache: rotary dim {rot} must be even and at most {D}")
+    if any(x.stride(-1) != 1 for x in (q, k, v, cos_sin_cache)):
+        raise ValueError("q: last dimension must be contiguous (and k's, v's, cos_sin_cache's)")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache: caches must be contiguous")
+    block_h, warps = _config(max(HQ, HK), D)
+    half = rot // 2
+    nkb = triton.cdiv(HK, block_h)
+    grid = (T, triton.cdiv(HQ, block_h) + 2 * nkb)
+    _rotary_kv_kernel[grid](positions, q, k, v, cos_sin_cache, q_out, k_cache, v_cache,
+                            slot_mapping, positions.stride(0), q.stride(0), q.stride(1),
+                            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                            cos_sin_cache.stride(0), slot_mapping.stride(0), HQ, HK, D=D,
+                            HALF=half, IS_NEOX=is_neox, BLOCK_H=block_h,
+                            HALF_PAD=triton.next_power_of_2(half),
+                            PASS_PAD=triton.next_power_of_2(max(D - rot, 1)),
+                            D_PAD=triton.next_power_of_2(D), num_warps=warps)
+    return q_out
+
+
+@torch.library.custom_op("ragged_triton::rotary_write_kv", mutates_args=("k_cache", "v_cache"))
+def _rotary_kv_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    return _launch_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox)
+
+
+@_rotary_kv_op.register_fake
+def _(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox):
+    return q.new_empty(q.shape)
+
+
+def rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                    is_neox: bool):
+    """q rotated -> new tensor; k rotated and v written to the caches at slot_mapping."""
+    args = (positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox)
+    if torch.compiler.is_compiling():
+        return torch.ops.ragged_triton.rotary_write_kv(*args)
+    return _launch_kv(*args)

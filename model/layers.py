@@ -48,8 +48,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:                                  # Qwen3: before RoPE, as HF
             q = kernels.rms_norm(q, self.q_norm, self.eps, backend=backend)
             k = kernels.rms_norm(k, self.k_norm, self.eps, backend=backend)
-        q, k = kernels.rotary_embedding(positions, q, k, cos_sin_cache, True, backend=backend)
-        kernels.write_kv(k, v, k_cache, v_cache, attn.slot_mapping, backend=backend)
+        # RoPE and the KV-cache write in one op (one launch on Triton): k goes from the
+        # rotation straight to its cache slot.
+        q = kernels.rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
+                                    attn.slot_mapping, True, backend=backend)
         o = kernels.paged_attention(q, k_cache, v_cache, attn.block_table, attn.cu_seqlens_q,
                                     attn.seq_lens, scale=self.scale,
                                     max_seqlen_q=attn.max_seqlen_q, max_seqlen_k=attn.max_seqlen_k,

@@ -61,3 +61,35 @@ def check_rotary(backend, T, hq, hk, d, rot, is_neox, dtype, device, pos_dtype=t
     assert_close(kr, gk, lk, name + " k")
     assert torch.equal(qr[..., rot:], q[..., rot:]) and torch.equal(kr[..., rot:], k[..., rot:])
     return qr, kr, lq, lk
+
+
+def check_rotary_write_kv(backend, T, hq, hk, d, rot, is_neox, block_size, dtype, device,
+                          pad=0, slots=None):
+    """The fused op equals rotary_embedding + write_kv on the same backend bit for bit (the
+    same rotation, rounded once), and the float64 reference within tolerance; negative
+    slots and every other cache entry stay untouched."""
+    q, k, v = fused_qkv(T, hq, hk, d, dtype, device, pad=pad)
+    cache = ref.rope_cos_sin_cache(rot, 4096, base=500000.0).to(device)
+    pos = torch.randint(0, 4096, (T,)).to(device)
+    nblk = -(-2 * T // block_size) + 2
+    if slots is None:
+        slots = torch.randperm(nblk * block_size)[:T]
+        slots[::4] = -1
+    slots = slots.to(device)
+    kc = torch.full((nblk, block_size, hk, d), SENTINEL, dtype=dtype, device=device)
+    vc = torch.full_like(kc, SENTINEL)
+    q_rot = kernels.rotary_write_kv(pos, q, k, v, cache, kc, vc, slots, is_neox, backend=backend)
+    sq, sk = kernels.rotary_embedding(pos, q, k, cache, is_neox, backend=backend)
+    kc2, vc2 = torch.full_like(kc, SENTINEL), torch.full_like(vc, SENTINEL)
+    kernels.write_kv(sk, v, kc2, vc2, slots, backend=backend)
+    assert torch.equal(q_rot, sq) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    gq, gk = ref.rotary_embedding(pos, q.double(), k.double(), cache.double(), is_neox)
+    lq, lk = ref.rotary_embedding(pos, q, k, cache, is_neox)
+    keep = slots >= 0
+    name = f"{backend} rotary_write_kv T={T} {hq}/{hk}x{d} rot={rot} neox={is_neox} {dtype}"
+    assert_close(q_rot, gq, lq, name + " q")
+    assert_close(kc.view(-1, hk, d)[slots[keep]], gk[keep], lk[keep], name + " k in cache")
+    assert torch.equal(vc.view(-1, hk, d)[slots[keep]], v[keep])
+    kc.view(-1, hk, d)[slots[keep]] = SENTINEL
+    vc.view(-1, hk, d)[slots[keep]] = SENTINEL
+    assert bool((kc == SENTINEL).all()) and bool((vc == SENTINEL).all())

@@ -12,7 +12,7 @@ import kernels
 from kernels import cuda_ops
 from kernels import reference as ref
 from tests.attention_cases import attn_args, cast, check_paged_attention, make_batch
-from tests.op_cases import LLAMA3, check_rotary, check_write_kv, fused_qkv
+from tests.op_cases import LLAMA3, check_rotary, check_rotary_write_kv, check_write_kv, fused_qkv
 from tests.tolerance import EPS, FACTOR, assert_close, errors
 
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -232,6 +232,14 @@ def test_rms_norm_gpu_fp32_weight(dtype):
     x, w = torch.randn(17, 1000, device="cuda").to(dtype), torch.randn(1000, device="cuda")
     assert_close(kernels.rms_norm(x, w, 1e-5, backend="cuda"),
                  ref.rms_norm(x.double(), w.double(), 1e-5), ref.rms_norm(x, w, 1e-5), "mixed")
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("T,hq,hk,d,rot,bs,pad", [(1025, 32, 8, 128, 128, 16, 0),
+                                                  (97, 14, 2, 64, 64, 32, 1)])
+def test_rotary_write_kv_gpu(T, hq, hk, d, rot, bs, pad, dtype):
+    """The CUDA backend composes its rotary and write_kv kernels (not fused yet)."""
+    check_rotary_write_kv("cuda", T, hq, hk, d, rot, False, bs, dtype, "cuda", pad=pad)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)

@@ -12,7 +12,7 @@ import torch
 
 import kernels
 from kernels import reference as ref
-from tests.op_cases import LLAMA3, check_rotary, check_write_kv
+from tests.op_cases import LLAMA3, check_rotary, check_rotary_write_kv, check_write_kv
 from tests.tolerance import assert_close
 
 CPU_DTYPES = [torch.float16, torch.float32]
@@ -79,6 +79,32 @@ def test_rms_norm_empty_and_fp32_weight():
                                            (97, 4, 1, 128, 64), (17, 2, 2, 96, 32)])
 def test_rotary(T, hq, hk, d, rot, is_neox, dtype):
     check_rotary("triton", T, hq, hk, d, rot, is_neox, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("T,hq,hk,d,rot,bs,pad", [(1, 4, 1, 64, 64, 16, 0), (17, 10, 2, 80, 80, 16, 1),
+                                                  (33, 4, 4, 96, 32, 32, 0)])
+def test_rotary_write_kv_fused(T, hq, hk, d, rot, bs, pad, is_neox, dtype):
+    """One launch for RoPE + the KV write: bitwise the two separate Triton ops, within
+    tolerance of the float64 reference; GQA 5, partial rotary, misaligned strided views."""
+    check_rotary_write_kv("triton", T, hq, hk, d, rot, is_neox, bs, dtype, "cpu", pad=pad)
+
+
+def test_rotary_write_kv_bad_arguments():
+    q = torch.randn(3, 4, 64)
+    k = v = torch.randn(3, 2, 64)
+    kc = vc = torch.zeros(4, 16, 2, 64)
+    cache = ref.rope_cos_sin_cache(64, 16)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        kernels.rotary_write_kv(torch.arange(3), q, k, v, cache, kc, vc, torch.arange(2),
+                                backend="triton")
+    with pytest.raises(ValueError, match="k_cache"):
+        kernels.rotary_write_kv(torch.arange(3), q, k, v, cache, torch.zeros(4, 16, 3, 64), vc,
+                                torch.arange(3), backend="triton")
+    with pytest.raises(ValueError, match="positions"):
+        kernels.rotary_write_kv(torch.arange(3.0), q, k, v, cache, kc, vc, torch.arange(3),
+                                backend="triton")
 
 
 @pytest.mark.parametrize("is_neox", [True, False])
@@ -301,6 +327,14 @@ def test_write_kv_gpu_shapes(T, hkv, d, bs, dtype):
 @pytest.mark.parametrize("shape", [(8192, 4096), (8192, 1000), (3, 7, 896), (1, 16384)])
 def test_rms_norm_gpu(shape, residual, dtype):
     check_rms_norm(shape, dtype, "cuda", residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("T,hq,hk,d,rot,bs,pad", [(8192, 32, 8, 128, 128, 16, 0),
+                                                  (97, 14, 2, 64, 64, 32, 1), (17, 5, 1, 256, 128, 16, 0)])
+def test_rotary_write_kv_fused_gpu(T, hq, hk, d, rot, bs, pad, dtype):
+    check_rotary_write_kv("triton", T, hq, hk, d, rot, True, bs, dtype, "cuda", pad=pad)
 
 
 @pytest.mark.gpu
