@@ -135,6 +135,7 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
         steps = list(engine.step_log[first_step:])
         info = {"num_blocks": engine.block_manager.num_blocks, "engine_args": extra,
                 "cuda_graphs": engine.graphs is not None,
+                "graph_capture_error": engine.graph_capture_error,
                 "async_scheduling": engine.async_scheduling,
                 "steps": metrics.step_summary(steps, num_blocks=engine.block_manager.num_blocks,
                                               prompt_tokens=sum(r.prompt_len for r in requests)),
@@ -354,7 +355,9 @@ def table(payload) -> str:
             span = st.get("device_span_fraction")
             lines.append(f"  {name}: {st['num_steps']} steps, {st['mixed_steps']} mixed, "
                          f"{st['graph_steps']} CUDA-graph decode steps"
-                         + (f", device span {100 * span:.1f}% of step time" if span is not None else ""))
+                         + (f", device span {100 * span:.1f}% of step time" if span is not None else "")
+                         + (f"; CUDA GRAPH CAPTURE FAILED: {s['graph_capture_error'][:200]}"
+                            if s.get("graph_capture_error") else ""))
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numbers
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -120,12 +121,24 @@ class Engine:
         use_graphs = (self.device.type == "cuda" if config.cuda_graphs is None
                       else config.cuda_graphs)
         self.graphs = None
+        self.graph_capture_error = None
         if use_graphs:
-            self.graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs=config.max_num_seqs,
-                                       width=self.block_manager.table.shape[1],
-                                       max_model_len=config.max_model_len,
-                                       capture=self.device.type == "cuda")
-            self.graphs.capture()
+            graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs=config.max_num_seqs,
+                                  width=self.block_manager.table.shape[1],
+                                  max_model_len=config.max_model_len,
+                                  capture=self.device.type == "cuda")
+            try:
+                graphs.capture()
+                self.graphs = graphs
+            except Exception as e:  # noqa: BLE001 - serve eagerly, loudly, rather than not at all
+                if config.cuda_graphs:            # explicitly asked for: fail
+                    raise
+                self.graph_capture_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture failed, decode steps run eagerly: "
+                              f"{self.graph_capture_error}", RuntimeWarning)
+                del graphs
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
         self.tokenizer = tokenizer
         self.requests: dict[str, Sequence] = {}       # unfinished requests
         self.step_log: list[StepStats] = []

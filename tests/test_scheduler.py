@@ -380,3 +380,16 @@ def test_host_overhead_bench_runs(tmp_path):
     res = json.loads((tmp_path / "host_overhead.json").read_text())
     assert res["num_seqs"] == 32 and res["schedule_build_ms_median"] > 0
     assert np.isfinite(res["engine_step_ms_median"])
+
+
+def test_graph_capture_failure_raises_when_graphs_were_asked_for(monkeypatch):
+    """cuda_graphs=True means graphs or an error (the default, None, serves eagerly with a
+    RuntimeWarning on CUDA instead; recorded as Engine.graph_capture_error and in e2e JSON)."""
+    from ragged import graphs
+
+    def broken(self):
+        raise RuntimeError("capture broke")
+    monkeypatch.setattr(graphs.DecodeGraphs, "capture", broken)
+    with pytest.raises(RuntimeError, match="capture broke"):
+        engine(num_blocks=8, block_size=4, cuda_graphs=True)
+    assert engine(num_blocks=8, block_size=4).graph_capture_error is None
