@@ -435,6 +435,7 @@ def test_gpu_cuda_graph_decode(model_dirs, backend):
               max_num_batched_tokens=64, max_num_seqs=8)
     llm = LLM(path, async_scheduling=False, **kw)
     eng = llm.engine
+    assert eng.graph_capture_error is None, eng.graph_capture_error
     assert sorted(eng.graphs.graphs) == graph_buckets(8)
     ps = prompts(seed=4, lens=(1, 17, 30, 9, 5))
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
