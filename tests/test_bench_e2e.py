@@ -251,6 +251,9 @@ def test_e2e_quick_smoke_cuda(tmp_path, dtype):
         assert systems[name]["status"] == "ok", name
         assert systems[name]["summary"]["output_tokens"] == payload["workload"]["output_tokens"]
     assert systems["hf_continuous"]["status"] in ("ok", "unavailable")
+    for name in ("ragged:continuous", "ragged:prefill_first", "ragged:static"):
+        assert systems[name]["cuda_graphs"] and systems[name]["graph_capture_error"] is None
+        assert systems[name]["async_scheduling"]
     span = systems["ragged:continuous"]["steps"]["device_span_fraction"]
     print("device span fraction", span)
     assert 0 < span < 1.5
