@@ -19,7 +19,6 @@ import torch
 from bench.common import copy_bandwidth, run_info, time_median, write_json
 from kernels import AttentionMetadata
 from model import load_model
-from ragged.batch import batch_layout
 from ragged.graphs import DecodeGraphs
 
 
@@ -57,8 +56,8 @@ def run(model, backend: str, B: int, context: int, device, bw: float, use_graph:
     nbytes = decode_bytes(model, B, context)
     with torch.inference_mode():
         g.capture()
-        fill(batch_layout(B, B, B, W)[1](g.buffer, torch), B, context, bs, device)
-        views = batch_layout(B, B, B, W)[1](g.buffer, torch)
+        views = g.views(B)
+        fill(views, B, context, bs, device)
         ids, pos, slots, logits_idx, cu, lens, table = views
         attn = AttentionMetadata(cu, lens, table, slots, 1, context + 1)
         t_eager = time_median(lambda: model.forward(ids, pos, attn, kv, logits_idx), device)
@@ -70,7 +69,7 @@ def run(model, backend: str, B: int, context: int, device, bw: float, use_graph:
     bound = nbytes / bw
     row.update(bytes=nbytes, bound_ms=1e3 * bound, pct_copy_bw=100 * bound / best,
                time_over_bound=best / bound)
-    del kv, g
+    kv = g = None              # free the cache and the graph before the next batch size
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

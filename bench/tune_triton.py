@@ -23,53 +23,36 @@ import torch
 
 import kernels.triton_attention as ta
 from bench.common import run_info, time_median, write_json
+from bench.kernels import attention_case, attention_cost
 from kernels.triton_attention import _Config
 
 MIN_GAIN = 1.03
 
 
 def workload(cls, D, G, dtype, device, quick):
-    """(call(out), bytes, flops) for one key's regime."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    bs = 16
+    """(call(out), out, bytes, flops) for one key's regime (bench.kernels' paged batch and
+    roofline cost)."""
     if cls == "decode":
         Hkv, B, ctx = (2, 3, 40) if quick else (8, 128, 2048)
-        q_lens, kv = [1] * B, [ctx + 1] * B
+        q_lens, kv_lens = [1] * B, [ctx + 1] * B
     else:
-        Hkv, B = ((2, 1) if quick else (32 // G, 1))
-        L = 40 if quick else 4096
-        q_lens, kv = [L], [L]
-    Hq, T = Hkv * G, sum(q_lens)
-    nblk = [-(-n // bs) for n in kv]
-    num_blocks = sum(nblk)
-    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    q = mk(T, Hq, D)
-    k_cache, v_cache = mk(num_blocks, bs, Hkv, D), mk(num_blocks, bs, Hkv, D)
-    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
-    table = torch.zeros(B, max(nblk), dtype=torch.int32)
-    i = 0
-    for b, n in enumerate(nblk):
-        table[b, :n] = perm[i:i + n]
-        i += n
-    cu = torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32)
-    lens = torch.tensor(kv, dtype=torch.int32)
-    table, cu, lens = (t.to(device) for t in (table, cu, lens))
-    mq, mk_ = max(q_lens), max(kv)
+        Hkv, L = (2, 40) if quick else (32 // G, 4096)
+        q_lens, kv_lens = [L], [L]
+    torch.manual_seed(0)
+    c = attention_case(q_lens, kv_lens, Hkv * G, Hkv, D, 16, dtype, device)
+    args = [c[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")]
 
     def call(out):
-        ta.paged_attention(q, k_cache, v_cache, table, cu, lens, scale=D ** -0.5,
-                           max_seqlen_q=mq, max_seqlen_k=mk_, out=out)
-    elem = q.element_size()
-    nbytes = (2 * sum(kv) * Hkv * D + 2 * q.numel()) * elem
-    visible = sum(sum(c - n + i + 1 for i in range(n)) for n, c in zip(q_lens, kv))
-    return call, torch.empty_like(q), nbytes, 4 * D * Hq * visible
+        ta.paged_attention(*args, scale=D ** -0.5, max_seqlen_q=max(q_lens),
+                           max_seqlen_k=max(kv_lens), out=out)
+    nbytes, flops = attention_cost(c, c["q"].element_size())
+    return call, torch.empty_like(c["q"]), nbytes, flops
 
 
-def candidates(cls, D, G, quick):
-    if cls == "decode":
-        bm = min(max(16, 1 << (max(1, G) - 1).bit_length()), 64)
-        grid = itertools.product([bm], [32, 64] if quick else [32, 64, 128], [4] if quick else [2, 4, 8],
-                                 [2] if quick else [2, 3, 4])
+def candidates(cls, D, G, quick, base: _Config):
+    if cls == "decode":         # the row count follows the group (base's), the rest is tuned
+        grid = itertools.product([base.block_m], [32, 64] if quick else [32, 64, 128],
+                                 [4] if quick else [2, 4, 8], [2] if quick else [2, 3, 4])
     else:
         tiles = [(64, 64), (128, 64)] if quick else [(64, 64), (128, 64), (128, 128), (64, 128), (128, 32)]
         grid = ((m, n, w, s) for (m, n) in tiles for w in ([4] if quick else [4, 8])
@@ -105,7 +88,7 @@ def tune_key(cls, D, G, dtype, device, quick, iters):
         call(ref_out)
         base_t = timed()
         tol = 4 * torch.finfo(dtype).eps * ref_out.float().abs().max().item()
-        for cfg in candidates(cls, D, G, quick):
+        for cfg in candidates(cls, D, G, quick, base_cfg):
             ta._config = forced(cfg)
             row = {"config": [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages]}
             try:

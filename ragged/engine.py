@@ -49,9 +49,10 @@ class StepStats:
     num_preempted: int
     prefix_hit_tokens: int
     graph_batch: int = 0        # decode step replayed as the CUDA graph of this bucket (0: eager)
-    # CUDA: time between events recorded before the batch copy and after sampling, i.e. the
-    # device's span for this step (gaps inside it, if launches lag, are included); filled in
-    # once the events complete (Engine.device_times), None on CPU.
+    # CUDA: the device's span for this step, from its first event (before the batch copy) or
+    # the previous step's end, whichever is later, to its last (after sampling); gaps inside
+    # it, if launches lag, count. Filled in once the events complete (Engine.device_times);
+    # None on CPU.
     device_time_s: float | None = None
 
 
@@ -144,12 +145,12 @@ class Engine:
         self.step_log: list[StepStats] = []
         self.stats = EngineStats()
         self._arrivals = 0
-        self._pending_events: list[tuple[StepStats, torch.cuda.Event, torch.cuda.Event]] = []
+        self._pending_events: list[tuple] = []      # (StepStats, start, end, previous end)
         self._last_end_event = None
         self.async_scheduling = (self.device.type == "cuda" if config.async_scheduling is None
                                  else config.async_scheduling)
         self._inflight: _Flight | None = None       # async: the launched, unprocessed step
-        self._fix_host = None                       # pinned int64 [2, max_num_seqs] + its event
+        self._fix_host = None                       # [pinned int64 buffer, its last copy's event]
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,

@@ -59,9 +59,13 @@ class DecodeGraphs:
         i = bisect.bisect_left(self.buckets, num_seqs)
         return self.buckets[i] if i < len(self.buckets) else None
 
+    def views(self, P: int) -> tuple:
+        """Bucket P's views of the static buffer: input_ids, positions, slot_mapping,
+        logits_indices, cu_seqlens_q, seq_lens, block_table (the builder's layout)."""
+        return batch_layout(P, P, P, self.width)[1](self.buffer, torch)
+
     def _forward(self, P: int) -> torch.Tensor:
-        ids, pos, slots, logits_idx, cu, lens, table = batch_layout(P, P, P, self.width)[1](
-            self.buffer, torch)
+        ids, pos, slots, logits_idx, cu, lens, table = self.views(P)
         # num_kv_splits None: the backend's own choice for P decodes of max_model_len keys,
         # baked into the graph (shorter sequences leave the surplus splits empty).
         attn = AttentionMetadata(cu, lens, table, slots, 1, self.max_model_len)
@@ -70,8 +74,7 @@ class DecodeGraphs:
     def _fill_dummy(self, P: int) -> None:
         """A valid all-padding batch (what build(pad_to=P) writes for its dummy rows), so the
         warm-up and capture runs write no KV (slot -1) and read only block 0."""
-        ids, pos, slots, logits_idx, cu, lens, table = batch_layout(P, P, P, self.width)[1](
-            self.buffer, torch)
+        ids, pos, slots, logits_idx, cu, lens, table = self.views(P)
         ids.zero_(), pos.zero_(), slots.fill_(-1), lens.fill_(1), table.zero_()
         logits_idx.copy_(torch.arange(P, device=self.device))
         cu.copy_(torch.arange(P + 1, device=self.device, dtype=torch.int32))
