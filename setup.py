@@ -73,7 +73,8 @@ setup(
     version="0.1.0",
     description="Triton and CUDA kernels for ragged paged attention, and a continuous-batching runtime",
     packages=PACKAGES,
-    package_data={"kernels": ["tuned_attention.json"]},   # the offline-tuned Triton tiles, if any
+    # the offline-tuned Triton tiles, if any; the presets' tokenizer's training text
+    package_data={"kernels": ["tuned_attention.json"], "model": ["tokenizer_corpus.txt"]},
     python_requires=">=3.10",
     ext_modules=built[0] if built else [],
     cmdclass=built[1] if built else {},

@@ -168,6 +168,14 @@ class Engine:
         if len(ids) >= max_len:
             raise ValueError(f"prompt: {len(ids)} tokens leave no room for output within "
                              f"max_model_len={max_len}")
+        if len(ids) + params.max_tokens > max_len:      # refused, never cut short silently
+            raise ValueError(f"max_tokens: {len(ids)} prompt tokens + max_tokens="
+                             f"{params.max_tokens} exceed max_model_len={max_len} (at most "
+                             f"{max_len - len(ids)} output tokens fit)")
+        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids: {bad_stop} outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         seq = Sequence(request_id, ids, params, priority,
                        time.perf_counter() if arrival_time is None else float(arrival_time),
                        self._arrivals)
