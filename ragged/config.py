@@ -82,7 +82,8 @@ class EngineConfig:
         _int("max_model_len", self.max_model_len, 2, allow_none=True)
         # Every running sequence decodes one token per step: a budget below max_num_seqs
         # would leave the latest-admitted sequences' decodes waiting step after step.
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+        budget = self.max_num_batched_tokens
+        if budget is not None and budget < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens: {self.max_num_batched_tokens} is less than "
                              f"max_num_seqs={self.max_num_seqs} (each running sequence needs one "
                              f"token per step); raise it or lower max_num_seqs")
