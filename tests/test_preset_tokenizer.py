@@ -48,8 +48,11 @@ def test_roundtrip_merges_and_specials():
 
 def test_training_is_deterministic_across_processes():
     here = _digest(PresetTokenizer(4096))
-    code = ("import hashlib; from model.tokenizer import PresetTokenizer; "
-            "print(hashlib.sha256(PresetTokenizer(4096)._tok.to_str().encode()).hexdigest())")
+    # the module alone (model/__init__ would import torch: seconds for nothing)
+    code = ("import hashlib, importlib.util as u; "
+            "s = u.spec_from_file_location('t', 'model/tokenizer.py'); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); "
+            "print(hashlib.sha256(m.PresetTokenizer(4096)._tok.to_str().encode()).hexdigest())")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
