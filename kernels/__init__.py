@@ -4,7 +4,7 @@ Backends: "torch" (kernels/reference.py, the ground truth), "triton" (kernels/tr
 CPU tensors only under TRITON_INTERPRET=1), "cuda" (csrc/, through torch.ops.ragged).
 ``backend=None`` picks the best available for the tensors' device: the environment variable
 RAGGED_BACKEND if set, else "triton" on CUDA tensors and "torch" on CPU tensors.
-Semantics are identical across backends (DESIGN.md, "Kernel API").
+Semantics are identical across backends (docs/DESIGN.md, "Kernel API").
 """
 from __future__ import annotations
 

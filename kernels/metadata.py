@@ -2,7 +2,7 @@
 
 Built once per step by ``ragged.batch`` (one pinned, non-blocking host-to-device copy) and
 shared by every layer. Field names are the contract between runtime, model and kernels
-(see DESIGN.md, "The ragged batch").
+(see docs/DESIGN.md, "The ragged batch").
 """
 from __future__ import annotations
 

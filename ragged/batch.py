@@ -1,4 +1,4 @@
-"""Build the step's RaggedBatch from the scheduler's decision (DESIGN.md, "The ragged batch").
+"""Build the step's RaggedBatch from the scheduler's decision (docs/DESIGN.md, "The ragged batch").
 
 Host work is vectorised numpy over the step's sequences: the only Python loops run once per
 sequence (gathering its new tokens and its block table), never once per token. Every field is

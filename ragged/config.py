@@ -39,7 +39,8 @@ class EngineConfig:
     num_blocks              KV blocks; None: from free GPU memory after a profiling pass, or
                             CPU_BLOCKS_PER_SEQ * max_num_seqs (and >= 2 max-length sequences) on CPU
     gpu_memory_utilization  fraction of total GPU memory the engine may use (weights + KV + work)
-    max_num_batched_tokens  token budget of one step; None: 2048 on GPU, 256 on CPU
+    max_num_batched_tokens  token budget of one step, >= max_num_seqs; None: 2048 on GPU, 256
+                            on CPU (or max_num_seqs if larger)
     max_num_seqs            at most this many sequences in one step (and running at once)
     max_model_len           prompt + output tokens; None: the model's max_position_embeddings,
                             capped by the KV cache capacity
@@ -79,6 +80,13 @@ class EngineConfig:
         _int("max_num_batched_tokens", self.max_num_batched_tokens, 1, allow_none=True)
         _int("max_num_seqs", self.max_num_seqs, 1)
         _int("max_model_len", self.max_model_len, 2, allow_none=True)
+        # Every running sequence decodes one token per step: a budget below max_num_seqs
+        # would leave the latest-admitted sequences' decodes waiting step after step.
+        budget = self.max_num_batched_tokens
+        if budget is not None and budget < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens: {self.max_num_batched_tokens} is less than "
+                             f"max_num_seqs={self.max_num_seqs} (each running sequence needs one "
+                             f"token per step); raise it or lower max_num_seqs")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: {self.policy!r} is not one of {POLICIES}")
         if self.queue_order not in QUEUE_ORDERS:
@@ -98,7 +106,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len: {self.max_model_len} tokens do not fit in the KV "
                              f"cache ({num_blocks} blocks x {self.block_size} = {capacity} tokens)")
         max_len = self.max_model_len or min(model_max_len, capacity)
-        budget = self.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS.get(device_type, 256)
+        budget = self.max_num_batched_tokens or max(DEFAULT_BATCHED_TOKENS.get(device_type, 256),
+                                                    self.max_num_seqs)
         return dataclasses.replace(self, num_blocks=num_blocks, max_model_len=max_len,
                                    max_num_batched_tokens=budget)
 

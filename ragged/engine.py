@@ -151,6 +151,10 @@ class Engine:
                                  else config.async_scheduling)
         self._inflight: _Flight | None = None       # async: the launched, unprocessed step
         self._fix_host = None                       # [pinned int64 buffer, its last copy's event]
+        # Freed blocks, reused pinned buffers and async scheduling are safe because every
+        # later launch is ordered after this step's on ONE stream: the one steps run on.
+        self._stream = (torch.cuda.current_stream(self.device) if self.device.type == "cuda"
+                        else None)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -168,6 +172,14 @@ class Engine:
         if len(ids) >= max_len:
             raise ValueError(f"prompt: {len(ids)} tokens leave no room for output within "
                              f"max_model_len={max_len}")
+        if len(ids) + params.max_tokens > max_len:      # refused, never cut short silently
+            raise ValueError(f"max_tokens: {len(ids)} prompt tokens + max_tokens="
+                             f"{params.max_tokens} exceed max_model_len={max_len} (at most "
+                             f"{max_len - len(ids)} output tokens fit)")
+        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids: {bad_stop} outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         seq = Sequence(request_id, ids, params, priority,
                        time.perf_counter() if arrival_time is None else float(arrival_time),
                        self._arrivals)
@@ -216,6 +228,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns outputs for the tokens that became known in it (async: the
         previous step's)."""
+        if self._stream is not None and torch.cuda.current_stream(self.device) != self._stream:
+            raise RuntimeError("Engine.step: must run on the CUDA stream the engine was created "
+                               "on (its async ordering relies on one stream)")
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         t1 = time.perf_counter()

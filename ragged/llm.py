@@ -38,10 +38,16 @@ class _LazyTokenizer:
         return self._get().decode(ids, **kw)
 
 
-def _tokenizer_for(model) -> _LazyTokenizer | None:
+def _tokenizer_for(model):
+    """The HF directory's tokenizer, or for a preset name the preset tokenizer (model/tokenizer.py)."""
     if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
         if any(os.path.exists(os.path.join(model, f)) for f in _TOKENIZER_FILES):
             return _LazyTokenizer(os.fspath(model))
+    elif isinstance(model, str):
+        from model import PRESETS
+        if model in PRESETS:
+            from model.tokenizer import preset_tokenizer
+            return preset_tokenizer(PRESETS[model].vocab_size)
     return None
 
 
@@ -84,16 +90,16 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
         engine, ids = self.engine, []
-        try:
-            for prompt, params in zip(prompts, sampling_params):
-                rid = f"llm-{self._counter}"
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            rid = f"llm-{self._counter}"
+            try:
                 engine.add_request(rid, prompt, params)
-                self._counter += 1
-                ids.append(rid)
-        except ValueError:
-            for rid in ids:                      # all or nothing: leave the engine clean
-                engine.abort(rid)
-            raise
+            except ValueError as e:
+                for r in ids:                    # all or nothing: leave the engine clean
+                    engine.abort(r)
+                raise ValueError(f"prompts[{i}]: {e}") from e
+            self._counter += 1
+            ids.append(rid)
         pbar = None
         if use_tqdm:
             from tqdm.auto import tqdm

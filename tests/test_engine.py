@@ -73,7 +73,7 @@ def assert_all_free(llm):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_equals_hf_with_chunks_fused_with_decodes(model_dirs, family):
     path = model_dirs[family]
-    llm = LLM(path, max_num_batched_tokens=16)
+    llm = LLM(path, max_num_batched_tokens=16, max_num_seqs=16, device="cpu")
     ps = prompts()
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
     for p, o in zip(ps, outs):
@@ -87,12 +87,14 @@ def test_greedy_equals_hf_with_chunks_fused_with_decodes(model_dirs, family):
     assert_all_free(llm)
 
 
+@pytest.mark.interpreter
 def test_triton_backend_through_the_engine(model_dirs):
     """The Triton kernels (interpreted on CPU) read the runtime's metadata differently from
     the reference (host bounds max_seqlen_q/k size the grid; stale block-table entries are
     loaded): the engine's batches must give HF's tokens there too. ~10 s in the interpreter."""
     path = model_dirs["qwen3"]
-    llm = LLM(path, max_num_batched_tokens=16, backend="triton")
+    llm = LLM(path, max_num_batched_tokens=16, max_num_seqs=16, backend="triton",
+              device="cpu")
     ps = prompts(seed=13, lens=(1, 17, 30))
     outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     for p, o in zip(ps, outs):
@@ -100,14 +102,14 @@ def test_triton_backend_through_the_engine(model_dirs):
     assert mixed_steps(llm) > 0
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_padded_graph_decode_path_equals_hf(model_dirs, backend):
     """cuda_graphs=True on CPU runs decode-only steps through the static buffer the graphs
     replay on a GPU, padded to buckets of max_num_seqs=6 (5 decodes -> 6, 3 -> 4): real
     kernels over dummy rows (seq_len 1, slot -1) must leave the real rows' tokens HF's."""
     path = model_dirs["qwen3"]
     llm = LLM(path, max_num_batched_tokens=64, max_num_seqs=6, backend=backend,
-              cuda_graphs=True)
+              cuda_graphs=True, device="cpu")
     lens = (1, 17, 30, 9, 5) if backend == "torch" else (1, 17, 9)
     ps = prompts(seed=21, lens=lens)
     n = MAX_NEW if backend == "torch" else 4
@@ -134,8 +136,8 @@ def test_async_scheduling_same_tokens(model_dirs, family):
     ps = prompts(seed=5)
     kw = dict(block_size=4, num_blocks=24, max_num_batched_tokens=16, max_num_seqs=6,
               cuda_graphs=True)
-    sync = LLM(path, async_scheduling=False, **kw)
-    asy = LLM(path, async_scheduling=True, **kw)
+    sync = LLM(path, async_scheduling=False, device="cpu", **kw)
+    asy = LLM(path, async_scheduling=True, device="cpu", **kw)
     assert asy.engine.async_scheduling and not sync.engine.async_scheduling
     outs = asy.generate(ps, GREEDY, use_tqdm=False)
     for p, o in zip(ps, outs):
@@ -170,7 +172,8 @@ def test_greedy_equals_hf_under_preemption(model_dirs, family):
     path = model_dirs[family]
     # 16 blocks of 4 tokens (64 tokens) for ~150 tokens of demand: sequences get evicted and
     # recomputed (prompt + generated) and must still produce exactly HF's tokens.
-    llm = LLM(path, block_size=4, num_blocks=16, max_num_batched_tokens=32)
+    llm = LLM(path, block_size=4, num_blocks=16, max_num_batched_tokens=32, max_num_seqs=32,
+              device="cpu")
     ps = prompts(seed=1)
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
     stats = llm.engine.stats
@@ -185,7 +188,7 @@ def test_greedy_equals_hf_under_preemption(model_dirs, family):
 @pytest.mark.parametrize("policy", ["prefill_first", "static"])
 def test_other_policies_same_tokens(model_dirs, policy):
     path = model_dirs["qwen2"]
-    llm = LLM(path, max_num_batched_tokens=16, max_num_seqs=3, policy=policy)
+    llm = LLM(path, max_num_batched_tokens=16, max_num_seqs=3, policy=policy, device="cpu")
     ps = prompts(seed=2)
     outs = llm.generate(ps, GREEDY, use_tqdm=False)
     for p, o in zip(ps, outs):
@@ -201,10 +204,13 @@ def test_prefix_cache_hits_give_identical_outputs(model_dirs):
     # shared[:32] is exactly 2 full blocks: its hit is capped at 1 block so that its last
     # token is computed and gives the first output token.
     ps = [shared + t for t in tails] + [shared, shared[:32]]
-    cold = LLM(path, max_num_batched_tokens=16, enable_prefix_caching=False)
+    # Two engines at once: each gets an explicit num_blocks (64 x 16 tokens), never a profiled
+    # share of what the other left (on a GPU the profiler would count the first one's cache).
+    cold = LLM(path, max_num_batched_tokens=16, max_num_seqs=16, enable_prefix_caching=False,
+               num_blocks=64, device="cpu")
     want = [o.token_ids for o in cold.generate(ps, GREEDY, use_tqdm=False)]
     assert cold.engine.stats.prefix_hit_tokens == 0
-    warm = LLM(path, max_num_batched_tokens=16)
+    warm = LLM(path, max_num_batched_tokens=16, max_num_seqs=16, num_blocks=64, device="cpu")
     first = warm.generate(ps[:1], GREEDY, use_tqdm=False)          # fills the cache
     assert first[0].token_ids == want[0]
     again = warm.generate(ps, GREEDY, use_tqdm=False)
@@ -222,20 +228,23 @@ def test_seeded_sampling_reproducible_and_batch_independent(model_dirs):
     path = model_dirs["qwen3"]
     p = prompts(seed=6, lens=(11,))[0]
     sp = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
-    alone = LLM(path, seed=0).generate([p], sp, use_tqdm=False)[0].token_ids
+    alone = LLM(path, seed=0, num_blocks=64, device="cpu").generate([p], sp, use_tqdm=False)[0].token_ids
     others = prompts(seed=7, lens=(5, 23, 2))
-    crowd = LLM(path, seed=99, max_num_batched_tokens=16)
+    crowd = LLM(path, seed=99, max_num_batched_tokens=16, max_num_seqs=16, num_blocks=64,
+                device="cpu")
     mix = crowd.generate(others[:2] + [p] + others[2:],
                          [SamplingParams(temperature=1.0, max_tokens=12)] * 2 + [sp]
                          + [SamplingParams(temperature=1.0, max_tokens=12)], use_tqdm=False)
-    tight = LLM(path, block_size=4, num_blocks=12, max_num_batched_tokens=8)
+    tight = LLM(path, block_size=4, num_blocks=12, max_num_batched_tokens=8, max_num_seqs=8,
+                device="cpu")
     pre = tight.generate(others + [p], [SamplingParams(temperature=1.0, max_tokens=12)] * 3 + [sp],
                          use_tqdm=False)
     print("seeded", alone, "preemptions", tight.engine.stats.num_preemptions)
     assert tight.engine.stats.num_preemptions > 0     # else `pre` checks nothing over `mix`
     assert mix[2].token_ids == alone and pre[3].token_ids == alone
-    other_seed = LLM(path).generate([p], SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=1235,
-                                                        max_tokens=10, ignore_eos=True), use_tqdm=False)
+    other_seed = LLM(path, num_blocks=64, device="cpu").generate(
+        [p], SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=1235, max_tokens=10,
+                            ignore_eos=True), use_tqdm=False)
     assert other_seed[0].token_ids != alone
 
 
@@ -243,7 +252,7 @@ def test_stop_conditions_and_max_model_len(model_dirs):
     path = model_dirs["mistral"]
     p = prompts(seed=8, lens=(6,))[0]
     free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    llm = LLM(path)
+    llm = LLM(path, num_blocks=64, device="cpu")
     full = llm.generate([p], free, use_tqdm=False)[0]
     assert full.finish_reason == "length" and len(full.token_ids) == 12
     stop = full.token_ids[4]
@@ -254,17 +263,23 @@ def test_stop_conditions_and_max_model_len(model_dirs):
     # EOS from the model config stops (unless ignore_eos).
     m = load_model(path)
     m.config.eos_token_id = [stop]
-    eos_llm = LLM(m)
+    eos_llm = LLM(m, num_blocks=64)                  # m is on the CPU (load_model's default)
     assert eos_llm.generate([p], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0].token_ids == cut
     assert eos_llm.generate([p], free, use_tqdm=False)[0].token_ids == full.token_ids
-    # prompt + output never exceed max_model_len.
-    short = LLM(path, max_model_len=10)
-    o = short.generate([p], free, use_tqdm=False)[0]
+    # prompt + max_tokens must fit in max_model_len: refused (with the numbers), never cut
+    # short silently; the largest max_tokens that fits runs to its end.
+    short = LLM(path, max_model_len=10, num_blocks=64, device="cpu")
+    with pytest.raises(ValueError, match=r"max_tokens: 6 prompt tokens \+ max_tokens=12 exceed "
+                                         r"max_model_len=10 \(at most 4"):
+        short.generate([p], free, use_tqdm=False)
+    assert not short.engine.has_unfinished_requests()
+    o = short.generate([p], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)[0]
     assert o.token_ids == full.token_ids[:4] and o.finish_reason == "length"
 
 
 def test_metrics_and_step_stats(model_dirs):
-    llm = LLM(model_dirs["llama"], max_num_batched_tokens=16)
+    llm = LLM(model_dirs["llama"], max_num_batched_tokens=16, max_num_seqs=16, device="cpu")
     outs = llm.generate(prompts(seed=9), SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
                         use_tqdm=False)
     for o in outs:
@@ -281,7 +296,7 @@ def test_metrics_and_step_stats(model_dirs):
 
 def test_text_prompts_with_tokenizer(model_dirs):
     path = model_dirs["qwen2"]
-    llm = LLM(path)
+    llm = LLM(path, device="cpu")
     o = llm.generate("Hello, ragged!", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
                      use_tqdm=False)[0]
     from transformers import AutoTokenizer
@@ -295,7 +310,7 @@ def test_text_prompts_with_tokenizer(model_dirs):
 
 
 def test_generate_prompt_forms(model_dirs):
-    llm = LLM(model_dirs["llama"])
+    llm = LLM(model_dirs["llama"], device="cpu")
     p = prompts(seed=12, lens=(5,))[0]
     one = llm.generate(p, GREEDY, use_tqdm=False)                   # a single list of ids
     arr = llm.generate([np.array(p), tuple(p)], GREEDY, use_tqdm=False)
@@ -307,7 +322,8 @@ def test_generate_prompt_forms(model_dirs):
 
 def test_bad_input_rejected_while_serving(model_dirs):
     path = model_dirs["llama"]
-    llm = LLM(load_model(path), max_model_len=64, max_num_batched_tokens=16)   # no tokenizer
+    llm = LLM(load_model(path), max_model_len=64, max_num_batched_tokens=16,   # no tokenizer
+              max_num_seqs=16, device="cpu")
     eng = llm.engine
     good = prompts(seed=10, lens=(20, 7))
     long = SamplingParams(temperature=0.0, max_tokens=30)        # still running at the end
@@ -339,10 +355,16 @@ def test_bad_input_rejected_while_serving(model_dirs):
         step()
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
-    # generate() is all or nothing: a bad prompt in the middle leaves nothing queued.
+    with pytest.raises(ValueError, match=r"stop_token_ids: \[259\] outside the vocabulary"):
+        eng.add_request("c", [5], SamplingParams(stop_token_ids=[7, 259]))
+    assert "c" not in eng.requests
+    # generate() is all or nothing: a bad prompt in the middle leaves nothing queued, and the
+    # error names the prompt's index.
     n_before = len(eng.requests)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"prompts\[1\]: prompt: is empty"):
         llm.generate([[5, 6], [], [7]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompts\[2\]: max_tokens"):
+        llm.generate([[5, 6], [7], list(range(3, 60))], GREEDY, use_tqdm=False)
     assert len(eng.requests) == n_before
     while eng.has_unfinished_requests():
         step()
@@ -353,7 +375,7 @@ def test_bad_input_rejected_while_serving(model_dirs):
 
 def test_abort_frees_blocks_at_once(model_dirs):
     path = model_dirs["qwen3"]
-    llm = LLM(path, max_num_batched_tokens=16)
+    llm = LLM(path, max_num_batched_tokens=16, max_num_seqs=16, device="cpu")
     eng = llm.engine
     a, b = prompts(seed=11, lens=(40, 10))
     eng.add_request("a", a, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
@@ -383,14 +405,20 @@ def test_config_validation():
                      (dict(max_num_seqs=0), "max_num_seqs"), (dict(gpu_memory_utilization=1.5),
                                                               "gpu_memory_utilization"),
                      (dict(queue_order="lifo"), "queue_order"), (dict(num_blocks=-1), "num_blocks"),
-                     (dict(max_num_batched_tokens=0), "max_num_batched_tokens")):
+                     (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
+                     (dict(max_num_batched_tokens=8, max_num_seqs=9), "max_num_batched_tokens: 8 "
+                                                                      "is less than max_num_seqs=9")):
         with pytest.raises(ValueError, match=name):
             EngineConfig(**kw)
+    EngineConfig(max_num_batched_tokens=8, max_num_seqs=8)       # equal is fine
+    # no budget given: the default grows to max_num_seqs rather than starving decodes
+    assert EngineConfig(max_num_seqs=300).resolve("cpu", 512, 64).max_num_batched_tokens == 300
+    assert EngineConfig(max_num_seqs=8).resolve("cpu", 512, 64).max_num_batched_tokens == 256
 
 
 def test_kv_cache_too_small_for_max_model_len(model_dirs):
     with pytest.raises(ValueError, match="max_model_len"):
-        LLM(model_dirs["llama"], block_size=16, num_blocks=2, max_model_len=64)
+        LLM(model_dirs["llama"], block_size=16, num_blocks=2, max_model_len=64, device="cpu")
 
 
 @pytest.mark.gpu
@@ -400,7 +428,7 @@ def test_gpu_profiled_kv_cache_and_hf_equivalence(model_dirs, backend):
     goes through the pinned buffer, and greedy fp32 outputs still equal HF's (CPU) ones."""
     path = model_dirs["qwen3"]
     llm = LLM(path, device="cuda", dtype=torch.float32, backend=backend,
-              gpu_memory_utilization=0.3, max_num_batched_tokens=16)
+              gpu_memory_utilization=0.3, max_num_batched_tokens=16, max_num_seqs=16)
     eng = llm.engine
     kv_bytes = eng.block_manager.num_blocks * eng.model.kv_cache_bytes_per_block(16)
     total = torch.cuda.get_device_properties(0).total_memory
@@ -482,7 +510,8 @@ def test_streamed_outputs_are_stable_prefixes(model_dirs, overlap):
     view of the sequence's growing list): each is the previous one plus one token, also
     after preemption, and under async scheduling where placeholders are appended past it."""
     eng = LLM(model_dirs["llama"], block_size=4, num_blocks=16, max_num_batched_tokens=16,
-              async_scheduling=overlap).engine
+              max_num_seqs=16,
+              async_scheduling=overlap, device="cpu").engine
     ps = prompts(seed=9)
     for i, p in enumerate(ps):
         eng.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))

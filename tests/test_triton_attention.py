@@ -21,7 +21,9 @@ from tests.tolerance import EPS, FACTOR, assert_close, errors
 from kernels import triton_attention as ta  # noqa: E402
 # The interpreter converts loop bounds loaded from memory with a numpy call numpy 2 deprecates
 # (triton/runtime/interpreter.py): thousands of identical warnings, none ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+# `interpreter`: on a GPU machine conftest runs this module's CPU tests in a TRITON_INTERPRET=1 child.
+pytestmark = [pytest.mark.interpreter,
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
 
 CPU_DTYPES = [torch.float16, torch.float32]
 

@@ -15,6 +15,9 @@ from kernels import reference as ref
 from tests.op_cases import LLAMA3, check_rotary, check_rotary_write_kv, check_write_kv
 from tests.tolerance import assert_close
 
+# `interpreter`: on a GPU machine conftest runs this module's CPU tests in a TRITON_INTERPRET=1 child.
+pytestmark = pytest.mark.interpreter
+
 CPU_DTYPES = [torch.float16, torch.float32]
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # --------------------------------------------------------------------------- write_kv
