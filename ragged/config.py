@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .spec_decode.config import SpeculativeConfig
+
 POLICIES = ("continuous", "prefill_first", "static")
 QUEUE_ORDERS = ("fcfs", "priority")
 
@@ -55,6 +57,8 @@ class EngineConfig:
     cuda_graphs             replay decode-only steps as CUDA graphs (one per batch-size bucket,
                             ragged/graphs.py); None: on for CUDA devices. True on CPU runs the
                             same padded static-buffer path eagerly (nothing to capture; tests)
+    speculative             None, or a SpeculativeConfig (or a dict of its fields): speculative
+                            decoding verified in the fused step (docs/speculative.md)
     """
 
     block_size: int = 16
@@ -69,6 +73,7 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool | None = None
     async_scheduling: bool | None = None
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         _int("block_size", self.block_size, 1, 256)
@@ -90,6 +95,7 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"{name}: must be a bool or None, got {v!r}")
+        object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
 
     def resolve(self, device_type: str, model_max_len: int, num_blocks: int) -> "EngineConfig":
         """The config with every None filled in, once the device and KV capacity are known."""
