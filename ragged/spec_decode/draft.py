@@ -80,7 +80,9 @@ class DraftProposer:
         common, n = st.base, min(len(st.token_ids), len(seq.token_ids))
         while common < n and st.token_ids[common] == seq.token_ids[common]:
             common += 1
-        st.num_computed_tokens = min(st.num_computed_tokens, common)
+        # At least the last token is fed again: its logits give the first draft token (the
+        # draft may have computed all of seq's tokens when the scheduler cut its proposal).
+        st.num_computed_tokens = min(st.num_computed_tokens, common, len(seq.token_ids) - 1)
         self.bm.truncate(st)
         st.token_ids = list(seq.token_ids)
         st.base = len(st.token_ids)
