@@ -115,7 +115,8 @@ def step_records(step_log) -> list[dict]:
              "schedule_time_s", "kv_blocks_used", "num_preempted", "prefix_hit_tokens")
     # Newer fields, absent from older logs: graph_batch (decode step replayed as a CUDA graph
     # of that bucket, 0 = eager) and device_time_s (CUDA events' span of the step, or None).
-    optional = (("graph_batch", 0), ("device_time_s", None))
+    optional = (("graph_batch", 0), ("device_time_s", None), ("num_spec_tokens", 0),
+                ("num_spec_seqs", 0), ("num_accepted_tokens", 0), ("num_output_tokens", 0))
     return [{**{n: _get(r, n) for n in names},
              **{n: _get(r, n, d) for n, d in optional}}
             for r in step_log]
@@ -154,3 +155,20 @@ def step_summary(step_log, *, num_blocks: int | None, prompt_tokens: int) -> dic
         out["kv_usage_max"] = float(col["kv_blocks_used"].max() / num_blocks)
         out["kv_usage_mean"] = float(col["kv_blocks_used"].mean() / num_blocks)
     return out
+
+
+def speculation_summary(step_log) -> dict:
+    """Speculative decoding over a run's steps: acceptance rate (accepted / proposed tokens),
+    accepted tokens per verification, output tokens per step that produced any, and how many
+    steps verified (those run eagerly and synchronously)."""
+    recs = step_records(step_log)
+    drafts = sum(r["num_spec_tokens"] for r in recs)
+    acc = sum(r["num_accepted_tokens"] for r in recs)
+    ver = sum(r["num_spec_seqs"] for r in recs)
+    out_steps = [r["num_output_tokens"] for r in recs if r["num_output_tokens"]]
+    return {"verify_steps": sum(1 for r in recs if r["num_spec_tokens"]),
+            "verifications": ver, "draft_tokens": drafts, "accepted_tokens": acc,
+            "acceptance_rate": round(acc / drafts, 4) if drafts else None,
+            "mean_accepted_per_verification": round(acc / ver, 3) if ver else None,
+            "output_tokens_per_step": (round(sum(out_steps) / len(out_steps), 3)
+                                       if out_steps else None)}

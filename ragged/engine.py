@@ -51,6 +51,7 @@ class StepStats:
     prefix_hit_tokens: int
     graph_batch: int = 0        # decode step replayed as the CUDA graph of this bucket (0: eager)
     num_spec_tokens: int = 0    # speculation: proposed tokens verified in this step (eager step)
+    num_spec_seqs: int = 0      # ... by this many sequences
     num_accepted_tokens: int = 0   # ... and how many of them were accepted
     num_output_tokens: int = 0  # tokens that became known in this step (any request)
     # CUDA: the device's span for this step, from its first event (before the batch copy) or
@@ -260,7 +261,7 @@ class Engine:
             step_time_s=t2 - t0, schedule_time_s=t1 - t0, kv_blocks_used=kv_used,
             num_preempted=len(sched.preempted), prefix_hit_tokens=sched.prefix_hit_tokens,
             graph_batch=flight.graph_batch if flight is not None else 0,
-            num_spec_tokens=sched.num_spec_tokens,
+            num_spec_tokens=sched.num_spec_tokens, num_spec_seqs=sched.num_spec_seqs,
             num_accepted_tokens=flight.num_accepted if flight is not None else 0,
             num_output_tokens=self.stats.num_generated_tokens - gen0)
         self.step_log.append(stats)

@@ -39,6 +39,7 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     prefix_hit_tokens: int = 0
     num_spec_tokens: int = 0          # proposed tokens to verify (counted in num_decode_tokens)
+    num_spec_seqs: int = 0            # sequences verifying proposals
 
     @property
     def num_tokens(self) -> int:
@@ -120,6 +121,7 @@ class Scheduler:
         out.num_prefill_tokens = sum(n for (_, n), p in zip(items, is_pre) if p)
         out.num_decode_tokens = sum(n for _, n in items) - out.num_prefill_tokens
         out.num_spec_tokens = sum(len(s.spec_tokens) for s, _ in items)
+        out.num_spec_seqs = sum(1 for s, _ in items if s.spec_tokens)
         now = time.perf_counter()
         for seq, _ in out.scheduled:
             if seq.metrics.first_scheduled_time is None:

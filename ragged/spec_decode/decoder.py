@@ -35,7 +35,8 @@ class SpecDecoder:
 
     def num_tokens(self, running) -> int:
         """k for this step (the large-batch rule over the running decodes; 0 = none)."""
-        return self.cfg.num_tokens_for(sum(1 for s in running if not s.is_prefill))
+        decodes = sum(1 for s in running if not s.is_prefill)
+        return self.cfg.num_tokens_for(decodes) if decodes else 0
 
     def propose(self, running, k: int) -> int:
         """Set spec_tokens (and spec_q) on the decoding sequences of `running` (none may have
