@@ -205,6 +205,21 @@ def test_seeded_ngram_sampling_equals_plain_decoding(tiny):
     assert got == want
 
 
+def test_seeded_draft_sampling_reproducible(tiny):
+    """Draft-model sampling: the draft's and the verifier's draws are seeded per (seed, token
+    index), so a seeded request repeats its tokens, alone or in another batch."""
+    ps = spanned_prompts(seed=7)
+    params = [SamplingParams(temperature=0.8, seed=3 + i, max_tokens=10, ignore_eos=True)
+              for i in range(len(ps))]
+    draft = load_model("tiny", seed=1)
+    sp = spec("draft", 3, draft)
+    _, a = gen(tiny, ps, params, speculative=sp)
+    llm, b = gen(tiny, ps, params, speculative=sp)
+    _, alone = gen(tiny, ps[1:2], params[1:2], speculative=sp)
+    assert a == b and alone[0] == a[1]
+    assert llm.engine.stats.num_draft_tokens > 0
+
+
 def chi_square(counts, probs):
     n = counts.sum()
     return float(((counts - n * probs) ** 2 / (n * probs)).sum())
