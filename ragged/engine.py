@@ -216,6 +216,8 @@ class Engine:
         if seq is None:
             return False
         self.scheduler.remove(seq)
+        if self.spec is not None:
+            self.spec.end_step()              # its draft KV too
         seq.finish_reason = "abort"
         seq.metrics.finish_time = time.perf_counter()
         return True
