@@ -509,10 +509,11 @@ def test_gpu_speculation_with_graphs_and_async(model_dirs, backend, method):
     kw = dict(device="cuda", dtype=torch.float32, backend=backend, gpu_memory_utilization=0.3,
               max_num_batched_tokens=64, max_num_seqs=8)
     ps = spanned_prompts(seed=8, lens=(13, 40, 1, 27, 58, 5, 33, 21))
-    _, want = gen(path, ps, GREEDY, **kw)
+    params = dataclasses.replace(GREEDY, max_tokens=32)
+    _, want = gen(path, ps, params, **kw)
     # 12 tokens: 8 or more decodes -> off (graphs, overlap), 5 -> k = 1, 2 -> k = 4
     sp = spec(method, 4, path, max_verify_tokens=12)
-    llm, got = gen(path, ps, GREEDY, speculative=sp, **kw)
+    llm, got = gen(path, ps, params, speculative=sp, **kw)
     eng = llm.engine
     assert eng.graphs is not None and eng.async_scheduling
     log = eng.step_log
@@ -524,3 +525,30 @@ def test_gpu_speculation_with_graphs_and_async(model_dirs, backend, method):
     assert all(s.graph_batch == 0 for s in log if s.num_spec_tokens)
     assert any(s.graph_batch for s in log)
     assert_all_free(llm)
+
+
+# ------------------------------------------------------------------ benchmarks' plumbing
+def test_bench_speculation_plumbing():
+    """bench.e2e's flags become SpeculativeConfig fields (and name the JSON), the step log's
+    counters become the JSON summary, and repeated_span prompts repeat their spans."""
+    from bench import e2e, metrics, workloads
+    a = e2e.parse_args(["--quick", "--speculative", "ngram", "--num-speculative-tokens", "3",
+                        "--max-verify-tokens", "0"])
+    assert e2e.speculative_args(a) == dict(method="ngram", num_speculative_tokens=3,
+                                           draft_model=None, max_verify_tokens=None)
+    SpeculativeConfig(**e2e.speculative_args(a))
+    assert e2e.speculative_args(e2e.parse_args(["--quick"])) is None
+    log = [dict(num_spec_tokens=8, num_spec_seqs=2, num_accepted_tokens=6, num_output_tokens=8),
+           dict(num_spec_tokens=0, num_spec_seqs=0, num_accepted_tokens=0, num_output_tokens=2),
+           dict(num_spec_tokens=0, num_spec_seqs=0, num_accepted_tokens=0, num_output_tokens=0)]
+    s = metrics.speculation_summary(log)
+    assert s["acceptance_rate"] == 0.75 and s["mean_accepted_per_verification"] == 3.0
+    assert s["output_tokens_per_step"] == 5.0 and s["verify_steps"] == 1
+    reqs = workloads.make("repeated_span", 3, vocab_size=1000, prompt_len=100, span_len=10,
+                          edit_rate=0.0, seed=1)
+    p = reqs[0].prompt_token_ids
+    assert len(p) == 100 and p[:10] == p[40:50] != p[10:20]
+    assert reqs == workloads.make("repeated_span", 3, vocab_size=1000, prompt_len=100,
+                                  span_len=10, edit_rate=0.0, seed=1)
+    with pytest.raises(ValueError, match="edit_rate"):
+        workloads.repeated_span(2, vocab_size=10, edit_rate=2.0)

@@ -18,7 +18,7 @@ import torch
 
 from ..batch import BatchBuilder
 from ..block_manager import BlockManager
-from .rejection import _noise, target_probs
+from .rejection import noise, target_probs
 
 
 class _DraftSeq:
@@ -115,7 +115,7 @@ class DraftProposer:
                 idx = torch.tensor(samp, device=logits.device)
                 q = target_probs(logits.index_select(0, idx), sp)
                 index = [seqs[live[r][0]].num_output_tokens + j for r in samp]
-                _, E = _noise(self.sampler, len(samp), q.shape[1], sp, index, salt=2)
+                _, E = noise(self.sampler, len(samp), q.shape[1], sp, index, salt=2)
                 tok = tok.index_copy(0, idx, (q / E).argmax(dim=-1))
                 for r, row in zip(samp, q):
                     qs[live[r][0]].append(row)

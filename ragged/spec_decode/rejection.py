@@ -35,7 +35,7 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return x.softmax(dim=-1)
 
 
-def _noise(sampler: Sampler, n: int, V: int, params, token_index, salt: int):
+def noise(sampler: Sampler, n: int, V: int, params, token_index, salt: int):
     """u ~ U[0,1) [n] and E ~ Exp(1) [n, V]: seeded rows from (seed, token index, salt), the
     others from the engine's generator (batch-independent for seeded requests)."""
     dev = sampler.device
@@ -79,7 +79,7 @@ def verify(sampler: Sampler, logits: torch.Tensor, drafts: list[list[int]], qs: 
         q = torch.cat([t for i in prob for t in (qs[i][:len(drafts[i])].to(p.dtype), zero)])
         x = draft_dev.index_select(0, idx_dev).clamp(min=0)      # bonus rows: any id, q = 0
         bonus = draft_dev.index_select(0, idx_dev) < 0
-        u, E = _noise(sampler, len(idx), V, sub_params, [row_index[r] for r in idx], salt=1)
+        u, E = noise(sampler, len(idx), V, sub_params, [row_index[r] for r in idx], salt=1)
         px, qx = p.gather(1, x[:, None])[:, 0], q.gather(1, x[:, None])[:, 0]
         acc = (u * qx < px) & ~bonus
         resid = (p - q).clamp_(min=0)
