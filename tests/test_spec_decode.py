@@ -282,6 +282,24 @@ def test_ngram_propose():
     assert ngram_propose(a([0, 2, 3, 8, 9, 3, 6, 2, 3]), 1, 1, 1) == [6]
     assert ngram_propose(a([4]), 3, 1, 3) == []
 
+    def naive(tokens, k, n_min, n_max):           # the definition, by brute force
+        L = len(tokens)
+        for n in range(min(n_max, L - 1), n_min - 1, -1):
+            hits = [i for i in range(L - n) if tokens[i:i + n] == tokens[L - n:]]
+            if hits:
+                out = []
+                for j in range(k):
+                    src = hits[-1] + n + j
+                    out.append(tokens[src] if src < L else out[src - L])
+                return out
+        return []
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        t = rng.integers(0, 3, size=int(rng.integers(1, 30))).tolist()
+        k, lo = int(rng.integers(1, 6)), int(rng.integers(1, 3))
+        hi = lo + int(rng.integers(0, 3))
+        assert ngram_propose(np.array(t), k, lo, hi) == naive(t, k, lo, hi), (t, k, lo, hi)
+
 
 # ------------------------------------------------------------------ block manager rollback
 def test_block_manager_truncate():
