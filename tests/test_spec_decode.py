@@ -426,9 +426,10 @@ class SpecCheckingModel(CheckingModel):
        block_size=st.sampled_from([1, 2, 4]), budget=st.integers(1, 24),
        max_seqs=st.integers(1, 6), caching=st.booleans(), graphs=st.booleans(),
        overlap=st.booleans(), wrong=st.sampled_from([0, 2, 3]),
-       verify_cap=st.sampled_from([None, 4, 12]))
+       verify_cap=st.sampled_from([None, 4, 12]),
+       policy=st.sampled_from(["continuous", "continuous", "prefill_first", "static"]))
 def test_random_workloads_with_speculation(data, method, k, block_size, budget, max_seqs,
-                                           caching, graphs, overlap, wrong, verify_cap):
+                                           caching, graphs, overlap, wrong, verify_cap, policy):
     """Random arrivals, lengths, stops and aborts over a KV cache small enough to preempt,
     with speculation: every request that was not aborted gets exactly the rule's tokens, and
     no block of the target's or the draft's cache leaks or is double-freed."""
@@ -439,7 +440,7 @@ def test_random_workloads_with_speculation(data, method, k, block_size, budget, 
     eng = Engine(SpecCheckingModel(), EngineConfig(
         max_num_batched_tokens=budget, max_num_seqs=max_seqs, num_blocks=num_blocks,
         block_size=block_size, enable_prefix_caching=caching, max_model_len=max_len,
-        cuda_graphs=graphs, async_scheduling=overlap, speculative=sp))
+        cuda_graphs=graphs, async_scheduling=overlap, speculative=sp, policy=policy))
     n_req = data.draw(st.integers(1, 6), "n_req")
     reqs = {}
     for i in range(n_req):
