@@ -59,6 +59,8 @@ def spanned_prompts(seed=0, lens=(13, 40, 1, 27, 58)):
 
 
 def gen(model, ps, params, **kw):
+    if isinstance(model, str):
+        kw.setdefault("device", "cpu")     # CPU tests stay on CPU on a GPU machine too
     llm = LLM(model, **kw)
     outs = llm.generate(ps, params, use_tqdm=False)
     return llm, [o.token_ids for o in outs]
@@ -76,12 +78,13 @@ def assert_all_free(llm):
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 # Conditions of the engine (each also changes the batch mix the verifications share).
+# max_num_seqs <= the budget (one decode per running sequence must fit a step).
 CONDITIONS = {
-    "chunked": dict(max_num_batched_tokens=16),
-    "preemption": dict(block_size=4, num_blocks=20, max_num_batched_tokens=32),
-    "prefix_caching": dict(max_num_batched_tokens=24, enable_prefix_caching=True),
+    "chunked": dict(max_num_batched_tokens=16, max_num_seqs=8),
+    "preemption": dict(block_size=4, num_blocks=20, max_num_batched_tokens=32, max_num_seqs=8),
+    "prefix_caching": dict(max_num_batched_tokens=24, max_num_seqs=8, enable_prefix_caching=True),
     "cuda_graphs": dict(max_num_batched_tokens=64, max_num_seqs=6, cuda_graphs=True),
-    "async": dict(block_size=4, num_blocks=24, max_num_batched_tokens=16,
+    "async": dict(block_size=4, num_blocks=24, max_num_batched_tokens=16, max_num_seqs=8,
                   async_scheduling=True, cuda_graphs=True),
 }
 
@@ -169,10 +172,12 @@ def test_stop_token_and_max_tokens_inside_an_accepted_run(tiny):
         assert outs[0].token_ids == full[0][:cut + 1] and outs[0].finish_reason == "stop"
         assert outs[1].token_ids == full[1][:cut + 2] and outs[1].finish_reason == "length"
         assert_all_free(llm)
-    # max_model_len inside a run: proposals never run past it.
-    llm = LLM(tiny, max_model_len=28, speculative=sp)
-    out = llm.generate(ps[:1], free, use_tqdm=False)[0]
-    assert out.token_ids == full[0][:8] and out.finish_reason == "length"
+    # max_model_len reached inside a run (with max_tokens that exactly fit it): proposals
+    # never run past it.
+    llm = LLM(tiny, max_model_len=27, speculative=sp)
+    out = llm.generate(ps[:1], dataclasses.replace(free, max_tokens=7), use_tqdm=False)[0]
+    assert out.token_ids == full[0][:7] and out.finish_reason == "length"
+    assert_all_free(llm)
 
 
 def test_triton_backend_verifies_in_the_mixed_batch():
@@ -182,8 +187,9 @@ def test_triton_backend_verifies_in_the_mixed_batch():
     ref = load_model("tiny", seed=0, backend="torch")         # same weights, reference kernels
     ps = spanned_prompts(seed=4, lens=(3, 14))
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    _, want = gen(ref, ps, params, max_num_batched_tokens=8)
-    llm, got = gen(m, ps, params, max_num_batched_tokens=8, speculative=spec("ngram", 3))
+    _, want = gen(ref, ps, params, max_num_batched_tokens=8, max_num_seqs=4)
+    llm, got = gen(m, ps, params, max_num_batched_tokens=8, max_num_seqs=4,
+                   speculative=spec("ngram", 3))
     log = llm.engine.step_log
     mixed = [s for s in log if s.num_spec_tokens and s.num_prefill_tokens]
     print("verification steps", sum(1 for s in log if s.num_spec_tokens), "mixed with prefill",
@@ -433,6 +439,7 @@ def test_random_workloads_with_speculation(data, method, k, block_size, budget, 
     """Random arrivals, lengths, stops and aborts over a KV cache small enough to preempt,
     with speculation: every request that was not aborted gets exactly the rule's tokens, and
     no block of the target's or the draft's cache leaks or is double-freed."""
+    max_seqs = min(max_seqs, budget)             # one decode per running sequence fits a step
     num_blocks = data.draw(st.integers(max(2, 8 // block_size), 24 // block_size + 2), "num_blocks")
     max_len = num_blocks * block_size
     draft = SpecCheckingModel(wrong) if method == "draft" else None
@@ -446,7 +453,7 @@ def test_random_workloads_with_speculation(data, method, k, block_size, budget, 
     for i in range(n_req):
         plen = data.draw(st.integers(1, min(16, max_len - 1)), "plen")
         prompt = [1 + (j * (i % 2 + 1)) % 5 for j in range(plen)]       # shared prefixes
-        reqs[str(i)] = (prompt, data.draw(st.integers(1, 12), "max_tokens"),
+        reqs[str(i)] = (prompt, data.draw(st.integers(1, min(12, max_len - plen)), "max_tokens"),
                         data.draw(st.integers(0, 3), "arrival_step"),
                         tuple(data.draw(st.sets(st.integers(0, V - 1), max_size=3), "stop")))
     aborts = data.draw(st.dictionaries(st.sampled_from(sorted(reqs)), st.integers(0, 10),
