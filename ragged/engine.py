@@ -125,6 +125,8 @@ class Engine:
                                           config.enable_prefix_caching,
                                           max_blocks_per_seq=-(-config.max_model_len // config.block_size))
         self.scheduler = Scheduler(config, self.block_manager)
+        self.spec = (None if config.speculative is None else     # docs/speculative.md
+                     SpecDecoder(config.speculative, model, config, self.sampler))
         self.batch_builder = BatchBuilder(config.block_size, self.device)
         self.kv_caches = model.allocate_kv_cache(num_blocks, config.block_size)
         # Decode-only steps replay CUDA graphs (captured here, after the KV cache exists);
@@ -161,8 +163,6 @@ class Engine:
                                  else config.async_scheduling)
         self._inflight: _Flight | None = None       # async: the launched, unprocessed step
         self._fix_host = None                       # [pinned int64 buffer, its last copy's event]
-        self.spec = (None if config.speculative is None else
-                     SpecDecoder(config.speculative, model, config, self.sampler))
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -262,11 +262,12 @@ class Engine:
             num_decode_tokens=sched.num_decode_tokens, num_seqs=len(sched.scheduled),
             step_time_s=t2 - t0, schedule_time_s=t1 - t0, kv_blocks_used=kv_used,
             num_preempted=len(sched.preempted), prefix_hit_tokens=sched.prefix_hit_tokens,
-            graph_batch=flight.graph_batch if flight is not None else 0,
-            num_spec_tokens=sched.num_spec_tokens, num_spec_seqs=sched.num_spec_seqs,
-            num_accepted_tokens=flight.num_accepted if flight is not None else 0,
-            num_output_tokens=self.stats.num_generated_tokens - gen0)
+            graph_batch=flight.graph_batch if flight is not None else 0)
         self.step_log.append(stats)
+        stats.num_output_tokens = self.stats.num_generated_tokens - gen0
+        if flight is not None and flight.runs is not None:
+            stats.num_spec_tokens, stats.num_spec_seqs = sched.num_spec_tokens, sched.num_spec_seqs
+            stats.num_accepted_tokens = flight.num_accepted
         if flight is not None and flight.events is not None:
             self._pending_events.append((stats, *flight.events))
             self.device_times()
