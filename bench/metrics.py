@@ -115,8 +115,7 @@ def step_records(step_log) -> list[dict]:
              "schedule_time_s", "kv_blocks_used", "num_preempted", "prefix_hit_tokens")
     # Newer fields, absent from older logs: graph_batch (decode step replayed as a CUDA graph
     # of that bucket, 0 = eager) and device_time_s (CUDA events' span of the step, or None).
-    optional = (("graph_batch", 0), ("device_time_s", None), ("num_spec_tokens", 0),
-                ("num_spec_seqs", 0), ("num_accepted_tokens", 0), ("num_output_tokens", 0))
+    optional = (("graph_batch", 0), ("device_time_s", None))
     return [{**{n: _get(r, n) for n in names},
              **{n: _get(r, n, d) for n, d in optional}}
             for r in step_log]
@@ -161,7 +160,8 @@ def speculation_summary(step_log) -> dict:
     """Speculative decoding over a run's steps: acceptance rate (accepted / proposed tokens),
     accepted tokens per verification, output tokens per step that produced any, and how many
     steps verified (those run eagerly and synchronously)."""
-    recs = step_records(step_log)
+    names = ("num_spec_tokens", "num_spec_seqs", "num_accepted_tokens", "num_output_tokens")
+    recs = [{n: _get(r, n) for n in names} for r in step_log]
     drafts = sum(r["num_spec_tokens"] for r in recs)
     acc = sum(r["num_accepted_tokens"] for r in recs)
     ver = sum(r["num_spec_seqs"] for r in recs)

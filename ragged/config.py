@@ -51,14 +51,14 @@ class EngineConfig:
                             as in vLLM; ties by arrival). Preemption picks the least important,
                             latest-admitted running sequence.
     enable_prefix_caching   reuse KV blocks of identical prompt prefixes (full blocks only)
+    speculative             None, or a SpeculativeConfig (or a dict of its fields): speculative
+                            decoding verified in the fused step (docs/speculative.md)
     seed                    seed of the sampler's generator for requests without their own seed
     async_scheduling        launch step n before reading step n-1's tokens, so host work overlaps
                             the device (ragged/engine.py); None: on for CUDA devices
     cuda_graphs             replay decode-only steps as CUDA graphs (one per batch-size bucket,
                             ragged/graphs.py); None: on for CUDA devices. True on CPU runs the
                             same padded static-buffer path eagerly (nothing to capture; tests)
-    speculative             None, or a SpeculativeConfig (or a dict of its fields): speculative
-                            decoding verified in the fused step (docs/speculative.md)
     """
 
     block_size: int = 16
@@ -70,10 +70,10 @@ class EngineConfig:
     policy: str = "continuous"
     queue_order: str = "fcfs"
     enable_prefix_caching: bool = True
+    speculative: SpeculativeConfig | None = None
     seed: int = 0
     cuda_graphs: bool | None = None
     async_scheduling: bool | None = None
-    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         _int("block_size", self.block_size, 1, 256)
@@ -90,12 +90,12 @@ class EngineConfig:
             raise ValueError(f"queue_order: {self.queue_order!r} is not one of {QUEUE_ORDERS}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching: must be a bool, got {self.enable_prefix_caching!r}")
+        object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
         _int("seed", self.seed, 0)
         for name in ("cuda_graphs", "async_scheduling"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"{name}: must be a bool or None, got {v!r}")
-        object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
 
     def resolve(self, device_type: str, model_max_len: int, num_blocks: int) -> "EngineConfig":
         """The config with every None filled in, once the device and KV capacity are known."""
