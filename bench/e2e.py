@@ -120,14 +120,14 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
     extra = {k: v for k, v in dict(block_size=a.block_size, num_blocks=a.num_blocks,
                                    max_num_batched_tokens=a.max_num_batched_tokens,
                                    max_num_seqs=a.max_num_seqs).items() if v is not None}
+    if a.speculative:
+        extra["speculative"] = speculative_args(a)
     if a.no_prefix_caching:
         extra["enable_prefix_caching"] = False
     if a.no_cuda_graphs:
         extra["cuda_graphs"] = False
     if a.no_async_scheduling:
         extra["async_scheduling"] = False
-    if a.speculative:
-        extra["speculative"] = speculative_args(a)
     llm = LLM(model, policy=policy, seed=a.seed, **extra)
     engine = llm.engine
     try:
@@ -417,18 +417,18 @@ def parse_args(argv=None):
     p.add_argument("--num-blocks", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="run decode steps eagerly (A/B against the default CUDA-graph replay)")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="read each step's tokens before launching the next (A/B against overlap)")
     p.add_argument("--speculative", choices=("ngram", "draft"),
                    help="speculative decoding for our engine (docs/speculative.md)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--draft-model", default="tiny", help="--speculative draft: preset or HF dir")
     p.add_argument("--max-verify-tokens", type=int,
                    help="large-batch rule: decodes x (1 + k) cap (default 256, 0 = off)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly (A/B against the default CUDA-graph replay)")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="read each step's tokens before launching the next (A/B against overlap)")
     p.add_argument("--system-timeout", type=float, default=900.0,
                    help="seconds one system may run before it is recorded as failed")
     a = p.parse_args(argv)
