@@ -226,6 +226,21 @@ def test_seeded_draft_sampling_reproducible(tiny):
     assert llm.engine.stats.num_draft_tokens > 0
 
 
+def test_self_draft_sampling_accepts_almost_everything(tiny):
+    """The target as its own draft under temperature / top-k / top-p: q equals p up to float
+    noise at every position, so min(1, p/q) ~ 1. A q row misaligned by one position, or
+    processed with other sampling parameters than the target's, drops this far below."""
+    ps = spanned_prompts(seed=5)
+    params = [SamplingParams(temperature=0.9, top_k=30, top_p=0.95, seed=i, max_tokens=12,
+                             ignore_eos=True) for i in range(len(ps))]
+    llm, _ = gen(tiny, ps, params, max_num_batched_tokens=32, max_num_seqs=8,
+                 speculative=spec("draft", 4, tiny))
+    s = llm.engine.stats
+    print("accepted", s.num_accepted_tokens, "of", s.num_draft_tokens)
+    assert s.num_draft_tokens > 20 and s.num_accepted_tokens >= 0.95 * s.num_draft_tokens
+    assert_all_free(llm)
+
+
 def chi_square(counts, probs):
     n = counts.sum()
     return float(((counts - n * probs) ** 2 / (n * probs)).sum())
