@@ -180,6 +180,7 @@ def test_stop_token_and_max_tokens_inside_an_accepted_run(tiny):
     assert_all_free(llm)
 
 
+@pytest.mark.interpreter      # Triton on CPU tensors (a TRITON_INTERPRET=1 child on GPU machines)
 def test_triton_backend_verifies_in_the_mixed_batch():
     """The Triton kernels (interpreter) see verification queries (q_len 1 + k) next to
     prefill chunks and decodes in one launch."""
