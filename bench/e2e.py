@@ -61,6 +61,8 @@ def workload_kwargs(name: str, s: dict) -> dict:
         return out | dict(rate=s["rate"], prompt_range=s["prompt_range"])
     if name == "shared_prefix":
         return out | dict(prefix_len=s["prefix_len"], suffix_range=s["suffix_range"])
+    if name == "repeated_span":
+        return out | dict(prompt_len=s["prompt_len"])
     if name == "stall":
         return dict(long_range=s["long_range"], decode_prompt_len=s["decode_prompt_len"],
                     decode_tokens=s["decode_tokens"], interval=s["interval"])
@@ -118,6 +120,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
     extra = {k: v for k, v in dict(block_size=a.block_size, num_blocks=a.num_blocks,
                                    max_num_batched_tokens=a.max_num_batched_tokens,
                                    max_num_seqs=a.max_num_seqs).items() if v is not None}
+    if a.speculative:
+        extra["speculative"] = speculative_args(a)
     if a.no_prefix_caching:
         extra["enable_prefix_caching"] = False
     if a.no_cuda_graphs:
@@ -140,6 +144,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
                 "steps": metrics.step_summary(steps, num_blocks=engine.block_manager.num_blocks,
                                               prompt_tokens=sum(r.prompt_len for r in requests)),
                 "step_log": metrics.step_records(steps)}
+        if a.speculative:
+            info["speculation"] = metrics.speculation_summary(steps)
         return traces, info
     finally:
         del engine, llm
@@ -257,6 +263,17 @@ def _compare(payload, traces_by):
             s["agreement_with_hf_static"] = _agreement(traces_by[name], ref)
 
 
+def speculative_args(a) -> dict | None:
+    """--speculative & co. as SpeculativeConfig fields (None: no speculation)."""
+    if not a.speculative:
+        return None
+    d = dict(method=a.speculative, num_speculative_tokens=a.num_speculative_tokens,
+             draft_model=a.draft_model if a.speculative == "draft" else None)
+    if a.max_verify_tokens is not None:
+        d["max_verify_tokens"] = a.max_verify_tokens or None      # 0: the rule off
+    return d
+
+
 def run(a, checkpoint=None) -> dict:
     """Run every system; checkpoint(payload) is called after each one, so a run killed by a
     time limit still leaves the systems it finished on disk."""
@@ -281,6 +298,7 @@ def run(a, checkpoint=None) -> dict:
                    "scale": a.scale, "seed": a.seed, "workload_kwargs": kwargs,
                    "hf_batch_size": a.hf_batch_size, "hf_max_requests": a.hf_max_requests,
                    "policies": a.policies, "systems": a.systems,
+                   "speculative": speculative_args(a),
                    "sampling": "greedy, ignore_eos, exact max_tokens per request"},
         "workload": {"num_requests": len(requests),
                      "prompt_tokens": sum(r.prompt_len for r in requests),
@@ -358,6 +376,12 @@ def table(payload) -> str:
                          + (f", device span {100 * span:.1f}% of step time" if span is not None else "")
                          + (f"; CUDA GRAPH CAPTURE FAILED: {s['graph_capture_error'][:200]}"
                             if s.get("graph_capture_error") else ""))
+    for name, s in payload["systems"].items():
+        sp = s.get("speculation") if s["status"] == "ok" else None
+        if sp:
+            lines.append(f"  {name}: speculation: acceptance {sp['acceptance_rate']}, "
+                         f"{sp['mean_accepted_per_verification']} accepted per verification, "
+                         f"{sp['output_tokens_per_step']} output tokens per step")
     return "\n".join(lines)
 
 
@@ -366,6 +390,8 @@ def stem(payload) -> str:
     model = c["model"].rstrip("/").split("/")[-1]
     tag = {"anyscale": f"_cap{c['workload_kwargs'].get('cap')}",
            "poisson": f"_rate{c['workload_kwargs'].get('rate')}"}.get(c["workload"], "")
+    sp = c.get("speculative")
+    tag += f"_spec-{sp['method']}{sp['num_speculative_tokens']}" if sp else ""
     return f"e2e_{c['workload']}{tag}_{model}_{torch.device(c['device']).type}{'_quick' if c['scale'] == 'quick' else ''}"
 
 
@@ -391,6 +417,12 @@ def parse_args(argv=None):
     p.add_argument("--num-blocks", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--speculative", choices=("ngram", "draft"),
+                   help="speculative decoding for our engine (docs/speculative.md)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--draft-model", default="tiny", help="--speculative draft: preset or HF dir")
+    p.add_argument("--max-verify-tokens", type=int,
+                   help="large-batch rule: decodes x (1 + k) cap (default 256, 0 = off)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true",

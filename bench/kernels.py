@@ -6,7 +6,8 @@ Attention (Llama-3-8B heads 32/8/128, block 16, bf16 on GPU) through kernels.pag
 for every available backend, next to PyTorch on the same data: SDPA (flash backend on GPU)
 over each sequence's contiguous K/V (sequences of one shape batched into one call), and
 flex_attention (compiled; prefill only). Sweeps: decode batch x context, causal prefill, and a
-mixed batch (one 2048-token chunk + 256 decodes) against its two parts launched separately.
+mixed batch (one 2048-token chunk + 256 decodes) against its two parts launched separately, and
+speculative verification (32 queries of 2/4/8 tokens + 32 decodes, ctx 2048) in one launch.
 The ops (write_kv, rms_norm, rotary, silu_and_mul) run at 8192 tokens; the "torch" backend is
 the eager PyTorch baseline. Units: median us, GB/s of bytes that must move (each input read
 once, each output written once; attention: KV + q + out), % of the measured copy bandwidth,
@@ -32,9 +33,10 @@ EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 
 FULL = dict(hq=32, hkv=8, d=128, bs=16, decode_b=(1, 8, 32, 128, 256),
             decode_ctx=(512, 2048, 8192, 32768), max_kv_tokens=1 << 21,
             prefill=(1024, 2048, 4096, 8192, 16384), mixed=(2048, 256, 2048),
+            spec=(64, 2048, (2, 4, 8)),
             op_tokens=8192, hidden=4096, inter=14336, warmup=5, iters=20)
 QUICK = dict(hq=4, hkv=2, d=32, bs=16, decode_b=(1, 3), decode_ctx=(40,),
-             max_kv_tokens=1 << 21, prefill=(24,), mixed=(16, 2, 40),
+             max_kv_tokens=1 << 21, prefill=(24,), mixed=(16, 2, 40), spec=(2, 40, (3,)),
              op_tokens=8, hidden=96, inter=80, warmup=0, iters=1)     # seconds, interpreted
 TORCH_REF_MAX = 1 << 24        # the reference loops in Python: only where q*k*Hq is this small
 
@@ -112,8 +114,10 @@ def _groups(c):
 
 def _contiguous_qkv(c, lo, hi):
     ql, kl = c["q_lens"][lo], c["kv_lens"][lo]
-    if ql > 1 and ql != kl:
-        raise NotImplementedError("baseline covers decodes and whole prompts only")
+    # causal: True for whole prompts; a short query over a longer context (a speculative
+    # verification) gets the bottom-right causal mask explicitly (SDPA's is top-left).
+    causal = (torch.ones(ql, kl, dtype=torch.bool, device=c["q"].device).tril(kl - ql)
+              if 1 < ql < kl else ql > 1)
     n, bs = hi - lo, c["bs"]
     rows = slice(c["first_block"][lo] * bs, c["first_block"][hi] * bs)
     span = (c["first_block"][lo + 1] - c["first_block"][lo]) * bs
@@ -121,7 +125,7 @@ def _contiguous_qkv(c, lo, hi):
     v = c["v_lin"][rows].view(n, span, *c["v_lin"].shape[1:])[:, :kl].transpose(1, 2)
     q0 = sum(c["q_lens"][:lo])
     q = c["q"][q0:q0 + n * ql].view(n, ql, *c["q"].shape[1:]).transpose(1, 2)
-    return q, k, v, ql > 1
+    return q, k, v, causal
 
 
 def lazy(make):
@@ -140,7 +144,9 @@ def sdpa_fn(c):
     def call():
         outs = []
         for q, k, v, causal in parts:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            mask = causal if isinstance(causal, torch.Tensor) else None
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               is_causal=causal is True, enable_gqa=True)
             outs.append(o.transpose(1, 2).reshape(-1, o.shape[1], o.shape[3]))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -315,6 +321,15 @@ def attention_sweeps(rows, p, backends, ctx, flex):
         run("mixed", "mixed as 2 launches", c, [("torch-sdpa", lazy(lambda: sdpa_fn(c)))] + split)
     run("mixed", "mixed: decode part", dec)
     run("mixed", "mixed: prefill part", pre)
+    # Speculative verification (ragged/spec_decode): half the batch verifies 1 + k = q query
+    # tokens, the other half decodes, in one launch; q=1 is the same batch all decoding.
+    nb, L, qs = p["spec"]
+    nv = nb // 2
+    for q in (1, *qs):
+        c = attention_case([q] * nv + [1] * (nb - nv), [L] * nb, dtype=dt, device=dev, **h)
+        run("spec_verify", f"verify q={q} x{nv} + {nb - nv} decodes ctx={L}", c)
+        del c
+        _free(dev)
 
 
 def _free(device):

@@ -154,3 +154,21 @@ def step_summary(step_log, *, num_blocks: int | None, prompt_tokens: int) -> dic
         out["kv_usage_max"] = float(col["kv_blocks_used"].max() / num_blocks)
         out["kv_usage_mean"] = float(col["kv_blocks_used"].mean() / num_blocks)
     return out
+
+
+def speculation_summary(step_log) -> dict:
+    """Speculative decoding over a run's steps: acceptance rate (accepted / proposed tokens),
+    accepted tokens per verification, output tokens per step that produced any, and how many
+    steps verified (those run eagerly and synchronously)."""
+    names = ("num_spec_tokens", "num_spec_seqs", "num_accepted_tokens", "num_output_tokens")
+    recs = [{n: _get(r, n) for n in names} for r in step_log]
+    drafts = sum(r["num_spec_tokens"] for r in recs)
+    acc = sum(r["num_accepted_tokens"] for r in recs)
+    ver = sum(r["num_spec_seqs"] for r in recs)
+    out_steps = [r["num_output_tokens"] for r in recs if r["num_output_tokens"]]
+    return {"verify_steps": sum(1 for r in recs if r["num_spec_tokens"]),
+            "verifications": ver, "draft_tokens": drafts, "accepted_tokens": acc,
+            "acceptance_rate": round(acc / drafts, 4) if drafts else None,
+            "mean_accepted_per_verification": round(acc / ver, 3) if ver else None,
+            "output_tokens_per_step": (round(sum(out_steps) / len(out_steps), 3)
+                                       if out_steps else None)}

@@ -141,3 +141,32 @@ def make(name: str, num_requests: int, *, vocab_size: int, seed: int = 0, **kwar
     if name not in WORKLOADS:
         raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got {name!r}")
     return WORKLOADS[name](num_requests, vocab_size=vocab_size, seed=seed, **kwargs)
+
+
+def repeated_span(num_requests: int, *, vocab_size: int, prompt_len: int = 512,
+                  span_len: int = 32, edit_rate: float = 0.05, cap: int = 128,
+                  mean_output: float = 128.0, seed: int = 0) -> list[Request]:
+    """Prompts that repeat spans, all at t=0 (code editing, summaries quoting their source):
+    each prompt cycles through 4 random spans of span_len tokens until prompt_len, and every
+    copy has edit_rate of its tokens replaced (the edits ngram speculation must survive).
+    With random weights the model does not copy the prompt, so the acceptance rate is the
+    model's own repetition (the e2e JSON records it next to the speed)."""
+    _check("num_requests", num_requests)
+    _check("vocab_size", vocab_size, 2)
+    _check("prompt_len", prompt_len)
+    _check("span_len", span_len)
+    if not 0 <= edit_rate <= 1:
+        raise ValueError(f"edit_rate must be in [0, 1], got {edit_rate!r}")
+    rng = np.random.default_rng(seed)
+    outs = output_lengths(rng, num_requests, mean_output, cap)
+    reqs = []
+    for i in range(num_requests):
+        spans = [np.asarray(_prompt(rng, span_len, vocab_size)) for _ in range(4)]
+        ids = np.concatenate([spans[j % 4] for j in range(-(-prompt_len // span_len))])[:prompt_len]
+        edits = rng.random(prompt_len) < edit_rate
+        ids[edits] = rng.integers(0, vocab_size, size=int(edits.sum()))
+        reqs.append(Request(f"span-{i}", tuple(int(t) for t in ids), int(outs[i]), 0.0))
+    return reqs
+
+
+WORKLOADS["repeated_span"] = repeated_span

@@ -9,6 +9,7 @@ from .engine import Engine, EngineStats, StepStats
 from .llm import LLM
 from .sampling import SamplingParams
 from .sequence import RequestMetrics, RequestOutput
+from .spec_decode import SpeculativeConfig
 
 __all__ = ["LLM", "Engine", "EngineConfig", "EngineStats", "StepStats", "SamplingParams",
-           "RequestOutput", "RequestMetrics"]
+           "RequestOutput", "RequestMetrics", "SpeculativeConfig"]

@@ -85,13 +85,19 @@ class BatchBuilder:
         q_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=B)
         ctx = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=B)
         num_tok = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=B)
+        # Speculation: a verifying sequence's query is its last token + its proposed tokens
+        # (spec_tokens, not in token_ids), and all 1 + k of those rows are sampled.
+        nspec = np.fromiter((len(s.spec_tokens) for s in seqs), dtype=np.int64, count=B)
+        spec = bool(nspec.any())
+        num_tok += nspec
         rows = np.fromiter((s.table_row for s in seqs), dtype=np.int64, count=B)
         seq_lens = ctx + q_lens
         T = int(q_lens.sum())
         cu = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(q_lens, out=cu[1:])
         sampled = seq_lens == num_tok          # the chunk reaches the end: sample a token
-        S = int(sampled.sum())
+        nrows = np.where(sampled, 1 + nspec, 0) if spec else sampled
+        S = int(nrows.sum())
         max_seqlen_k = int(seq_lens.max())
         max_blocks = -(-max_seqlen_k // bs) if pad_to is None else tables.shape[1]
         npad = P - B
@@ -102,15 +108,20 @@ class BatchBuilder:
         raw = out[:nbytes].numpy() if on_cpu_out else self._buffer(nbytes)
         input_ids, positions, slots, logits_idx, cu32, lens32, table = fields(raw, np)
 
-        input_ids[:T] = np.fromiter(
-            chain.from_iterable(s.token_ids[c:c + n] for s, c, n in
-                                zip(seqs, ctx.tolist(), q_lens.tolist())), dtype=np.int64, count=T)
+        news = (s.token_ids[c:c + n] for s, c, n in zip(seqs, ctx.tolist(), q_lens.tolist()))
+        if spec:
+            news = (t + s.spec_tokens for t, s in zip(news, seqs))
+        input_ids[:T] = np.fromiter(chain.from_iterable(news), dtype=np.int64, count=T)
         seq_of_tok = np.repeat(np.arange(B), q_lens)
         pos = positions[:T]
         pos[:] = np.arange(T) - np.repeat(cu[:-1] - ctx, q_lens)
         table[:B] = tables[rows, :max_blocks]          # entries past a sequence's end: stale, valid
         slots[:T] = table[seq_of_tok, pos // bs].astype(np.int64) * bs + pos % bs
-        logits_idx[:S] = cu[1:][sampled] - 1
+        if spec:       # rows end - n .. end - 1 of each sampled sequence, n = 1 + k
+            first = np.repeat(cu[1:] - nrows, nrows)
+            logits_idx[:S] = first + np.arange(S) - np.repeat(np.cumsum(nrows) - nrows, nrows)
+        else:
+            logits_idx[:S] = cu[1:][sampled] - 1
         cu32[:B + 1] = cu
         lens32[:B] = seq_lens
         if npad:

@@ -144,6 +144,25 @@ class BlockManager:
                 self._by_hash[h] = b
                 self._hash[b], self._tokens[b] = h, tokens
 
+    def truncate(self, seq: Sequence):
+        """Speculative rollback: release seq's blocks past the ones holding its computed tokens
+        (rejected draft tokens' slots). The last partial block stays; its tail is overwritten
+        by later tokens. Blocks past the computed length are never named (commit only names
+        computed full blocks), so they go back to the plain pool."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        if keep >= len(seq.block_table):
+            return
+        assert len(seq.block_hashes) <= keep, "a named block past the computed length"
+        for b in reversed(seq.block_table[keep:]):
+            assert self.ref_count[b] > 0, f"double free of block {b} by {seq.request_id}"
+            self.ref_count[b] -= 1
+            if self.ref_count[b] == 0:
+                if self._hash[b] is not None:
+                    self._free_cached[b] = None
+                else:
+                    self._free_plain.append(b)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence):
         """Release all of seq's blocks now (finish, abort, preemption). Tail blocks go first so
         that, among cached blocks, a prefix outlives its continuation."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .spec_decode.config import SpeculativeConfig
+
 POLICIES = ("continuous", "prefill_first", "static")
 QUEUE_ORDERS = ("fcfs", "priority")
 
@@ -50,6 +52,8 @@ class EngineConfig:
                             as in vLLM; ties by arrival). Preemption picks the least important,
                             latest-admitted running sequence.
     enable_prefix_caching   reuse KV blocks of identical prompt prefixes (full blocks only)
+    speculative             None, or a SpeculativeConfig (or a dict of its fields): speculative
+                            decoding verified in the fused step (docs/speculative.md)
     seed                    seed of the sampler's generator for requests without their own seed
     async_scheduling        launch step n before reading step n-1's tokens, so host work overlaps
                             the device (ragged/engine.py); None: on for CUDA devices
@@ -67,6 +71,7 @@ class EngineConfig:
     policy: str = "continuous"
     queue_order: str = "fcfs"
     enable_prefix_caching: bool = True
+    speculative: SpeculativeConfig | None = None
     seed: int = 0
     cuda_graphs: bool | None = None
     async_scheduling: bool | None = None
@@ -93,6 +98,7 @@ class EngineConfig:
             raise ValueError(f"queue_order: {self.queue_order!r} is not one of {QUEUE_ORDERS}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching: must be a bool, got {self.enable_prefix_caching!r}")
+        object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
         _int("seed", self.seed, 0)
         for name in ("cuda_graphs", "async_scheduling"):
             v = getattr(self, name)

@@ -35,6 +35,7 @@ from .profiling import profile_num_blocks
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status
+from .spec_decode.decoder import SpecDecoder
 
 
 @dataclass
@@ -49,6 +50,10 @@ class StepStats:
     num_preempted: int
     prefix_hit_tokens: int
     graph_batch: int = 0        # decode step replayed as the CUDA graph of this bucket (0: eager)
+    num_spec_tokens: int = 0    # speculation: proposed tokens verified in this step (eager step)
+    num_spec_seqs: int = 0      # ... by this many sequences
+    num_accepted_tokens: int = 0   # ... and how many of them were accepted
+    num_output_tokens: int = 0  # tokens that became known in this step (any request)
     # CUDA: the device's span for this step, from its first event (before the batch copy) or
     # the previous step's end, whichever is later, to its last (after sampling); gaps inside
     # it, if launches lag, count. Filled in once the events complete (Engine.device_times);
@@ -63,6 +68,9 @@ class EngineStats:
     prefix_hit_tokens: int = 0
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    num_spec_verifications: int = 0   # speculation (ragged/spec_decode): as in RequestMetrics
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -76,6 +84,8 @@ class _Flight:
     copied: object            # CUDA event after the device-to-host copy (None on CPU)
     graph_batch: int          # CUDA-graph bucket replayed, 0 = eager
     events: tuple | None      # CUDA: (start, end, previous step's end) for its device span
+    runs: list | None = None  # speculation: each row's verified new tokens (host; sync step)
+    num_accepted: int = 0     # accepted proposed tokens among them
 
     def tokens(self) -> list[int]:
         if self.tokens_host is None:
@@ -115,6 +125,8 @@ class Engine:
                                           config.enable_prefix_caching,
                                           max_blocks_per_seq=-(-config.max_model_len // config.block_size))
         self.scheduler = Scheduler(config, self.block_manager)
+        self.spec = (None if config.speculative is None else     # docs/speculative.md
+                     SpecDecoder(config.speculative, model, config, self.sampler))
         self.batch_builder = BatchBuilder(config.block_size, self.device)
         self.kv_caches = model.allocate_kv_cache(num_blocks, config.block_size)
         # Decode-only steps replay CUDA graphs (captured here, after the KV cache exists);
@@ -216,6 +228,8 @@ class Engine:
         if seq is None:
             return False
         self.scheduler.remove(seq)
+        if self.spec is not None:
+            self.spec.end_step()              # its draft KV too
         seq.finish_reason = "abort"
         seq.metrics.finish_time = time.perf_counter()
         return True
@@ -232,7 +246,11 @@ class Engine:
             raise RuntimeError("Engine.step: must run on the CUDA stream the engine was created "
                                "on (its async ordering relies on one stream)")
         t0 = time.perf_counter()
+        gen0 = self.stats.num_generated_tokens
+        outputs = self._propose() if self.spec is not None else []
         sched = self.scheduler.schedule()
+        if self.spec is not None:
+            self.spec.after_schedule(self.scheduler.running, sched)
         t1 = time.perf_counter()
         kv_used = self.block_manager.num_used_blocks
         flight = None
@@ -240,16 +258,16 @@ class Engine:
             flight = self._launch(sched)
         elif self.scheduler.has_unfinished():
             raise RuntimeError("scheduler produced an empty step with requests pending (a bug)")
-        outputs = []
-        if self.async_scheduling:
+        if self.async_scheduling and (flight is None or flight.runs is None):
             if self._inflight is not None:
-                outputs = self._process(self._inflight)
+                outputs += self._process(self._inflight)
             if flight is not None:
                 self._commit(flight)
             self._inflight = flight
-        elif flight is not None:
+        elif flight is not None:              # sync, or a verification step (always sync)
+            assert self._inflight is None, "a verification step with a step in flight"
             self._commit(flight)
-            outputs = self._process(flight)
+            outputs += self._process(flight)
         t2 = time.perf_counter()
         self.stats.num_steps += 1
         self.stats.num_preemptions += len(sched.preempted)
@@ -261,9 +279,15 @@ class Engine:
             num_preempted=len(sched.preempted), prefix_hit_tokens=sched.prefix_hit_tokens,
             graph_batch=flight.graph_batch if flight is not None else 0)
         self.step_log.append(stats)
+        stats.num_output_tokens = self.stats.num_generated_tokens - gen0
+        if flight is not None and flight.runs is not None:
+            stats.num_spec_tokens, stats.num_spec_seqs = sched.num_spec_tokens, sched.num_spec_seqs
+            stats.num_accepted_tokens = flight.num_accepted
         if flight is not None and flight.events is not None:
             self._pending_events.append((stats, *flight.events))
             self.device_times()
+        if self.spec is not None:
+            self.spec.end_step()              # draft KV of finished / preempted sequences
         return outputs
 
     def _launch(self, sched) -> _Flight:
@@ -275,7 +299,10 @@ class Engine:
         logits, rows_taken, P = self._forward(sched)
         rows = [s for (s, _), take in zip(sched.scheduled, rows_taken) if take]
         tokens_dev = tokens_host = copied = None
-        if rows:
+        runs = None
+        if rows and sched.num_spec_tokens:   # verification: the rejection sampler reads back
+            runs = self.spec.verify(logits, rows)
+        elif rows:
             tokens_dev = self.sampler(logits, [s.params for s in rows],
                                       [s.num_output_tokens for s in rows])
             if self.device.type == "cuda":
@@ -290,7 +317,10 @@ class Engine:
             end.record()
             events = (start, end, self._last_end_event)
             self._last_end_event = end
-        return _Flight(sched, rows, tokens_dev, tokens_host, copied, P, events)
+        flight = _Flight(sched, rows, tokens_dev, tokens_host, copied, P, events, runs)
+        if runs is not None:
+            flight.num_accepted = sum(len(r) - 1 for r in runs)
+        return flight
 
     def _commit(self, flight: _Flight) -> None:
         """The step's KV is (being) computed: advance its sequences; each sampled row gets a
@@ -301,6 +331,8 @@ class Engine:
         done = self.scheduler.update(flight.sched)
         alive = [s for s in flight.rows if s.status != Status.FINISHED]
         assert done == alive, "scheduler and batch disagree on which rows are sampled"
+        if flight.runs is not None:
+            return                           # verification: _process applies the tokens
         max_len = self.config.max_model_len
         for i, seq in enumerate(flight.rows):
             if seq.status == Status.FINISHED:
@@ -312,8 +344,11 @@ class Engine:
 
     def _process(self, flight: _Flight) -> list[RequestOutput]:
         """Read the step's sampled ids (the sync), fill the placeholders, finish sequences."""
-        tokens = flight.tokens()
         now = time.perf_counter()
+        if flight.runs is not None:
+            return [self._accept(seq, run, now) for seq, run in zip(flight.rows, flight.runs)
+                    if seq.finish_reason is None]
+        tokens = flight.tokens()
         outputs = []
         for i, (seq, tok) in enumerate(zip(flight.rows, tokens)):
             if seq.pending is None or seq.pending[0] is not flight:
@@ -382,8 +417,8 @@ class Engine:
         B = len(sched.scheduled)
         table = self.block_manager.table
         P = 0
-        if self.graphs is not None and sched.num_prefill_tokens == 0:
-            P = self.graphs.bucket_for(B) or 0
+        if self.graphs is not None and sched.num_prefill_tokens == 0 and not sched.num_spec_tokens:
+            P = self.graphs.bucket_for(B) or 0      # verification steps (q_len 1 + k): eager
         if P:
             assert sched.num_decode_tokens == B, "a decode-only step has one token per sequence"
             batch = self.batch_builder.build(sched.scheduled, table, pad_to=P,
@@ -395,6 +430,36 @@ class Engine:
         logits = self.model.forward(batch.input_ids, batch.positions, batch.attn, self.kv_caches,
                                     batch.logits_indices)
         return logits, batch.sampled_rows, 0
+
+    def _propose(self) -> list[RequestOutput]:
+        """Speculation before scheduling: if the large-batch rule allows k >= 1 this step,
+        read back the step in flight (async: proposals need the tokens on the host), then let
+        the proposer set each decoding sequence's spec_tokens."""
+        k = self.spec.num_tokens(self.scheduler.running)
+        if k == 0:
+            return []
+        outputs = []
+        if self._inflight is not None:
+            outputs = self._process(self._inflight)
+            self._inflight = None
+        self.spec.propose(self.scheduler.running, k)
+        return outputs
+
+    def _accept(self, seq: Sequence, run: list[int], now: float) -> RequestOutput:
+        """A verification's tokens (accepted drafts + one target token): append them up to a
+        stop / length finish, keep the accepted drafts' KV, release the rejected slots."""
+        num_drafts, a = len(seq.spec_tokens), len(run) - 1
+        seq.spec_tokens, seq.spec_q = [], None
+        self.spec.record(self.stats, seq, num_drafts, a)
+        seq.num_computed_tokens += a          # their KV was written by this step's forward
+        for tok in run:
+            seq.token_ids.append(tok)
+            out = self._append(seq, tok, now)
+            if out.finished:                  # stop token / length inside the run: cut there
+                return out
+        self.block_manager.commit(seq)        # names full blocks of accepted tokens only
+        self.block_manager.truncate(seq)
+        return out
 
     def _append(self, seq: Sequence, token: int, now: float) -> RequestOutput:
         """seq's newest token (already in token_ids) is known: time it, finish if done."""

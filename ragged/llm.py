@@ -1,6 +1,7 @@
 """LLM: the offline API users know from vLLM.
 
     llm = LLM("path/to/hf_dir" | "tiny", max_num_batched_tokens=512)
+    llm = LLM("tiny", speculative=dict(method="ngram"))  # speculative decoding: docs/speculative.md
     outs = llm.generate([[1, 5, 9], "some text"], SamplingParams(max_tokens=32))
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ class LLM:
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256,
                  max_model_len: int | None = None, policy: str = "continuous",
-                 enable_prefix_caching: bool = True, backend=None, seed: int = 0,
+                 enable_prefix_caching: bool = True, backend=None, seed: int = 0, speculative=None,
                  queue_order: str = "fcfs", cuda_graphs: bool | None = None,
                  async_scheduling: bool | None = None):
         """model: a HF directory, a preset name, a ModelConfig, or an already loaded model.
@@ -66,7 +67,7 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization,
                               max_num_batched_tokens=max_num_batched_tokens,
                               max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                              policy=policy, queue_order=queue_order,
+                              policy=policy, queue_order=queue_order, speculative=speculative,
                               enable_prefix_caching=enable_prefix_caching, seed=seed,
                               cuda_graphs=cuda_graphs, async_scheduling=async_scheduling)
         if isinstance(model, torch.nn.Module) or hasattr(model, "allocate_kv_cache"):

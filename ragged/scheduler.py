@@ -38,6 +38,8 @@ class SchedulerOutput:
     num_decode_tokens: int = 0
     preempted: list[Sequence] = field(default_factory=list)
     prefix_hit_tokens: int = 0
+    num_spec_tokens: int = 0          # proposed tokens to verify (counted in num_decode_tokens)
+    num_spec_seqs: int = 0            # sequences verifying proposals
 
     @property
     def num_tokens(self) -> int:
@@ -118,6 +120,8 @@ class Scheduler:
                          + [it for it, p in zip(items, is_pre) if p])
         out.num_prefill_tokens = sum(n for (_, n), p in zip(items, is_pre) if p)
         out.num_decode_tokens = sum(n for _, n in items) - out.num_prefill_tokens
+        out.num_spec_tokens = sum(len(s.spec_tokens) for s, _ in items)
+        out.num_spec_seqs = sum(1 for s, _ in items if s.spec_tokens)
         now = time.perf_counter()
         for seq, _ in out.scheduled:
             if seq.metrics.first_scheduled_time is None:
@@ -131,6 +135,13 @@ class Scheduler:
             if seq.status != Status.RUNNING:               # preempted earlier in this step
                 continue
             n = min(seq.num_remaining, self._budget)
+            if seq.spec_tokens:
+                # A proposal is 1 + k query tokens under the same budget, shortened to fit
+                # it and dropped rather than preempt anyone for its blocks.
+                m = min(n + len(seq.spec_tokens), self._budget)
+                if m > n and self.bm.ensure_slots(seq, m):
+                    n = m
+                del seq.spec_tokens[n - seq.num_remaining:]
             while not self.bm.ensure_slots(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -197,7 +208,7 @@ class Scheduler:
         for seq, n in out.scheduled:
             if seq.status == Status.FINISHED:
                 continue
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.spec_tokens)   # drafts: once accepted
             self.bm.commit(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampled.append(seq)

@@ -30,6 +30,21 @@ class RequestMetrics:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     finish_time: float | None = None
+    # Speculative decoding (ragged/spec_decode): verifications with at least one draft token,
+    # draft tokens verified, and how many of them were accepted.
+    num_spec_verifications: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def mean_accepted_tokens(self) -> float | None:
+        """Accepted draft tokens per verification (each verification also yields 1 more)."""
+        n = self.num_spec_verifications
+        return self.num_accepted_tokens / n if n else None
 
 
 class RequestOutput:
@@ -89,6 +104,10 @@ class Sequence:
         # (launched step, row) while its newest token is a placeholder for that step's sampled
         # id, not yet read back (Engine._commit sets it, Engine._process fills the token).
         self.pending = None
+        # Speculation: proposed tokens to verify in the next step (not in token_ids) and their
+        # proposal distribution (draft model, sampling requests) or None (a point mass).
+        self.spec_tokens: list[int] = []
+        self.spec_q = None
         self.num_preemptions = 0
         self.metrics = RequestMetrics(arrival_time)
 
@@ -117,6 +136,7 @@ class Sequence:
         """Preempted: its blocks were freed; everything is recomputed on readmission."""
         self.num_computed_tokens = 0
         self.prefill_len = len(self.token_ids)
+        self.spec_tokens, self.spec_q = [], None
         self.status = Status.WAITING
         self.num_preemptions += 1
 
