@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension, run the `gpu` tests and the benchmarks, and
 # write every log and JSON under OUTDIR (copy it to bench/results/<card>/ afterwards).
-#   bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [host] [e2e] [e2e-eager]
-#   (no stage named: build tests kernels decode host e2e. tune: bench.tune_triton merges winners into
+#   bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [report] [decode] [host] [e2e] [e2e-eager]
+#   (no stage named: build tests kernels decode host e2e. report: bench.kernel_report's
+#   PREDICTED figures beside the kernels stage's measured ones, no GPU needed (or run it later
+#   on CPU with --measured bench/results/<card>). tune: bench.tune_triton merges winners into
 #   OUTDIR/tuned_attention.json and copies it to kernels/ so later stages use it; commit it.
 #   e2e-eager: the continuous-policy e2e run without CUDA graphs, and without async
 #   scheduling, for A/B)
@@ -11,7 +13,7 @@
 # folder of many logs, JSON and PNGs is easier to carry back whole); RAGGED_PACK=0 keeps
 # the files loose.
 set -uo pipefail
-out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [host] [e2e] [e2e-eager]}
+out=${1:?usage: bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [report] [decode] [host] [e2e] [e2e-eager]}
 shift
 stages=${*:-build tests kernels decode host e2e}
 mkdir -p "$out"
@@ -34,6 +36,8 @@ for s in $stages; do
                  python3 -m pip install -e . --no-build-isolation --no-deps ;;
     tests)   run gpu-tests python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
     kernels) run bench-kernels python3 -m bench.kernels --device cuda --out "$out" ;;
+    report)  run kernel-report python3 -m bench.kernel_report --arch 90 --jobs 16 \
+                 --measured "$out" --json "$out/kernel_report.json" ;;
     tune)    [ -f kernels/tuned_attention.json ] && cp kernels/tuned_attention.json "$out/"
              run tune python3 -m bench.tune_triton --write --table "$out/tuned_attention.json" --out "$out"
              [ -f "$out/tuned_attention.json" ] && cp "$out/tuned_attention.json" kernels/ ;;
