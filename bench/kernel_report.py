@@ -319,6 +319,34 @@ def _trip(ins, lp: Loop) -> int | None:
     return None
 
 
+_REG = re.compile(r"\bR(\d+)\b")
+
+
+def _prefetched_bytes(own) -> int:
+    """K/V bytes of wide LDGs whose destination is live into the loop (its first access in
+    the body is a read, before the load): the load of iteration i feeds iteration i + 1, so
+    it is in flight across the math in between (a register double buffer)."""
+    total = 0
+    for i, (_, _, op, args) in enumerate(own):
+        if not (op.startswith("LDG") and not op.startswith("LDGSTS") and _width(op) >= 8):
+            continue
+        m = _REG.search(args.split(",")[0])
+        if not m:
+            continue
+        first = int(m.group(1))
+        regs = {f"R{first + j}" for j in range(max(1, _width(op) // 4))}
+        for _, _, op2, args2 in own[:i]:
+            ops = [o.strip() for o in args2.split(",")]
+            dst = {f"R{v}" for v in _REG.findall(ops[0])} if ops else set()
+            src = {f"R{v}" for o in ops[1:] for v in _REG.findall(o)}
+            if regs & src:
+                total += 32 * _width(op)
+                break
+            if regs & dst and not op2.startswith(("ST", "BRA")):
+                break
+    return total
+
+
 def _loop_stats(ins, lp: Loop) -> dict:
     """Per-warp dynamic counts of one iteration of lp (inner loops x their trip counts)."""
     inner = [(c.start, c.end) for c in lp.children]
@@ -359,6 +387,9 @@ def _loop_stats(ins, lp: Loop) -> dict:
             m = re.search(r"SB0,\s*0x([0-9a-f]+)|SB0,\s*(\d+)", args)
             if m:
                 waits.append(int(m.group(1) or m.group(2), 16 if m.group(1) else 10))
+    own = [x for x in ins if lp.start <= x[0] <= lp.end
+           and not any(a <= x[0] <= b for a, b in inner) and x[2] != "NOP"]
+    st["prefetched_bytes"] = _prefetched_bytes(own)
     for c in lp.children:
         cs = _loop_stats(ins, c)
         trip = c.trip or 1
@@ -401,13 +432,17 @@ def sass_facts(ins) -> dict:
             continue
         mma = {k.split(":")[1]: v for k, v in s.items() if k.startswith("mma:")}
         in_flight = 1 + max(s["waits"]) if s["waits"] and (s.get("ldgsts") or s.get("tma")) else 1
+        prefetch = s.get("prefetched_bytes", 0)
+        if in_flight == 1 and prefetch and 2 * prefetch >= s.get("copy_bytes", 0):
+            in_flight = 2
         loops.append(dict(start=hex(lp.start), instr=s["instr"],
                           copy_bytes=s.get("copy_bytes", 0), tma=s.get("tma", 0),
                           flops=s.get("flops", 0), mma=mma,
                           mma_flops_per_instr=s["mma_flops_per_instr"],
                           ffma=s.get("ffma", 0), mufu=s.get("mufu", 0),
                           mma_instr=sum(mma.values()), depbar_waits=s["waits"],
-                          groups_in_flight=in_flight, runtime_trips=s["runtime_trips"]))
+                          groups_in_flight=in_flight, prefetched_bytes=prefetch,
+                          runtime_trips=s["runtime_trips"]))
     total = [x for x in ins if x[2] != "NOP"]
     whole = dict(instr=len(total),
                  copy_bytes=sum(32 * _width(op) for _, _, op, _ in total if op.startswith("LDG")),
@@ -1062,7 +1097,9 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
                                                                       cuda_facts)))
     kernels_out = [dict(backend="triton", key=k[0], **v) for k, v in tri_facts.items()]
     kernels_out += [dict(backend="cuda", **v) for v in cuda_facts.values()]
-    report = dict(generated_by="python -m bench.kernel_report", root=str(root),
+    commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip()
+    report = dict(generated_by="python -m bench.kernel_report", root=str(root), commit=commit,
                   archs=list(archs), quick=quick, devices=DEVICES, predicted=True,
                   note="every *_us/_gbs/_tflops/_pct figure is PREDICTED from compiled code, "
                        "not measured", rows=rows, kernels=kernels_out,
@@ -1253,7 +1290,7 @@ def invariants(rep: dict) -> dict:
         mine = [r for r in rows if r["backend"] == be]
         ks = [k for k in rep["kernels"] if k["backend"] == be and "error" not in k]
         half = [k for k in ks if _is_half(k)]
-        add("no_spills_half", be, [f"{k['kernel'][:70]} sm_{k['arch']}: {k['stack'] + k['local']} B"
+        add("no_spills_half", be, [f"{_short(k['kernel'])} sm_{k['arch']}: {k['stack'] + k['local']} B"
                                    for k in half if k["stack"] + k["local"]], len(half))
         pre = [r for r in mine if r["kind"] in ("prefill", "mixed") and r["dtype"] in HALF]
         add("prefill_tensor_cores", be,
@@ -1277,6 +1314,11 @@ def invariants(rep: dict) -> dict:
             f"({jit['missing_by_kernel']}), {jit['distinct_timed']} distinct"]
         add("jit_warm", "triton", bad, 1)
     return out
+
+
+def _short(kernel: str) -> str:
+    """paged_attention_kernel<__nv_bfloat16, 128, true> from the demangled signature."""
+    return re.sub(r"^void |\w+::|\(anonymous namespace\)::|\(.*\)$", "", kernel)
 
 
 def _is_half(k: dict) -> bool:
@@ -1326,14 +1368,14 @@ def join_measured(rep: dict, measured_dir) -> list[dict]:
 
 
 # =========================================================================== output
-def table(rep: dict, model: str = "llama3-8b", devices=("H100", "H200")) -> str:
+def table(rep: dict, model: str = "llama3-8b", devices=("H100", "H200"), ops=True) -> str:
     """Markdown table of the predicted figures (one row per launch x backend)."""
     head = ("| launch | backend | sm | regs | CTAs/SM | MMA (prefill loop) | copies in flight at "
             "the wait | warp-instr per tile (CTA) | K/V B/instr | " + " | ".join(
                 f"predicted {d} GB/s (% HBM) | predicted {d} TFLOP/s" for d in devices) + " |")
     lines = [head, "|" + "---|" * (9 + 2 * len(devices))]
     rows = [r for r in rep["rows"] if r["model"] == model and r["dtype"] == "bf16"
-            and r["bs"] == 16 and r["device"] in devices]
+            and r["bs"] == 16 and r["device"] in devices and (ops or r["kind"] != "op")]
     seen = {}
     for r in rows:
         seen.setdefault((r["launch"], r["backend"], r["arch"]), {})[r["device"]] = r
@@ -1354,8 +1396,9 @@ def table(rep: dict, model: str = "llama3-8b", devices=("H100", "H200")) -> str:
         for d in devices:
             q = by.get(d, {})
             tf = f"{q.get('predicted_tflops', 0):.0f}"
-            if r["kind"] in ("prefill", "mixed"):
-                tf = f"{q.get('predicted_no_overlap_tflops', 0):.0f}-{tf}"
+            lo = f"{q.get('predicted_no_overlap_tflops', 0):.0f}"
+            if r["kind"] in ("prefill", "mixed") and lo != tf:
+                tf = f"{lo}-{tf}"
             cells += [f"{q.get('predicted_gbs', 0):.0f} ({q.get('predicted_pct_hbm', 0):.0f}%)", tf]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -75,6 +75,26 @@ def test_sass_loops_trip_counts_and_kv_loop():
     assert facts["mma_kinds"] == ["mma.sync", "wgmma"]
 
 
+PREFETCH = [  # plain loads for the next tile at the bottom, consumed at the top (registers)
+    (0x100, "HMMA.16816.F32.BF16 R8, R24, R16, R8"),             # reads R24..R27: live-in
+    (0x110, "LDG.E.128 R24, desc[UR10][R6.64]"),
+    (0x120, "ISETP.GE.AND P0, PT, R45, R47, PT"),
+    (0x130, "@!P0 BRA 0x100"),
+]
+
+
+def test_sass_register_prefetch_counts_as_in_flight():
+    ins = next(iter(kr.parse_sass(_sass(PREFETCH)).values()))
+    (lp,) = kr.sass_facts(ins)["kv_loops"]
+    assert lp["prefetched_bytes"] == 512 and lp["groups_in_flight"] == 2
+    # the same load consumed after it, in the same iteration: nothing in flight across tiles
+    same = [PREFETCH[1], (0x120, PREFETCH[0][1])] + [(0x130, PREFETCH[2][1]),
+                                                      (0x140, "@!P0 BRA 0x110")]
+    ins = next(iter(kr.parse_sass(_sass(same)).values()))
+    (lp,) = kr.sass_facts(ins)["kv_loops"]
+    assert lp["prefetched_bytes"] == 0 and lp["groups_in_flight"] == 1
+
+
 def test_occupancy_limits():
     h100 = kr.DEVICES["H100"]
     # 161 registers x 4 warps: 168 x 32 = 5376 per warp -> 3 CTAs in 64k registers
