@@ -35,16 +35,17 @@ Model (every figure it yields is labelled "predicted"; ceilings, not estimates o
   (most FLOPs per iteration) for the prefill rows; the two times add (no overlap credited).
   Per part the slower of the byte and the FLOP term counts. The split-KV merge launch is not
   in the time (its bytes are < 2% of a decode launch's at the shapes here).
-Device figures (DEVICES): H100 SXM 3.35 TB/s, H200 4.8 TB/s, both 989 TFLOP/s dense bf16
-(datasheet), 132 SMs, 1.98 GHz max SM clock (issue terms), 4 warp-instructions/clock/SM,
-67 TFLOP/s FP32 FMA; A100-80GB 2.04 TB/s, 312 TFLOP/s, 108 SMs, 1.41 GHz. Loaded DRAM
+Modules: bench/sass.py (SASS facts), bench/kernel_model.py (devices, occupancy, the model of
+one part), bench/jit_sim.py (the JIT-compile simulation), this file (launch set, recording,
+compiling, the report). Device figures (kernel_model.DEVICES): H100 SXM 3.35 TB/s, H200
+4.8 TB/s, both 989 TFLOP/s dense bf16 (datasheet), 132 SMs, 1.98 GHz max SM clock (issue
+terms), 4 warp-instructions/clock/SM, 67 TFLOP/s FP32 FMA; A100-80GB 2.04 TB/s, 312 TFLOP/s, 108 SMs, 1.41 GHz. Loaded DRAM
 latency 700 ns (an assumption: public pointer-chase figures are ~500-600 ns idle; it only
 enters the in-flight term, the one to calibrate against measurements).
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import ctypes
 import functools
 import hashlib
@@ -56,13 +57,15 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)      # real compiles: the interpreter cannot compile
+
+from bench.kernel_model import DEVICES, RESERVED_SMEM, occupancy, predict_part  # noqa: E402
+from bench.sass import _clean, cubin_facts, demangle, pick_loop  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("RAGGED_REPORT_CACHE",
@@ -71,20 +74,6 @@ CACHE = Path(os.environ.get("RAGGED_REPORT_CACHE",
 NVCC = os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc")
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]   # setup.py's
 
-DEVICES = {
-    "H100": dict(arch=90, sms=132, clock_ghz=1.98, hbm_gbs=3350.0, tc_tflops=989.0,
-                 fma_tflops=67.0, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
-                 latency_ns=700.0),
-    "H200": dict(arch=90, sms=132, clock_ghz=1.98, hbm_gbs=4800.0, tc_tflops=989.0,
-                 fma_tflops=67.0, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
-                 latency_ns=700.0),
-    "A100": dict(arch=80, sms=108, clock_ghz=1.41, hbm_gbs=2039.0, tc_tflops=312.0,
-                 fma_tflops=19.5, smem_sm=164 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
-                 latency_ns=600.0),
-}
-MUFU_PER_SM = 16              # exp2 / rcp lanes per clock per SM (sm_80, sm_90)
-ISSUE_PER_SM = 4              # warp schedulers per SM, one warp-instruction per clock each
-RESERVED_SMEM = 1024          # per CTA, taken by the driver on sm_80 / sm_90
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 HALF = ("fp16", "bf16")
 
@@ -202,377 +191,7 @@ def launch_cost(x: Launch) -> dict:
     return {k: tuple(v) for k, v in parts.items()}
 
 
-# =========================================================================== SASS analysis
-_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
-_MMA_SHAPE = re.compile(r"(\d+)x(\d+)x(\d+)")
-
-
-def parse_sass(text: str) -> dict[str, list[tuple[int, str, str, str]]]:
-    """{function: [(address, predicate, opcode, operands)]} from cuobjdump -sass output."""
-    funcs, cur = {}, None
-    for line in text.splitlines():
-        m = re.search(r"Function : (\S+)", line)
-        if m:
-            cur = funcs.setdefault(m.group(1), [])
-            continue
-        m = _INS.search(line)
-        if m and cur is not None:
-            cur.append((int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3),
-                        m.group(4).strip()))
-    return funcs
-
-
-def _width(op: str) -> int:
-    """Bytes per lane of a load/copy opcode (LDG.E.128 -> 16; default 4)."""
-    for bits, nbytes in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1),
-                         (".S8", 1)):
-        if bits in op:
-            return nbytes
-    return 4
-
-
-def mma_flops(op: str) -> int:
-    """FLOPs of one warp's issue of an MMA instruction: HMMA.16816 = m16n8k16 per warp;
-    HGMMA.64xNx16 is one warpgroup (4 warps) instruction: a quarter per warp."""
-    if op.startswith("HMMA") or op.startswith("IMMA"):
-        digits = op.split(".")[1]
-        m, n, k = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4),
-                   "16832": (16, 8, 32)}.get(digits, (16, 8, 16))
-        return 2 * m * n * k
-    s = _MMA_SHAPE.search(op)
-    if op.startswith(("HGMMA", "QGMMA", "IGMMA")) and s:
-        m, n, k = map(int, s.groups())
-        return 2 * m * n * k // 4
-    return 0
-
-
-def _mma_kind(op: str) -> str | None:
-    if op.startswith(("HGMMA", "QGMMA", "IGMMA")):
-        return "wgmma"
-    if op.startswith(("HMMA", "IMMA")):
-        return "mma.sync"
-    return None
-
-
-@dataclass
-class Loop:
-    start: int
-    end: int                   # address of the back-edge branch
-    children: list = field(default_factory=list)
-    trip: int | None = None    # static trip count per entry, None: runtime bound
-
-    def contains(self, o: "Loop") -> bool:
-        return self.start <= o.start and o.end <= self.end and (self.start, self.end) != (o.start, o.end)
-
-
-def find_loops(ins) -> list[Loop]:
-    """Top-level loops (nested ones in .children), one per back-edge target."""
-    by_start = {}
-    for addr, pred, op, args in ins:
-        if op.startswith("BRA") and not op.startswith("BRA.DIV"):
-            m = re.search(r"0x([0-9a-f]+)", args)
-            if m and int(m.group(1), 16) <= addr:
-                t = int(m.group(1), 16)
-                by_start[t] = max(by_start.get(t, addr), addr)
-    # An out-of-line block (ptxas puts divergent-path code after the kernel's exits) that
-    # branches back into a loop makes an interval crossing that loop's: not a loop itself.
-    spans = sorted(by_start.items())
-    crossing = {a for a in spans for b in spans
-                if b[0] < a[0] <= b[1] < a[1]}
-    loops = sorted((Loop(s, e) for s, e in spans if (s, e) not in crossing),
-                   key=lambda l: (l.start, -l.end))
-    top = []
-    for lp in loops:                       # sorted by start, widest first: a stack nests them
-        parent, level = None, top
-        while True:
-            up = next((p for p in level if p.contains(lp)), None)
-            if up is None:
-                break
-            parent, level = up, up.children
-        level.append(lp)
-    for lp in loops:
-        lp.trip = _trip(ins, lp)
-    return top
-
-
-def _trip(ins, lp: Loop) -> int | None:
-    """Trip count from `ISETP R, imm` + `IADD R, R, imm` at the back edge (counter from ~0)."""
-    body = [x for x in ins if lp.start <= x[0] <= lp.end]
-    br = body[-1]
-    pm = re.match(r"@!?(P\d)", br[1])
-    if not pm:
-        return None
-    for addr, pred, op, args in reversed(body[:-1]):
-        a = [s.strip() for s in args.split(",")]
-        if op.startswith("ISETP") and a and a[0] == pm.group(1):
-            if len(a) < 4 or not a[3].startswith("0x"):
-                return None
-            reg, bound = a[2].split(".")[0], int(a[3], 16)
-            for _, _, op2, args2 in body:
-                b = [s.strip().split(".")[0] for s in args2.split(",")]
-                if (op2.startswith(("IADD3", "VIADD", "IADD")) and len(b) >= 3 and b[0] == reg
-                        and b[1] == reg and b[2].startswith("0x")):
-                    step = int(b[2], 16)
-                    if 0 < step < 1 << 20:
-                        return max(1, math.ceil(bound / step))
-            return None
-    return None
-
-
-_REG = re.compile(r"\bR(\d+)\b")
-
-
-def _prefetched_bytes(own) -> int:
-    """K/V bytes of wide LDGs whose destination is live into the loop (its first access in
-    the body is a read, before the load): the load of iteration i feeds iteration i + 1, so
-    it is in flight across the math in between (a register double buffer)."""
-    total = 0
-    for i, (_, _, op, args) in enumerate(own):
-        if not (op.startswith("LDG") and not op.startswith("LDGSTS") and _width(op) >= 8):
-            continue
-        m = _REG.search(args.split(",")[0])
-        if not m:
-            continue
-        first = int(m.group(1))
-        regs = {f"R{first + j}" for j in range(max(1, _width(op) // 4))}
-        for _, _, op2, args2 in own[:i]:
-            ops = [o.strip() for o in args2.split(",")]
-            dst = {f"R{v}" for v in _REG.findall(ops[0])} if ops else set()
-            src = {f"R{v}" for o in ops[1:] for v in _REG.findall(o)}
-            if regs & src:
-                total += 32 * _width(op)
-                break
-            if regs & dst and not op2.startswith(("ST", "BRA")):
-                break
-    return total
-
-
-def _loop_stats(ins, lp: Loop) -> dict:
-    """Per-warp dynamic counts of one iteration of lp (inner loops x their trip counts)."""
-    inner = [(c.start, c.end) for c in lp.children]
-    st = collections.Counter()
-    waits = []
-    for addr, pred, op, args in ins:
-        if not (lp.start <= addr <= lp.end) or any(s <= addr <= e for s, e in inner):
-            continue
-        if op == "NOP":
-            continue
-        st["instr"] += 1
-        if op.startswith("LDGSTS") and _width(op) >= 8:
-            st["copy_bytes"] += 32 * _width(op)
-            st["ldgsts"] += 1
-        elif op.startswith("LDGSTS"):
-            st["ldgsts_narrow"] += 1          # index copies (block ids), not K/V bytes
-        elif op.startswith("LDG") and _width(op) >= 8:
-            st["copy_bytes"] += 32 * _width(op)
-        elif op.startswith("LDG"):
-            st["ldg_narrow"] += 1
-        elif op.startswith("UTMALDG"):
-            st["tma"] += 1
-        elif op.startswith(("STG", "ST.")):
-            st["store_bytes"] += 32 * _width(op)
-        elif op.startswith("FFMA"):
-            st["flops"] += 64
-            st["ffma"] += 1
-        elif op.startswith("HFMA2") and not op.startswith("HFMA2.MMA"):   # .MMA: a move
-            st["flops"] += 128
-        elif op.startswith("MUFU"):
-            st["mufu"] += 1
-        kind = _mma_kind(op)
-        if kind:
-            st[f"mma:{kind}"] += 1
-            st["flops"] += mma_flops(op)
-            st["mma_flops_per_instr"] = max(st["mma_flops_per_instr"], mma_flops(op))
-        if op.startswith("DEPBAR"):
-            m = re.search(r"SB0,\s*0x([0-9a-f]+)|SB0,\s*(\d+)", args)
-            if m:
-                waits.append(int(m.group(1) or m.group(2), 16 if m.group(1) else 10))
-    own = [x for x in ins if lp.start <= x[0] <= lp.end
-           and not any(a <= x[0] <= b for a, b in inner) and x[2] != "NOP"]
-    st["prefetched_bytes"] = _prefetched_bytes(own)
-    for c in lp.children:
-        cs = _loop_stats(ins, c)
-        trip = c.trip or 1
-        for k, v in cs.items():
-            if k in ("waits", "runtime_trips", "mma_flops_per_instr"):
-                continue
-            st[k] += v * trip
-        st["mma_flops_per_instr"] = max(st["mma_flops_per_instr"], cs["mma_flops_per_instr"])
-        st["runtime_trips"] += cs["runtime_trips"] + (c.trip is None)
-        waits += cs["waits"]
-    out = dict(st)
-    out["waits"] = sorted(set(waits))
-    out.setdefault("runtime_trips", 0)
-    out.setdefault("mma_flops_per_instr", 0)
-    return out
-
-
-def _all_loops(loops):
-    for lp in loops:
-        yield lp
-        yield from _all_loops(lp.children)
-
-
-def sass_facts(ins) -> dict:
-    """Kernel-level MMA kinds and the K/V loops (see the module docstring). A K/V loop copies
-    K/V (LDGSTS / UTMALDG; plain wide LDG only if no loop copies asynchronously) and computes
-    (MMA / FFMA), and no loop inside it does both: Triton's tile loops inside a loop over q
-    blocks, CUDA's tile loop around its copy and math loops."""
-    kinds = sorted({k for _, _, op, _ in ins if (k := _mma_kind(op))})
-    stats = {id(lp): (lp, _loop_stats(ins, lp)) for lp in _all_loops(find_loops(ins))}
-    is_async = any(s.get("ldgsts") or s.get("tma") for _, s in stats.values())
-
-    def kv(lp):
-        s = stats[id(lp)][1]
-        copies = (s.get("ldgsts") or s.get("tma")) if is_async else s.get("copy_bytes")
-        return bool(copies) and s.get("flops", 0) > 0
-    loops = []
-    for lp, s in stats.values():
-        if not kv(lp) or any(kv(c) for c in _all_loops(lp.children)):
-            continue
-        mma = {k.split(":")[1]: v for k, v in s.items() if k.startswith("mma:")}
-        in_flight = 1 + max(s["waits"]) if s["waits"] and (s.get("ldgsts") or s.get("tma")) else 1
-        prefetch = s.get("prefetched_bytes", 0)
-        if in_flight == 1 and prefetch and 2 * prefetch >= s.get("copy_bytes", 0):
-            in_flight = 2
-        loops.append(dict(start=hex(lp.start), instr=s["instr"],
-                          copy_bytes=s.get("copy_bytes", 0), tma=s.get("tma", 0),
-                          flops=s.get("flops", 0), mma=mma,
-                          mma_flops_per_instr=s["mma_flops_per_instr"],
-                          ffma=s.get("ffma", 0), mufu=s.get("mufu", 0),
-                          mma_instr=sum(mma.values()), depbar_waits=s["waits"],
-                          groups_in_flight=in_flight, prefetched_bytes=prefetch,
-                          runtime_trips=s["runtime_trips"]))
-    total = [x for x in ins if x[2] != "NOP"]
-    whole = dict(instr=len(total),
-                 copy_bytes=sum(32 * _width(op) for _, _, op, _ in total if op.startswith("LDG")),
-                 store_bytes=sum(32 * _width(op) for _, _, op, _ in total if op.startswith("STG")))
-    return dict(mma_kinds=kinds, kv_loops=loops, whole=whole)
-
-
-def pick_loop(facts: dict, cls: str) -> dict | None:
-    """The hot K/V loop for a class: "prefill" = most FLOPs per iteration, "decode" = fewest;
-    among those (within 10%), the one with fewest instructions (the unmasked body)."""
-    loops = facts.get("kv_loops") or []
-    if not loops:
-        return None
-    ref = (max if cls == "prefill" else min)(x["flops"] for x in loops)
-    same = [x for x in loops if abs(x["flops"] - ref) <= 0.1 * ref]
-    return min(same, key=lambda x: x["instr"])
-
-
-def _tool(name: str) -> str:
-    import triton
-    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    return str(p) if p.exists() else (shutil.which(name) or name)
-
-
-def cubin_facts(cubin: bytes) -> dict[str, dict]:
-    """{mangled symbol: resource usage + SASS facts} for every function of a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True,
-                              text=True, check=True).stdout
-    out = {}
-    for name, body in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", res):
-        u = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", body))
-        out[name] = dict(regs=int(u.get("REG", 0)), stack=int(u.get("STACK", 0)),
-                         local=int(u.get("LOCAL", 0)), static_smem=int(u.get("SHARED", 0)))
-    for name, ins in parse_sass(sass).items():
-        out.setdefault(name, {}).update(sass_facts(ins))
-    return out
-
-
-def demangle(names: list[str]) -> dict[str, str]:
-    tool = shutil.which("cu++filt") or shutil.which("c++filt")
-    if not tool or not names:
-        return {n: n for n in names}
-    res = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
-    dem = res.stdout.splitlines()
-    return dict(zip(names, dem)) if len(dem) == len(names) else {n: n for n in names}
-
-
-def _clean(name: str) -> str:
-    """Demangled name without the anonymous-namespace hash nvcc adds."""
-    return re.sub(r"_GLOBAL__N__\w+", "(anonymous namespace)", name)
-
-
-# =========================================================================== occupancy
-def occupancy(regs: int, smem: int, warps: int, dev: dict) -> dict:
-    regs_warp = math.ceil(max(regs, 1) * 32 / 256) * 256           # 256-register granules
-    by_regs = dev["regs_sm"] // (regs_warp * warps) if warps else 0
-    by_smem = dev["smem_sm"] // (smem + RESERVED_SMEM)
-    by_warps = dev["warps_sm"] // warps if warps else 0
-    ctas = max(0, min(by_regs, by_smem, by_warps, dev["ctas_sm"]))
-    limit = min((by_regs, "regs"), (by_smem, "smem"), (by_warps, "warps"),
-                (dev["ctas_sm"], "ctas"))[1]
-    return dict(ctas_per_sm=ctas, warps_per_sm=ctas * warps, limit=limit)
-
-
 # =========================================================================== model
-def predict_part(nbytes: int, flops: int, loop: dict | None, kern: dict, dev: dict,
-                 whole: bool = False) -> dict:
-    """Predicted time of one part (see the module docstring) with its ceilings and bound."""
-    warps, grid = kern["warps"], max(1, kern["grid"])
-    occ = occupancy(kern["regs"], kern["smem"], warps, dev)
-    ctas = max(1, min(occ["ctas_per_sm"], math.ceil(grid / dev["sms"])))
-    sms = min(dev["sms"], grid)
-    issue = sms * min(ISSUE_PER_SM, ctas * warps) * dev["clock_ghz"] * 1e9   # warp-instr/s
-    src = loop if loop is not None else kern.get("whole")
-    if src is None or not src.get("instr"):
-        return dict(error="no loop facts")
-    cta_instr = src["instr"] * warps
-    cta_bytes = (src.get("copy_bytes", 0) + (src.get("store_bytes", 0) if whole else 0)) * warps
-    cta_flops = src.get("flops", 0) * warps
-    r = dict(instr_per_iter=src["instr"], cta_bytes_per_iter=cta_bytes,
-             bytes_per_instr=cta_bytes / cta_instr, ctas_per_sm=occ["ctas_per_sm"],
-             occupancy_limit=occ["limit"], sms_used=sms)
-    t, bound = 0.0, "-"
-    if nbytes:
-        caps = {"hbm": dev["hbm_gbs"] * 1e9, "issue": issue * cta_bytes / cta_instr}
-        groups = (loop or {}).get("groups_in_flight", 1)
-        # One group in flight: a CTA's copies and its math alternate, so a tile takes the
-        # latency plus the CTA's share of the SM's issue time; more groups overlap them.
-        period = dev["latency_ns"] * 1e-9
-        if groups <= 1:
-            period += cta_instr * ctas / (issue / sms)
-        caps["in-flight"] = sms * ctas * groups * cta_bytes / period
-        # Uniform CTAs run in waves: the last, partial wave leaves SMs idle.
-        waves = grid / (dev["sms"] * max(1, occ["ctas_per_sm"]))
-        r["wave_efficiency"] = waves / math.ceil(waves)
-        bw = min(v for v in caps.values() if v > 0) * r["wave_efficiency"]
-        r["mem_ceiling_gbs"] = bw / 1e9
-        r["mem_caps_gbs"] = {k: v / 1e9 for k, v in caps.items()}
-        r["mem_bound"] = min(caps, key=lambda k: caps[k] if caps[k] > 0 else math.inf)
-        t, bound = (nbytes / bw if bw else math.inf), r["mem_bound"]
-    if flops:
-        mma = bool(loop and loop.get("mma"))
-        peak = (dev["tc_tflops"] if mma else dev["fma_tflops"]) * 1e12 * sms / dev["sms"]
-        caps = {"tensor" if mma else "fma": peak}
-        if cta_flops:
-            caps["issue"] = issue * cta_flops / cta_instr
-        fl = min(caps.values())
-        r["flop_ceiling_tflops"] = fl / 1e12
-        r["flop_caps_tflops"] = {k: v / 1e12 for k, v in caps.items()}
-        if loop is not None and cta_flops:
-            # No overlap at all (the other bracket): per tile an SM runs its tensor-core
-            # work at peak, then its MUFU work (16 lanes/clock/SM), then issues the rest.
-            clk = dev["clock_ghz"] * 1e9
-            t_mma = (loop["mma_flops_per_instr"] * loop["mma_instr"] * warps
-                     / (dev["tc_tflops"] * 1e12 / dev["sms"])) if mma else 0.0
-            t_mufu = loop["mufu"] * warps * 32 / (MUFU_PER_SM * clk)
-            t_rest = (cta_instr - (loop["mma_instr"] + loop["mufu"]) * warps) / (issue / sms)
-            r["flop_no_overlap_tflops"] = cta_flops / (t_mma + t_mufu + t_rest) * sms / 1e12
-        r["flop_bound"] = min(caps, key=caps.get)
-        if flops / fl > t:
-            t, bound = flops / fl, r["flop_bound"]
-    r.update(time_us=t * 1e6, bound=bound)
-    return r
-
-
 def predict(x: Launch, kern: dict, dev: dict) -> dict:
     """Predicted time, GB/s, TFLOP/s and % of the device's peaks for one launch."""
     cost = launch_cost(x)
@@ -1097,9 +716,13 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
                                                                       cuda_facts)))
     kernels_out = [dict(backend="triton", key=k[0], **v) for k, v in tri_facts.items()]
     kernels_out += [dict(backend="cuda", **v) for v in cuda_facts.values()]
-    commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip()
-    report = dict(generated_by="python -m bench.kernel_report", root=str(root), commit=commit,
+    def git(*a):
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True,
+                              text=True).stdout.strip()
+    # The kernels' own commit (what the figures describe), dirty if kernels/ or csrc/ differ.
+    commit = git("log", "-1", "--format=%h", "--", "kernels", "csrc") + (
+        "-dirty" if git("status", "--porcelain", "--", "kernels", "csrc") else "")
+    report = dict(generated_by="python -m bench.kernel_report", root=str(root), kernels_commit=commit,
                   archs=list(archs), quick=quick, devices=DEVICES, predicted=True,
                   note="every *_us/_gbs/_tflops/_pct figure is PREDICTED from compiled code, "
                        "not measured", rows=rows, kernels=kernels_out,
@@ -1108,6 +731,7 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
                   + [f"triton {k[0][:80]} sm_{k[1]}: {v['error']}"
                      for k, v in tri_facts.items() if "error" in v])
     if jit:
+        from bench.jit_sim import jit_compiles
         report["jit"] = jit_compiles(quick=quick)
     report["invariants"] = invariants(report)
     if measured_dir:
@@ -1167,115 +791,6 @@ def _summary(x: Launch, kerns: list[dict], dev: dict) -> dict:
                 runtime_trip_loops=lp["runtime_trips"])
     out.update(_predict_kernels(x, kerns, dev))
     return out
-
-
-# =========================================================================== JIT compiles
-JIT_NUM_BLOCKS = 20000        # ~H100-80GB after Llama-3-8B's 16 GB of weights at 2 MB a block
-
-
-def _step_keys(batch, spec: dict, T: int, dev: dict) -> set[str]:
-    """Triton specialisations one model forward over `batch` launches (model/layers.py's
-    ops, one layer: every layer has the same shapes)."""
-    import torch
-    hq, hkv, d, H, I = spec["hq"], spec["hkv"], spec["d"], spec["hidden"], spec["inter"]
-    dt = torch.bfloat16
-    x = torch.empty(T, H, dtype=dt)
-    w = torch.empty(H, dtype=dt)
-    qkv = torch.empty(T, (hq + 2 * hkv) * d, dtype=dt)
-    q, k, v = (qkv[:, :hq * d].view(T, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(T, hkv, d),
-               qkv[:, (hq + hkv) * d:].view(T, hkv, d))
-    kc = torch.empty(4, spec["bs"], hkv, d, dtype=dt)
-    cs = torch.empty(spec["max_len"], d, dtype=torch.float32)
-    calls = [("rms_norm", lambda f: f(x, w, 1e-5, None)), ("rms_norm", lambda f: f(x, w, 1e-5, x)),
-             ("rotary_write_kv", lambda f: f(batch.positions, q, k, v, cs, kc, kc,
-                                             batch.slot_mapping, True)),
-             ("paged_attention", lambda f: f(
-                 torch.empty(T, hq, d, dtype=dt), kc, kc, batch.block_table, batch.cu_seqlens_q,
-                 batch.seq_lens, scale=d ** -0.5, max_seqlen_q=batch.max_seqlen_q,
-                 max_seqlen_k=batch.max_seqlen_k)),
-             ("silu_and_mul", lambda f: f(torch.empty(T, 2 * I, dtype=dt)))]
-    keys = set()
-    for op, call in calls:
-        for c in record_triton(op, call, dev):
-            keys.add(spec_key(triton_job(*c)))
-    return keys
-
-
-def jit_compiles(quick: bool = False) -> dict:
-    """Distinct Triton specialisations of the e2e anyscale run (bench/e2e.py's GPU scale:
-    Llama-3-8B bf16, 256 requests of 512 prompt tokens, outputs capped at 512; quick: 32
-    requests, cap 128), and how many of them its warm-up (CUDA-graph capture of every decode
-    bucket + bench.e2e.warmup_requests) leaves to the timed run. Simulated: ragged's
-    Scheduler + BlockManager + BatchBuilder run the steps on CPU (tokens are placeholders;
-    prefix caching on, no preemption at JIT_NUM_BLOCKS), every eager step's launches are
-    recorded (decode-only steps replay graphs)."""
-    from bench import e2e, workloads
-    from ragged.batch import BatchBuilder
-    from ragged.block_manager import BlockManager
-    from ragged.config import DEFAULT_BATCHED_TOKENS, EngineConfig
-    from ragged.graphs import graph_buckets
-    from ragged.sampling import SamplingParams
-    from ragged.scheduler import Scheduler
-    from ragged.sequence import Sequence
-    s = dict(e2e.SCALES["gpu"])
-    if quick:
-        s.update(num_requests=32, cap=128)
-    mcfg = __import__("model.presets", fromlist=["PRESETS"]).PRESETS[s["model"]]
-    spec = dict(hq=mcfg.num_attention_heads, hkv=mcfg.num_key_value_heads, d=mcfg.head_dim,
-                hidden=mcfg.hidden_size, inter=mcfg.intermediate_size, bs=16,
-                max_len=mcfg.max_position_embeddings)
-    dev = DEVICES["H100"]
-    cfg = EngineConfig(block_size=16).resolve("cuda", mcfg.max_position_embeddings,
-                                              JIT_NUM_BLOCKS)
-    kw = e2e.workload_kwargs("anyscale", s)
-    reqs = workloads.make("anyscale", s["num_requests"], vocab_size=mcfg.vocab_size, seed=0, **kw)
-    warm = e2e.warmup_requests("anyscale", mcfg.vocab_size, kw, 0)
-    bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
-                      max_blocks_per_seq=-(-cfg.max_model_len // cfg.block_size))
-    sched, builder = Scheduler(cfg, bm), BatchBuilder(cfg.block_size, "cpu")
-    buckets = graph_buckets(cfg.max_num_seqs)
-    capture = set()
-    for P in buckets:                 # DecodeGraphs.capture: padded batches, max_seqlen_k = max
-        seq = Sequence("capture", [0], SamplingParams(max_tokens=1), 0, 0.0, -1)
-        seq.table_row = 0
-        b = builder.build([(seq, 1)], bm.table, pad_to=P)
-        b.max_seqlen_k = cfg.max_model_len
-        capture |= _step_keys(b, spec, P, dev)
-
-    def run(requests):
-        keys, steps, eager, idx = collections.Counter(), 0, 0, 0
-        for r in requests:
-            sched.add(Sequence(r.id, list(r.prompt_token_ids),
-                               SamplingParams(max_tokens=r.max_tokens, ignore_eos=True),
-                               0, 0.0, idx))
-            idx += 1
-        while sched.has_unfinished():
-            out = sched.schedule()
-            steps += 1
-            B = len(out.scheduled)
-            if out.num_prefill_tokens or B > buckets[-1]:
-                eager += 1
-                b = builder.build(out.scheduled, bm.table)
-                keys.update(_step_keys(b, spec, out.num_tokens, dev))
-            done = sched.update(out)
-            for seq in done:
-                seq.token_ids.append(0)
-                if (seq.num_output_tokens >= seq.params.max_tokens
-                        or seq.num_tokens >= cfg.max_model_len):
-                    sched.remove(seq)
-        return keys, steps, eager
-    wkeys, wsteps, _ = run(warm)
-    tkeys, tsteps, teager = run(reqs)
-    covered = capture | set(wkeys)
-    missing = sorted(set(tkeys) - covered)
-    kernel_of = lambda k: k.split(" | ")[0].split(".")[-1]  # noqa: E731
-    return dict(workload=f"anyscale {s['num_requests']} requests, prompt {s['prompt_len']}, "
-                         f"cap {s['cap']}, {s['model']} bf16, H100 plan",
-                timed_steps=tsteps, eager_steps=teager, warmup_steps=wsteps,
-                graph_buckets=len(buckets), distinct_timed=len(tkeys),
-                distinct_warmup=len(covered), compiles_in_timed_run=len(missing),
-                missing_by_kernel=dict(collections.Counter(kernel_of(k) for k in missing)),
-                missing=[key_diff(k, covered) for k in missing][:20])
 
 
 # =========================================================================== invariants

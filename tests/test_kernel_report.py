@@ -1,5 +1,6 @@
-"""The kernel report (bench/kernel_report.py): its SASS analysis and model on synthetic input,
-and the invariants every shipped kernel must keep, on the quick launch set compiled for sm_90a.
+"""The kernel report (bench/kernel_report.py, sass.py, kernel_model.py, jit_sim.py): its SASS
+analysis and model on synthetic input, and the invariants every shipped kernel must keep, on
+the quick launch set compiled for sm_90a.
 
 Invariants the kernels do not meet yet are strict expected failures naming the issue whose
 work fixes them: when that work lands the test XPASSes, fails, and the line below is flipped
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import kernel_model as km
 from bench import kernel_report as kr
+from bench import sass
 
 # invariant -> None (must hold today) or the reason it does not yet ("issue N: ...")
 XFAIL = {
@@ -58,12 +61,12 @@ LOOP = [  # a tile loop (0x100-0x1f0) around an 8-trip inner loop (0x140-0x180),
 
 
 def test_sass_loops_trip_counts_and_kv_loop():
-    ins = next(iter(kr.parse_sass(_sass(LOOP)).values()))
-    top = kr.find_loops(ins)
+    ins = next(iter(sass.parse_sass(_sass(LOOP)).values()))
+    top = sass.find_loops(ins)
     assert [(lp.start, lp.end) for lp in top] == [(0x100, 0x1f0)]   # 0x160-0x210 crosses: dropped
     (inner,) = top[0].children
     assert (inner.start, inner.end, inner.trip) == (0x140, 0x180, 8) and top[0].trip is None
-    facts = kr.sass_facts(ins)
+    facts = sass.sass_facts(ins)
     (lp,) = facts["kv_loops"]
     # its own 7 instructions (the NOP excluded) + 8 trips x 5 inner ones
     assert lp["instr"] == 7 + 8 * 5
@@ -84,24 +87,24 @@ PREFETCH = [  # plain loads for the next tile at the bottom, consumed at the top
 
 
 def test_sass_register_prefetch_counts_as_in_flight():
-    ins = next(iter(kr.parse_sass(_sass(PREFETCH)).values()))
-    (lp,) = kr.sass_facts(ins)["kv_loops"]
+    ins = next(iter(sass.parse_sass(_sass(PREFETCH)).values()))
+    (lp,) = sass.sass_facts(ins)["kv_loops"]
     assert lp["prefetched_bytes"] == 512 and lp["groups_in_flight"] == 2
     # the same load consumed after it, in the same iteration: nothing in flight across tiles
     same = [PREFETCH[1], (0x120, PREFETCH[0][1])] + [(0x130, PREFETCH[2][1]),
                                                       (0x140, "@!P0 BRA 0x110")]
-    ins = next(iter(kr.parse_sass(_sass(same)).values()))
-    (lp,) = kr.sass_facts(ins)["kv_loops"]
+    ins = next(iter(sass.parse_sass(_sass(same)).values()))
+    (lp,) = sass.sass_facts(ins)["kv_loops"]
     assert lp["prefetched_bytes"] == 0 and lp["groups_in_flight"] == 1
 
 
 def test_occupancy_limits():
-    h100 = kr.DEVICES["H100"]
+    h100 = km.DEVICES["H100"]
     # 161 registers x 4 warps: 168 x 32 = 5376 per warp -> 3 CTAs in 64k registers
-    assert kr.occupancy(161, 39424, 4, h100) == dict(ctas_per_sm=3, warps_per_sm=12, limit="regs")
+    assert km.occupancy(161, 39424, 4, h100) == dict(ctas_per_sm=3, warps_per_sm=12, limit="regs")
     # 45 KB dynamic shared memory + 1 KB reserved: 5 CTAs in 228 KB
-    assert kr.occupancy(64, 45312, 4, h100)["ctas_per_sm"] == 5
-    assert kr.occupancy(16, 0, 32, h100) == dict(ctas_per_sm=2, warps_per_sm=64, limit="warps")
+    assert km.occupancy(64, 45312, 4, h100)["ctas_per_sm"] == 5
+    assert km.occupancy(16, 0, 32, h100) == dict(ctas_per_sm=2, warps_per_sm=64, limit="warps")
 
 
 def _loop(**kw):
@@ -111,22 +114,22 @@ def _loop(**kw):
 
 
 def test_model_picks_the_binding_ceiling():
-    dev = kr.DEVICES["H100"]
+    dev = km.DEVICES["H100"]
     kern = dict(warps=4, grid=132 * 4 * 10, regs=64, smem=0)
-    lean = kr.predict_part(10 ** 9, 0, _loop(instr=100), kern, dev)        # 82 B/instr
+    lean = km.predict_part(10 ** 9, 0, _loop(instr=100), kern, dev)        # 82 B/instr
     assert lean["mem_bound"] == "hbm" and lean["mem_ceiling_gbs"] == pytest.approx(3350)
-    fat = kr.predict_part(10 ** 9, 0, _loop(instr=8000), kern, dev)        # 1 B/instr
+    fat = km.predict_part(10 ** 9, 0, _loop(instr=8000), kern, dev)        # 1 B/instr
     issue = 132 * 4 * 1.98e9 * 8192 / 8000 / 1e9
     assert fat["mem_bound"] == "issue" and fat["mem_ceiling_gbs"] == pytest.approx(issue)
     # one group in flight, one CTA of one warp per SM: latency + own issue time per tile
     k1 = dict(warps=1, grid=132, regs=255, smem=200 * 1024)
-    one = kr.predict_part(10 ** 9, 0, _loop(instr=100, groups_in_flight=1), k1, dev)
+    one = km.predict_part(10 ** 9, 0, _loop(instr=100, groups_in_flight=1), k1, dev)
     period = 700e-9 + 100 / 1.98e9
     assert one["mem_bound"] == "in-flight"
     assert one["mem_ceiling_gbs"] == pytest.approx(132 * 8192 / period / 1e9)
     mma = _loop(instr=1000, flops=10 ** 7, mma={"wgmma": 10}, mma_flops_per_instr=10 ** 6,
                 mma_instr=10)
-    comp = kr.predict_part(0, 10 ** 12, mma, kern, dev)
+    comp = km.predict_part(0, 10 ** 12, mma, kern, dev)
     assert comp["flop_bound"] == "tensor" and comp["flop_ceiling_tflops"] == pytest.approx(989)
     assert comp["flop_no_overlap_tflops"] < comp["flop_ceiling_tflops"]
 
