@@ -255,23 +255,6 @@ def test_one_split_is_one_launch(monkeypatch):
         _check([3, 1], [40, 20], splits=2)
 
 
-def test_mixed_kernel_compiles_for_sm90_without_spills(tmp_path):
-    # the interpreter cannot see registers: compile the two-class kernel for H100 (Llama-3-8B
-    # heads, bf16, with splits) and fail on spills / shared memory over 227 KB
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
-    env.pop("TRITON_INTERPRET", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-m", "bench.triton_compile_check", "--arch", "90",
-                          "--jobs", "1", "--only", "attn D=128 bf16 mixed-G4 splits=4"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    print(res.stdout)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "1 compiles, 0 failing" in res.stdout and "wgmma" in res.stdout
-
-
 def test_custom_op_and_compile_cpu():
     # the registered op passes torch's schema/fake checks, and a function calling the
     # public function compiles with fullgraph=True (aot_eager: no GPU codegen needed here)

@@ -1,0 +1,101 @@
+"""The kernel report's model (bench/kernel_report.py): device figures, occupancy, and the
+predicted ceiling of one part of a launch. Every figure it yields is a prediction.
+
+  memory-bound part: bytes / min(HBM BW, issue = SMs x min(4, warps/SM) x clock x K/V bytes
+      per warp-instruction, in-flight = SMs x CTAs/SM x copy groups x tile bytes / period)
+      x wave efficiency; period = DRAM latency (+ the CTA's issue time for a tile when only
+      one copy group is in flight: copies and math alternate)
+  compute-bound part: FLOPs / min(tensor-core peak (FP32 FMA without MMA) x SMs used / SMs,
+      issue = SMs x min(4, warps/SM) x clock x FLOPs per warp-instruction); "no overlap":
+      tensor-core time at peak + MUFU time + issue time of the rest, added.
+"""
+from __future__ import annotations
+
+import math
+
+DEVICES = {
+    "H100": dict(arch=90, sms=132, clock_ghz=1.98, hbm_gbs=3350.0, tc_tflops=989.0,
+                 fma_tflops=67.0, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
+                 latency_ns=700.0),
+    "H200": dict(arch=90, sms=132, clock_ghz=1.98, hbm_gbs=4800.0, tc_tflops=989.0,
+                 fma_tflops=67.0, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
+                 latency_ns=700.0),
+    "A100": dict(arch=80, sms=108, clock_ghz=1.41, hbm_gbs=2039.0, tc_tflops=312.0,
+                 fma_tflops=19.5, smem_sm=164 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
+                 latency_ns=600.0),
+}
+MUFU_PER_SM = 16              # exp2 / rcp lanes per clock per SM (sm_80, sm_90)
+ISSUE_PER_SM = 4              # warp schedulers per SM, one warp-instruction per clock each
+RESERVED_SMEM = 1024          # per CTA, taken by the driver on sm_80 / sm_90
+
+def occupancy(regs: int, smem: int, warps: int, dev: dict) -> dict:
+    regs_warp = math.ceil(max(regs, 1) * 32 / 256) * 256           # 256-register granules
+    by_regs = dev["regs_sm"] // (regs_warp * warps) if warps else 0
+    by_smem = dev["smem_sm"] // (smem + RESERVED_SMEM)
+    by_warps = dev["warps_sm"] // warps if warps else 0
+    ctas = max(0, min(by_regs, by_smem, by_warps, dev["ctas_sm"]))
+    limit = min((by_regs, "regs"), (by_smem, "smem"), (by_warps, "warps"),
+                (dev["ctas_sm"], "ctas"))[1]
+    return dict(ctas_per_sm=ctas, warps_per_sm=ctas * warps, limit=limit)
+
+
+def predict_part(nbytes: int, flops: int, loop: dict | None, kern: dict, dev: dict,
+                 whole: bool = False) -> dict:
+    """Predicted time of one part (see the module docstring) with its ceilings and bound."""
+    warps, grid = kern["warps"], max(1, kern["grid"])
+    occ = occupancy(kern["regs"], kern["smem"], warps, dev)
+    ctas = max(1, min(occ["ctas_per_sm"], math.ceil(grid / dev["sms"])))
+    sms = min(dev["sms"], grid)
+    issue = sms * min(ISSUE_PER_SM, ctas * warps) * dev["clock_ghz"] * 1e9   # warp-instr/s
+    src = loop if loop is not None else kern.get("whole")
+    if src is None or not src.get("instr"):
+        return dict(error="no loop facts")
+    cta_instr = src["instr"] * warps
+    cta_bytes = (src.get("copy_bytes", 0) + (src.get("store_bytes", 0) if whole else 0)) * warps
+    cta_flops = src.get("flops", 0) * warps
+    r = dict(instr_per_iter=src["instr"], cta_bytes_per_iter=cta_bytes,
+             bytes_per_instr=cta_bytes / cta_instr, ctas_per_sm=occ["ctas_per_sm"],
+             occupancy_limit=occ["limit"], sms_used=sms)
+    t, bound = 0.0, "-"
+    if nbytes:
+        caps = {"hbm": dev["hbm_gbs"] * 1e9, "issue": issue * cta_bytes / cta_instr}
+        groups = (loop or {}).get("groups_in_flight", 1)
+        # One group in flight: a CTA's copies and its math alternate, so a tile takes the
+        # latency plus the CTA's share of the SM's issue time; more groups overlap them.
+        period = dev["latency_ns"] * 1e-9
+        if groups <= 1:
+            period += cta_instr * ctas / (issue / sms)
+        caps["in-flight"] = sms * ctas * groups * cta_bytes / period
+        # Uniform CTAs run in waves: the last, partial wave leaves SMs idle.
+        waves = grid / (dev["sms"] * max(1, occ["ctas_per_sm"]))
+        r["wave_efficiency"] = waves / math.ceil(waves)
+        bw = min(v for v in caps.values() if v > 0) * r["wave_efficiency"]
+        r["mem_ceiling_gbs"] = bw / 1e9
+        r["mem_caps_gbs"] = {k: v / 1e9 for k, v in caps.items()}
+        r["mem_bound"] = min(caps, key=lambda k: caps[k] if caps[k] > 0 else math.inf)
+        t, bound = (nbytes / bw if bw else math.inf), r["mem_bound"]
+    if flops:
+        mma = bool(loop and loop.get("mma"))
+        peak = (dev["tc_tflops"] if mma else dev["fma_tflops"]) * 1e12 * sms / dev["sms"]
+        caps = {"tensor" if mma else "fma": peak}
+        if cta_flops:
+            caps["issue"] = issue * cta_flops / cta_instr
+        fl = min(caps.values())
+        r["flop_ceiling_tflops"] = fl / 1e12
+        r["flop_caps_tflops"] = {k: v / 1e12 for k, v in caps.items()}
+        if loop is not None and cta_flops:
+            # No overlap at all (the other bracket): per tile an SM runs its tensor-core
+            # work at peak, then its MUFU work (16 lanes/clock/SM), then issues the rest.
+            clk = dev["clock_ghz"] * 1e9
+            t_mma = (loop["mma_flops_per_instr"] * loop["mma_instr"] * warps
+                     / (dev["tc_tflops"] * 1e12 / dev["sms"])) if mma else 0.0
+            t_mufu = loop["mufu"] * warps * 32 / (MUFU_PER_SM * clk)
+            t_rest = (cta_instr - (loop["mma_instr"] + loop["mufu"]) * warps) / (issue / sms)
+            r["flop_no_overlap_tflops"] = cta_flops / (t_mma + t_mufu + t_rest) * sms / 1e12
+        r["flop_bound"] = min(caps, key=caps.get)
+        if flops / fl > t:
+            t, bound = flops / fl, r["flop_bound"]
+    r.update(time_us=t * 1e6, bound=bound)
+    return r
+
+
