@@ -172,6 +172,7 @@ def _shutdown(w: _Workers) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
+    w.ctrl = None                       # the last reference to a group (and its TCPStore)
     if dist.is_initialized():
         dist.destroy_process_group()    # closes rank 0's store: its port is free again
 
@@ -245,6 +246,7 @@ class TPModel:
                 self._w.procs.append(p)
             local_rank = 0
             self._wait_started(timeout_s)
+        self.init_method = spec.init_method
         try:
             self.tp, self._w.ctrl, self.device = _init(spec, 0, local_rank)
             self.local = load_model(model, dtype=dtype, device=self.device, backend=backend,
