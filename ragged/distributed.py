@@ -82,14 +82,15 @@ def _init(spec: TPSpec, rank: int, local_rank: int):
     device = spec.device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    kw = dict(device_id=device) if device.type == "cuda" else {}     # NCCL: eager init
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=spec.init_method, rank=rank, world_size=spec.size,
-                            timeout=timedelta(seconds=spec.timeout_s))
+                            timeout=timedelta(seconds=spec.timeout_s), **kw)
     ctrl = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     return TPGroup(rank, spec.size, None), ctrl, device
 
 
-def _recv_batch(hdr, device, tp: TPGroup):
+def _recv_batch(hdr, device):
     """Worker: receive FORWARD's payload -> the forward's arguments (views of one tensor)."""
     T, S, B, W, mq, mk = (int(v) for v in hdr[1:7])
     buf = torch.empty(3 * T + S + 2 * B + 1 + B * W, dtype=torch.int64, device=device)
@@ -116,7 +117,7 @@ def run_worker(spec: TPSpec, rank: int, local_rank: int) -> None:
                 dist.broadcast(hdr, 0, group=ctrl)
                 op = int(hdr[0])
                 if op == FORWARD:
-                    ids, pos, attn, logits_idx = _recv_batch(hdr, device, tp)
+                    ids, pos, attn, logits_idx = _recv_batch(hdr, device)
                     m.forward(ids, pos, attn, kv, logits_idx)
                 elif op == ALLOC_KV:
                     kv = graphs = None
@@ -124,7 +125,7 @@ def run_worker(spec: TPSpec, rank: int, local_rank: int) -> None:
                 elif op == CAPTURE:
                     graphs = TPDecodeGraphs(None, m, kv, max_num_seqs=int(hdr[1]),
                                             width=int(hdr[2]), max_model_len=int(hdr[3]),
-                                            capture=True)
+                                            capture=device.type == "cuda")
                     graphs.capture()
                 elif op == REPLAY:
                     graphs.run(int(hdr[1]))
@@ -168,7 +169,7 @@ def _shutdown(w: _Workers) -> None:
         except Exception:  # noqa: BLE001 - a broken group: the workers are leaving anyway
             pass
     for p in w.procs:
-        p.join(timeout=10)
+        p.join(timeout=10 if w.failed is None else 1)   # a failed group gets no STOP
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
@@ -280,7 +281,8 @@ class TPModel:
     def _fail(self, cause: BaseException | None = None):
         """Raise TPWorkerError naming the failed ranks (their tracebacks if they sent one)."""
         if self._w.failed is None:
-            time.sleep(0.2)                # a dying worker's traceback is on its way
+            for p in self._w.procs:        # a worker that raised exits right after reporting
+                p.join(timeout=2)
             msgs = []
             while self._w.errors is not None and not self._w.errors.empty():
                 rank, tb = self._w.errors.get()
@@ -321,7 +323,9 @@ class TPModel:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int):
         self._send(ALLOC_KV, num_blocks, block_size)
-        return self.local.allocate_kv_cache(num_blocks, block_size)
+        kv = self.local.allocate_kv_cache(num_blocks, block_size)
+        self.tp.take_comm()        # engine start-up (profiling) is not the first step's traffic
+        return kv
 
     def forward(self, input_ids, positions, attn, kv_caches, logits_indices):
         T, S, B = input_ids.shape[0], logits_indices.shape[0], attn.seq_lens.shape[0]
@@ -343,10 +347,8 @@ class TPModel:
             raise
 
     def decode_graphs(self, model, kv_caches, **kw):
-        """The engine's DecodeGraphs under TP: on CPU the plain padded eager path (each run is
-        a FORWARD); on GPU graphs captured and replayed in step on every rank."""
-        if self.device.type != "cuda":
-            return DecodeGraphs(self, kv_caches, **kw)
+        """The engine's DecodeGraphs under TP: captured and replayed in step on every rank
+        (GPU); on CPU the same protocol runs the padded path eagerly (so CPU tests cover it)."""
         return TPDecodeGraphs(self, self.local, kv_caches, **kw)
 
 
@@ -375,9 +377,11 @@ class TPDecodeGraphs(DecodeGraphs):
         if self.driver is not None:
             self.driver._send(CAPTURE, max(self.buckets), self.width, self.max_model_len)
         super().capture()
+        self.tp.take_comm()        # capture's traffic is start-up, not the first step's
 
     def run(self, P: int):
         if self.driver is not None:
             self.driver._send(REPLAY, P)
-            self.tp.comm_bytes += self.bytes_per_replay.get(P, 0)
+            if self.capture_enabled:       # a replay's collectives run without Python
+                self.tp.comm_bytes += self.bytes_per_replay.get(P, 0)
         return super().run(P)
