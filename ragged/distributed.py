@@ -346,6 +346,8 @@ class TPModel:
                 self._fail(e)
             raise
 
+    __call__ = forward                 # callable like the nn.Module it stands for
+
     def decode_graphs(self, model, kv_caches, **kw):
         """The engine's DecodeGraphs under TP: captured and replayed in step on every rank
         (GPU); on CPU the same protocol runs the padded path eagerly (so CPU tests cover it)."""

@@ -1,6 +1,7 @@
 """Tensor parallelism (model/parallel.py, ragged/distributed.py) on CPU with gloo, 2 ranks.
 
-Greedy outputs at tensor_parallel_size 2 equal 1 and Hugging Face's for every family, with
+Greedy outputs at tensor_parallel_size 2 equal 1 and Hugging Face's for every family (and the
+sharded logits are within test_model's HF tolerance), with
 prompts chunked into steps shared with decodes, preemption and prefix-cache hits in the same
 runs; the variants cover KV-head replication (1 KV head over 2 ranks), tied embeddings, a
 sharded checkpoint and the padded graph path with async scheduling. The loader reads only each
@@ -27,6 +28,7 @@ from ragged import LLM, Engine, EngineConfig, SamplingParams
 from ragged.distributed import TPWorkerError
 from tests.hf_models import make_hf_model
 from tests.test_engine import hf_greedy, prompts
+from tests.test_model import compare
 
 VOCAB = 260                      # 259 (the byte tokenizer) is not divisible by 2 ranks
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -94,6 +96,9 @@ def test_tp2_equals_tp1_and_hf(model_dirs, family):
             assert eng.graphs.num_replays > 0 and any(s.graph_batch for s in log)
         kv = eng.kv_caches[0][0]
         assert kv.shape[2] == max(1, eng.model.config.num_key_value_heads // 2)   # its heads
+        # The sharded model's logits (two ragged steps over a fresh KV cache on every rank)
+        # vs HF fp64, within test_model's bound (2 x HF fp32's own error + 4 ulps).
+        compare(f"{family} tp=2", path, eng.model)
     for p in procs:                                   # close(): every worker gone, port free
         assert p.exitcode == 0
     with socket.socket() as s:            # SO_REUSEADDR: TIME_WAIT is fine, a listener is not
