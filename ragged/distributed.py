@@ -48,6 +48,9 @@ from .graphs import DecodeGraphs
 HEADER = 8
 FORWARD, ALLOC_KV, CAPTURE, REPLAY, STOP = 1, 2, 3, 4, 5
 IDLE_TIMEOUT = timedelta(days=7)       # control group: workers wait for rank 0's next call
+# Start-up (spawn, imports, rendezvous): on a loaded 2-core machine a worker takes ~5-15 s to
+# import torch and build its shard; a large model's shard takes minutes to read.
+START_TIMEOUT_S = 600.0
 
 
 class TPWorkerError(RuntimeError):
@@ -78,23 +81,24 @@ def free_port() -> int:
 
 
 def _init(spec: TPSpec, rank: int, local_rank: int):
-    """Join the group; -> (data TPGroup, control group, device)."""
+    """Join the group; -> (data TPGroup, control group, device). The default group only
+    rendezvouses (start-up timeout); the data group's collectives time out after timeout_s."""
     device = spec.device(local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    kw = dict(device_id=device) if device.type == "cuda" else {}     # NCCL: eager init
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=spec.init_method, rank=rank, world_size=spec.size,
-                            timeout=timedelta(seconds=spec.timeout_s), **kw)
+    dist.init_process_group(backend, init_method=spec.init_method, rank=rank,
+                            world_size=spec.size, timeout=timedelta(seconds=START_TIMEOUT_S))
+    data = dist.new_group(backend=backend, timeout=timedelta(seconds=spec.timeout_s))
     ctrl = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return TPGroup(rank, spec.size, None), ctrl, device
+    return TPGroup(rank, spec.size, data), ctrl, device
 
 
-def _recv_batch(hdr, device):
+def _recv_batch(hdr, device, tp: TPGroup):
     """Worker: receive FORWARD's payload -> the forward's arguments (views of one tensor)."""
     T, S, B, W, mq, mk = (int(v) for v in hdr[1:7])
     buf = torch.empty(3 * T + S + 2 * B + 1 + B * W, dtype=torch.int64, device=device)
-    dist.broadcast(buf, 0)
+    dist.broadcast(buf, 0, group=tp.group)
     o = 3 * T + S
     cu, lens = buf[o:o + B + 1].int(), buf[o + B + 1:o + 2 * B + 1].int()
     table = buf[o + 2 * B + 1:].int().view(B, W)
@@ -117,7 +121,7 @@ def run_worker(spec: TPSpec, rank: int, local_rank: int) -> None:
                 dist.broadcast(hdr, 0, group=ctrl)
                 op = int(hdr[0])
                 if op == FORWARD:
-                    ids, pos, attn, logits_idx = _recv_batch(hdr, device)
+                    ids, pos, attn, logits_idx = _recv_batch(hdr, device, tp)
                     m.forward(ids, pos, attn, kv, logits_idx)
                 elif op == ALLOC_KV:
                     kv = graphs = None
@@ -153,6 +157,7 @@ class _Workers:
     procs: list = field(default_factory=list)
     errors: object = None
     ctrl: object = None
+    tp: object = None               # rank 0's TPGroup (its layers share it)
     closed: bool = False
     failed: str | None = None
 
@@ -173,7 +178,9 @@ def _shutdown(w: _Workers) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
-    w.ctrl = None                       # the last reference to a group (and its TCPStore)
+    w.ctrl = None                       # the last references to the groups (and the TCPStore)
+    if w.tp is not None:
+        w.tp.group = None
     if dist.is_initialized():
         dist.destroy_process_group()    # closes rank 0's store: its port is free again
 
@@ -246,16 +253,18 @@ class TPModel:
                 p.start()
                 self._w.procs.append(p)
             local_rank = 0
-            self._wait_started(timeout_s)
+            self._wait_started(START_TIMEOUT_S)
         self.init_method = spec.init_method
         try:
             self.tp, self._w.ctrl, self.device = _init(spec, 0, local_rank)
+            self._w.tp = self.tp
             self.local = load_model(model, dtype=dtype, device=self.device, backend=backend,
                                     seed=seed, tp=self.tp)
         except Exception as e:
             self._fail(e)
         self.backend, self.dtype = backend, self.local.dtype
         self._hdr = torch.zeros(HEADER, dtype=torch.int64)
+        self._timeout = timedelta(seconds=timeout_s)
 
     # ------------------------------------------------------------------ faults, shutdown
     def _wait_started(self, timeout_s: float) -> None:
@@ -299,7 +308,9 @@ class TPModel:
 
     def _send(self, op: int, *args: int) -> None:
         """Announce one call to every worker (after checking the spawned ones are alive)."""
-        if self._w.failed is not None or self._w.closed:
+        if self._w.closed and self._w.failed is None:
+            raise TPWorkerError("tensor-parallel engine is closed")
+        if self._w.failed is not None:
             self._fail()
         if any(not p.is_alive() for p in self._w.procs):
             self._fail()
@@ -308,7 +319,12 @@ class TPModel:
         self._hdr[0] = op
         self._hdr[1:1 + len(args)] = torch.tensor(args, dtype=torch.int64)
         try:
-            dist.broadcast(self._hdr, 0, group=self._w.ctrl)
+            # Rank 0's send has the data timeout (gloo's send waits for the receiver: a hung
+            # worker would otherwise hold it for the control group's 7 days); the workers'
+            # receive keeps the long one.
+            opts = dist.BroadcastOptions()
+            opts.rootRank, opts.timeout = 0, self._timeout
+            self._w.ctrl.broadcast([self._hdr], opts).wait()
         except RuntimeError as e:
             self._fail(e)
         self.tp._count(HEADER * 8 * (self.tp.size - 1), t0)
@@ -338,13 +354,13 @@ class TPModel:
             payload = torch.cat([input_ids, positions, attn.slot_mapping, logits_indices,
                                  attn.cu_seqlens_q.long(), attn.seq_lens.long(),
                                  attn.block_table.reshape(-1).long()])
-            dist.broadcast(payload, 0)
+            dist.broadcast(payload, 0, group=self.tp.group)
             self.tp._count(payload.numel() * 8 * (self.tp.size - 1), t0)
             return self.local.forward(input_ids, positions, attn, kv_caches, logits_indices)
-        except RuntimeError as e:     # torch.distributed's errors (DistError) included
-            if isinstance(e, dist.DistError) or any(not p.is_alive() for p in self._w.procs):
-                self._fail(e)
-            raise
+        except Exception as e:  # noqa: BLE001 - a collective's timeout or a dead peer is a
+            # plain RuntimeError from gloo; and whatever rank 0 raised mid-forward, the workers
+            # are now inside a forward rank 0 left: the group cannot go on either way.
+            self._fail(e)
 
     __call__ = forward                 # callable like the nn.Module it stands for
 
@@ -369,7 +385,7 @@ class TPDecodeGraphs(DecodeGraphs):
         from .batch import batch_layout
         before, t0 = self.tp.comm_bytes, time.perf_counter()
         nbytes = batch_layout(P, P, P, self.width)[0]
-        dist.broadcast(self.buffer[:nbytes], 0)
+        dist.broadcast(self.buffer[:nbytes], 0, group=self.tp.group)
         self.tp._count(nbytes * (self.tp.size - 1), t0)
         out = super()._forward(P)
         self.bytes_per_replay[P] = self.tp.comm_bytes - before

@@ -228,6 +228,30 @@ def test_worker_that_raises_or_dies_is_an_error_on_rank_0():
     assert multiprocessing.active_children() == []
 
 
+def test_hung_worker_times_out_instead_of_hanging():
+    """A worker that stops responding (SIGSTOP: alive, silent) fails rank 0's next collective
+    after the data group's timeout_s, and close() still ends it."""
+    from ragged.distributed import launch
+    model = launch(TINY, tensor_parallel_size=2, device="cpu", timeout_s=3)
+    eng = Engine(model, EngineConfig(num_blocks=32, tensor_parallel_size=2))
+    eng.add_request("c", list(range(1, 20)), SamplingParams(max_tokens=50))
+    eng.step()
+    pid = model.pids[0]
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(TPWorkerError, match="rank 0: .*"):
+            for _ in range(100):
+                eng.step()
+        waited = time.perf_counter() - t0
+        print("hung worker detected after", round(waited, 1), "s")
+        assert 2.5 < waited < 30
+    finally:
+        model.close()                      # (the failure already killed the stopped worker)
+        assert not any(p.is_alive() for p in model._w.procs)
+    assert multiprocessing.active_children() == [] and not torch.distributed.is_initialized()
+
+
 _EXIT_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
