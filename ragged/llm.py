@@ -3,8 +3,8 @@
     llm = LLM("path/to/hf_dir" | "tiny", max_num_batched_tokens=512)
     outs = llm.generate([[1, 5, 9], "some text"], SamplingParams(max_tokens=32))
 
-    with LLM("tiny", tensor_parallel_size=2) as llm:     # sharded over 2 processes
-        ...                                              # close() ends the workers
+    with LLM("path/to/hf_dir", tensor_parallel_size=2) as llm:   # sharded over 2 processes
+        ...                                                    # close() ends the workers
 """
 from __future__ import annotations
 
