@@ -12,7 +12,6 @@ heads than ranks), its slice of the MLP; o_proj and down_proj all-reduce (tp.siz
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 import kernels
