@@ -28,7 +28,8 @@ from ragged import LLM, Engine, EngineConfig, SamplingParams
 from ragged.distributed import TPWorkerError
 from tests.hf_models import make_hf_model
 from tests.test_engine import hf_greedy, prompts
-from tests.test_model import compare
+from tests.test_model import SEQS, compare, hf_logits, load_hf, random_tokens, run_two_steps
+from tests.tolerance import assert_close
 
 VOCAB = 260                      # 259 (the byte tokenizer) is not divisible by 2 ranks
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -170,6 +171,60 @@ def test_sharded_checkpoint_each_rank_reads_only_its_slices(model_dirs, monkeypa
     reads.clear()
     got = load_safetensors(shards[1], path)
     assert sorted(got) == sorted((n, g) for n, _, g in reads)
+
+
+class _ThreadGroup(TPGroup):
+    """N ranks as threads of this process: the collectives meet at a barrier (sum / concat in
+    rank order), so the sharding math is checked at N = 4 without spawning anything."""
+
+    def __init__(self, rank, size, board):
+        super().__init__(rank, size)
+        self.board = board
+
+    def _meet(self, x, combine):
+        slots, barrier = self.board
+        slots[self.rank] = x.clone()
+        barrier.wait()
+        out = combine(list(slots))
+        barrier.wait()                    # everyone has read before the next collective
+        return out
+
+    def all_reduce(self, x):
+        return x.copy_(self._meet(x, lambda xs: sum(xs[1:], xs[0].clone())))
+
+    def all_gather(self, x):
+        return self._meet(x, lambda xs: torch.cat(xs, dim=-1))
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama"])
+def test_four_ranks_replicating_kv_heads_match_hf(model_dirs, family):
+    """4 ranks over 4 query heads: mistral's 2 KV heads are each replicated on 2 ranks,
+    llama's 1 on all 4; every rank's logits are within test_model's HF bound."""
+    import threading
+    path, N = model_dirs[family], 4
+    board = ([None] * N, threading.Barrier(N, timeout=60))
+    shards = [load_model(path, tp=_ThreadGroup(r, N, board)) for r in range(N)]
+    assert [m.num_kv_heads for m in shards] == [1] * N
+    tokens = random_tokens(SEQS, VOCAB)
+    outs, errors = [None] * N, []
+
+    def run(r):
+        try:
+            outs[r] = run_two_steps(shards[r], tokens, SEQS)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            board[1].abort()
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(N)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    keys = list(outs[0])
+    ref = hf_logits(load_hf(path, torch.float64), tokens, keys)
+    low = hf_logits(load_hf(path, torch.float32), tokens, keys).float()
+    for r in range(N):
+        assert_close(torch.stack([outs[r][k] for k in keys]), ref, low, name=f"{family} rank {r}/4")
 
 
 @pytest.mark.parametrize("change,size,field", [
