@@ -1,14 +1,14 @@
 """Tensor parallelism (model/parallel.py, ragged/distributed.py) on CPU with gloo, 2 ranks.
 
-Greedy outputs at tensor_parallel_size 2 equal 1 and Hugging Face's for every family (and the
-sharded logits are within test_model's HF tolerance), with
-prompts chunked into steps shared with decodes, preemption and prefix-cache hits in the same
-runs; the variants cover KV-head replication (1 KV head over 2 ranks), tied embeddings, a
-sharded checkpoint and the padded graph path with async scheduling; 4 ranks as threads check
-replication of 2 KV heads over 4 ranks. The loader reads only each
-rank's slices; bad configs fail before any process starts; a worker that raises or is killed
-is a TPWorkerError on rank 0; close() and interpreter exit end every worker and free the port.
-Spawning a rank costs ~5 s on a loaded 2-core machine, so each test starts one engine at most.
+Greedy outputs at tensor_parallel_size 2 equal 1 and Hugging Face's for every family, and the
+sharded logits are within test_model's HF bound, with prompts chunked into steps shared with
+decodes, preemption and prefix-cache hits in the same runs; the variants cover KV-head
+replication (1 KV head over 2 ranks), tied embeddings, a sharded checkpoint and the padded
+graph path with async scheduling; 4 ranks as threads check replication of 2 KV heads over 4.
+The loader reads only each rank's slices; bad configs fail before any process starts; a worker
+that raises, is killed or hangs is a TPWorkerError on rank 0; close() and interpreter exit end
+every worker and free the port. Spawning a rank costs ~5 s on a loaded 2-core machine, so each
+test starts one engine at most.
 """
 import multiprocessing
 import os
