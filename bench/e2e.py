@@ -128,6 +128,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
         extra["cuda_graphs"] = False
     if a.no_async_scheduling:
         extra["async_scheduling"] = False
+    if a.tensor_parallel_size > 1:      # model is then the directory: each rank loads its shard
+        extra.update(tensor_parallel_size=a.tensor_parallel_size, dtype=a.dtype, device=a.device)
     llm = LLM(model, policy=policy, seed=a.seed, **extra)
     engine = llm.engine
     try:
@@ -148,6 +150,7 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
             info["speculation"] = metrics.speculation_summary(steps)
         return traces, info
     finally:
+        llm.close()                     # tensor parallelism: ends the workers (else a no-op)
         del engine, llm
         _free(a.device)
 
@@ -336,7 +339,8 @@ def run(a, checkpoint=None) -> dict:
             payload["cuda_gib_allocated_before_engine"] = torch.cuda.memory_allocated() / 2**30
         if "ragged" in a.systems:
             from model import load_model
-            ours = load_model(model_dir, dtype=dtype, device=a.device, seed=a.seed)
+            ours = (model_dir if a.tensor_parallel_size > 1 else
+                    load_model(model_dir, dtype=dtype, device=a.device, seed=a.seed))
             for policy in a.policies:
                 attempt(f"ragged:{policy}", lambda: run_engine(ours, policy, requests, warmup, a))
             del ours
@@ -429,6 +433,8 @@ def parse_args(argv=None):
                    help="run decode steps eagerly (A/B against the default CUDA-graph replay)")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="read each step's tokens before launching the next (A/B against overlap)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard our engine over N processes/GPUs (docs/tensor_parallel.md)")
     p.add_argument("--system-timeout", type=float, default=900.0,
                    help="seconds one system may run before it is recorded as failed")
     a = p.parse_args(argv)

@@ -115,7 +115,9 @@ def step_records(step_log) -> list[dict]:
              "schedule_time_s", "kv_blocks_used", "num_preempted", "prefix_hit_tokens")
     # Newer fields, absent from older logs: graph_batch (decode step replayed as a CUDA graph
     # of that bucket, 0 = eager) and device_time_s (CUDA events' span of the step, or None).
-    optional = (("graph_batch", 0), ("device_time_s", None))
+    # comm_bytes / comm_time_s: tensor parallelism's collectives on rank 0 (0 at one rank).
+    optional = (("graph_batch", 0), ("device_time_s", None), ("comm_bytes", 0),
+                ("comm_time_s", 0.0))
     return [{**{n: _get(r, n) for n in names},
              **{n: _get(r, n, d) for n, d in optional}}
             for r in step_log]
@@ -144,6 +146,9 @@ def step_summary(step_log, *, num_blocks: int | None, prompt_tokens: int) -> dic
         "kv_blocks_used_max": int(col["kv_blocks_used"].max()),
     }
     out["graph_steps"] = int(np.sum(col["graph_batch"] > 0))
+    if col["comm_bytes"].any():         # tensor parallelism: communication beside the step
+        out["comm_bytes_per_step"] = distribution(col["comm_bytes"])
+        out["comm_time_s"] = distribution(col["comm_time_s"])
     dev = [r["device_time_s"] for r in recs if r["num_seqs"]]   # (an async engine's last
     if dev and all(d is not None for d in dev):                  # step only drains: no span)
         # Device span over engine wall time: how much of the time the GPU had a step in

@@ -6,34 +6,40 @@ they do it in one launch each from AttentionMetadata. Weights are fused so each 
 GEMM for q/k/v ([(Hq + 2 Hkv) D, hidden]) and one for gate/up ([2 I, hidden]); q, k and v are
 views of the fused output (no copies) and write_kv takes the strided v view as it is.
 Parameters are created empty, directly on the target device in the target dtype; the loader
-fills them (from safetensors or at random).
+fills them (from safetensors or at random). Under tensor parallelism (model/parallel.py) the
+same code runs on each rank's shard: its query heads and KV heads (replicated when fewer KV
+heads than ranks), its slice of the MLP; o_proj and down_proj all-reduce (tp.size 1: no-ops).
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
 
 from .config import ModelConfig
+from .parallel import (SINGLE, ColumnParallelLinear, RowParallelLinear, TPGroup, kv_head_shard,
+                       replicated)
 
 
 def _param(*shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+    return replicated(*shape, dtype=dtype, device=device)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim, self.eps = cfg.head_dim, cfg.rms_norm_eps
-        self.scale = cfg.head_dim ** -0.5
+        D = cfg.head_dim
+        q0, self.num_heads = tp.split(cfg.num_attention_heads, "num_attention_heads")
+        k0, self.num_kv_heads = kv_head_shard(cfg.num_key_value_heads, tp)   # this rank's heads
+        self.head_dim, self.eps = D, cfg.rms_norm_eps
+        self.scale = D ** -0.5
         self.sliding_window = cfg.sliding_window
         kw = dict(dtype=dtype, device=device)
-        self.qkv_weight = _param(cfg.qkv_size, cfg.hidden_size, **kw)
-        self.qkv_bias = _param(cfg.qkv_size, **kw) if cfg.attention_bias else None
-        self.o_weight = _param(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, **kw)
+        kv = (cfg.num_key_value_heads * D, k0 * D, self.num_kv_heads * D)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, [(cfg.num_attention_heads * D, q0 * D,
+                                                          self.num_heads * D), kv, kv],
+                                        bias=cfg.attention_bias, tp=tp, **kw)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * D, cfg.hidden_size, tp=tp, **kw)
         self.q_norm = _param(cfg.head_dim, **kw) if cfg.qk_norm else None
         self.k_norm = _param(cfg.head_dim, **kw) if cfg.qk_norm else None
 
@@ -41,7 +47,7 @@ class Attention(nn.Module):
                 k_cache, v_cache, backend):
         T = x.shape[0]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)            # [T, (Hq + 2 Hkv) D]
+        qkv = self.qkv(x)                                            # [T, (Hq + 2 Hkv) D]
         q = qkv[:, : Hq * D].view(T, Hq, D)                          # strided views, no copy
         k = qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D)
         v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
@@ -57,19 +63,20 @@ class Attention(nn.Module):
                                     max_seqlen_q=attn.max_seqlen_q, max_seqlen_k=attn.max_seqlen_k,
                                     sliding_window=self.sliding_window,
                                     num_kv_splits=attn.num_kv_splits, backend=backend)
-        return F.linear(o.reshape(T, Hq * D), self.o_weight)
+        return self.o_proj(o.reshape(T, Hq * D))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.gate_up_weight = _param(2 * cfg.intermediate_size, cfg.hidden_size, **kw)
-        self.down_weight = _param(cfg.hidden_size, cfg.intermediate_size, **kw)
+        I = cfg.intermediate_size
+        part = (I, *tp.split(I, "intermediate_size"))
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, [part, part], tp=tp, **kw)
+        self.down = RowParallelLinear(I, cfg.hidden_size, tp=tp, **kw)
 
     def forward(self, x, backend):
-        h = kernels.silu_and_mul(F.linear(x, self.gate_up_weight), backend=backend)
-        return F.linear(h, self.down_weight)
+        return self.down(kernels.silu_and_mul(self.gate_up(x), backend=backend))
 
 
 class DecoderLayer(nn.Module):
@@ -77,13 +84,13 @@ class DecoderLayer(nn.Module):
     (output, residual) unsummed, and the next norm computes norm(output + residual) and the
     new residual in one pass (vLLM's layout)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.input_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
         self.post_attn_norm = _param(cfg.hidden_size, dtype=dtype, device=device)
-        self.attn = Attention(cfg, dtype, device)
-        self.mlp = MLP(cfg, dtype, device)
+        self.attn = Attention(cfg, dtype, device, tp)
+        self.mlp = MLP(cfg, dtype, device, tp)
 
     def forward(self, h, residual, positions, cos_sin_cache, attn, k_cache, v_cache, backend):
         if residual is None:

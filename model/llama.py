@@ -9,7 +9,6 @@ per-token Python: everything is a fixed sequence of kernel launches per layer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -17,20 +16,24 @@ from kernels.reference import rope_cos_sin_cache
 
 from .config import ModelConfig
 from .layers import DecoderLayer, _param
+from .parallel import SINGLE, ParallelLMHead, TPGroup, VocabParallelEmbedding
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, *, dtype=torch.float32, device="cpu", backend=None):
+    def __init__(self, config: ModelConfig, *, dtype=torch.float32, device="cpu", backend=None,
+                 tp: TPGroup = SINGLE):
+        """tp: this rank's tensor-parallel group (model/parallel.py); SINGLE = the whole model."""
         super().__init__()
         device = torch.device(device)
-        self.config, self.backend = config, backend
-        kw = dict(dtype=dtype, device=device)
-        self.embed_tokens = _param(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device)
+        self.config, self.backend, self.tp = config, backend, tp
+        kw = dict(dtype=dtype, device=device, tp=tp)
+        V, H = config.vocab_size, config.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(V, H, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, device, tp)
                                     for _ in range(config.num_hidden_layers))
-        self.norm = _param(config.hidden_size, **kw)
-        self.lm_head = (self.embed_tokens if config.tie_word_embeddings
-                        else _param(config.vocab_size, config.hidden_size, **kw))
+        self.norm = _param(H, dtype=dtype, device=device)
+        tied = self.embed_tokens.weight if config.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(V, H, weight=tied, **kw)
         # Built once; Llama-3 / linear scaling is baked into the table. float32 whatever the
         # model dtype (the kernels compute RoPE in float32).
         cache = rope_cos_sin_cache(config.head_dim, config.max_position_embeddings,
@@ -39,18 +42,23 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+        return self.norm.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.device
+        return self.norm.device
 
     # ------------------------------------------------------------------ KV cache
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        """Bytes of one block in all layers, K and V."""
+        """Bytes of one block in all layers, K and V (this rank's KV heads only)."""
         c = self.config
-        return (2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim
-                * self.embed_tokens.element_size())
+        return (2 * c.num_hidden_layers * block_size * self.num_kv_heads * c.head_dim
+                * self.norm.element_size())
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank caches (all of them at tensor_parallel_size 1)."""
+        return self.layers[0].attn.num_kv_heads
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (k_cache, v_cache), each [num_blocks, block_size, Hkv, D].
@@ -62,7 +70,7 @@ class LlamaForCausalLM(nn.Module):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}: must be a positive int, got {v!r}")
         c = self.config
-        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        shape = (num_blocks, block_size, self.num_kv_heads, c.head_dim)
         kw = dict(dtype=self.dtype, device=self.device)
         return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw))
                 for _ in range(c.num_hidden_layers)]
@@ -78,7 +86,7 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches: {len(kv_caches)} layers given, model has {len(self.layers)}")
         backend = self.backend
-        h = F.embedding(input_ids, self.embed_tokens)
+        h = self.embed_tokens(input_ids)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, self.cos_sin_cache, attn, k_cache,
@@ -89,4 +97,4 @@ class LlamaForCausalLM(nn.Module):
         h, residual = h.index_select(0, logits_indices), residual.index_select(0, logits_indices)
         h, _ = kernels.rms_norm(h, self.norm, self.config.rms_norm_eps, residual=residual,
                                 backend=backend)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h)

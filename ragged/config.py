@@ -60,6 +60,8 @@ class EngineConfig:
     cuda_graphs             replay decode-only steps as CUDA graphs (one per batch-size bucket,
                             ragged/graphs.py); None: on for CUDA devices. True on CPU runs the
                             same padded static-buffer path eagerly (nothing to capture; tests)
+    tensor_parallel_size    ranks the model is sharded over (ragged/distributed.py); 1 = this
+                            process alone, no torch.distributed
     """
 
     block_size: int = 16
@@ -75,6 +77,7 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool | None = None
     async_scheduling: bool | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         _int("block_size", self.block_size, 1, 256)
@@ -100,6 +103,7 @@ class EngineConfig:
             raise ValueError(f"enable_prefix_caching: must be a bool, got {self.enable_prefix_caching!r}")
         object.__setattr__(self, "speculative", SpeculativeConfig.coerce(self.speculative))
         _int("seed", self.seed, 0)
+        _int("tensor_parallel_size", self.tensor_parallel_size, 1)
         for name in ("cuda_graphs", "async_scheduling"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):

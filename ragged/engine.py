@@ -59,6 +59,11 @@ class StepStats:
     # it, if launches lag, count. Filled in once the events complete (Engine.device_times);
     # None on CPU.
     device_time_s: float | None = None
+    # Tensor parallelism: rank 0's collective bytes sent this step (control header, batch
+    # payload, all-reduces, logits all-gather) and the host time spent in them (CPU/gloo: the
+    # whole wall time, collectives are synchronous; GPU: launch time only). 0 at one rank.
+    comm_bytes: int = 0
+    comm_time_s: float = 0.0
 
 
 @dataclass
@@ -109,6 +114,12 @@ class Engine:
         eos = mcfg.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
         self.sampler = Sampler(self.device, config.seed)
+        tp = getattr(model, "tp", None)            # ragged.distributed.TPModel at size > 1
+        if config.tensor_parallel_size != (tp.size if tp is not None else 1):
+            raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size} but the model is "
+                             f"sharded over {tp.size if tp is not None else 1} ranks (use LLM(..., "
+                             f"tensor_parallel_size=N) or ragged.distributed.launch)")
+        self._tp = tp if tp is not None and tp.size > 1 else None
         if config.max_model_len is not None and config.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({mcfg.max_position_embeddings})")
@@ -136,7 +147,8 @@ class Engine:
         self.graphs = None
         self.graph_capture_error = None
         if use_graphs:
-            graphs = DecodeGraphs(model, self.kv_caches, max_num_seqs=config.max_num_seqs,
+            make_graphs = getattr(model, "decode_graphs", DecodeGraphs)    # TP: on every rank
+            graphs = make_graphs(model, self.kv_caches, max_num_seqs=config.max_num_seqs,
                                   width=self.block_manager.table.shape[1],
                                   max_model_len=config.max_model_len,
                                   capture=self.device.type == "cuda")
@@ -278,6 +290,8 @@ class Engine:
             step_time_s=t2 - t0, schedule_time_s=t1 - t0, kv_blocks_used=kv_used,
             num_preempted=len(sched.preempted), prefix_hit_tokens=sched.prefix_hit_tokens,
             graph_batch=flight.graph_batch if flight is not None else 0)
+        if self._tp is not None:
+            stats.comm_bytes, stats.comm_time_s = self._tp.take_comm()
         self.step_log.append(stats)
         stats.num_output_tokens = self.stats.num_generated_tokens - gen0
         if flight is not None and flight.runs is not None:

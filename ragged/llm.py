@@ -3,6 +3,9 @@
     llm = LLM("path/to/hf_dir" | "tiny", max_num_batched_tokens=512)
     llm = LLM("tiny", speculative=dict(method="ngram"))  # speculative decoding: docs/speculative.md
     outs = llm.generate([[1, 5, 9], "some text"], SamplingParams(max_tokens=32))
+
+    with LLM("path/to/hf_dir", tensor_parallel_size=2) as llm:   # sharded over 2 processes
+        ...                                                    # close() ends the workers
 """
 from __future__ import annotations
 
@@ -59,25 +62,52 @@ class LLM:
                  max_model_len: int | None = None, policy: str = "continuous",
                  enable_prefix_caching: bool = True, backend=None, seed: int = 0, speculative=None,
                  queue_order: str = "fcfs", cuda_graphs: bool | None = None,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1):
         """model: a HF directory, a preset name, a ModelConfig, or an already loaded model.
         dtype: torch dtype or name; None = the checkpoint's dtype (float32 for presets without
-        one). device: None = "cuda" when available, else "cpu"."""
+        one). device: None = "cuda" when available, else "cpu". tensor_parallel_size N > 1:
+        the model is sharded over N processes (ragged/distributed.py; docs/tensor_parallel.md)."""
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks,
                               gpu_memory_utilization=gpu_memory_utilization,
                               max_num_batched_tokens=max_num_batched_tokens,
                               max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                               policy=policy, queue_order=queue_order, speculative=speculative,
                               enable_prefix_caching=enable_prefix_caching, seed=seed,
-                              cuda_graphs=cuda_graphs, async_scheduling=async_scheduling)
-        if isinstance(model, torch.nn.Module) or hasattr(model, "allocate_kv_cache"):
+                              cuda_graphs=cuda_graphs, async_scheduling=async_scheduling,
+                              tensor_parallel_size=tensor_parallel_size)
+        if tensor_parallel_size > 1:
+            from .distributed import launch
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            loaded = launch(model, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                            device=device, backend=backend, seed=seed)
+        elif isinstance(model, torch.nn.Module) or hasattr(model, "allocate_kv_cache"):
             loaded = model
         else:
             from model import load_model   # the runtime depends on model/, never the reverse
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             loaded = load_model(model, dtype=dtype, device=device, backend=backend, seed=seed)
-        self.engine = Engine(loaded, config, tokenizer=_tokenizer_for(model))
+        try:
+            self.engine = Engine(loaded, config, tokenizer=_tokenizer_for(model))
+        except BaseException:
+            self._close_model(loaded)
+            raise
         self._counter = 0
+
+    @staticmethod
+    def _close_model(m) -> None:
+        close = getattr(m, "close", None)          # ragged.distributed.TPModel
+        if close is not None:
+            close()
+
+    def close(self) -> None:
+        """End the tensor-parallel workers (no-op at one rank). Idempotent."""
+        self._close_model(self.engine.model)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: one prompt (str or list of token ids) or a list of them. sampling_params:
