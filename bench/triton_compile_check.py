@@ -178,6 +178,12 @@ def op_jobs(quick: bool):
             for fn, a, kw in _record(W, ("_write_kv_kernel",), lambda: W._launch(
                     kv, kv, kc, kc, torch.zeros(3, dtype=torch.int64))):
                 jobs.append(_job(f"write_kv Hkv={hkv} D={d} {dn}", fn, a, dict(kw)))
+            k8 = torch.empty(4, 16, hkv, d, dtype=torch.float8_e4m3fn)
+            for mode, sc in (("per_slot", torch.empty(4, 16, hkv)), ("per_tensor", 0.5)):
+                for fn, a, kw in _record(W, ("_write_kv_fp8_kernel",), lambda: W._launch_fp8(
+                        kv, kv, k8, k8, torch.zeros(3, dtype=torch.int64), sc, sc)):
+                    jobs.append(_job(f"write_kv fp8 {mode} Hkv={hkv} D={d} {dn}", fn, a,
+                                     dict(kw)))
         for n, res in ((4096, True), (4096, False), (896, True), (16384, True)):
             x = torch.empty(3, n, dtype=dt)
             for fn, a, kw in _record(R, ("_rms_norm_kernel",), lambda: R._launch(
@@ -202,6 +208,14 @@ def op_jobs(quick: bool):
                         qkv[:, hq + hk:], cache, kc, kc, torch.zeros(3, dtype=torch.int64), neox)):
                     jobs.append(_job(f"rotary_write_kv {hq}/{hk}x{d} rot={rot} neox={neox} {dn}",
                                      fn, a, dict(kw)))
+                k8 = torch.empty(4, 16, hk, d, dtype=torch.float8_e4m3fn)
+                s8 = torch.empty(4, 16, hk)
+                for fn, a, kw in _record(RO, ("_rotary_kv_kernel",), lambda: RO._launch_kv(
+                        torch.zeros(3, dtype=torch.int64), qkv[:, :hq], qkv[:, hq:hq + hk],
+                        qkv[:, hq + hk:], cache, k8, k8, torch.zeros(3, dtype=torch.int64), neox,
+                        s8, s8)):
+                    jobs.append(_job(f"rotary_write_kv fp8 {hq}/{hk}x{d} rot={rot} neox={neox} "
+                                     f"{dn}", fn, a, dict(kw)))
     return jobs
 
 
