@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 POLICIES = ("continuous", "prefill_first", "static")
 QUEUE_ORDERS = ("fcfs", "priority")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")      # model/kv_cache.py (the same list)
 
 # Token budget per step when the user gives none. On a GPU 2048 tokens saturate the matmuls of
 # a 1-8B model while keeping a decode step's latency bounded (Sarathi-Serve uses 512-2048);
@@ -55,6 +56,10 @@ class EngineConfig:
     cuda_graphs             replay decode-only steps as CUDA graphs (one per batch-size bucket,
                             ragged/graphs.py); None: on for CUDA devices. True on CPU runs the
                             same padded static-buffer path eagerly (nothing to capture; tests)
+    kv_cache_dtype          "auto" (the model dtype) or "fp8_e4m3" (float8_e4m3fn pages, half
+                            of bf16's bytes, plus float32 scales: docs/fp8_kv.md)
+    kv_scales               fp8 only: None (a scale per token slot and KV head, from each row's
+                            amax at write time) or (k_scale, v_scale) per-tensor floats
     """
 
     block_size: int = 16
@@ -69,6 +74,8 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool | None = None
     async_scheduling: bool | None = None
+    kv_cache_dtype: str = "auto"
+    kv_scales: tuple[float, float] | None = None
 
     def __post_init__(self):
         _int("block_size", self.block_size, 1, 256)
@@ -90,6 +97,26 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"{name}: must be a bool or None, got {v!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of "
+                             f"{KV_CACHE_DTYPES}")
+        ks = self.kv_scales
+        if ks is not None:
+            if self.kv_cache_dtype != "fp8_e4m3":
+                raise ValueError("kv_scales: per-tensor scales need kv_cache_dtype='fp8_e4m3'")
+            if not (isinstance(ks, (tuple, list)) and len(ks) == 2 and all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < float("inf")
+                    for s in ks)):
+                raise ValueError(f"kv_scales: must be None or (k_scale, v_scale), two positive "
+                                 f"finite floats, got {ks!r}")
+            object.__setattr__(self, "kv_scales", (float(ks[0]), float(ks[1])))
+
+    def kv_cache_kwargs(self) -> dict:
+        """Arguments of model.allocate_kv_cache / kv_cache_bytes_per_block for the format ({}
+        for "auto": models that predate fp8 are called exactly as before)."""
+        if self.kv_cache_dtype == "auto":
+            return {}
+        return dict(kv_cache_dtype=self.kv_cache_dtype, kv_scales=self.kv_scales)
 
     def resolve(self, device_type: str, model_max_len: int, num_blocks: int) -> "EngineConfig":
         """The config with every None filled in, once the device and KV capacity are known."""

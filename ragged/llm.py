@@ -52,17 +52,20 @@ class LLM:
                  max_model_len: int | None = None, policy: str = "continuous",
                  enable_prefix_caching: bool = True, backend=None, seed: int = 0,
                  queue_order: str = "fcfs", cuda_graphs: bool | None = None,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, kv_cache_dtype: str = "auto",
+                 kv_scales=None):
         """model: a HF directory, a preset name, a ModelConfig, or an already loaded model.
         dtype: torch dtype or name; None = the checkpoint's dtype (float32 for presets without
-        one). device: None = "cuda" when available, else "cpu"."""
+        one). device: None = "cuda" when available, else "cpu". kv_cache_dtype: "auto" or
+        "fp8_e4m3" (kv_scales: None for per-slot scales, or per-tensor (k_scale, v_scale))."""
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks,
                               gpu_memory_utilization=gpu_memory_utilization,
                               max_num_batched_tokens=max_num_batched_tokens,
                               max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                               policy=policy, queue_order=queue_order,
                               enable_prefix_caching=enable_prefix_caching, seed=seed,
-                              cuda_graphs=cuda_graphs, async_scheduling=async_scheduling)
+                              cuda_graphs=cuda_graphs, async_scheduling=async_scheduling,
+                              kv_cache_dtype=kv_cache_dtype, kv_scales=kv_scales)
         if isinstance(model, torch.nn.Module) or hasattr(model, "allocate_kv_cache"):
             loaded = model
         else:
