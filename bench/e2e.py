@@ -124,6 +124,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
         extra["cuda_graphs"] = False
     if a.no_async_scheduling:
         extra["async_scheduling"] = False
+    if a.kv_cache_dtype != "auto":
+        extra["kv_cache_dtype"] = a.kv_cache_dtype
     llm = LLM(model, policy=policy, seed=a.seed, **extra)
     engine = llm.engine
     try:
@@ -392,6 +394,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3"),
+                   help="engine KV cache format (fp8_e4m3: e4m3 pages + per-slot scales)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (A/B against the default CUDA-graph replay)")

@@ -94,11 +94,28 @@ def test_triton_e4m3_conversion_matches_torch_on_every_code_and_many_floats():
     assert nan.view(FP8).float().isnan().all()
 
 
-def test_triton_fp8_write_rejects_unsupported_attention_only_when_asked():
-    # the dispatcher routes fp8 write_kv to Triton (FP8_KV_OPS lists it)
-    import kernels.triton_rotary as tr
-    import kernels.triton_write_kv as tw
-    assert "write_kv" in tw.FP8_KV_OPS and "rotary_write_kv" in tr.FP8_KV_OPS
+# opcheck's schema test compares mutated tensors with arithmetic that fp8 CPU tensors lack
+# ("mul_cpu_reduced_float" not implemented for Float8_e4m3fn, torch 2.11)
+_UTILS = ("test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_triton_fp8_custom_ops_opcheck():
+    """The custom ops torch.compile sees (schema, fake, mutation of caches and scales)."""
+    import kernels.triton_rotary  # noqa: F401  (registers the ops)
+    import kernels.triton_write_kv  # noqa: F401
+    T, hq, hk, d = 3, 2, 1, 16
+    key, value = float_rows(T, hk, d, torch.float16, seed=1), float_rows(T, hk, d, torch.float16)
+    slots = torch.tensor([0, -1, 17])
+    cs = ref.rope_cos_sin_cache(d, 8)
+    for mode in ("per_slot", "per_tensor"):
+        kc, vc, ks, vs = make_fp8_caches(2, 16, hk, d, mode)
+        tensors = (ks, vs, 1.0, 1.0) if mode == "per_slot" else (None, None, ks, vs)
+        torch.library.opcheck(torch.ops.ragged_triton.write_kv_fp8.default,
+                              (key, value, kc, vc, slots, *tensors), test_utils=_UTILS)
+        q = float_rows(T, hq, d, torch.float16, seed=3)
+        torch.library.opcheck(torch.ops.ragged_triton.rotary_write_kv_fp8.default,
+                              (torch.tensor([0, 3, 7]), q, key, value, cs, kc, vc, slots, True,
+                               *tensors), test_utils=_UTILS)
 
 
 # ------------------------------------------------------------------------------------ GPU
