@@ -235,3 +235,39 @@ def test_gpu_fp8_engine(llama_dir, backend):
     assert [o.token_ids for o in eager.generate(ps, sp, use_tqdm=False)] == got
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+# ------------------------------------------------------------------------------ benchmarks
+def test_bench_e2e_kv_cache_dtype_reaches_the_engine(monkeypatch):
+    """--kv-cache-dtype goes to LLM(...) (the harness itself is tested in test_bench_e2e)."""
+    import ragged
+    from bench import e2e
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(model, **kw):
+        seen.update(kw)
+        raise Stop
+    monkeypatch.setattr(ragged, "LLM", fake_llm)
+    for flag, want in (([], None), (["--kv-cache-dtype", "fp8_e4m3"], "fp8_e4m3")):
+        seen.clear()
+        with pytest.raises(Stop):
+            e2e.run_engine("tiny", "continuous", [], [], e2e.parse_args(["--quick", *flag]))
+        assert seen.get("kv_cache_dtype") == want
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--kv-cache-dtype", "fp8"])
+
+
+def test_bench_fp8_accuracy_smoke(tmp_path):
+    from bench import fp8_accuracy
+    path = fp8_accuracy.main(["--families", "", "--dtype", "float32", "--prompts", "2",
+                              "--prompt-len", "8", "--new-tokens", "4", "--out", str(tmp_path)])
+    import json
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("tiny", "per_slot"), ("tiny", "per_tensor")]
+    for r in rows:
+        assert 0 < r["logits_rel_rms_err"] < 0.1 and 0 <= r["top1_agreement_teacher_forced"] <= 1
+        assert r["kl_mean"] >= 0 and 0 <= r["greedy_tokens_before_first_diff"] <= 4
+    assert rows[1]["kv_scales"][0] > 0
