@@ -13,6 +13,8 @@ with save_pretrained as tests/hf_models.py builds them), each model dtype and ea
 - free running: greedy generation with the fp8 cache through the engine: the fraction of
   prompts whose tokens equal the reference's, and the mean number of tokens before the first
   difference.
+A yardstick row ("bf16_kv", float32 models only) runs the same metrics with the K/V merely
+rounded to bf16 before the (float32) cache write: the error a bf16 cache itself costs.
 Writes bench/results/<device>/fp8_accuracy.json. Random models have no trained structure: the
 tests' std-0.2 checkpoints have peaked attention that amplifies any K/V error, the `tiny`
 preset (std 0.02) nearly uniform attention that hides it; trained checkpoints (owed on GPU)
@@ -76,6 +78,23 @@ def calibrate(m, seqs, device):
     return amax[0] / 448.0, amax[1] / 448.0
 
 
+class _Bf16KV:
+    """Context: rotary_write_kv writes K/V rounded to bf16 (into the float cache)."""
+
+    def __enter__(self):
+        self.orig = kernels.rotary_write_kv
+
+        def write(positions, q, k, v, cs, k_cache, v_cache, slots, is_neox=True, **kw):
+            q_rot, k_rot = ref.rotary_embedding(positions, q, k, cs, is_neox)
+            ref.write_kv(k_rot.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype), k_cache,
+                         v_cache, slots)
+            return q_rot
+        kernels.rotary_write_kv = write
+
+    def __exit__(self, *exc):
+        kernels.rotary_write_kv = self.orig
+
+
 def evaluate(source, name, dtype, args) -> list[dict]:
     dev = args.device
     m = load_model(source, dtype=dtype, device=dev, backend=args.backend)
@@ -88,18 +107,27 @@ def evaluate(source, name, dtype, args) -> list[dict]:
     seqs = [p + o for p, o in zip(ps, ref_out)]
     want = [_forward_all(m, s, {}, dev) for s in seqs]
     rows = []
-    for mode in ("per_slot", "per_tensor"):
+    modes = ("per_slot", "per_tensor") + (("bf16_kv",) if dtype == torch.float32 else ())
+    for mode in modes:
         scales = calibrate(m, seqs, dev) if mode == "per_tensor" else None
-        fmt = dict(kv_cache_dtype="fp8_e4m3", kv_scales=scales)
-        got = [_forward_all(m, s, fmt, dev) for s in seqs]
+        fmt = dict(kv_cache_dtype="fp8_e4m3", kv_scales=scales) if mode != "bf16_kv" else {}
+        if mode == "bf16_kv":
+            with _Bf16KV():
+                got = [_forward_all(m, s, fmt, dev) for s in seqs]
+        else:
+            got = [_forward_all(m, s, fmt, dev) for s in seqs]
         cut = slice(args.prompt_len - 1, None)         # logits that predict the continuation
         d = torch.cat([(g - w)[cut] for g, w in zip(got, want)])
         w = torch.cat([x[cut] for x in want])
         g = torch.cat([x[cut] for x in got])
-        kl = torch.nn.functional.kl_div(g.log_softmax(-1), w.log_softmax(-1), log_target=True,
-                                        reduction="none").sum(-1)
-        llm = LLM(m, kv_cache_dtype="fp8_e4m3", kv_scales=scales, **common)
-        fp8_out = [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
+        kl = torch.nn.functional.kl_div(g.double().log_softmax(-1), w.double().log_softmax(-1),
+                                        log_target=True, reduction="none").sum(-1)
+        if mode == "bf16_kv":
+            with _Bf16KV():
+                fp8_out = [o.token_ids for o in LLM(m, **common).generate(ps, sp, use_tqdm=False)]
+        else:
+            llm = LLM(m, kv_cache_dtype="fp8_e4m3", kv_scales=scales, **common)
+            fp8_out = [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)]
         first_diff = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                       for x, y in zip(ref_out, fp8_out)]
         row = dict(model=name, dtype=str(dtype).replace("torch.", ""), mode=mode,
