@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the extension, run the `gpu` tests and the benchmarks, and
 # write every log and JSON under OUTDIR (copy it to bench/results/<card>/ afterwards).
-#   bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [host] [e2e] [e2e-eager]
+#   bench/gpu_run.sh OUTDIR [build] [tests] [tune] [kernels] [decode] [host] [e2e] [e2e-eager] [fp8]
 #   (no stage named: build tests kernels decode host e2e. tune: bench.tune_triton merges winners into
 #   OUTDIR/tuned_attention.json and copies it to kernels/ so later stages use it; commit it.
 #   e2e-eager: the continuous-policy e2e run without CUDA graphs, and without async
-#   scheduling, for A/B)
+#   scheduling, for A/B. fp8: the continuous e2e run with kv_cache_dtype=fp8_e4m3, and
+#   bench.fp8_accuracy in bf16 on the device)
 # Stages keep to a few minutes each so a 10-minute command limit can hold one or two.
 # At the end everything is packed into OUTDIR/results-<stages>.tar.gz (one file: a result
 # folder of many logs, JSON and PNGs is easier to carry back whole); RAGGED_PACK=0 keeps
@@ -47,6 +48,11 @@ for s in $stages; do
                  --systems ragged --policies continuous --out "$out/eager"
              run bench-e2e-sync python3 -m bench.e2e --device cuda --no-async-scheduling \
                  --systems ragged --policies continuous --out "$out/sync" ;;
+    fp8)     mkdir -p "$out/fp8"   # fp8 KV cache: e2e beside the bf16 e2e stage, accuracy
+             run bench-e2e-fp8 python3 -m bench.e2e --device cuda --kv-cache-dtype fp8_e4m3 \
+                 --systems ragged --policies continuous --out "$out/fp8"
+             run fp8-accuracy python3 -m bench.fp8_accuracy --device cuda --dtype bfloat16 \
+                 --out "$out/fp8" ;;
     *) echo "unknown stage $s"; status=2 ;;
   esac
 done
