@@ -173,3 +173,25 @@ def test_triton_rotary_write_kv_fp8_gpu(dtype, mode):
     eps = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
     assert_fp8_write_matches(res["triton"], res["torch"], ulps=1, scale_rtol=eps,
                              name=f"gpu triton rotary_write_kv {mode} {dtype}")
+
+
+def test_triton_fp8_writes_compile_fullgraph():
+    """The public API with fp8 caches traces under torch.compile(fullgraph=True) (the
+    dispatcher's FP8_KV_OPS check and the custom ops), both scale modes, same bytes as eager."""
+    T, hq, hk, d = 3, 2, 1, 16
+    key, value = float_rows(T, hk, d, torch.float16, seed=1), float_rows(T, hk, d, torch.float16)
+    q = float_rows(T, hq, d, torch.float16, seed=3)
+    slots, pos = torch.tensor([0, -1, 17]), torch.tensor([0, 3, 7])
+    cs = ref.rope_cos_sin_cache(d, 8)
+
+    def step(kc, vc, ks, vs):
+        kernels.write_kv(key, value, kc, vc, slots, backend="triton", k_scale=ks, v_scale=vs)
+        return kernels.rotary_write_kv(pos, q, key, value, cs, kc, vc, slots + 1,
+                                       backend="triton", k_scale=ks, v_scale=vs)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for mode in ("per_slot", "per_tensor"):
+        got, want = make_fp8_caches(2, 16, hk, d, mode), make_fp8_caches(2, 16, hk, d, mode)
+        q_eager = step(*want)           # eager first: imports the backend modules (see _module)
+        torch.testing.assert_close(compiled(*got), q_eager, rtol=0, atol=0)
+        assert_fp8_write_matches(got, want, name=f"compiled {mode}")
