@@ -130,6 +130,8 @@ def run_engine(model, policy, requests, warmup, a) -> tuple[list, dict]:
         extra["async_scheduling"] = False
     if a.tensor_parallel_size > 1:      # model is then the directory: each rank loads its shard
         extra.update(tensor_parallel_size=a.tensor_parallel_size, dtype=a.dtype, device=a.device)
+    if a.kv_cache_dtype != "auto":
+        extra["kv_cache_dtype"] = a.kv_cache_dtype
     llm = LLM(model, policy=policy, seed=a.seed, **extra)
     engine = llm.engine
     try:
@@ -428,6 +430,8 @@ def parse_args(argv=None):
     p.add_argument("--max-verify-tokens", type=int,
                    help="large-batch rule: decodes x (1 + k) cap (default 256, 0 = off)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3"),
+                   help="engine KV cache format (fp8_e4m3: e4m3 pages + per-slot scales)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (A/B against the default CUDA-graph replay)")

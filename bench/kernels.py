@@ -69,6 +69,33 @@ def attention_case(q_lens, kv_lens, hq, hkv, d, bs, dtype, device):
                 v_lin=v_lin, bs=bs)
 
 
+def fp8_case(c, chunk=1 << 18):
+    """The case with an fp8 (e4m3) cache of the same K/V: codes and per-slot float32 scales
+    written by the reference rule (kernels/reference.py quantize_fp8, in chunks of ``chunk``
+    slots to bound the float32 temporaries), and k_lin/v_lin replaced by the dequantised
+    values so the PyTorch baselines compute on what the fp8 cache holds."""
+    bs, (total, _, hkv, d) = c["bs"], c["k_cache"].shape
+    perm = torch.empty(total, dtype=torch.int64, device=c["k_cache"].device)
+    for b, n in enumerate(c["first_block"][1:]):
+        lo = c["first_block"][b]
+        perm[lo:n] = c["block_table"][b, :n - lo].long()
+    out = dict(c)
+    for name, lin in (("k", c["k_lin"]), ("v", c["v_lin"])):
+        codes = torch.empty(lin.shape, dtype=torch.float8_e4m3fn, device=lin.device)
+        scale = torch.empty(lin.shape[:2], dtype=torch.float32, device=lin.device)
+        deq = torch.empty_like(lin)
+        for i in range(0, lin.shape[0], chunk):
+            codes[i:i + chunk], scale[i:i + chunk] = reference.quantize_fp8(lin[i:i + chunk])
+            deq[i:i + chunk] = reference.dequantize_fp8(codes[i:i + chunk], scale[i:i + chunk],
+                                                        lin.dtype)
+        cache = torch.empty(total, bs, hkv, d, dtype=torch.float8_e4m3fn, device=lin.device)
+        scales = torch.empty(total, bs, hkv, dtype=torch.float32, device=lin.device)
+        cache[perm] = codes.view(total, bs, hkv, d)
+        scales[perm] = scale.view(total, bs, hkv)
+        out.update({f"{name}_cache": cache, f"{name}_scale": scales, f"{name}_lin": deq})
+    return out
+
+
 def sub_case(c, lo, hi):
     """Sequences lo..hi-1 of a case (views, no copies): a part launched on its own."""
     q0, q1 = sum(c["q_lens"][:lo]), sum(c["q_lens"][:hi])
@@ -84,6 +111,8 @@ def attention_cost(c, elem):
     hkv = c["k_cache"].shape[2]
     visible = sum(ql * (kl - ql) + ql * (ql + 1) // 2 for ql, kl in zip(c["q_lens"], c["kv_lens"]))
     nbytes = (2 * sum(c["kv_lens"]) * hkv * d + 2 * c["q"].numel()) * elem
+    if c["k_cache"].dtype == torch.float8_e4m3fn:     # 1-byte codes + a float32 scale per slot
+        nbytes = 2 * sum(c["kv_lens"]) * hkv * (d + 4) + 2 * c["q"].numel() * elem
     return nbytes, 4 * d * hq * visible
 
 
@@ -91,8 +120,9 @@ def attention_cost(c, elem):
 def paged_fn(c, backend, out=None):
     args = [c[k] for k in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")]
     mq, mk = max(c["q_lens"]), max(c["kv_lens"])
+    fp8 = {k: c[k] for k in ("k_scale", "v_scale") if k in c}     # fp8_case: the scales
     return lambda: kernels.paged_attention(*args, max_seqlen_q=mq, max_seqlen_k=mk, out=out,
-                                           backend=backend)
+                                           backend=backend, **fp8)
 
 
 def split_fn(dec, pre, backend, out):
@@ -217,6 +247,17 @@ def op_cases(p, backends, dtype, device):
         kc, vc = caches[b]
         return lambda: (kernels.write_kv(k, v, kc, vc, slots, backend=b), kc, vc)[1:]
 
+    f8 = dict(dtype=torch.float8_e4m3fn, device=device)
+    caches8 = {b: (torch.zeros(nblocks, p["bs"], hkv, d, **f8),
+                   torch.zeros(nblocks, p["bs"], hkv, d, **f8),
+                   torch.zeros(nblocks, p["bs"], hkv, device=device),
+                   torch.zeros(nblocks, p["bs"], hkv, device=device)) for b in backends}
+
+    def wkv8(b):      # compared as dequantised values (codes x scales)
+        kc, vc, ks, vs = caches8[b]
+        return lambda: (kernels.write_kv(k, v, kc, vc, slots, backend=b, k_scale=ks, v_scale=vs),
+                        reference.dequantize_fp8(kc, ks), reference.dequantize_fp8(vc, vs))[1:]
+
     # RoPE + KV write: fused (one launch on Triton) vs the two ops (the "<b>-separate" rows),
     # each implementation with its own caches so their results can be compared.
     rkv_caches = {}
@@ -238,6 +279,8 @@ def op_cases(p, backends, dtype, device):
         ("rotary+write_kv", dict(T=T, hq=hq, hkv=hkv, d=d),
          (T * (hq + 2 * hkv) * d + T * hq * d + 2 * T * hkv * d) * e + T * (4 * d + 16), rkv_impls),
         ("write_kv", dict(T=T, hkv=hkv, d=d), 4 * T * hkv * d * e + 8 * T, {b: wkv(b) for b in backends}),
+        ("write_kv fp8", dict(T=T, hkv=hkv, d=d), 2 * T * hkv * d * e + 2 * T * hkv * (d + 4) + 8 * T,
+         {b: wkv8(b) for b in backends}),
         ("rms_norm+residual", dict(T=T, hidden=hidden), (4 * T + 1) * hidden * e,
          {b: (lambda b=b: kernels.rms_norm(x, w, 1e-5, res, backend=b)) for b in backends}),
         ("rotary", dict(T=T, hq=hq, hkv=hkv, d=d), 2 * T * (hq + hkv) * d * e + T * (4 * d + 8),
@@ -289,13 +332,13 @@ def measure(rows, kind, name, shape, impls, nbytes, flops, ctx):
               f"{row['pct_copy_bw']:7.1f} {row['tflops'] or 0:8.2f} {row['max_err']:10.2e}")
 
 
-def attention_sweeps(rows, p, backends, ctx, flex):
+def attention_sweeps(rows, p, backends, ctx, flex, fp8=True):
     dev, dt = ctx["device"], ctx["dtype"]
     e = torch.tensor([], dtype=dt).element_size()
     h = dict(hq=p["hq"], hkv=p["hkv"], d=p["d"], bs=p["bs"])
 
     def run(kind, name, c, impls=None):
-        nbytes, flops = attention_cost(c, e)
+        nbytes, flops = attention_cost(c, e)    # fp8 cases: codes + scales read
         shape = dict(B=len(c["q_lens"]), tokens=sum(c["q_lens"]), max_kv=max(c["kv_lens"]), **h)
         measure(rows, kind, name, shape, impls or attention_impls(c, backends, dev, flex),
                 nbytes, flops, ctx)
@@ -307,6 +350,9 @@ def attention_sweeps(rows, p, backends, ctx, flex):
                 continue
             c = attention_case([1] * B, [L] * B, dtype=dt, device=dev, **h)
             run("decode", f"decode B={B} ctx={L}", c)
+            if fp8:     # the same K/V in an e4m3 cache with per-slot scales, beside it
+                c = fp8_case(c)
+                run("decode-fp8", f"decode B={B} ctx={L} fp8", c)
             del c
             _free(dev)
     for n in p["prefill"]:
@@ -351,7 +397,8 @@ def main(argv=None):
     ap.add_argument("--backends", default="triton,cuda,torch")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--no-flex", action="store_true", help="skip the flex_attention baseline")
-    ap.add_argument("--skip", default="", help="comma list of sections: attention,ops")
+    ap.add_argument("--skip", default="", help="comma list of sections: attention,ops,fp8 "
+                    "(fp8: the e4m3-cache decode rows)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -367,7 +414,7 @@ def main(argv=None):
           f"{'TFLOP/s':>8s} {'max err':>10s}")
     rows = []
     if "attention" not in a.skip:
-        attention_sweeps(rows, p, backends, ctx, flex=not a.no_flex)
+        attention_sweeps(rows, p, backends, ctx, flex=not a.no_flex, fp8="fp8" not in a.skip)
     if "ops" not in a.skip:
         for name, shape, nbytes, fns in op_cases(p, ["torch"] + [b for b in backends if b != "torch"],
                                                  dtype, device):

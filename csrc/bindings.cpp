@@ -16,6 +16,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <optional>
 #include <utility>
 
 #include "ragged_kernels.h"
@@ -169,8 +170,11 @@ void paged_attention(Tensor& out, const Tensor& q_in, const Tensor& k_cache,
 }
 
 // ----------------------------------------------------------------- KV-cache write
+// fp8 (float8_e4m3fn) caches: k_scale/v_scale float32 [num_blocks, block_size, Hkv] (per
+// slot, written) or absent with the per-tensor k_scale_f/v_scale_f (kernels/reference.py).
 void write_kv(const Tensor& key, const Tensor& value, Tensor& k_cache, Tensor& v_cache,
-              const Tensor& slot_mapping) {
+              const Tensor& slot_mapping, const std::optional<Tensor>& k_scale,
+              const std::optional<Tensor>& v_scale, double k_scale_f, double v_scale_f) {
   check_tensor(key, "key", key, 3);
   check_tensor(value, "value", key, 3);
   check_tensor(k_cache, "k_cache", key, 4);
@@ -178,8 +182,30 @@ void write_kv(const Tensor& key, const Tensor& value, Tensor& k_cache, Tensor& v
   check_tensor(slot_mapping, "slot_mapping", key, 1);
   const auto dtype = dtype_of(key, "key");
   check_same_dtype(value, "value", key, "key");
-  check_same_dtype(k_cache, "k_cache", key, "key");
-  check_same_dtype(v_cache, "v_cache", key, "key");
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  if (fp8) {
+    check_same_dtype(v_cache, "v_cache", k_cache, "k_cache");
+    TORCH_CHECK_VALUE(k_scale.has_value() == v_scale.has_value(),
+                      "v_scale: must be given exactly when k_scale is");
+    TORCH_CHECK_VALUE(key.size(2) <= ragged::kWriteKvFp8MaxHeadDim, "key: head dim ",
+                      key.size(2), " over ", ragged::kWriteKvFp8MaxHeadDim, " for fp8 caches");
+    for (const auto* s : {&k_scale, &v_scale}) {
+      if (!s->has_value()) continue;
+      const char* name = s == &k_scale ? "k_scale" : "v_scale";
+      check_tensor(**s, name, key, 3);
+      TORCH_CHECK_VALUE((*s)->scalar_type() == at::kFloat && (*s)->is_contiguous(), name,
+                        ": must be a contiguous float32 tensor");
+      TORCH_CHECK_VALUE((*s)->sizes() == k_cache.sizes().slice(0, 3), name, ": shape ",
+                        (*s)->sizes(), " differs from k_cache's [num_blocks, block_size, Hkv]");
+    }
+    if (!k_scale.has_value())
+      TORCH_CHECK_VALUE(k_scale_f > 0 && v_scale_f > 0, "k_scale_f, v_scale_f: must be > 0");
+  } else {
+    check_same_dtype(k_cache, "k_cache", key, "key");
+    check_same_dtype(v_cache, "v_cache", key, "key");
+    TORCH_CHECK_VALUE(!k_scale.has_value() && !v_scale.has_value(),
+                      "k_scale: only fp8 (float8_e4m3fn) caches take scales");
+  }
   check_last_contiguous(key, "key");
   check_last_contiguous(value, "value");
   TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(),
@@ -211,8 +237,13 @@ void write_kv(const Tensor& key, const Tensor& value, Tensor& k_cache, Tensor& v
   p.num_tokens = to_int(key.size(0), "key.shape[0]");
   p.num_heads = static_cast<int>(key.size(1));
   p.head_dim = static_cast<int>(key.size(2));
-  p.vectorized = key.size(2) % vec == 0 && aligned16(key) && aligned16(value) &&
+  p.vectorized = !fp8 && key.size(2) % vec == 0 && aligned16(key) && aligned16(value) &&
                  aligned16(k_cache) && aligned16(v_cache);
+  p.fp8 = fp8;
+  p.k_scale = fp8 && k_scale.has_value() ? k_scale->data_ptr<float>() : nullptr;
+  p.v_scale = fp8 && v_scale.has_value() ? v_scale->data_ptr<float>() : nullptr;
+  p.k_scale_f = static_cast<float>(k_scale_f);
+  p.v_scale_f = static_cast<float>(v_scale_f);
   C10_CUDA_CHECK(ragged::write_kv(p, stream_of(key)));
 }
 
@@ -375,7 +406,8 @@ TORCH_LIBRARY(ragged, m) {
         "int max_seqlen_q, int max_seqlen_k, int sliding_window, float softcap, "
         "int num_kv_splits) -> ()");
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slot_mapping) -> ()");
+        "Tensor slot_mapping, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, "
+        "float k_scale_f=1.0, float v_scale_f=1.0) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
   m.def("fused_add_rms_norm(Tensor(a!) out, Tensor(b!) residual_out, Tensor x, Tensor residual, "
         "Tensor weight, float eps) -> ()");

@@ -53,7 +53,14 @@ struct WriteKvParams {
   int64_t num_slots;              // num_blocks * block_size; slots beyond are skipped
   int num_tokens, num_heads, head_dim;
   bool vectorized;                // 16-byte accesses (pointers and strides allow it)
+  // fp8 (float8_e4m3fn) caches: k_cache/v_cache hold e4m3 codes (1 byte), `dtype` is the
+  // key's. Per-slot scales: k_scale/v_scale float32 [num_slots, num_heads]; nullptr: the
+  // per-tensor k_scale_f/v_scale_f. Head dims up to kWriteKvFp8MaxHeadDim.
+  bool fp8;
+  float* k_scale; float* v_scale;
+  float k_scale_f, v_scale_f;
 };
+constexpr int kWriteKvFp8MaxHeadDim = 256;
 cudaError_t write_kv(const WriteKvParams& p, cudaStream_t stream);
 
 // ------------------------------------------------------------------ RMSNorm

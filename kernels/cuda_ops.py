@@ -37,7 +37,8 @@ def _register_fakes():
         return None
 
     @fake("write_kv")
-    def _(key, value, k_cache, v_cache, slot_mapping):
+    def _(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None,
+          k_scale_f=1.0, v_scale_f=1.0):
         return None
 
     @fake("rms_norm")
@@ -127,8 +128,22 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     return out
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping):
-    _ops().write_kv(key, value, k_cache, v_cache, slot_mapping)
+# Ops of this backend that take fp8 (float8_e4m3fn) caches (kernels/__init__.py checks it).
+FP8_KV_OPS = ("write_kv", "rotary_write_kv")
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    if k_cache.dtype != torch.float8_e4m3fn:
+        _ops().write_kv(key, value, k_cache, v_cache, slot_mapping)
+        return
+    if key.shape[-1] > 256:
+        raise ValueError(f"key: head dim {key.shape[-1]} not supported by the cuda backend's "
+                         "fp8 write (up to 256)")
+    if isinstance(k_scale, torch.Tensor):       # per slot: the kernel writes the scales
+        _ops().write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    else:                                       # per tensor: floats
+        _ops().write_kv(key, value, k_cache, v_cache, slot_mapping, None, None,
+                        float(k_scale), float(v_scale))
 
 
 def rms_norm(x, weight, eps, residual):
@@ -155,10 +170,12 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
     return q_out, k_out
 
 
-def rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox):
-    # Not fused on this backend yet: the two kernels, with the rotated k in between.
+def rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, is_neox,
+                    k_scale=None, v_scale=None):
+    # Not fused on this backend yet: the two kernels, with the rotated k in between (for fp8
+    # caches that k, rounded to k's dtype, is what the reference quantises too).
     q_rot, k_rot = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
-    write_kv(k_rot, v, k_cache, v_cache, slot_mapping)
+    write_kv(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q_rot
 
 

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.k_norm = _param(cfg.head_dim, **kw) if cfg.qk_norm else None
 
     def forward(self, x, positions, cos_sin_cache, attn: kernels.AttentionMetadata,
-                k_cache, v_cache, backend):
+                k_cache, v_cache, backend, k_scale=None, v_scale=None):
         T = x.shape[0]
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x)                                            # [T, (Hq + 2 Hkv) D]
@@ -56,13 +56,16 @@ class Attention(nn.Module):
             k = kernels.rms_norm(k, self.k_norm, self.eps, backend=backend)
         # RoPE and the KV-cache write in one op (one launch on Triton): k goes from the
         # rotation straight to its cache slot.
+        # fp8 caches: k_scale/v_scale (model/kv_cache.py) go to both ops; None otherwise.
         q = kernels.rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
-                                    attn.slot_mapping, True, backend=backend)
+                                    attn.slot_mapping, True, backend=backend, k_scale=k_scale,
+                                    v_scale=v_scale)
         o = kernels.paged_attention(q, k_cache, v_cache, attn.block_table, attn.cu_seqlens_q,
                                     attn.seq_lens, scale=self.scale,
                                     max_seqlen_q=attn.max_seqlen_q, max_seqlen_k=attn.max_seqlen_k,
                                     sliding_window=self.sliding_window,
-                                    num_kv_splits=attn.num_kv_splits, backend=backend)
+                                    num_kv_splits=attn.num_kv_splits, k_scale=k_scale,
+                                    v_scale=v_scale, backend=backend)
         return self.o_proj(o.reshape(T, Hq * D))
 
 
@@ -92,14 +95,16 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, dtype, device, tp)
         self.mlp = MLP(cfg, dtype, device, tp)
 
-    def forward(self, h, residual, positions, cos_sin_cache, attn, k_cache, v_cache, backend):
+    def forward(self, h, residual, positions, cos_sin_cache, attn, k_cache, v_cache, backend,
+                k_scale=None, v_scale=None):
         if residual is None:
             residual = h
             x = kernels.rms_norm(h, self.input_norm, self.eps, backend=backend)
         else:
             x, residual = kernels.rms_norm(h, self.input_norm, self.eps, residual=residual,
                                            backend=backend)
-        h = self.attn(x, positions, cos_sin_cache, attn, k_cache, v_cache, backend)
+        h = self.attn(x, positions, cos_sin_cache, attn, k_cache, v_cache, backend, k_scale,
+                      v_scale)
         x, residual = kernels.rms_norm(h, self.post_attn_norm, self.eps, residual=residual,
                                        backend=backend)
         return self.mlp(x, backend), residual

@@ -14,6 +14,7 @@ from torch import nn
 import kernels
 from kernels.reference import rope_cos_sin_cache
 
+from . import kv_cache
 from .config import ModelConfig
 from .layers import DecoderLayer, _param
 from .parallel import SINGLE, ParallelLMHead, TPGroup, VocabParallelEmbedding
@@ -49,36 +50,38 @@ class LlamaForCausalLM(nn.Module):
         return self.norm.device
 
     # ------------------------------------------------------------------ KV cache
-    def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        """Bytes of one block in all layers, K and V (this rank's KV heads only)."""
+    def kv_cache_bytes_per_block(self, block_size: int, kv_cache_dtype: str = "auto",
+                                 kv_scales=None) -> int:
+        """Bytes of one block in all layers, K and V, this rank's KV heads only (fp8: the e4m3
+        pages plus per-slot float32 scales; model/kv_cache.py)."""
         c = self.config
-        return (2 * c.num_hidden_layers * block_size * self.num_kv_heads * c.head_dim
-                * self.norm.element_size())
+        return kv_cache.bytes_per_block(c.num_hidden_layers, block_size, self.num_kv_heads,
+                                        c.head_dim, self.dtype, kv_cache_dtype, kv_scales)
 
     @property
     def num_kv_heads(self) -> int:
         """KV heads this rank caches (all of them at tensor_parallel_size 1)."""
         return self.layers[0].attn.num_kv_heads
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (k_cache, v_cache), each [num_blocks, block_size, Hkv, D].
-
-        Zero-filled, not empty: kernels that load a whole block and mask the tail multiply
-        the masked probabilities (0) by whatever the slots hold, and 0 * NaN garbage is NaN.
-        """
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto",
+                          kv_scales=None) -> list[kv_cache.KVCache]:
+        """Per layer a KVCache, unpacking as (k_cache, v_cache), each [num_blocks, block_size,
+        Hkv, D] zero-filled; kv_cache_dtype "fp8_e4m3" stores e4m3 pages and their scales
+        (per-slot tensors, or kv_scales=(k, v) per-tensor floats)."""
         for name, v in (("num_blocks", num_blocks), ("block_size", block_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}: must be a positive int, got {v!r}")
         c = self.config
-        shape = (num_blocks, block_size, self.num_kv_heads, c.head_dim)
-        kw = dict(dtype=self.dtype, device=self.device)
-        return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw))
-                for _ in range(c.num_hidden_layers)]
+        return kv_cache.allocate(c.num_hidden_layers, num_blocks, block_size,
+                                 self.num_kv_heads, c.head_dim, dtype=self.dtype,
+                                 device=self.device, kv_cache_dtype=kv_cache_dtype,
+                                 kv_scales=kv_scales)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: kernels.AttentionMetadata, kv_caches, logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions int64 [T]; kv_caches per layer (k, v); logits_indices int64 [S]
+        """input_ids, positions int64 [T]; kv_caches per layer (k, v) (allocate_kv_cache's
+        KVCaches, which carry fp8 scales); logits_indices int64 [S]
         -> logits float32 [S, vocab]. Writes this step's K/V at attn.slot_mapping."""
         if input_ids.dim() != 1 or positions.shape != input_ids.shape:
             raise ValueError(f"positions: shape {tuple(positions.shape)} must equal input_ids' "
@@ -88,9 +91,11 @@ class LlamaForCausalLM(nn.Module):
         backend = self.backend
         h = self.embed_tokens(input_ids)
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for layer, cache in zip(self.layers, kv_caches):
+            k_cache, v_cache = cache     # a KVCache (fp8: with scales) or a plain pair
             h, residual = layer(h, residual, positions, self.cos_sin_cache, attn, k_cache,
-                                v_cache, backend)
+                                v_cache, backend, k_scale=getattr(cache, "k_scale", None),
+                                v_scale=getattr(cache, "v_scale", None))
         if logits_indices.shape[0] == 0:        # only mid-prompt chunks: nothing to sample
             return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=h.device)
         # Only the sampled rows go through the last residual add, the final norm and lm_head.

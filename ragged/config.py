@@ -14,6 +14,7 @@ from .spec_decode.config import SpeculativeConfig
 
 POLICIES = ("continuous", "prefill_first", "static")
 QUEUE_ORDERS = ("fcfs", "priority")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")      # model/kv_cache.py (the same list)
 
 # Token budget per step when the user gives none. On a GPU 2048 tokens saturate the matmuls of
 # a 1-8B model while keeping a decode step's latency bounded (Sarathi-Serve uses 512-2048);
@@ -62,6 +63,10 @@ class EngineConfig:
                             same padded static-buffer path eagerly (nothing to capture; tests)
     tensor_parallel_size    ranks the model is sharded over (ragged/distributed.py); 1 = this
                             process alone, no torch.distributed
+    kv_cache_dtype          "auto" (the model dtype) or "fp8_e4m3" (float8_e4m3fn pages, half
+                            of bf16's bytes, plus float32 scales: docs/fp8_kv.md)
+    kv_scales               fp8 only: None (a scale per token slot and KV head, from each row's
+                            amax at write time) or (k_scale, v_scale) per-tensor floats
     """
 
     block_size: int = 16
@@ -78,6 +83,8 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
+    kv_cache_dtype: str = "auto"
+    kv_scales: tuple[float, float] | None = None
 
     def __post_init__(self):
         _int("block_size", self.block_size, 1, 256)
@@ -108,6 +115,26 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"{name}: must be a bool or None, got {v!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of "
+                             f"{KV_CACHE_DTYPES}")
+        ks = self.kv_scales
+        if ks is not None:
+            if self.kv_cache_dtype != "fp8_e4m3":
+                raise ValueError("kv_scales: per-tensor scales need kv_cache_dtype='fp8_e4m3'")
+            if not (isinstance(ks, (tuple, list)) and len(ks) == 2 and all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < float("inf")
+                    for s in ks)):
+                raise ValueError(f"kv_scales: must be None or (k_scale, v_scale), two positive "
+                                 f"finite floats, got {ks!r}")
+            object.__setattr__(self, "kv_scales", (float(ks[0]), float(ks[1])))
+
+    def kv_cache_kwargs(self) -> dict:
+        """Arguments of model.allocate_kv_cache / kv_cache_bytes_per_block for the format ({}
+        for "auto": models that predate fp8 are called exactly as before)."""
+        if self.kv_cache_dtype == "auto":
+            return {}
+        return dict(kv_cache_dtype=self.kv_cache_dtype, kv_scales=self.kv_scales)
 
     def resolve(self, device_type: str, model_max_len: int, num_blocks: int) -> "EngineConfig":
         """The config with every None filled in, once the device and KV capacity are known."""

@@ -139,7 +139,8 @@ class Engine:
         self.spec = (None if config.speculative is None else     # docs/speculative.md
                      SpecDecoder(config.speculative, model, config, self.sampler))
         self.batch_builder = BatchBuilder(config.block_size, self.device)
-        self.kv_caches = model.allocate_kv_cache(num_blocks, config.block_size)
+        self.kv_caches = model.allocate_kv_cache(num_blocks, config.block_size,
+                                                 **config.kv_cache_kwargs())
         # Decode-only steps replay CUDA graphs (captured here, after the KV cache exists);
         # cuda_graphs=True on CPU runs the same padded path eagerly (for tests).
         use_graphs = (self.device.type == "cuda" if config.cuda_graphs is None

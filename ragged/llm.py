@@ -62,11 +62,14 @@ class LLM:
                  max_model_len: int | None = None, policy: str = "continuous",
                  enable_prefix_caching: bool = True, backend=None, seed: int = 0, speculative=None,
                  queue_order: str = "fcfs", cuda_graphs: bool | None = None,
-                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1):
+                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1,
+                 kv_cache_dtype: str = "auto", kv_scales=None):
         """model: a HF directory, a preset name, a ModelConfig, or an already loaded model.
         dtype: torch dtype or name; None = the checkpoint's dtype (float32 for presets without
         one). device: None = "cuda" when available, else "cpu". tensor_parallel_size N > 1:
-        the model is sharded over N processes (ragged/distributed.py; docs/tensor_parallel.md)."""
+        the model is sharded over N processes (ragged/distributed.py; docs/tensor_parallel.md).
+        kv_cache_dtype: "auto" or "fp8_e4m3" (kv_scales: None for per-slot scales, or
+        per-tensor (k_scale, v_scale))."""
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks,
                               gpu_memory_utilization=gpu_memory_utilization,
                               max_num_batched_tokens=max_num_batched_tokens,
@@ -74,7 +77,8 @@ class LLM:
                               policy=policy, queue_order=queue_order, speculative=speculative,
                               enable_prefix_caching=enable_prefix_caching, seed=seed,
                               cuda_graphs=cuda_graphs, async_scheduling=async_scheduling,
-                              tensor_parallel_size=tensor_parallel_size)
+                              tensor_parallel_size=tensor_parallel_size,
+                              kv_cache_dtype=kv_cache_dtype, kv_scales=kv_scales)
         if tensor_parallel_size > 1:
             from .distributed import launch
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,8 @@ def profile_num_blocks(model, config: EngineConfig, budget: int) -> int:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     nblk = -(-budget // bs)
-    kv = model.allocate_kv_cache(nblk, bs)
+    kv_fmt = config.kv_cache_kwargs()           # fp8: e4m3 pages + float32 scales
+    kv = model.allocate_kv_cache(nblk, bs, **kv_fmt)
     rows = min(budget, config.max_num_seqs)
     from kernels import AttentionMetadata
     i32 = dict(dtype=torch.int32, device=dev)
@@ -36,7 +37,8 @@ def profile_num_blocks(model, config: EngineConfig, budget: int) -> int:
         # A throwaway sampler: the engine's generator must not be advanced by profiling.
         Sampler(dev)(logits, [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows, [0] * rows)
     torch.cuda.synchronize(dev)
-    peak = torch.cuda.max_memory_allocated(dev) - sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+    kv_bytes = nblk * model.kv_cache_bytes_per_block(bs, **kv_fmt)
+    peak = torch.cuda.max_memory_allocated(dev) - kv_bytes
     del kv, logits
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(dev)
@@ -44,7 +46,7 @@ def profile_num_blocks(model, config: EngineConfig, budget: int) -> int:
     # reserved; torch's own share is the measured peak (weights + activations).
     other = total - free - torch.cuda.memory_reserved(dev)
     avail = config.gpu_memory_utilization * total - other - peak
-    num_blocks = int(avail // model.kv_cache_bytes_per_block(bs))
+    num_blocks = int(avail // model.kv_cache_bytes_per_block(bs, **kv_fmt))
     if num_blocks < 1:
         raise ValueError(f"gpu_memory_utilization: {config.gpu_memory_utilization} leaves no "
                          f"memory for the KV cache (peak use {peak / 2**30:.2f} GiB)")

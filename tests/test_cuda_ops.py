@@ -28,7 +28,8 @@ SCHEMAS = {
                        "int max_seqlen_q, int max_seqlen_k, int sliding_window, float softcap, "
                        "int num_kv_splits) -> ()",
     "write_kv": f"ragged::write_kv(Tensor key, Tensor value, {A} k_cache, Tensor(b!) v_cache, "
-                "Tensor slot_mapping) -> ()",
+                "Tensor slot_mapping, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, "
+                "float k_scale_f=1., float v_scale_f=1.) -> ()",
     "rms_norm": f"ragged::rms_norm({A} out, Tensor x, Tensor weight, float eps) -> ()",
     "fused_add_rms_norm": f"ragged::fused_add_rms_norm({A} out, Tensor(b!) residual_out, Tensor x, "
                           "Tensor residual, Tensor weight, float eps) -> ()",

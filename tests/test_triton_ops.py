@@ -288,6 +288,7 @@ def test_bench_kernels_cpu_quick(tmp_path):
         assert r["median_us"] > 0 and r["gbs"] > 0 and "pct_copy_bw" in r
     assert any(r["impl"] == "torch-sdpa" for r in timed)
     assert any(r["impl"] == "triton" and r["kind"] == "op" for r in timed)
+    assert any(r["kind"] == "decode-fp8" and r["impl"] == "torch" for r in timed)   # fp8 rows
 
 
 def test_bench_refuses_to_time_a_wrong_kernel():

@@ -81,6 +81,8 @@ _P, _I, _i, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGS = {"emu_paged_attention": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P]
          + [_i] * 9 + [_f, _f],
          "emu_write_kv": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _i, _i, _i, _i],
+         "emu_write_kv_fp8": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _i, _i, _i,
+                              _P, _P, _f, _f],
          "emu_rms_norm": [_i, _i, _P, _P, _P, _I, _P, _I, _P, _I, _i, _f, _i],
          "emu_rotary": [_i, _P, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I] + [_i] * 7,
          "emu_silu": [_i, _P, _P, _I, _I, _i, _i]}
@@ -121,6 +123,20 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, vectorized):
           v_cache.data_ptr(), slot_mapping.data_ptr(), slot_mapping.stride(0),
           k_cache.shape[0] * k_cache.shape[1], key.shape[0], key.shape[1], key.shape[2],
           int(vectorized))
+
+
+def write_kv_fp8(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    """fp8 caches (float8_e4m3fn); k_scale/v_scale: float32 [num_blocks, block_size, Hkv]
+    tensors (per slot) or floats (per tensor)."""
+    import torch
+    per_slot = isinstance(k_scale, torch.Tensor)
+    _call("emu_write_kv_fp8", _DT[str(key.dtype)], key.data_ptr(), key.stride(0),
+          key.stride(1), value.data_ptr(), value.stride(0), value.stride(1),
+          k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+          slot_mapping.stride(0), k_cache.shape[0] * k_cache.shape[1], key.shape[0],
+          key.shape[1], key.shape[2], k_scale.data_ptr() if per_slot else None,
+          v_scale.data_ptr() if per_slot else None, 1.0 if per_slot else float(k_scale),
+          1.0 if per_slot else float(v_scale))
 
 
 def rms_norm(x, weight, eps, residual, vectorized):

@@ -36,6 +36,20 @@ int emu_write_kv(int dtype, const void* k, int64_t kst, int64_t ksh, const void*
   return static_cast<int>(write_kv(p, nullptr));
 }
 
+int emu_write_kv_fp8(int dtype, const void* k, int64_t kst, int64_t ksh, const void* v,
+                     int64_t vst, int64_t vsh, void* kc, void* vc, const int64_t* slots,
+                     int64_t ss, int64_t nslots, int T, int H, int D, float* ks, float* vs,
+                     float ksf, float vsf) {
+  WriteKvParams p{};
+  p.dtype = static_cast<DType>(dtype);
+  p.key = k; p.key_stride_t = kst; p.key_stride_h = ksh;
+  p.value = v; p.value_stride_t = vst; p.value_stride_h = vsh;
+  p.k_cache = kc; p.v_cache = vc; p.slot_mapping = slots; p.slot_stride = ss;
+  p.num_slots = nslots; p.num_tokens = T; p.num_heads = H; p.head_dim = D;
+  p.fp8 = true; p.k_scale = ks; p.v_scale = vs; p.k_scale_f = ksf; p.v_scale_f = vsf;
+  return static_cast<int>(write_kv(p, nullptr));
+}
+
 int emu_rms_norm(int dtype, int wf32, void* out, void* rout, const void* x, int64_t xs,
                  const void* r, int64_t rs, const void* w, int64_t rows, int H, float eps,
                  int vec) {
