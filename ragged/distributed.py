@@ -29,6 +29,7 @@ connection closes. The control group's timeout is long on purpose: an idle engin
 from __future__ import annotations
 
 import os
+import struct
 import socket
 import time
 import traceback
@@ -106,6 +107,29 @@ def _recv_batch(hdr, device, tp: TPGroup):
     return buf[:T], buf[T:2 * T], attn, buf[3 * T:o]
 
 
+def _pack_kv_format(kv_cache_dtype: str, kv_scales) -> tuple[int, int, int]:
+    """ALLOC_KV header ints for the cache format: dtype index, then the per-tensor scales'
+    float64 bits (-1: per-slot scales)."""
+    from .config import KV_CACHE_DTYPES
+    bits = [-1, -1] if kv_scales is None else [
+        struct.unpack("<q", struct.pack("<d", float(s)))[0] for s in kv_scales]
+    return KV_CACHE_DTYPES.index(kv_cache_dtype), *bits
+
+
+def _unpack_kv_format(ints) -> tuple:
+    from .config import KV_CACHE_DTYPES
+    idx, kb, vb = (int(v) for v in ints)
+    scales = None if kb == -1 else tuple(struct.unpack("<d", struct.pack("<q", b))[0]
+                                         for b in (kb, vb))
+    return KV_CACHE_DTYPES[idx], scales
+
+
+def _kv_format_kwargs(kv_cache_dtype: str, kv_scales) -> dict:
+    # "auto" calls the model exactly as before fp8 existed
+    return {} if kv_cache_dtype == "auto" else dict(kv_cache_dtype=kv_cache_dtype,
+                                                    kv_scales=kv_scales)
+
+
 def run_worker(spec: TPSpec, rank: int, local_rank: int) -> None:
     """Rank > 0: build the shard, then mirror rank 0's calls until STOP."""
     if spec.threads:
@@ -125,7 +149,8 @@ def run_worker(spec: TPSpec, rank: int, local_rank: int) -> None:
                     m.forward(ids, pos, attn, kv, logits_idx)
                 elif op == ALLOC_KV:
                     kv = graphs = None
-                    kv = m.allocate_kv_cache(int(hdr[1]), int(hdr[2]))
+                    kv = m.allocate_kv_cache(int(hdr[1]), int(hdr[2]),
+                                             **_kv_format_kwargs(*_unpack_kv_format(hdr[3:6])))
                 elif op == CAPTURE:
                     graphs = TPDecodeGraphs(None, m, kv, max_num_seqs=int(hdr[1]),
                                             width=int(hdr[2]), max_model_len=int(hdr[3]),
@@ -334,12 +359,14 @@ class TPModel:
         self._finalizer()
 
     # ------------------------------------------------------------------ the model interface
-    def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        return self.local.kv_cache_bytes_per_block(block_size)     # per rank: its heads
+    def kv_cache_bytes_per_block(self, block_size: int, **kv_fmt) -> int:
+        return self.local.kv_cache_bytes_per_block(block_size, **kv_fmt)   # per rank: its heads
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int):
-        self._send(ALLOC_KV, num_blocks, block_size)
-        kv = self.local.allocate_kv_cache(num_blocks, block_size)
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto",
+                          kv_scales=None):
+        self._send(ALLOC_KV, num_blocks, block_size, *_pack_kv_format(kv_cache_dtype, kv_scales))
+        kv = self.local.allocate_kv_cache(num_blocks, block_size,
+                                          **_kv_format_kwargs(kv_cache_dtype, kv_scales))
         self.tp.take_comm()        # engine start-up (profiling) is not the first step's traffic
         return kv
 

@@ -376,3 +376,30 @@ def test_gpu_kv_cache_profiled_per_rank(model_dirs):
         assert llm.engine.kv_caches[0][0].shape[2] == 1
     print("blocks", n1, n2)
     assert 1.8 * n1 <= n2 <= 2.2 * n1
+
+
+def test_kv_format_header_round_trip():
+    from ragged.distributed import _pack_kv_format, _unpack_kv_format
+    for fmt in (("auto", None), ("fp8_e4m3", None), ("fp8_e4m3", (0.0123, 3.5))):
+        ints = _pack_kv_format(*fmt)
+        assert all(isinstance(i, int) for i in ints)
+        assert _unpack_kv_format(torch.tensor(ints)) == fmt
+
+
+@pytest.mark.parametrize("kv_scales", [None, (0.05, 0.04)])
+def test_tp2_fp8_kv_cache_equals_tp1(model_dirs, kv_scales):
+    """Every rank allocates the same fp8 format (per-slot, or the per-tensor scales sent in
+    the ALLOC_KV header) and the sharded run gives the single-process fp8 tokens."""
+    path = model_dirs["mistral"]
+    ps = prompts(seed=1)
+    fp8 = dict(kv_cache_dtype="fp8_e4m3", kv_scales=kv_scales)
+    want = [o.token_ids for o in LLM(path, **CONFIG, **fp8).generate(ps, GREEDY, use_tqdm=False)]
+    with LLM(path, tensor_parallel_size=2, **CONFIG, **fp8) as llm:
+        got = [o.token_ids for o in llm.generate(ps, GREEDY, use_tqdm=False)]
+        cache = llm.engine.kv_caches[0]
+        assert cache[0].dtype == torch.float8_e4m3fn
+        if kv_scales is None:         # per-slot scales of this rank's KV heads only
+            assert cache.k_scale.shape == cache[0].shape[:3]
+        else:
+            assert (cache.k_scale, cache.v_scale) == kv_scales
+    assert got == want
