@@ -110,17 +110,21 @@ def extract_libtriton(wheel: Path, dest: Path) -> Path:
     return dest / "triton" / "_C" / "libtriton.so"
 
 
-def python_files_differ(wheel: Path) -> list[str]:
-    """Files triton_key hashes whose wheel copy differs from the installed one (must be [])."""
+def key_files_differ(wheel: Path) -> list[str]:
+    """Files in the key besides libtriton whose wheel copy differs from the installed one
+    (must be []): the Python files triton_key hashes, the bundled ptxas (backend hash: its
+    --version) and libdevice (options hash: its contents; the path in the json is not hashed)."""
+    files = [TRITON_DIR / "runtime" / "cache.py", TRITON_DIR / "backends/nvidia/bin/ptxas",
+             TRITON_DIR / "backends/nvidia/lib/libdevice.10.bc"]
+    for sub in ("compiler", "backends", "language"):
+        files += sorted((TRITON_DIR / sub).rglob("*.py"))
     bad = []
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-        for sub in ("compiler", "backends", "language", "runtime/cache.py"):
-            for p in ([TRITON_DIR / sub] if sub.endswith(".py") else
-                      sorted((TRITON_DIR / sub).rglob("*.py"))):
-                rel = "triton/" + str(p.relative_to(TRITON_DIR))
-                if rel not in names or z.read(rel) != p.read_bytes():
-                    bad.append(rel)
+        for p in files:
+            rel = "triton/" + str(p.relative_to(TRITON_DIR))
+            if rel not in names or z.read(rel) != p.read_bytes():
+                bad.append(rel)
     return bad
 
 
@@ -181,7 +185,7 @@ def warmup_mode():
     kernels._triton_usable = lambda device: True       # CPU tensors into the Triton backend
     ta._arch = lambda device: TARGET.arch
     ta._sm_count = lambda device: GPU_SMS
-    ta._device_name = lambda device: GPU_NAME
+    ta._device_name = lambda device: GPU_NAME         # read at entry: --gpu-name
     try:
         yield compiled
     finally:
@@ -366,6 +370,7 @@ def warm(fns, cache_dir: Path, libtriton: Path, log=print) -> int:
 
 
 def main(argv=None) -> int:
+    global GPU_NAME
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".triton_cache", help="copy of the cache to carry")
     ap.add_argument("--libtriton", type=Path, default=None,
@@ -373,6 +378,10 @@ def main(argv=None) -> int:
     ap.add_argument("--wheel-dir", type=Path,
                     default=Path(tempfile.gettempdir()) / "ragged-triton-wheel")
     ap.add_argument("--only", default="", help="substring filter on the launch group label")
+    ap.add_argument("--cache-dir", type=Path, default=CACHE_DIR,
+                    help="for checks only: the carried cache must be built at " + str(CACHE_DIR))
+    ap.add_argument("--gpu-name", default=GPU_NAME,
+                    help="the card's torch name: keys kernels/tuned_attention.json if present")
     ap.add_argument("--keep", action="store_true",
                     help="reuse CACHE_DIR as it is (report new entries = this run's misses)")
     a = ap.parse_args(argv)
@@ -380,25 +389,27 @@ def main(argv=None) -> int:
     lib = a.libtriton
     if lib is None:
         wheel = fetch_wheel(a.wheel_dir)
-        bad = python_files_differ(wheel)
+        bad = key_files_differ(wheel)
         if bad:
-            raise RuntimeError(f"the cp312 wheel's Python files differ from this install's: "
-                               f"{bad[:5]} (triton_key would still differ)")
+            raise RuntimeError(f"files in the cache key differ between the cp312 wheel and "
+                               f"this install: {bad[:5]}")
         lib = extract_libtriton(wheel, a.wheel_dir)
-        print(f"cp312 libtriton from {wheel.name} ({time.time() - t0:.0f}s); its Python files "
-              f"match this install's")
-    if CACHE_DIR.exists() and not a.keep:
-        shutil.rmtree(CACHE_DIR)
-    new = warm([x for x in LAUNCHES if a.only in x[0]], CACHE_DIR, lib.resolve(),
+        print(f"cp312 libtriton from {wheel.name} ({time.time() - t0:.0f}s); the other files "
+              f"in the key (Python, ptxas, libdevice) match this install's")
+    GPU_NAME = a.gpu_name
+    cache = a.cache_dir.resolve()
+    if cache.exists() and not a.keep:
+        shutil.rmtree(cache)
+    new = warm([x for x in LAUNCHES if a.only in x[0]], cache, lib.resolve(),
                log=lambda m: print(m, flush=True))
-    total = cache_entries(CACHE_DIR)
+    total = cache_entries(cache)
     out = Path(a.out)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(CACHE_DIR, out)
+    shutil.copytree(cache, out)
     size = dir_size(out)
     print(f"{new} new kernels compiled, {len(total)} cached, {size / 2**20:.1f} MiB in {out} "
-          f"(from {CACHE_DIR}), {time.time() - t0:.0f}s; carry it with carry=[\"{a.out}\"]")
+          f"(from {cache}), {time.time() - t0:.0f}s; carry it with carry=[\"{a.out}\"]")
     if size > 48 * 2**20:     # the device tool carries 64 MiB for the whole tree
         print("WARNING: over 48 MiB: the carry limit is 64 MiB for the whole tree")
     return 0
