@@ -309,6 +309,52 @@ def _opcheck():
         op(*args)
 
 
+@contextlib.contextmanager
+def _empty_linear():
+    """F.linear returns an uninitialised [.., out] tensor: the layout of the real result (the
+    kernels see the same shapes and strides), without the CPU GEMMs of full-size layers."""
+    import torch.nn.functional as F
+    linear = F.linear
+    F.linear = lambda x, w, b=None: torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype)
+    try:
+        yield
+    finally:
+        F.linear = linear
+
+
+def _model_hf_llama3():
+    # test_bf16_gpu_matches_hf[llama3]: the tiny HF llama3 model, our two ragged steps
+    from model.loader import load_model
+    from tests.hf_models import make_hf_model
+    from tests.test_model import SEQS, random_tokens, run_two_steps
+    with tempfile.TemporaryDirectory() as d:
+        path = make_hf_model("llama3", Path(d) / "llama3", tokenizer=False,
+                             tie_word_embeddings=False)
+        m = load_model(path, dtype=BF16, device="cpu", backend="triton")
+        run_two_steps(m, random_tokens(SEQS, m.config.vocab_size), SEQS, "cpu")
+
+
+def _model_llama3_8b_decode():
+    # test_preset_decode_step_gpu_no_host_sync[llama3-8b]: the full-size preset with 2 of its
+    # 32 layers (every layer launches the same kernels; the second one is the first whose
+    # input norm adds a residual), weights left empty, GEMMs skipped (_empty_linear)
+    import dataclasses
+    from model.config import ModelConfig
+    from model.llama import LlamaForCausalLM
+    from tests.test_model import BLOCK, block_tables, make_step, random_tokens
+    cfg = dataclasses.replace(ModelConfig.preset("llama3-8b"), num_hidden_layers=2)
+    m = LlamaForCausalLM(cfg, dtype=BF16, device="cpu", backend="triton").eval()
+    seqs = [(100, 101)] * 64 + [(0, 37)]
+    tokens = random_tokens(seqs, cfg.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    tables, nb = block_tables([n for _, n in seqs], gen)
+    kv = m.allocate_kv_cache(nb, BLOCK)
+    with torch.no_grad(), _empty_linear():
+        for chunks in ([(0, n) for _, n in seqs], seqs):      # fill the contexts, then decode
+            step = make_step(tokens, chunks, tables, nb, gen, "cpu")
+            m(*step, kv, (step[2].cu_seqlens_q[1:] - 1).long())
+
+
 # (label, what it mirrors in bench/first_light_triton.txt, the launches)
 LAUNCHES = [
     ("attn-mixed-batch", "test_gpu_llama3_8b_mixed_batch[16/64/256-dtype1]", _mixed_batch),
@@ -325,6 +371,9 @@ LAUNCHES = [
     ("rms-norm-silu", "test_rms_norm_gpu[shape0-True-dtype1], test_silu_and_mul_gpu[shape0-dtype1]",
      _rms_norm_silu),
     ("opcheck", "test_opcheck_gpu[dtype1] (each op once)", _opcheck),
+    ("model-hf-llama3", "test_bf16_gpu_matches_hf[llama3]", _model_hf_llama3),
+    ("model-llama3-8b", "test_preset_decode_step_gpu_no_host_sync[llama3-8b]",
+     _model_llama3_8b_decode),
 ]
 
 
