@@ -138,6 +138,11 @@ import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
     import triton; print("triton", triton.__version__)
+    # a carried cache (bench/triton_cache.py) misses if any of these differ from its build's
+    import os
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    print("triton cache-key env", get_cache_invalidating_env_vars(),
+          {k: v for k, v in os.environ.items() if k.startswith("TRITON_")})
 except Exception as e:
     print("triton: not importable:", e)
 if torch.cuda.is_available():
