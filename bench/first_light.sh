@@ -239,7 +239,7 @@ fi
 # ------------------------------------------------------------------------------- first
 before=$(count_cache)
 smoke triton-smoke bench/first_light_triton.txt 100
-note "    triton cache: $(( $(count_cache) - before )) kernels compiled in triton-smoke in $cache_dir"
+note "    triton cache: $(( $(count_cache) - before )) kernels compiled in triton-smoke ($cache_dir)"
 [ -d .triton_cache ] && [ $dry = 0 ] && note "    triton cache: carried kernels hit: $(carried_read)"
 wait_build
 smoke cuda-smoke bench/first_light_cuda.txt 80

@@ -408,7 +408,8 @@ def warm(fns, cache_dir: Path, libtriton: Path, log=print) -> int:
             f"{get_cache_invalidating_env_vars()}")
         before = cache_entries(cache_dir)
         with patched_triton_key(libtriton) as key, warmup_mode() as compiled:
-            log(f"triton_key from {libtriton} (sha256 {hashlib.sha256(key.encode()).hexdigest()[:12]})")
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            log(f"triton_key from {libtriton} (sha256 {digest})")
             for label, note, fn in fns:
                 t0, n0 = time.time(), len(cache_entries(cache_dir))
                 fn()
