@@ -2,7 +2,8 @@
 
     python -m bench.triton_cache [--out .triton_cache] [--libtriton PATH] [--only SUBSTR]
     # then carry it: run(..., carry=[".triton_cache"]); bench/first_light.sh copies it to
-    # /tmp/ragged-triton-cache and prints the number of JIT misses after the Triton stage.
+    # /tmp/ragged-triton-cache and, after the Triton stage, prints how many carried kernels
+    # were hit and how many kernels were compiled anyway.
 
 A carried entry hits on the GPU only if the GPU run computes the same file-cache key
 (triton/runtime/cache.py get_cache_key: triton_key(), the kernel's source/signature/constexprs/
@@ -11,9 +12,9 @@ attrs, the backend's ptxas version + arch, the options, cache-invalidating env v
   launch) with a fake active CUDA driver reporting sm_90: a triton.compile(ASTSource) cache
   misses (its attrs differ from the JIT binder's);
 * triton_key() hashes the GPU machine's libtriton.so: it runs Python 3.12, whose cp312 wheel's
-  libtriton.so differs from this machine's cp311 one (the Python files hashed are the same; the
-  build checks that when the wheel is at hand);
-* TRITON_STORE_BINARY_ONLY=1 (cubin + json only) and the same absolute cache path on both
+  libtriton.so differs from this machine's cp311 one (the other files in the key -- Python,
+  bundled ptxas, libdevice -- are the same: the build checks that against the wheel);
+* TRITON_STORE_BINARY_ONLY=1 (cubin, json, source: no IRs) and the same absolute cache path on both
   machines (CACHE_DIR: the group json files store absolute paths).
 * The launches are the project's own launchers called with CPU tensors of the smoke tests'
   shapes (LAUNCHES), with the attention planner told it runs on an H100/H200 (sm_90, 132 SMs):
