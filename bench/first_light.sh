@@ -30,7 +30,7 @@
 # Environment: FIRST_LIGHT_BUDGET_S (default 465; --rest 180), MIN_STAGE_S (default 20).
 # Optional carried Triton cache (skips the smoke kernels' JIT compiles; bench/NOTES.md,
 # "Carried Triton cache"): build it on the CPU machine with `python -m bench.triton_cache`
-# (~7 min on 2 shared cores, ~5 MiB, into .triton_cache/, git-ignored) and carry it with the
+# (4-7 min on 2 shared cores, ~6 MiB, into .triton_cache/, git-ignored) and carry it with the
 # device tool's carry=[".triton_cache"]; the probe copies it to /tmp/ragged-triton-cache and
 # the summary's "triton cache:" lines after triton-smoke give the kernels compiled anyway and
 # how many carried kernels were hit (their group file read since the copy). The carry covers
