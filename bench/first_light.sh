@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
     --rest) mode=rest; shift ;;
     --extra) mode=extra; shift ;;
     --failed) failed=${2:?--failed needs a file}; shift 2 ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     -*) echo "first_light: unknown option $1" >&2; exit 2 ;;
     *) out=$1; shift ;;
   esac
