@@ -28,6 +28,14 @@
 # OUTDIR/summary.txt appended, so OUTDIR never holds more than 3 files (results.tgz,
 # summary.txt, failed.txt): the device tool returns at most 8.
 # Environment: FIRST_LIGHT_BUDGET_S (default 465; --rest 180), MIN_STAGE_S (default 20).
+# Optional carried Triton cache (skips the smoke kernels' JIT compiles; bench/NOTES.md,
+# "Carried Triton cache"): build it on the CPU machine with `python -m bench.triton_cache`
+# (4-7 min on 2 shared cores, ~6 MiB, into .triton_cache/, git-ignored) and carry it with the
+# device tool's carry=[".triton_cache"]; the probe copies it to /tmp/ragged-triton-cache and
+# the summary's "triton cache:" lines after triton-smoke give the kernels compiled anyway and
+# how many carried kernels were hit (their group file read since the copy). The carry covers
+# 18 of the smoke set's 20 tests, not its 2 engine tests (they compile as before).
+# Any kernel edit after the build makes its entries miss (harmless: compiled as without one).
 set -uo pipefail
 
 dry=0 mode=first failed="" out=""
@@ -37,7 +45,7 @@ while [ $# -gt 0 ]; do
     --rest) mode=rest; shift ;;
     --extra) mode=extra; shift ;;
     --failed) failed=${2:?--failed needs a file}; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     -*) echo "first_light: unknown option $1" >&2; exit 2 ;;
     *) out=$1; shift ;;
   esac
@@ -130,6 +138,11 @@ import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
     import triton; print("triton", triton.__version__)
+    # a carried cache (bench/triton_cache.py) misses if any of these differ from its build's
+    import os
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    print("triton cache-key env", get_cache_invalidating_env_vars(),
+          {k: v for k, v in os.environ.items() if k.startswith("TRITON_")})
 except Exception as e:
     print("triton: not importable:", e)
 if torch.cuda.is_available():
@@ -143,16 +156,28 @@ EOF
 } > "$work/logs/probe.log" 2>&1
 note "    $(grep -E '^device' "$work/logs/probe.log" | head -n 1)"
 
-# Triton cache carried from CPU (bench/triton_cache.py); entries added by the Triton stage
-# are misses.
+# Triton cache carried from CPU (bench/triton_cache.py); kernels added by the Triton stage
+# are misses (one __grp__*.json group file per compiled kernel).
 cache_dir=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 if [ -d .triton_cache ] && [ $dry = 0 ]; then
   cache_dir=/tmp/ragged-triton-cache       # the absolute path the cache was built under
   mkdir -p "$cache_dir" && cp -r .triton_cache/. "$cache_dir/"
   export TRITON_CACHE_DIR=$cache_dir
-  note "    triton cache: carried, $(find "$cache_dir" -type f | wc -l) files"
+  note "    triton cache: carried, $(find "$cache_dir" -name '__grp__*.json' | wc -l) kernels"
 fi
-count_cache() { find "$cache_dir" -name '*.json' 2>/dev/null | wc -l; }
+count_cache() { find "$cache_dir" -name '__grp__*.json' 2>/dev/null | wc -l; }
+carried_read() {   # carried kernels Triton looked up since the copy: group file atime > mtime
+  case ,$(findmnt -no OPTIONS -T "$cache_dir" 2>/dev/null), in
+    *,noatime,*) echo "unknown (noatime mount)"; return ;;
+  esac
+  "$py" - "$cache_dir" <<'EOF' 2>&1
+import os, pathlib, sys
+src, dst = pathlib.Path(".triton_cache"), pathlib.Path(sys.argv[1])
+grp = [dst / p.relative_to(src) for p in src.glob("*/__grp__*.json")]
+read = sum(os.stat(p).st_atime_ns > os.stat(p).st_mtime_ns for p in grp)
+print(f"{read} of {len(grp)} (atime)")
+EOF
+}
 
 build_pid=""
 if [ $dry = 0 ]; then
@@ -214,7 +239,8 @@ fi
 # ------------------------------------------------------------------------------- first
 before=$(count_cache)
 smoke triton-smoke bench/first_light_triton.txt 100
-note "    triton cache: $(( $(count_cache) - before )) new entries (= JIT misses) in $cache_dir"
+note "    triton cache: $(( $(count_cache) - before )) kernels compiled in triton-smoke ($cache_dir)"
+[ -d .triton_cache ] && [ $dry = 0 ] && note "    triton cache: carried kernels hit: $(carried_read)"
 wait_build
 smoke cuda-smoke bench/first_light_cuda.txt 80
 
