@@ -229,6 +229,9 @@ if [ "$mode" = extra ]; then
       --policies continuous --no-plots --out "$work/json"
     stage host 40 "$py" -m bench.host_overhead --device cuda --graphs --max-model-len 8192 --out-dir "$work/json"
     stage kernels-flex 120 "$py" -m bench.kernels --device cuda --skip ops --out "$work/json"
+    stage e2e-fp8 100 "$py" -m bench.e2e --device cuda --kv-cache-dtype fp8_e4m3 --systems ragged \
+      --policies continuous --no-plots --out "$work/json"
+    stage fp8-accuracy 60 "$py" -m bench.fp8_accuracy --device cuda --dtype bfloat16 --out "$work/json"
   fi
   note "done in $(( SECONDS - t_start ))s"
   pack
