@@ -265,6 +265,41 @@ def test_emulated_paged_attention_grid_limit(emu):
                             torch.tensor([1], dtype=torch.int32), scale=0.125, max_seqlen_q=1)
 
 
+# ---- the emulator's own model of the GPU (csrc/emu/emu.h), checked on tiny kernels in shim.cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_mma_fragment_layouts(emu, dtype):
+    # ldmatrix .x4/.x4.trans/.x2/.x2.trans feeding mma.sync.m16n8k16 must compute A B + C: a
+    # wrong lane -> (row, col) map in any fragment permutes elements and fails by O(1).
+    g = torch.Generator().manual_seed(0)
+    A, B = (torch.randn(16, 16, generator=g).to(dtype), torch.randn(16, 8, generator=g).to(dtype))
+    C = torch.randn(16, 8, generator=g)
+    want = A.double() @ B.double() + C.double()
+    for mode, a, b in ((0, A, B), (1, A, B.t()), (2, A.t(), B)):
+        d = emu.mma_test(a, b, C, mode)
+        err = (d.double() - want).abs().max().item()
+        print(f"mma mode {mode}: max err {err:.2e}")
+        assert err <= 4 * 2.0 ** -23 * want.abs().max().item() * 16, f"mode {mode}"
+
+
+def test_emulated_shuffle_masks(emu):
+    assert emu.shfl_test(0).tolist() == [float(lane ^ 1) for lane in range(32)]
+    half = emu.shfl_test(2)                              # lanes 0-15, mask 0xffff: fine
+    assert half[:16].tolist() == [float(lane ^ 1) for lane in range(16)]
+    with pytest.raises(RuntimeError, match="partial warp"):
+        emu.shfl_test(1)                                 # full mask, lane 5 has exited
+    with pytest.raises(RuntimeError, match="source lane not in the mask"):
+        emu.shfl_test(3)                                 # xor 16 from a half-warp mask
+
+
+def test_emulated_cp_async_groups(emu):
+    nan = float("nan")
+    got = emu.cp_async_test()
+    want = torch.tensor([[1, nan, nan, nan],             # wait_group 2: oldest group only
+                         [1, 2, nan, nan],               # wait_group 1
+                         [1, 2, 3, nan]])                # 0: all committed; not the open copy
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vectorized", [True, False])
 def test_emulated_selective_ops(emu, dtype, vectorized):
