@@ -87,10 +87,60 @@ struct AttnCfg {
   }
 };
 
+// The lean decode-class tile (head dims 64/128/256 in 16-bit types, 64/128 in fp32; any
+// rows <= kRows): K/V tiles of 16 KB, kStages deep; thread (grp, c) owns 16-byte chunk c of D
+// (NC lanes per group, one warp or part of one) and, within a tile, 4 keys per sub-tile. Groups
+// are split into NRG row groups of 4 rows (only the groups that exist: 1 for G <= 4) times
+// NG / NRG key groups. Each group keeps its own online-softmax state for its keys (no block
+// barrier per tile beyond the pipeline's one); the groups merge once, after the last tile.
+constexpr int kStages = 3;     // cp.async tiles in flight: 2 while one is computed
+constexpr int kTileBytes = 16 * 1024;  // K + V bytes per tile
+constexpr float kLog2e = 1.4426950408889634f;
+
 template <typename T, int DM, bool EXACT>
-__global__ void __launch_bounds__(kThreads)
+struct LeanCfg {
+  static constexpr int VEC = 16 / sizeof(T);
+  static constexpr int NC = DM / VEC;                    // lanes per group
+  static constexpr bool OK = EXACT && DM % VEC == 0 && (NC == 8 || NC == 16 || NC == 32);
+  static constexpr int NG = kThreads / NC;               // groups
+  static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));  // keys/tile
+  static_assert(!OK || NK == 4 * NG, "4 keys per group per sub-tile");
+  static constexpr int LOADS = NK * NC / kThreads;      // 16-byte K (and V) copies per thread
+  static constexpr int NEND = 16 / NC > 1 ? 16 / NC : 1; // scores per lane after the reduce
+  // Layout: K/V [kStages][K, V][NK][DM] | per-group scores [NG][16] fp32; after the loop the
+  // stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32 for the merge.
+  static constexpr size_t SMEM = static_cast<size_t>(kStages) * kTileBytes + NG * 16 * 4;
+  static_assert(NG * 4 * (DM + 2) * 4 <= kStages * kTileBytes, "merge area fits the stages");
+};
+
+// Sum N per-lane partials over the L lanes of a group while spreading the results: at the
+// end lane l holds NEND = max(N / L, 1) sums, value index j + NEND * ((l % L) >> log2(L / N))
+// (L > N: pairs of lanes hold the same sum). N - 1 shuffles for N <= L, not N log2 L.
+template <int N, int W>
+__device__ __forceinline__ void transpose_reduce(float* v, int lane) {
+  if constexpr (W >= 1) {
+    if constexpr (N > 1) {
+      constexpr int H = N / 2;
+      const bool up = lane & W;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const float send = up ? v[i] : v[i + H];
+        const float keep = up ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, W);
+      }
+      transpose_reduce<H, W / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], W);
+      transpose_reduce<1, W / 2>(v, lane);
+    }
+  }
+}
+
+template <typename T, int DM, bool EXACT>
+__global__ void __launch_bounds__(kThreads, 4)  // 4 CTAs/SM: <= 128 registers
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
+  using LC = LeanCfg<T, DM, EXACT>;
   constexpr int VEC = C::VEC, NCM = C::NCM, NK = C::NK, MAXR = C::MAXR;
   const int D = EXACT ? DM : p.head_dim;  // a constant in the exact instantiations
   const int NC = D / VEC, KROW = D + VEC, RG = kThreads / NC;
@@ -141,6 +191,214 @@ paged_attention_kernel(const PagedAttentionParams p) {
   const int64_t split_hi = static_cast<int64_t>(split_lo) + plan.chunk;  // may pass INT_MAX
   if (split_hi < hi) hi = static_cast<int>(split_hi);
   const int ntiles = hi > lo ? (hi - lo + NK - 1) / NK : 0;
+
+  if constexpr (LC::OK) {
+    constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
+    const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
+    T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][DM]
+    float* sc = reinterpret_cast<float*>(st + kStages * 2 * LNK * DM);  // [NG][16]
+    const int grp = tid / LNC, c = tid % LNC, glane = tid % LNC;
+    const int nrg = nrows <= 4 ? 1 : nrows <= 8 ? 2 : 4;  // row groups that exist
+    const int rg = grp % nrg, kg = grp / nrg, nkg = NG / nrg;
+    const bool has_cap = p.softcap > 0.f;
+    // Q rows rg*4 + i of chunk c in registers, pre-scaled (by log2 e too: exp2 below).
+    const float qscale = has_cap ? p.scale : p.scale * kLog2e;
+    const T* q = static_cast<const T*>(p.q);
+    float qr[4][LVEC];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = rg * 4 + i;
+      if (r < nrows) {
+        const int rr = row0 + r;
+        load_f<T, LVEC>(q + (q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h +
+                            c * LVEC, qr[i]);
+#pragma unroll
+        for (int e = 0; e < LVEC; ++e) qr[i][e] *= qscale;
+      } else {
+#pragma unroll
+        for (int e = 0; e < LVEC; ++e) qr[i][e] = 0.f;
+      }
+    }
+    // The (row, key) of this lane's reduced scores are fixed: value index i * 4 + kk.
+    constexpr int SH = LNC > 16 ? 1 : 0;  // lanes per sum after the reduce (2 when NC = 32)
+    int my_kk[NEND], my_qpos[NEND];
+    bool my_row[NEND];
+#pragma unroll
+    for (int j = 0; j < NEND; ++j) {
+      const int idx = j + NEND * (glane >> SH);
+      const int r = rg * 4 + idx / 4;
+      my_kk[j] = idx % 4;
+      my_row[j] = r < nrows;
+      my_qpos[j] = ctx + (row0 + min(r, nrows - 1)) / G;
+    }
+    const int shift = p.block_shift, bs = p.block_size;
+    const T* kc = static_cast<const T*>(p.k_cache);
+    const T* vc = static_cast<const T*>(p.v_cache);
+    const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
+    const int64_t blk_stride = tok_stride * bs;
+    const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
+    const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * LVEC;
+    // Keys grp + j NG of a tile, chunk c: one page offset per key, shared by K and V; the
+    // block index by a shift when the block size is a power of two (a division otherwise).
+    auto load = [&](int tile, int stage) {
+      const int key0 = lo + tile * LNK;
+      T* ks = st + stage * 2 * LNK * DM;
+#pragma unroll
+      for (int j = 0; j < LC::LOADS; ++j) {
+        const int k = grp + j * NG, key = key0 + k;
+        const bool valid = key < hi;
+        int64_t off = 0;
+        if (valid) {
+          const int bi = shift >= 0 ? key >> shift : key / bs;
+          off = static_cast<int64_t>(bt[bi]) * blk_stride +
+                static_cast<int64_t>(key - bi * bs) * tok_stride;
+        }
+        cp_async16(ks + k * DM + c * LVEC, kc + off + head_c, valid);
+        cp_async16(ks + (LNK + k) * DM + c * LVEC, vc + off + head_c, valid);
+      }
+    };
+    float acc[4][LVEC], m[4], l[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      m[i] = -INFINITY;
+      l[i] = 0.f;
+#pragma unroll
+      for (int e = 0; e < LVEC; ++e) acc[i][e] = 0.f;
+    }
+    float* gs = sc + grp * 16;
+#pragma unroll
+    for (int s0 = 0; s0 < kStages - 1; ++s0) {
+      if (s0 < nt) load(s0, s0);
+      cp_async_commit();
+    }
+    int stage = 0;
+    for (int it = 0; it < nt; ++it) {
+      cp_async_wait<kStages - 2>();  // tile `it` landed (this thread's copies) ...
+      __syncthreads();               // ... everyone's; and stage it-1 is no longer read
+      {
+        const int nxt = it + kStages - 1;
+        int ns = stage + kStages - 1;
+        if (ns >= kStages) ns -= kStages;
+        if (nxt < nt) load(nxt, ns);
+        cp_async_commit();
+      }
+      const T* Ks = st + stage * 2 * LNK * DM;
+      const T* Vs = Ks + LNK * DM;
+      const int key0 = lo + it * LNK;
+      for (int sub = 0; sub < nrg; ++sub) {
+        const int kb = (sub * nkg + kg) * 4;  // first key of this group's sub-tile
+        float sv[16];                          // [row i][key kk] partial dots of chunk c
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          float kf[LVEC];
+          load_f<T, LVEC>(Ks + (kb + kk) * DM + c * LVEC, kf);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            float d = 0.f;
+#pragma unroll
+            for (int e = 0; e < LVEC; ++e) d = fmaf(qr[i][e], kf[e], d);
+            sv[i * 4 + kk] = d;
+          }
+        }
+        transpose_reduce<16, LNC / 2>(sv, glane);
+        __syncwarp();  // the previous sub-tile's scores are read by every lane of the group
+#pragma unroll
+        for (int j = 0; j < NEND; ++j) {
+          const int key = key0 + kb + my_kk[j];
+          const int qpos = my_qpos[j];
+          float s = sv[j];
+          if (has_cap) s = p.softcap * tanhf(s * inv_cap) * kLog2e;
+          const bool ok = my_row[j] && key < hi && key <= qpos &&
+                          (window <= 0 || key > qpos - window);
+          if (SH == 0 || (glane & 1) == 0) gs[j + NEND * (glane >> SH)] = ok ? s : -INFINITY;
+        }
+        __syncwarp();
+        float pr[16];
+#pragma unroll
+        for (int i = 0; i < 16; i += 4) {
+          const float4 v4 = *reinterpret_cast<const float4*>(gs + i);
+          pr[i] = v4.x; pr[i + 1] = v4.y; pr[i + 2] = v4.z; pr[i + 3] = v4.w;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float mx = fmaxf(fmaxf(pr[i * 4], pr[i * 4 + 1]), fmaxf(pr[i * 4 + 2], pr[i * 4 + 3]));
+          const float m_new = fmaxf(m[i], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+          const float alpha = exp2f(m[i] - m_use);
+          float sum = 0.f;
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            pr[i * 4 + kk] = exp2f(pr[i * 4 + kk] - m_use);
+            sum += pr[i * 4 + kk];
+          }
+          l[i] = l[i] * alpha + sum;
+          m[i] = m_new;
+#pragma unroll
+          for (int e = 0; e < LVEC; ++e) acc[i][e] *= alpha;
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          float vf[LVEC];
+          load_f<T, LVEC>(Vs + (kb + kk) * DM + c * LVEC, vf);
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < LVEC; ++e) acc[i][e] = fmaf(pr[i * 4 + kk], vf[e], acc[i][e]);
+        }
+      }
+      if (++stage == kStages) stage = 0;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stage area becomes the merge area
+    float* mb = reinterpret_cast<float*>(smem_raw);  // [NG][4] max, then [NG][4] sum
+    float* lb = mb + NG * 4;
+    float* ob = lb + NG * 4;                          // [NG][4][DM]
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (c == 0) {
+        mb[grp * 4 + i] = m[i];
+        lb[grp * 4 + i] = l[i];
+      }
+#pragma unroll
+      for (int e = 0; e < LVEC; e += 4)
+        *reinterpret_cast<float4*>(ob + (grp * 4 + i) * DM + c * LVEC + e) =
+            make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
+    }
+    __syncthreads();
+    for (int item = tid; item < nrows * LNC; item += kThreads) {
+      const int r = item / LNC, cc = item % LNC, rgi = r / 4, i = r % 4;
+      float mx = -INFINITY;
+      for (int k2 = 0; k2 < nkg; ++k2) mx = fmaxf(mx, mb[(k2 * nrg + rgi) * 4 + i]);
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      float lsum = 0.f, o[LVEC];
+#pragma unroll
+      for (int e = 0; e < LVEC; ++e) o[e] = 0.f;
+      for (int k2 = 0; k2 < nkg; ++k2) {
+        const int g2 = (k2 * nrg + rgi) * 4 + i;
+        const float w = exp2f(mb[g2] - m_use);
+        lsum = fmaf(w, lb[g2], lsum);
+#pragma unroll
+        for (int e = 0; e < LVEC; ++e) o[e] = fmaf(w, ob[g2 * DM + cc * LVEC + e], o[e]);
+      }
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;  // a row that sees no key gives zeros
+#pragma unroll
+      for (int e = 0; e < LVEC; ++e) o[e] *= inv;
+      const int rr = row0 + r;
+      const int64_t t = q_start + rr / G;
+      const int qh = kvh * G + rr % G;
+      if (plan.n == 1) {
+        store_f<T, LVEC>(static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h +
+                             cc * LVEC, o);
+      } else {
+        const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * p.num_q_heads + qh;
+        float* po = p.partial_out + row * DM + cc * LVEC;
+#pragma unroll
+        for (int e = 0; e < LVEC; e += 4)
+          *reinterpret_cast<float4*>(po + e) = make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
+        if (cc == 0) p.partial_lse[row] = lsum > 0.f ? (mx + log2f(lsum)) / kLog2e : -INFINITY;
+      }
+    }
+  } else {
 
   // Q rows -> fp32 smem, scaled once here rather than per score.
   const T* q = static_cast<const T*>(p.q);
@@ -315,17 +573,23 @@ paged_attention_kernel(const PagedAttentionParams p) {
       if (pv_c == 0) p.partial_lse[row] = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
     }
   }
+  }  // generic tile
 }
 
 // Combine the splits of every (token, query head) of sequences that used more than one.
-// Grid (T): one CTA per token, whose sequence is found by binary search over cu_seqlens_q
-// (a (max_seqlen_q, B) grid would be mostly empty CTAs in a mixed batch); one warp per query
-// head, lanes over D in float4s.
+// Grid (T, ceil(Hq / kWarps)): one warp per (token, query head), so a batch-1 decode merges
+// its Hq heads on Hq warps (32 for Llama-3), not on the 4 warps of one CTA. Lanes first span
+// the splits (log-sum-exp by a warp reduction: split s on lane s % 32), then D in float4s with
+// each split's weight broadcast by a shuffle. The token's sequence is found by binary search
+// over cu_seqlens_q (a (max_seqlen_q, B) grid would be mostly empty CTAs in a mixed batch).
+constexpr int kMaxSplits = 128;               // = cuda_ops.MAX_KV_SPLITS
+constexpr int kSplitsPerLane = kMaxSplits / 32;
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAttentionParams p) {
   const int64_t t = blockIdx.x;
+  const int qh = blockIdx.y * kWarps + (threadIdx.x >> 5);
   const int32_t* cu = p.cu_seqlens_q;
-  if (t < cu[0] || t >= cu[p.num_seqs]) return;  // a row of no sequence
+  if (t < cu[0] || t >= cu[p.num_seqs] || qh >= p.num_q_heads) return;  // whole warps
   int lo = 0, hi = p.num_seqs - 1;                // the last b with cu[b] <= t
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -336,38 +600,53 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   const int q_len = cu[b + 1] - cu[b];
   const SplitPlan plan = plan_splits(p.seq_lens[b], q_len, p.sliding_window, p.num_kv_splits);
   if (plan.n <= 1) return;  // written directly by the attention kernel
-  const int D = p.head_dim;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int D = p.head_dim, lane = threadIdx.x & 31;
   const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
-  for (int qh = warp; qh < p.num_q_heads; qh += kWarps) {
-    const int64_t row = t * p.num_q_heads + qh;
-    float mx = -INFINITY;
-    for (int s = 0; s < plan.n; ++s) mx = fmaxf(mx, p.partial_lse[s * split_stride + row]);
-    float wsum = 0.f;
-    if (mx != -INFINITY)
-      for (int s = 0; s < plan.n; ++s) {
-        const float l = p.partial_lse[s * split_stride + row];
-        if (l != -INFINITY) wsum += expf(l - mx);
-      }
-    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-    T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
-    for (int d = lane * 4; d < D; d += 128) {
-      float a[4] = {0.f, 0.f, 0.f, 0.f};
-      if (mx != -INFINITY)
-        for (int s = 0; s < plan.n; ++s) {
-          const float l = p.partial_lse[s * split_stride + row];
-          if (l == -INFINITY) continue;  // an empty split: its partial is not read
-          const float w = expf(l - mx);
-          const float4 v = *reinterpret_cast<const float4*>(
-              p.partial_out + (s * split_stride + row) * D + d);
-          a[0] = fmaf(w, v.x, a[0]);
-          a[1] = fmaf(w, v.y, a[1]);
-          a[2] = fmaf(w, v.z, a[2]);
-          a[3] = fmaf(w, v.w, a[3]);
-        }
+  const int64_t row = t * p.num_q_heads + qh;
+  float w[kSplitsPerLane];
+  float mx = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) out[d + e] = from_f<T>(a[e] * inv);
+  for (int j = 0; j < kSplitsPerLane; ++j) {
+    const int s = lane + 32 * j;
+    w[j] = s < plan.n ? p.partial_lse[s * split_stride + row] : -INFINITY;
+    mx = fmaxf(mx, w[j]);
+  }
+  mx = warp_max(mx);
+  float wsum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kSplitsPerLane; ++j) {
+    w[j] = w[j] == -INFINITY ? 0.f : expf(w[j] - mx);  // an empty split weighs 0
+    wsum += w[j];
+  }
+  wsum = warp_sum(wsum);
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  float a[2][4] = {};  // D <= 256: two float4 chunks a lane
+  const float* po = p.partial_out + row * D + lane * 4;
+#pragma unroll
+  for (int j = 0; j < kSplitsPerLane; ++j) {
+    if (32 * j >= plan.n) break;
+    for (int sl = 0; sl < 32 && 32 * j + sl < plan.n; ++sl) {
+      const float ws = __shfl_sync(0xffffffffu, w[j], sl);  // every lane: a full warp
+      if (ws == 0.f) continue;  // an empty split: its partial was never written
+      const float* ps = po + (32 * j + sl) * split_stride * D;
+#pragma unroll
+      for (int ci = 0; ci < 2; ++ci) {
+        if (lane * 4 + ci * 128 >= D) break;
+        const float4 v = *reinterpret_cast<const float4*>(ps + ci * 128);
+        a[ci][0] = fmaf(ws, v.x, a[ci][0]);
+        a[ci][1] = fmaf(ws, v.y, a[ci][1]);
+        a[ci][2] = fmaf(ws, v.z, a[ci][2]);
+        a[ci][3] = fmaf(ws, v.w, a[ci][3]);
+      }
     }
+  }
+  T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
+#pragma unroll
+  for (int ci = 0; ci < 2; ++ci) {
+    const int d = lane * 4 + ci * 128;
+    if (d >= D) break;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[d + e] = from_f<T>(a[ci][e] * inv);
   }
 }
 
@@ -384,7 +663,7 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = C::smem(p.head_dim);
+  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM : C::smem(p.head_dim);
   auto kernel = paged_attention_kernel<T, DM, EXACT>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
@@ -392,10 +671,19 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
                              static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
+  // All of the unified L1/shared array as shared memory: 4 lean CTAs need 4 x 49.5 KB; the
+  // driver's default carveout may leave fewer resident (the kernel reads K/V once: little L1).
+  {
+    const cudaError_t e = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+    if (e != cudaSuccess) return e;
+  }
+  q.block_shift = (p.block_size & (p.block_size - 1)) == 0 ? __builtin_ctz(p.block_size) : -1;
   kernel<<<dim3(static_cast<unsigned>(gx), p.num_kv_heads), kThreads, smem, stream>>>(q);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.num_kv_splits <= 1) return e;
-  merge_splits_kernel<T><<<dim3(p.num_tokens), kThreads, 0, stream>>>(q);
+  const dim3 mgrid(p.num_tokens, (p.num_q_heads + kWarps - 1) / kWarps);
+  merge_splits_kernel<T><<<mgrid, kThreads, 0, stream>>>(q);
   return cudaGetLastError();
 }
 
@@ -422,7 +710,7 @@ bool paged_attention_head_dim_supported(int d) { return d > 0 && d % 8 == 0 && d
 cudaError_t paged_attention(const PagedAttentionParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.max_seqlen_q == 0) return cudaSuccess;
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.num_kv_splits < 1 ||
-      p.block_size <= 0)
+      p.num_kv_splits > kMaxSplits || p.block_size <= 0)
     return cudaErrorInvalidValue;
   if (p.num_kv_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr))
     return cudaErrorInvalidValue;

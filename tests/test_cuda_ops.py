@@ -155,7 +155,9 @@ def test_default_num_kv_splits(monkeypatch):
     kc = torch.empty(1, 16, 8, 128, device="meta")
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 100) == 1          # short: no split
     s = cuda_ops.default_num_kv_splits(q, kc, 1, 1, 32768)                # 8 CTAs, 132 SMs
-    assert s == cuda_ops.MAX_KV_SPLITS
+    assert s == 66                                                        # 4 x 132 / 8 resident
+    q1 = torch.empty(1, 4, 128, device="meta")                            # 1 CTA: the maximum
+    assert cuda_ops.default_num_kv_splits(q1, kc[:, :, :1], 1, 1, 1 << 20) == cuda_ops.MAX_KV_SPLITS
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 300) == 3          # >= 128 keys a split
     q = torch.empty(256, 32, 128, device="meta")
     assert cuda_ops.default_num_kv_splits(q, kc, 256, 1, 4096) == 1       # busy batch
@@ -202,6 +204,15 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
     # a chunk among decodes and empty sequences: searched CTA layout (19 slots, not 80)
     ([37, 1, 0, 1, 1, 5, 0, 1], [100, 150, 0, 1, 260, 5, 3, 33], 8, 2, 64, 16, torch.float16,
      3, None, None),
+    # spec-verify queries (q_len 2-16) at G 4: 8-64 rows, lean tiles of 1, 2 and 4 row groups
+    ([2, 16, 5, 1, 3], [40, 130, 5, 77, 3], 8, 2, 128, 16, torch.float16, 2, None, None),
+    # prefill chunks with cached context at G 1 / 5 / 8; block sizes 32, 48 (not a power of
+    # two: the division path) and 64; a window and a softcap on the lean tile
+    ([37, 1], [140, 60], 4, 4, 64, 32, torch.bfloat16, 2, None, None),
+    ([21, 3], [90, 200], 20, 4, 64, 48, torch.float16, 3, 50, None),
+    ([19, 1], [120, 50], 16, 2, 64, 64, torch.float32, 2, None, 3.0),
+    # the maximum split count: 16384 keys / 128 keys a split = 128 splits merged
+    ([1, 1, 2], [16384, 300, 5], 2, 1, 64, 16, torch.float16, 128, None, None),
 ]
 # CTA layouts (paged_attention.cu): searched in cases 0-3, 11, 12; uniform in 4-10.
 # Dynamic shared memory over 48 KB (the emulated launch fails without the kernel's opt-in):
