@@ -49,6 +49,18 @@ __device__ __forceinline__ void store_f(T* p, const float (&f)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
+// 2^x by the SFU in one instruction (ex2.approx.ftz: ~2 ulp, results below 2^-126 flush to
+// 0, harmless in a softmax); exp2f costs 4 (its denormal range fix-up). Host/emulator: exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__) && !defined(RAGGED_EMU)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 // Round a float through T (the value a tensor of dtype T would hold).
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_f<T>(from_f<T>(x)); }

@@ -107,9 +107,9 @@ struct LeanCfg {
   static_assert(!OK || NK == 4 * NG, "4 keys per group per sub-tile");
   static constexpr int LOADS = NK * NC / kThreads;      // 16-byte K (and V) copies per thread
   static constexpr int NEND = 16 / NC > 1 ? 16 / NC : 1; // scores per lane after the reduce
-  // Layout: K/V [kStages][K, V][NK][DM] | per-group scores [NG][16] fp32; after the loop the
+  // Layout: K/V [kStages][K, V][NK][DM] | per-group P [NG][16] + alpha [NG][4] fp32; after
   // stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32 for the merge.
-  static constexpr size_t SMEM = static_cast<size_t>(kStages) * kTileBytes + NG * 16 * 4;
+  static constexpr size_t SMEM = static_cast<size_t>(kStages) * kTileBytes + NG * 20 * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * kTileBytes, "merge area fits the stages");
 };
 
@@ -196,7 +196,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
     constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
     const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
     T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][DM]
-    float* sc = reinterpret_cast<float*>(st + kStages * 2 * LNK * DM);  // [NG][16]
+    float* sc = reinterpret_cast<float*>(st + kStages * 2 * LNK * DM);  // [NG][20]
     const int grp = tid / LNC, c = tid % LNC, glane = tid % LNC;
     const int nrg = nrows <= 4 ? 1 : nrows <= 8 ? 2 : 4;  // row groups that exist
     const int rg = grp % nrg, kg = grp / nrg, nkg = NG / nrg;
@@ -219,56 +219,58 @@ paged_attention_kernel(const PagedAttentionParams p) {
         for (int e = 0; e < LVEC; ++e) qr[i][e] = 0.f;
       }
     }
-    // The (row, key) of this lane's reduced scores are fixed: value index i * 4 + kk.
+    // The (row, key) of this lane's reduced scores are fixed: value index i * 4 + kk, all NEND
+    // of them in one row i (my_i); the keys kk of a row sit in-lane (j) and on lanes KW0, 2 KW0.
     constexpr int SH = LNC > 16 ? 1 : 0;  // lanes per sum after the reduce (2 when NC = 32)
-    int my_kk[NEND], my_qpos[NEND];
-    bool my_row[NEND];
-#pragma unroll
-    for (int j = 0; j < NEND; ++j) {
-      const int idx = j + NEND * (glane >> SH);
-      const int r = rg * 4 + idx / 4;
-      my_kk[j] = idx % 4;
-      my_row[j] = r < nrows;
-      my_qpos[j] = ctx + (row0 + min(r, nrows - 1)) / G;
-    }
-    const int shift = p.block_shift, bs = p.block_size;
+    constexpr int KW0 = NEND == 1 ? (1 << SH) : 1, KLEV = NEND == 1 ? 2 : 1;
+    const int idx0 = NEND * (glane >> SH);
+    const int my_i = idx0 / 4, my_r = rg * 4 + my_i;
+    const bool my_row = my_r < nrows;
+    const int my_qpos = ctx + (row0 + min(my_r, nrows - 1)) / G;
+    const bool my_writer = SH == 0 || (glane & 1) == 0;
+    const int bs = p.block_size;
     const T* kc = static_cast<const T*>(p.k_cache);
     const T* vc = static_cast<const T*>(p.v_cache);
     const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
     const int64_t blk_stride = tok_stride * bs;
     const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
     const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * LVEC;
-    // Keys grp + j NG of a tile, chunk c: one page offset per key, shared by K and V; the
-    // block index by a shift when the block size is a power of two (a division otherwise).
-    auto load = [&](int tile, int stage) {
-      const int key0 = lo + tile * LNK;
+    // This thread copies keys lo + grp + j NG (j = 0, 1, ...) in tile order, chunk c of K and
+    // of V from one page offset. Consecutive keys are NG <= 16 <= block_size apart, so the
+    // block index is walked (at most one step a key) instead of divided: one division (or
+    // shift, for a power-of-two block size) per CTA, none in the loop.
+    int wkey = lo + grp;
+    int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
+    int woff = wkey - wbi * bs;
+    int64_t wpage = wkey < hi ? static_cast<int64_t>(bt[wbi]) * blk_stride : 0;
+    auto load = [&](int stage) {
       T* ks = st + stage * 2 * LNK * DM;
 #pragma unroll
       for (int j = 0; j < LC::LOADS; ++j) {
-        const int k = grp + j * NG, key = key0 + k;
-        const bool valid = key < hi;
-        int64_t off = 0;
-        if (valid) {
-          const int bi = shift >= 0 ? key >> shift : key / bs;
-          off = static_cast<int64_t>(bt[bi]) * blk_stride +
-                static_cast<int64_t>(key - bi * bs) * tok_stride;
+        const int k = grp + j * NG;
+        const bool valid = wkey < hi;
+        const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
+        cp_async16(ks + k * DM + c * LVEC, kc + (valid ? off : 0), valid);
+        cp_async16(ks + (LNK + k) * DM + c * LVEC, vc + (valid ? off : 0), valid);
+        wkey += NG;
+        woff += NG;
+        if (woff >= bs) {
+          woff -= bs;
+          ++wbi;
+          if (wkey < hi) wpage = static_cast<int64_t>(bt[wbi]) * blk_stride;
         }
-        cp_async16(ks + k * DM + c * LVEC, kc + off + head_c, valid);
-        cp_async16(ks + (LNK + k) * DM + c * LVEC, vc + off + head_c, valid);
       }
     };
-    float acc[4][LVEC], m[4], l[4];
+    float acc[4][LVEC];
+    float m = -INFINITY, l = 0.f;  // running max (log2 units) and sum of row my_i
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      m[i] = -INFINITY;
-      l[i] = 0.f;
+    for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int e = 0; e < LVEC; ++e) acc[i][e] = 0.f;
-    }
-    float* gs = sc + grp * 16;
+    float* gs = sc + grp * 20;  // P [key kk][row i], then alpha [row i]
 #pragma unroll
     for (int s0 = 0; s0 < kStages - 1; ++s0) {
-      if (s0 < nt) load(s0, s0);
+      if (s0 < nt) load(s0);
       cp_async_commit();
     }
     int stage = 0;
@@ -279,7 +281,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
         const int nxt = it + kStages - 1;
         int ns = stage + kStages - 1;
         if (ns >= kStages) ns -= kStages;
-        if (nxt < nt) load(nxt, ns);
+        if (nxt < nt) load(ns);
         cp_async_commit();
       }
       const T* Ks = st + stage * 2 * LNK * DM;
@@ -301,49 +303,58 @@ paged_attention_kernel(const PagedAttentionParams p) {
           }
         }
         transpose_reduce<16, LNC / 2>(sv, glane);
-        __syncwarp();  // the previous sub-tile's scores are read by every lane of the group
+        // Masks, then the online softmax of row my_i over the 4 keys (lanes of the row).
+        float mx = -INFINITY;
 #pragma unroll
         for (int j = 0; j < NEND; ++j) {
-          const int key = key0 + kb + my_kk[j];
-          const int qpos = my_qpos[j];
+          const int key = key0 + kb + (idx0 + j) % 4;
           float s = sv[j];
           if (has_cap) s = p.softcap * tanhf(s * inv_cap) * kLog2e;
-          const bool ok = my_row[j] && key < hi && key <= qpos &&
-                          (window <= 0 || key > qpos - window);
-          if (SH == 0 || (glane & 1) == 0) gs[j + NEND * (glane >> SH)] = ok ? s : -INFINITY;
+          const bool ok = my_row && key < hi && key <= my_qpos &&
+                          (window <= 0 || key > my_qpos - window);
+          sv[j] = ok ? s : -INFINITY;
+          mx = fmaxf(mx, sv[j]);
+        }
+#pragma unroll
+        for (int lv = 0, w = KW0; lv < KLEV; ++lv, w <<= 1)
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+        const float m_new = fmaxf(m, mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+        const float alpha = fast_exp2(m - m_use);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NEND; ++j) {
+          sv[j] = fast_exp2(sv[j] - m_use);
+          sum += sv[j];
+        }
+#pragma unroll
+        for (int lv = 0, w = KW0; lv < KLEV; ++lv, w <<= 1)
+          sum += __shfl_xor_sync(0xffffffffu, sum, w);
+        l = l * alpha + sum;
+        m = m_new;
+        __syncwarp();  // every lane of the group has read the previous sub-tile's P
+        if (my_writer) {
+#pragma unroll
+          for (int j = 0; j < NEND; ++j) gs[((idx0 + j) % 4) * 4 + my_i] = sv[j];
+          if ((idx0 % 4) == 0) gs[16 + my_i] = alpha;
         }
         __syncwarp();
-        float pr[16];
+        const float4 a4 = *reinterpret_cast<const float4*>(gs + 16);
+        const float al[4] = {a4.x, a4.y, a4.z, a4.w};
 #pragma unroll
-        for (int i = 0; i < 16; i += 4) {
-          const float4 v4 = *reinterpret_cast<const float4*>(gs + i);
-          pr[i] = v4.x; pr[i + 1] = v4.y; pr[i + 2] = v4.z; pr[i + 3] = v4.w;
-        }
+        for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float mx = fmaxf(fmaxf(pr[i * 4], pr[i * 4 + 1]), fmaxf(pr[i * 4 + 2], pr[i * 4 + 3]));
-          const float m_new = fmaxf(m[i], mx);
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
-          const float alpha = exp2f(m[i] - m_use);
-          float sum = 0.f;
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            pr[i * 4 + kk] = exp2f(pr[i * 4 + kk] - m_use);
-            sum += pr[i * 4 + kk];
-          }
-          l[i] = l[i] * alpha + sum;
-          m[i] = m_new;
-#pragma unroll
-          for (int e = 0; e < LVEC; ++e) acc[i][e] *= alpha;
-        }
+          for (int e = 0; e < LVEC; ++e) acc[i][e] *= al[i];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
+          const float4 p4 = *reinterpret_cast<const float4*>(gs + kk * 4);
+          const float pr[4] = {p4.x, p4.y, p4.z, p4.w};
           float vf[LVEC];
           load_f<T, LVEC>(Vs + (kb + kk) * DM + c * LVEC, vf);
 #pragma unroll
           for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int e = 0; e < LVEC; ++e) acc[i][e] = fmaf(pr[i * 4 + kk], vf[e], acc[i][e]);
+            for (int e = 0; e < LVEC; ++e) acc[i][e] = fmaf(pr[i], vf[e], acc[i][e]);
         }
       }
       if (++stage == kStages) stage = 0;
@@ -353,12 +364,12 @@ paged_attention_kernel(const PagedAttentionParams p) {
     float* mb = reinterpret_cast<float*>(smem_raw);  // [NG][4] max, then [NG][4] sum
     float* lb = mb + NG * 4;
     float* ob = lb + NG * 4;                          // [NG][4][DM]
+    if (my_writer && idx0 % 4 == 0) {
+      mb[grp * 4 + my_i] = m;
+      lb[grp * 4 + my_i] = l;
+    }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      if (c == 0) {
-        mb[grp * 4 + i] = m[i];
-        lb[grp * 4 + i] = l[i];
-      }
 #pragma unroll
       for (int e = 0; e < LVEC; e += 4)
         *reinterpret_cast<float4*>(ob + (grp * 4 + i) * DM + c * LVEC + e) =
@@ -375,7 +386,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
       for (int e = 0; e < LVEC; ++e) o[e] = 0.f;
       for (int k2 = 0; k2 < nkg; ++k2) {
         const int g2 = (k2 * nrg + rgi) * 4 + i;
-        const float w = exp2f(mb[g2] - m_use);
+        const float w = fast_exp2(mb[g2] - m_use);
         lsum = fmaf(w, lb[g2], lsum);
 #pragma unroll
         for (int e = 0; e < LVEC; ++e) o[e] = fmaf(w, ob[g2 * DM + cc * LVEC + e], o[e]);
