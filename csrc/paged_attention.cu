@@ -96,6 +96,7 @@ struct AttnCfg {
 constexpr int kStages = 3;     // cp.async tiles in flight: 2 while one is computed
 constexpr int kTileBytes = 16 * 1024;  // K + V bytes per tile
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma M tile)
 
 template <typename T, int DM, bool EXACT>
 struct LeanCfg {
@@ -174,7 +175,15 @@ paged_attention_kernel(const PagedAttentionParams p) {
   const int64_t row0_64 = static_cast<int64_t>(rtile) * kRows;
   if (row0_64 >= total_rows) return;            // q_len 0, or a tile past this sequence
   const int row0 = static_cast<int>(row0_64);
-  const int nrows = total_rows - row0_64 < kRows ? static_cast<int>(total_rows - row0_64) : kRows;
+  // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
+  // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
+  // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
+  constexpr bool TC_OK = LC::OK && sizeof(T) == 2 && DM <= 128;  // DM 256: O needs 128 regs
+  const bool tc = TC_OK && total_rows > kRows;
+  if (tc && (rtile & 3)) return;
+  const int tile_rows = tc ? kTcRows : kRows;
+  const int nrows = total_rows - row0_64 < tile_rows ? static_cast<int>(total_rows - row0_64)
+                                                     : tile_rows;
   const SplitPlan plan = plan_splits(kv_len, q_len, p.sliding_window, S);
   if (split >= plan.n) return;
 
@@ -192,6 +201,201 @@ paged_attention_kernel(const PagedAttentionParams p) {
   if (split_hi < hi) hi = static_cast<int>(split_hi);
   const int ntiles = hi > lo ? (hi - lo + NK - 1) / NK : 0;
 
+  if constexpr (TC_OK) {
+    if (tc) {
+      // FA2-style tile on mma.sync.m16n8k16 (fp32 accumulate): warp w owns rows 16w..16w+15;
+      // S = Q K^T and O += P V with P kept in registers (the C fragment of S is the A fragment
+      // of P), online softmax per row in fp32. Shared memory: Q [64][DM] and 2 stages of K/V
+      // [NK][DM], 16-byte chunk c of row r stored at chunk c ^ (r % 8) so that the 8 row
+      // addresses of every ldmatrix phase hit distinct banks.
+      constexpr int TVEC = LC::VEC, TNC = LC::NC, TNG = LC::NG, TNK = LC::NK;
+      constexpr int KS = DM / 16, NT = TNK / 8, DT = DM / 8;
+      static_assert(kTcRows * DM * 2 + 2 * kTileBytes <= kStages * kTileBytes, "TC smem");
+      T* Qs = reinterpret_cast<T*>(smem_raw);
+      T* kvs = Qs + kTcRows * DM;
+      auto sw = [](int r, int ch) { return r * DM + ((ch ^ (r & 7)) * TVEC); };
+      const int nt_tiles = hi > lo ? (hi - lo + TNK - 1) / TNK : 0;
+      const T* q = static_cast<const T*>(p.q);
+      for (int i = tid; i < kTcRows * TNC; i += kThreads) {
+        const int r = i / TNC, ch = i % TNC;
+        const bool ok = r < nrows;
+        const int rr = row0 + (ok ? r : 0);
+        cp_async16(Qs + sw(r, ch),
+                   q + (q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h +
+                       ch * TVEC, ok);
+      }
+      const int grp = tid / TNC, c = tid % TNC;
+      const int bs = p.block_size;
+      const T* kc = static_cast<const T*>(p.k_cache);
+      const T* vc = static_cast<const T*>(p.v_cache);
+      const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
+      const int64_t blk_stride = tok_stride * bs;
+      const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
+      const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * TVEC;
+      int wkey = lo + grp;  // the lean tile's block walk (keys grp + j NG, in tile order)
+      int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
+      int woff = wkey - wbi * bs;
+      int64_t wpage = wkey < hi ? static_cast<int64_t>(bt[wbi]) * blk_stride : 0;
+      auto load = [&](int stage) {
+        T* ks = kvs + stage * 2 * TNK * DM;
+#pragma unroll
+        for (int j = 0; j < LC::LOADS; ++j) {
+          const int k = grp + j * TNG;
+          const bool valid = wkey < hi;
+          const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
+          cp_async16(ks + sw(k, c), kc + (valid ? off : 0), valid);
+          cp_async16(ks + TNK * DM + sw(k, c), vc + (valid ? off : 0), valid);
+          wkey += TNG;
+          woff += TNG;
+          if (woff >= bs) {
+            woff -= bs;
+            ++wbi;
+            if (wkey < hi) wpage = static_cast<int64_t>(bt[wbi]) * blk_stride;
+          }
+        }
+      };
+      const int g = lane >> 2, t4 = lane & 3, wr0 = warp * 16;
+      const bool warp_rows = wr0 < nrows;
+      const int rA = wr0 + g, rB = rA + 8;
+      const bool okA = rA < nrows, okB = rB < nrows;
+      const int qposA = ctx + (row0 + min(rA, nrows - 1)) / G;
+      const int qposB = ctx + (row0 + min(rB, nrows - 1)) / G;
+      const bool has_cap = p.softcap > 0.f;
+      const float sl2 = has_cap ? p.scale : p.scale * kLog2e;
+      float o[DT][4];
+#pragma unroll
+      for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+      float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;  // l: this lane's part
+      if (nt_tiles > 0) load(0);
+      cp_async_commit();  // Q and tile 0
+      int stage = 0;
+      for (int it = 0; it < nt_tiles; ++it) {
+        if (it + 1 < nt_tiles) load(stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (warp_rows) {
+          const T* Ks = kvs + stage * 2 * TNK * DM;
+          const T* Vs = Ks + TNK * DM;
+          float sc[NT][4];
+#pragma unroll
+          for (int n = 0; n < NT; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+#pragma unroll
+          for (int k2 = 0; k2 < KS; k2 += 2) {
+            uint32_t qa[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              ldmatrix<4, false>(qa[h], Qs + sw(wr0 + (lane & 7) + 8 * ((lane >> 3) & 1),
+                                                2 * (k2 + h) + (lane >> 4)));
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+              uint32_t kb[4];
+              ldmatrix<4, false>(kb, Ks + sw(8 * n + (lane & 7), 2 * k2 + (lane >> 3)));
+              const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+              mma_16816<T>(sc[n], qa[0], b0);
+              mma_16816<T>(sc[n], qa[1], b1);
+            }
+          }
+          const int key0 = lo + it * TNK;
+          float mxA = -INFINITY, mxB = -INFINITY;
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int key = key0 + 8 * n + 2 * t4 + (j & 1);
+              const int qp = j < 2 ? qposA : qposB;
+              const bool ok = (j < 2 ? okA : okB) && key < hi && key <= qp &&
+                              (window <= 0 || key > qp - window);
+              float v = sc[n][j] * sl2;
+              if (has_cap) v = p.softcap * tanhf(v * inv_cap) * kLog2e;
+              v = ok ? v : -INFINITY;
+              sc[n][j] = v;
+              if (j < 2) mxA = fmaxf(mxA, v);
+              else mxB = fmaxf(mxB, v);
+            }
+#pragma unroll
+          for (int w = 1; w <= 2; w <<= 1) {
+            mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, w));
+            mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, w));
+          }
+          const float nA = fmaxf(mA, mxA), nB = fmaxf(mB, mxB);
+          const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
+          const float aA = fast_exp2(mA - uA), aB = fast_exp2(mB - uB);
+          mA = nA;
+          mB = nB;
+          float sA = 0.f, sB = 0.f;
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            sc[n][0] = fast_exp2(sc[n][0] - uA);
+            sc[n][1] = fast_exp2(sc[n][1] - uA);
+            sc[n][2] = fast_exp2(sc[n][2] - uB);
+            sc[n][3] = fast_exp2(sc[n][3] - uB);
+            sA += sc[n][0] + sc[n][1];
+            sB += sc[n][2] + sc[n][3];
+          }
+          lA = lA * aA + sA;
+          lB = lB * aB + sB;
+#pragma unroll
+          for (int d = 0; d < DT; ++d) {
+            o[d][0] *= aA; o[d][1] *= aA;
+            o[d][2] *= aB; o[d][3] *= aB;
+          }
+#pragma unroll
+          for (int kt = 0; kt < TNK / 16; ++kt) {
+            const uint32_t pa[4] = {pack2<T>(sc[2 * kt][0], sc[2 * kt][1]),
+                                    pack2<T>(sc[2 * kt][2], sc[2 * kt][3]),
+                                    pack2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1]),
+                                    pack2<T>(sc[2 * kt + 1][2], sc[2 * kt + 1][3])};
+#pragma unroll
+            for (int d2 = 0; d2 < DT; d2 += 2) {
+              uint32_t vb[4];
+              ldmatrix<4, true>(vb, Vs + sw(16 * kt + 8 * ((lane >> 3) & 1) + (lane & 7),
+                                            d2 + (lane >> 4)));
+              const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+              mma_16816<T>(o[d2], pa, b0);
+              mma_16816<T>(o[d2 + 1], pa, b1);
+            }
+          }
+        }
+        __syncthreads();  // the next iteration's prefetch overwrites this stage
+        stage ^= 1;
+      }
+      cp_async_wait<0>();
+      if (!warp_rows) return;
+#pragma unroll
+      for (int w = 1; w <= 2; w <<= 1) {
+        lA += __shfl_xor_sync(0xffffffffu, lA, w);
+        lB += __shfl_xor_sync(0xffffffffu, lB, w);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = h ? rB : rA;
+        if (r >= nrows) continue;
+        const float l = h ? lB : lA, mm = h ? mB : mA;
+        const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
+        const int rr = row0 + r;
+        const int64_t t = q_start + rr / G;
+        const int qh = kvh * G + rr % G;
+        if (plan.n == 1) {
+          T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
+#pragma unroll
+          for (int d = 0; d < DT; ++d) {
+            const float f2[2] = {o[d][2 * h] * inv, o[d][2 * h + 1] * inv};
+            store_f<T, 2>(out + 8 * d + 2 * t4, f2);
+          }
+        } else {
+          const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * p.num_q_heads + qh;
+          float* po = p.partial_out + row * DM;
+#pragma unroll
+          for (int d = 0; d < DT; ++d)
+            *reinterpret_cast<float2*>(po + 8 * d + 2 * t4) =
+                make_float2(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
+          if (t4 == 0) p.partial_lse[row] = l > 0.f ? (mm + log2f(l)) / kLog2e : -INFINITY;
+        }
+      }
+      return;
+    }
+  }
   if constexpr (LC::OK) {
     constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
     const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
