@@ -226,12 +226,13 @@ paged_attention_kernel(const PagedAttentionParams p) {
       }
       const int grp = tid / TNC, c = tid % TNC;
       const int bs = p.block_size;
-      const T* kc = static_cast<const T*>(p.k_cache);
-      const T* vc = static_cast<const T*>(p.v_cache);
-      const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
-      const int64_t blk_stride = tok_stride * bs;
+      // Base pointers with the head and chunk folded in, a 32-bit token stride: registers
+      // are the TC tile's limit (128 for 4 CTAs/SM; O alone holds 64).
+      const T* kc = static_cast<const T*>(p.k_cache) + static_cast<int64_t>(kvh) * DM + c * TVEC;
+      const T* vc = static_cast<const T*>(p.v_cache) + static_cast<int64_t>(kvh) * DM + c * TVEC;
+      const int tok_stride = p.num_kv_heads * DM;  // < 2^24: Hkv <= 65535, D <= 256
+      const int64_t blk_stride = static_cast<int64_t>(tok_stride) * bs;
       const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
-      const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * TVEC;
       int wkey = lo + grp;  // the lean tile's block walk (keys grp + j NG, in tile order)
       int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
       int woff = wkey - wbi * bs;
@@ -242,7 +243,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
         for (int j = 0; j < LC::LOADS; ++j) {
           const int k = grp + j * TNG;
           const bool valid = wkey < hi;
-          const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
+          const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride;
           cp_async16(ks + sw(k, c), kc + (valid ? off : 0), valid);
           cp_async16(ks + TNK * DM + sw(k, c), vc + (valid ? off : 0), valid);
           wkey += TNG;
@@ -257,9 +258,12 @@ paged_attention_kernel(const PagedAttentionParams p) {
       const int g = lane >> 2, t4 = lane & 3, wr0 = warp * 16;
       const bool warp_rows = wr0 < nrows;
       const int rA = wr0 + g, rB = rA + 8;
-      const bool okA = rA < nrows, okB = rB < nrows;
-      const int qposA = ctx + (row0 + min(rA, nrows - 1)) / G;
-      const int qposB = ctx + (row0 + min(rB, nrows - 1)) / G;
+      // A missing row sees no key: position -1 (and fewer live registers than a flag).
+      const int qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;
+      const int qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
+      const bool warp_full = wr0 + 16 <= nrows;
+      const int qpos_lo = ctx + (row0 + min(wr0, nrows - 1)) / G;
+      const int qpos_hi = ctx + (row0 + min(wr0 + 15, nrows - 1)) / G;
       const bool has_cap = p.softcap > 0.f;
       const float sl2 = has_cap ? p.scale : p.scale * kLog2e;
       float o[DT][4];
@@ -296,29 +300,44 @@ paged_attention_kernel(const PagedAttentionParams p) {
               mma_16816<T>(sc[n], qa[1], b1);
             }
           }
-          const int key0 = lo + it * TNK;
+          // Scores stay unscaled (x f inside the exp2's FFMA); masks only on the tiles that
+          // need them (a partial last tile, the causal diagonal, a window edge, missing rows):
+          // in a long chunk most tiles skip ~10 instructions a score.
+          const int key0 = lo + it * TNK, kmax = key0 + TNK - 1;
+          float f = sl2;
+          if (has_cap) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+              for (int j = 0; j < 4; ++j)
+                sc[n][j] = p.softcap * tanhf(sc[n][j] * sl2 * inv_cap) * kLog2e;
+            f = 1.f;
+          }
+          const bool full = warp_full && kmax < hi && kmax <= qpos_lo &&
+                            (window <= 0 || key0 > qpos_hi - window);
+          if (!full) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const int key = key0 + 8 * n + 2 * t4 + (j & 1);
+                const int qp = j < 2 ? qposA : qposB;
+                const bool ok = key < hi && key <= qp && (window <= 0 || key > qp - window);
+                if (!ok) sc[n][j] = -INFINITY;
+              }
+          }
           float mxA = -INFINITY, mxB = -INFINITY;
 #pragma unroll
-          for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const int key = key0 + 8 * n + 2 * t4 + (j & 1);
-              const int qp = j < 2 ? qposA : qposB;
-              const bool ok = (j < 2 ? okA : okB) && key < hi && key <= qp &&
-                              (window <= 0 || key > qp - window);
-              float v = sc[n][j] * sl2;
-              if (has_cap) v = p.softcap * tanhf(v * inv_cap) * kLog2e;
-              v = ok ? v : -INFINITY;
-              sc[n][j] = v;
-              if (j < 2) mxA = fmaxf(mxA, v);
-              else mxB = fmaxf(mxB, v);
-            }
+          for (int n = 0; n < NT; ++n) {
+            mxA = fmaxf(mxA, fmaxf(sc[n][0], sc[n][1]));
+            mxB = fmaxf(mxB, fmaxf(sc[n][2], sc[n][3]));
+          }
 #pragma unroll
           for (int w = 1; w <= 2; w <<= 1) {
             mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, w));
             mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, w));
           }
-          const float nA = fmaxf(mA, mxA), nB = fmaxf(mB, mxB);
+          const float nA = fmaxf(mA, mxA * f), nB = fmaxf(mB, mxB * f);  // f > 0
           const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
           const float aA = fast_exp2(mA - uA), aB = fast_exp2(mB - uB);
           mA = nA;
@@ -326,10 +345,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
           float sA = 0.f, sB = 0.f;
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            sc[n][0] = fast_exp2(sc[n][0] - uA);
-            sc[n][1] = fast_exp2(sc[n][1] - uA);
-            sc[n][2] = fast_exp2(sc[n][2] - uB);
-            sc[n][3] = fast_exp2(sc[n][3] - uB);
+            sc[n][0] = fast_exp2(fmaf(sc[n][0], f, -uA));
+            sc[n][1] = fast_exp2(fmaf(sc[n][1], f, -uA));
+            sc[n][2] = fast_exp2(fmaf(sc[n][2], f, -uB));
+            sc[n][3] = fast_exp2(fmaf(sc[n][3], f, -uB));
             sA += sc[n][0] + sc[n][1];
             sB += sc[n][2] + sc[n][3];
           }
