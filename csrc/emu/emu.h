@@ -4,11 +4,12 @@
 // part of the extension); RAGGED_EMU selects the emulated branches of cuda_utils.cuh.
 //
 // What it models, and how strictly:
-// - Threads of a block are fibers (ucontext) on one OS thread, run one at a time in a seeded
-//   shuffled order, each until it blocks (a barrier, a warp collective) or exits. A thread thus
-//   runs its whole phase before the next starts: a missing __syncthreads between a write and
-//   another thread's read shows deterministically (the reader runs first in some order, or
-//   the writer's next phase overwrites first), not by a lucky race.
+// - Threads of a block are fibers (ucontext) on one OS thread, run one at a time, each until
+//   it blocks (a barrier, a warp collective) or exits; the scheduler always resumes the first
+//   runnable thread of a seeded order (warps shuffled, lanes shuffled within each), so the
+//   first warp runs its whole phase before the next warp gets past its first collective: a
+//   missing __syncthreads between a write and another warp's read shows deterministically
+//   (the reader runs first, or the writer's next phase overwrites first), not by a lucky race.
 // - __syncthreads: releases when every thread that has not exited has arrived (exited threads
 //   do not count, as on sm_70+). A barrier that can never release (a __syncthreads in a
 //   branch not all threads take, a lane stuck in a shuffle) is reported, not hung.
@@ -364,13 +365,18 @@ inline void emu_run_block(int nthr, const std::vector<int>& order) {
   }
   emu_aborted = false;
   while (!emu_aborted) {
+    // Always resume the first runnable thread in `order` (warp-major): the first warp runs
+    // its whole phase (every collective of it) before the next warp leaves its first one, so
+    // a warp that overwrites a stage others still read, or reads one not yet landed, does.
     bool ran = false;
-    for (int t : order) {
+    for (size_t k = 0; k < order.size(); ++k) {
+      const int t = order[k];
       if (emu_threads[t].state != kRunnable) continue;
       emu_tid = make_uint3(t, 0, 0);
       swapcontext(&emu_sched_ctx, &emu_threads[t].ctx);
       ran = true;
       if (emu_aborted) return;
+      k = static_cast<size_t>(-1);  // rescan from the first
     }
     int live = 0, at_bar = 0, at_warp = 0;
     for (const EmuThread& th : emu_threads) {
@@ -430,8 +436,14 @@ void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A...
     std::memset(buf.data(), 0xff, buf.size());
     emu_dyn_smem = base;
     emu_bid = blk;
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
+    // warps in a shuffled order, the lanes of each in a shuffled order
+    std::vector<int> warps(nthr / 32);
+    std::iota(warps.begin(), warps.end(), 0);
+    std::shuffle(warps.begin(), warps.end(), rng);
+    for (int w = 0; w < nthr / 32; ++w) {
+      std::iota(order.begin() + 32 * w, order.begin() + 32 * w + 32, 32 * warps[w]);
+      std::shuffle(order.begin() + 32 * w, order.begin() + 32 * w + 32, rng);
+    }
     emu_run_block(nthr, order);
     if (emu_error != cudaSuccess) break;
   }
