@@ -120,6 +120,9 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     if d % 8 != 0 or not 0 < d <= 256:
         raise ValueError(f"q: head dim {d} not supported by the cuda backend (a multiple of 8 "
                          "up to 256)")
+    if num_kv_splits is not None and num_kv_splits > MAX_KV_SPLITS:
+        raise ValueError(f"num_kv_splits: {num_kv_splits} exceeds the cuda backend's "
+                         f"{MAX_KV_SPLITS} (the split merge's bound)")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_kv_splits is None:

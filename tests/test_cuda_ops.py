@@ -149,6 +149,14 @@ def test_unsupported_head_dim_names_q():
                                  num_kv_splits=1)
 
 
+def test_split_count_bound_names_num_kv_splits():
+    q = torch.empty(2, 4, 64)
+    with pytest.raises(ValueError, match="^num_kv_splits: 129"):
+        cuda_ops.paged_attention(q, None, None, None, None, None, scale=1.0, max_seqlen_q=1,
+                                 max_seqlen_k=1, sliding_window=None, softcap=None, out=None,
+                                 num_kv_splits=129)
+
+
 def test_default_num_kv_splits(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 132)
     q = torch.empty(1, 32, 128, device="meta")
