@@ -1,19 +1,22 @@
 // Paged attention over a ragged batch (semantics: kernels/reference.py paged_attention).
 //
-// One CTA per (row tile of a sequence, KV split) x KV head. A "row" is one
-// (new token, query head of the GQA group) pair, so in decode (q_len = 1) every query head of
-// the group shares each K/V tile the CTA streams through shared memory: K/V bytes are read
-// once per KV head, not once per query head as vLLM's v1/v2 kernels do. Longer queries
-// (prefill chunks) use more row tiles of the same kernel: correct, not tuned.
-//
-// Per K/V tile of NK keys (cp.async, double-buffered, 16-byte accesses):
-//   scores  S[r][k] = (q_r * scale) . k_k in fp32 (+ softcap, causal/window/length mask)
-//   online softmax per row (running max m, sum l, rescale alpha) in fp32
-//   acc[r][:] = alpha * acc[r][:] + sum_k P[r][k] v_k
+// One CTA per (row tile of a sequence, KV split) x KV head. A "row" is one (new token, query
+// head of the GQA group) pair, so in decode every query head of the group shares each K/V
+// tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
+// picks its tile class (one launch serves a mixed batch):
+// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 16 rows: prefill chunks,
+//   longer spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix from XOR-swizzled
+//   shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q tile takes the
+//   third stage's space).
+// - lean CUDA-core tile (D 64/128/256 in 16-bit types, 64/128 in fp32, <= 16 rows: decodes,
+//   short spec-verify): Q in registers, 3 cp.async stages of 16 KB, one page offset per key
+//   shared by K and V, the lanes of a group spanning D (see LeanCfg).
+// - the generic tile (other head dims: 80, 96, run-time ones): the first version of this
+//   kernel, kept for coverage; scores/softmax/PV through shared memory, 2 stages.
 // Split-KV: each sequence picks its own split count on the device (plan_splits, bounded by the
-// host's num_kv_splits, which sizes the grid). A sequence with one split writes `out`
-// directly; otherwise each split writes a normalised fp32 partial and its log-sum-exp, and
-// merge_splits_kernel combines them. Grids depend on host ints only (CUDA-graph capturable).
+// host's num_kv_splits <= kMaxSplits, which sizes the grid). A sequence with one split writes
+// `out` directly; otherwise each split writes a normalised fp32 partial and its log-sum-exp,
+// and merge_splits_kernel combines them. Grids depend on host ints only (graph capturable).
 //
 // Row tiles -> CTAs (grid.x = slots x splits, KV head on grid.y): with B sequences whose
 // q_len all fit one bound (decodes, uniform chunks) every sequence gets the same number of
