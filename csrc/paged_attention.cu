@@ -212,7 +212,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
       // [NK][DM], 16-byte chunk c of row r stored at chunk c ^ (r % 8) so that the 8 row
       // addresses of every ldmatrix phase hit distinct banks.
       constexpr int TVEC = LC::VEC, TNC = LC::NC, TNG = LC::NG, TNK = LC::NK;
-      constexpr int KS = DM / 16, NT = TNK / 8, DT = DM / 8;
+      constexpr int KS = DM / 16, NT = 4, DT = DM / 8;  // NT: 8-key tiles of a 32-key chunk
       static_assert(kTcRows * DM * 2 + 2 * kTileBytes <= kStages * kTileBytes, "TC smem");
       T* Qs = reinterpret_cast<T*>(smem_raw);
       T* kvs = Qs + kTcRows * DM;
@@ -229,32 +229,35 @@ paged_attention_kernel(const PagedAttentionParams p) {
       }
       const int grp = tid / TNC, c = tid % TNC;
       const int bs = p.block_size;
-      // Base pointers with the head and chunk folded in, a 32-bit token stride: registers
-      // are the TC tile's limit (128 for 4 CTAs/SM; O alone holds 64).
-      const T* kc = static_cast<const T*>(p.k_cache) + static_cast<int64_t>(kvh) * DM + c * TVEC;
-      const T* vc = static_cast<const T*>(p.v_cache) + static_cast<int64_t>(kvh) * DM + c * TVEC;
-      const int tok_stride = p.num_kv_heads * DM;  // < 2^24: Hkv <= 65535, D <= 256
-      const int64_t blk_stride = static_cast<int64_t>(tok_stride) * bs;
+      // Registers are the TC tile's limit (128 for 4 CTAs/SM; O alone holds 64): the cache
+      // pointers and the block stride are re-read from the kernel parameters (constant bank
+      // operands) rather than held, the head/chunk offset and token stride are 32-bit.
+      const int head_c = kvh * DM + c * TVEC;      // < 2^24: Hkv <= 65535, D <= 256
+      const int tok_stride = p.num_kv_heads * DM;
       const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
       int wkey = lo + grp;  // the lean tile's block walk (keys grp + j NG, in tile order)
       int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
       int woff = wkey - wbi * bs;
-      int64_t wpage = wkey < hi ? static_cast<int64_t>(bt[wbi]) * blk_stride : 0;
+      auto page_of = [&](int bi) {
+        return static_cast<int64_t>(bt[bi]) * (static_cast<int64_t>(p.num_kv_heads) * DM * bs);
+      };
+      int64_t wpage = wkey < hi ? page_of(wbi) : 0;
       auto load = [&](int stage) {
         T* ks = kvs + stage * 2 * TNK * DM;
 #pragma unroll
         for (int j = 0; j < LC::LOADS; ++j) {
           const int k = grp + j * TNG;
           const bool valid = wkey < hi;
-          const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride;
-          cp_async16(ks + sw(k, c), kc + (valid ? off : 0), valid);
-          cp_async16(ks + TNK * DM + sw(k, c), vc + (valid ? off : 0), valid);
+          const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
+          cp_async16(ks + sw(k, c), static_cast<const T*>(p.k_cache) + (valid ? off : 0), valid);
+          cp_async16(ks + TNK * DM + sw(k, c), static_cast<const T*>(p.v_cache) + (valid ? off : 0),
+                     valid);
           wkey += TNG;
           woff += TNG;
           if (woff >= bs) {
             woff -= bs;
             ++wbi;
-            if (wkey < hi) wpage = static_cast<int64_t>(bt[wbi]) * blk_stride;
+            if (wkey < hi) wpage = page_of(wbi);
           }
         }
       };
@@ -281,8 +284,9 @@ paged_attention_kernel(const PagedAttentionParams p) {
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        if (warp_rows) {
-          const T* Ks = kvs + stage * 2 * TNK * DM;
+        // 32 keys at a time (S of 16 x 32 in 16 registers): a 64-key tile (D 64) in two.
+        for (int kc2 = 0; kc2 < TNK / 32 && warp_rows; ++kc2) {
+          const T* Ks = kvs + stage * 2 * TNK * DM + kc2 * 32 * DM;
           const T* Vs = Ks + TNK * DM;
           float sc[NT][4];
 #pragma unroll
@@ -306,7 +310,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
           // Scores stay unscaled (x f inside the exp2's FFMA); masks only on the tiles that
           // need them (a partial last tile, the causal diagonal, a window edge, missing rows):
           // in a long chunk most tiles skip ~10 instructions a score.
-          const int key0 = lo + it * TNK, kmax = key0 + TNK - 1;
+          const int key0 = lo + it * TNK + kc2 * 32, kmax = key0 + 31;
           float f = sl2;
           if (has_cap) {
 #pragma unroll
@@ -363,7 +367,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
             o[d][2] *= aB; o[d][3] *= aB;
           }
 #pragma unroll
-          for (int kt = 0; kt < TNK / 16; ++kt) {
+          for (int kt = 0; kt < 2; ++kt) {
             const uint32_t pa[4] = {pack2<T>(sc[2 * kt][0], sc[2 * kt][1]),
                                     pack2<T>(sc[2 * kt][2], sc[2 * kt][3]),
                                     pack2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1]),
