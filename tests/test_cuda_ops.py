@@ -221,6 +221,8 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
     ([19, 1], [120, 50], 16, 2, 64, 64, torch.float32, 2, None, 3.0),
     # a tensor-core CTA with an idle warp (45 rows of 64) over 5 tiles of one split
     ([9, 1], [300, 20], 10, 2, 64, 16, torch.float16, 1, None, None),
+    # D 256 in bf16 over 16 rows: lean tiles only (no tensor-core tile at D 256), 2 CTAs
+    ([9, 1], [40, 70], 4, 2, 256, 32, torch.bfloat16, 2, None, None),
     # the maximum split count: 16384 keys / 128 keys a split = 128 splits merged
     ([1, 1, 2], [16384, 300, 5], 2, 1, 64, 16, torch.float16, 128, None, None),
 ]

@@ -33,7 +33,8 @@
 // another block deadlocks or passes by order), memory ordering/fences between blocks, real
 // warp scheduling inside a phase (lanes of a warp do not run in lockstep here: a warp-
 // synchronous read without __syncwarp is not caught), alignment faults of plain global
-// accesses, bank conflicts, register limits and spills, timing. The gpu tests do that.
+// accesses, bank conflicts, register limits and spills, timing, and approximate SFU math
+// (fast_exp2 is exp2f here, ex2.approx.ftz on the GPU). The gpu tests do that.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
