@@ -121,8 +121,8 @@ void paged_attention(Tensor& out, const Tensor& q_in, const Tensor& k_cache,
                     block_table.size(0));
   TORCH_CHECK_VALUE(scale > 0, "scale: must be positive, got ", scale);
   TORCH_CHECK_VALUE(softcap >= 0, "softcap: must be >= 0 (0 = off), got ", softcap);
-  TORCH_CHECK_VALUE(num_kv_splits >= 1 && num_kv_splits <= 1024, "num_kv_splits: ",
-                    num_kv_splits, " out of range [1, 1024]");
+  TORCH_CHECK_VALUE(num_kv_splits >= 1 && num_kv_splits <= 128, "num_kv_splits: ",
+                    num_kv_splits, " out of range [1, 128]");  // the merge's kMaxSplits
   to_int(max_seqlen_k, "max_seqlen_k");
   TORCH_CHECK_VALUE(B <= INT_MAX - 1, "seq_lens: too many sequences (", B, ")");
   TORCH_CHECK_VALUE(Hkv <= 65535, "k_cache: at most 65535 KV heads, got ", Hkv);

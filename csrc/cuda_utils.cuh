@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "ragged_kernels.h"
 
@@ -48,6 +49,18 @@ __device__ __forceinline__ void store_f(T* p, const float (&f)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
+// 2^x by the SFU in one instruction (ex2.approx.ftz: ~2 ulp, results below 2^-126 flush to
+// 0, harmless in a softmax); exp2f costs 4 (its denormal range fix-up). Host/emulator: exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__) && !defined(RAGGED_EMU)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 // Round a float through T (the value a tensor of dtype T would hold).
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_f<T>(from_f<T>(x)); }
@@ -79,8 +92,11 @@ __device__ __forceinline__ float block_sum(float v) {
 
 // 16-byte global->shared copy that does not stall the thread (sm_80+); with valid == false
 // the destination is zero-filled and nothing is read (src must still be a valid address).
+// The emulator (csrc/emu/emu.h, RAGGED_EMU) queues it until the wait and poisons the target.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(RAGGED_EMU)
+  emu_cp_async16(smem, gmem, valid);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;
   // "memory": the compiler must not move shared-memory accesses across the copy or the waits
@@ -94,16 +110,91 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(RAGGED_EMU)
+  emu_cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
+// Wait until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(RAGGED_EMU)
+  emu_cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
+}
+
+// ------------------------------------------------------------------ tensor cores (sm_80+)
+// Fragments of mma.sync.aligned.m16n8k16 (PTX ISA "Matrix fragments for mma.m16n8k16"):
+// lane l, g = l / 4, t = l % 4; two 16-bit elements per register, lower index in the low half.
+//   A 16x16 (row): a[0] (g, 2t..2t+1)  a[1] (g+8, 2t..)  a[2] (g, 2t+8..)  a[3] (g+8, 2t+8..)
+//   B 16x8 (col):  b[0] (k = 2t..2t+1, n = g)  b[1] (k = 2t+8.., n = g)
+//   C 16x8 fp32:   c[0], c[1] (g, 2t..2t+1)  c[2], c[3] (g+8, 2t..2t+1)
+// ldmatrix .xN: lanes 8i..8i+7 give the 16-byte row addresses of 8x8 matrix i; register i of
+// lane l gets (row l/4, cols 2(l%4)..+1) of matrix i, or of its transpose with .trans.
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
+
+// d += a b (fp32 accumulate); T is __half or __nv_bfloat16.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+#if defined(RAGGED_EMU)
+  emu_mma_16816(d, a, b, d, IsBf16<T>::value);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (IsBf16<T>::value) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+template <int N, bool TRANS>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const void* smem_row) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix .x1/.x2/.x4");
+#if defined(RAGGED_EMU)
+  emu_ldmatrix(r, N, TRANS, smem_row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  if constexpr (N == 4 && TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s) : "memory");
+  else if constexpr (N == 4)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s) : "memory");
+  else if constexpr (N == 2 && TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(s) : "memory");
+  else if constexpr (N == 2)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(s) : "memory");
+  else if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+                 : "=r"(r[0]) : "r"(s) : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
+                 : "=r"(r[0]) : "r"(s) : "memory");
+#endif
+}
+
+// Two floats -> one register of two 16-bit T (lo in the low half), for an mma A/B operand.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T l = from_f<T>(lo), h = from_f<T>(hi);
+  uint16_t a, b;
+  memcpy(&a, &l, 2);
+  memcpy(&b, &h, 2);
+  return static_cast<uint32_t>(a) | static_cast<uint32_t>(b) << 16;
 }
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }

@@ -1,19 +1,22 @@
 // Paged attention over a ragged batch (semantics: kernels/reference.py paged_attention).
 //
-// One CTA per (row tile of a sequence, KV split) x KV head. A "row" is one
-// (new token, query head of the GQA group) pair, so in decode (q_len = 1) every query head of
-// the group shares each K/V tile the CTA streams through shared memory: K/V bytes are read
-// once per KV head, not once per query head as vLLM's v1/v2 kernels do. Longer queries
-// (prefill chunks) use more row tiles of the same kernel: correct, not tuned.
-//
-// Per K/V tile of NK keys (cp.async, double-buffered, 16-byte accesses):
-//   scores  S[r][k] = (q_r * scale) . k_k in fp32 (+ softcap, causal/window/length mask)
-//   online softmax per row (running max m, sum l, rescale alpha) in fp32
-//   acc[r][:] = alpha * acc[r][:] + sum_k P[r][k] v_k
+// One CTA per (row tile of a sequence, KV split) x KV head. A "row" is one (new token, query
+// head of the GQA group) pair, so in decode every query head of the group shares each K/V
+// tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
+// picks its tile class (one launch serves a mixed batch):
+// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 16 rows: prefill chunks,
+//   longer spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix from XOR-swizzled
+//   shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q tile takes the
+//   third stage's space).
+// - lean CUDA-core tile (D 64/128/256 in 16-bit types, 64/128 in fp32, <= 16 rows: decodes,
+//   short spec-verify): Q in registers, 3 cp.async stages of 16 KB, one page offset per key
+//   shared by K and V, the lanes of a group spanning D (see LeanCfg).
+// - the generic tile (other head dims: 80, 96, run-time ones): the first version of this
+//   kernel, kept for coverage; scores/softmax/PV through shared memory, 2 stages.
 // Split-KV: each sequence picks its own split count on the device (plan_splits, bounded by the
-// host's num_kv_splits, which sizes the grid). A sequence with one split writes `out`
-// directly; otherwise each split writes a normalised fp32 partial and its log-sum-exp, and
-// merge_splits_kernel combines them. Grids depend on host ints only (CUDA-graph capturable).
+// host's num_kv_splits <= kMaxSplits, which sizes the grid). A sequence with one split writes
+// `out` directly; otherwise each split writes a normalised fp32 partial and its log-sum-exp,
+// and merge_splits_kernel combines them. Grids depend on host ints only (graph capturable).
 //
 // Row tiles -> CTAs (grid.x = slots x splits, KV head on grid.y): with B sequences whose
 // q_len all fit one bound (decodes, uniform chunks) every sequence gets the same number of
@@ -87,10 +90,61 @@ struct AttnCfg {
   }
 };
 
+// The lean decode-class tile (head dims 64/128/256 in 16-bit types, 64/128 in fp32; any
+// rows <= kRows): K/V tiles of 16 KB, kStages deep; thread (grp, c) owns 16-byte chunk c of D
+// (NC lanes per group, one warp or part of one) and, within a tile, 4 keys per sub-tile. Groups
+// are split into NRG row groups of 4 rows (only the groups that exist: 1 for G <= 4) times
+// NG / NRG key groups. Each group keeps its own online-softmax state for its keys (no block
+// barrier per tile beyond the pipeline's one); the groups merge once, after the last tile.
+constexpr int kStages = 3;     // cp.async tiles in flight: 2 while one is computed
+constexpr int kTileBytes = 16 * 1024;  // K + V bytes per tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma M tile)
+
 template <typename T, int DM, bool EXACT>
-__global__ void __launch_bounds__(kThreads)
+struct LeanCfg {
+  static constexpr int VEC = 16 / sizeof(T);
+  static constexpr int NC = DM / VEC;                    // lanes per group
+  static constexpr bool OK = EXACT && DM % VEC == 0 && (NC == 8 || NC == 16 || NC == 32);
+  static constexpr int NG = kThreads / NC;               // groups
+  static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));  // keys/tile
+  static_assert(!OK || NK == 4 * NG, "4 keys per group per sub-tile");
+  static constexpr int LOADS = NK * NC / kThreads;      // 16-byte K (and V) copies per thread
+  static constexpr int NEND = 16 / NC > 1 ? 16 / NC : 1; // scores per lane after the reduce
+  // Layout: K/V [kStages][K, V][NK][DM] | per-group P [NG][16] + alpha [NG][4] fp32; after
+  // stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32 for the merge.
+  static constexpr size_t SMEM = static_cast<size_t>(kStages) * kTileBytes + NG * 20 * 4;
+  static_assert(NG * 4 * (DM + 2) * 4 <= kStages * kTileBytes, "merge area fits the stages");
+};
+
+// Sum N per-lane partials over the L lanes of a group while spreading the results: at the
+// end lane l holds NEND = max(N / L, 1) sums, value index j + NEND * ((l % L) >> log2(L / N))
+// (L > N: pairs of lanes hold the same sum). N - 1 shuffles for N <= L, not N log2 L.
+template <int N, int W>
+__device__ __forceinline__ void transpose_reduce(float* v, int lane) {
+  if constexpr (W >= 1) {
+    if constexpr (N > 1) {
+      constexpr int H = N / 2;
+      const bool up = lane & W;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const float send = up ? v[i] : v[i + H];
+        const float keep = up ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, W);
+      }
+      transpose_reduce<H, W / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], W);
+      transpose_reduce<1, W / 2>(v, lane);
+    }
+  }
+}
+
+template <typename T, int DM, bool EXACT>
+__global__ void __launch_bounds__(kThreads, 4)  // 4 CTAs/SM: <= 128 registers
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
+  using LC = LeanCfg<T, DM, EXACT>;
   constexpr int VEC = C::VEC, NCM = C::NCM, NK = C::NK, MAXR = C::MAXR;
   const int D = EXACT ? DM : p.head_dim;  // a constant in the exact instantiations
   const int NC = D / VEC, KROW = D + VEC, RG = kThreads / NC;
@@ -124,7 +178,15 @@ paged_attention_kernel(const PagedAttentionParams p) {
   const int64_t row0_64 = static_cast<int64_t>(rtile) * kRows;
   if (row0_64 >= total_rows) return;            // q_len 0, or a tile past this sequence
   const int row0 = static_cast<int>(row0_64);
-  const int nrows = total_rows - row0_64 < kRows ? static_cast<int>(total_rows - row0_64) : kRows;
+  // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
+  // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
+  // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
+  constexpr bool TC_OK = LC::OK && sizeof(T) == 2 && DM <= 128;  // DM 256: O needs 128 regs
+  const bool tc = TC_OK && total_rows > kRows;
+  if (tc && (rtile & 3)) return;
+  const int tile_rows = tc ? kTcRows : kRows;
+  const int nrows = total_rows - row0_64 < tile_rows ? static_cast<int>(total_rows - row0_64)
+                                                     : tile_rows;
   const SplitPlan plan = plan_splits(kv_len, q_len, p.sliding_window, S);
   if (split >= plan.n) return;
 
@@ -141,6 +203,443 @@ paged_attention_kernel(const PagedAttentionParams p) {
   const int64_t split_hi = static_cast<int64_t>(split_lo) + plan.chunk;  // may pass INT_MAX
   if (split_hi < hi) hi = static_cast<int>(split_hi);
   const int ntiles = hi > lo ? (hi - lo + NK - 1) / NK : 0;
+
+  if constexpr (TC_OK) {
+    if (tc) {
+      // FA2-style tile on mma.sync.m16n8k16 (fp32 accumulate): warp w owns rows 16w..16w+15;
+      // S = Q K^T and O += P V with P kept in registers (the C fragment of S is the A fragment
+      // of P), online softmax per row in fp32. Shared memory: Q [64][DM] and 2 stages of K/V
+      // [NK][DM], 16-byte chunk c of row r stored at chunk c ^ (r % 8) so that the 8 row
+      // addresses of every ldmatrix phase hit distinct banks.
+      constexpr int TVEC = LC::VEC, TNC = LC::NC, TNG = LC::NG, TNK = LC::NK;
+      constexpr int KS = DM / 16, NT = 4, DT = DM / 8;  // NT: 8-key tiles of a 32-key chunk
+      static_assert(kTcRows * DM * 2 + 2 * kTileBytes <= kStages * kTileBytes, "TC smem");
+      T* Qs = reinterpret_cast<T*>(smem_raw);
+      T* kvs = Qs + kTcRows * DM;
+      auto sw = [](int r, int ch) { return r * DM + ((ch ^ (r & 7)) * TVEC); };
+      const int nt_tiles = hi > lo ? (hi - lo + TNK - 1) / TNK : 0;
+      const T* q = static_cast<const T*>(p.q);
+      for (int i = tid; i < kTcRows * TNC; i += kThreads) {
+        const int r = i / TNC, ch = i % TNC;
+        const bool ok = r < nrows;
+        const int rr = row0 + (ok ? r : 0);
+        cp_async16(Qs + sw(r, ch),
+                   q + (q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h +
+                       ch * TVEC, ok);
+      }
+      const int grp = tid / TNC, c = tid % TNC;
+      const int bs = p.block_size;
+      // Registers are the TC tile's limit (128 for 4 CTAs/SM; O alone holds 64): the cache
+      // pointers and the block stride are re-read from the kernel parameters (constant bank
+      // operands) rather than held, the head/chunk offset and token stride are 32-bit.
+      const int head_c = kvh * DM + c * TVEC;      // < 2^24: Hkv <= 65535, D <= 256
+      const int tok_stride = p.num_kv_heads * DM;
+      const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
+      int wkey = lo + grp;  // the lean tile's block walk (keys grp + j NG, in tile order)
+      int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
+      int woff = wkey - wbi * bs;
+      auto page_of = [&](int bi) {
+        return static_cast<int64_t>(bt[bi]) * (static_cast<int64_t>(p.num_kv_heads) * DM * bs);
+      };
+      int64_t wpage = wkey < hi ? page_of(wbi) : 0;
+      auto load = [&](int stage) {
+        T* ks = kvs + stage * 2 * TNK * DM;
+#pragma unroll
+        for (int j = 0; j < LC::LOADS; ++j) {
+          const int k = grp + j * TNG;
+          const bool valid = wkey < hi;
+          const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
+          cp_async16(ks + sw(k, c), static_cast<const T*>(p.k_cache) + (valid ? off : 0), valid);
+          cp_async16(ks + TNK * DM + sw(k, c), static_cast<const T*>(p.v_cache) + (valid ? off : 0),
+                     valid);
+          wkey += TNG;
+          woff += TNG;
+          if (woff >= bs) {
+            woff -= bs;
+            ++wbi;
+            if (wkey < hi) wpage = page_of(wbi);
+          }
+        }
+      };
+      const int g = lane >> 2, t4 = lane & 3, wr0 = warp * 16;
+      const bool warp_rows = wr0 < nrows;
+      const int rA = wr0 + g, rB = rA + 8;
+      // A missing row sees no key: position -1 (and fewer live registers than a flag).
+      const int qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;
+      const int qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
+      const bool warp_full = wr0 + 16 <= nrows;
+      const int qpos_lo = ctx + (row0 + min(wr0, nrows - 1)) / G;
+      const int qpos_hi = ctx + (row0 + min(wr0 + 15, nrows - 1)) / G;
+      const bool has_cap = p.softcap > 0.f;
+      const float sl2 = has_cap ? p.scale : p.scale * kLog2e;
+      float o[DT][4];
+#pragma unroll
+      for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+      float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;  // l: this lane's part
+      if (nt_tiles > 0) load(0);
+      cp_async_commit();  // Q and tile 0
+      int stage = 0;
+      for (int it = 0; it < nt_tiles; ++it) {
+        if (it + 1 < nt_tiles) load(stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        // 32 keys at a time (S of 16 x 32 in 16 registers): a 64-key tile (D 64) in two.
+        for (int kc2 = 0; kc2 < TNK / 32 && warp_rows; ++kc2) {
+          const T* Ks = kvs + stage * 2 * TNK * DM + kc2 * 32 * DM;
+          const T* Vs = Ks + TNK * DM;
+          float sc[NT][4];
+#pragma unroll
+          for (int n = 0; n < NT; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+#pragma unroll
+          for (int k2 = 0; k2 < KS; k2 += 2) {
+            uint32_t qa[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              ldmatrix<4, false>(qa[h], Qs + sw(wr0 + (lane & 7) + 8 * ((lane >> 3) & 1),
+                                                2 * (k2 + h) + (lane >> 4)));
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+              uint32_t kb[4];
+              ldmatrix<4, false>(kb, Ks + sw(8 * n + (lane & 7), 2 * k2 + (lane >> 3)));
+              const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+              mma_16816<T>(sc[n], qa[0], b0);
+              mma_16816<T>(sc[n], qa[1], b1);
+            }
+          }
+          // Scores stay unscaled (x f inside the exp2's FFMA); masks only on the tiles that
+          // need them (a partial last tile, the causal diagonal, a window edge, missing rows):
+          // in a long chunk most tiles skip ~10 instructions a score.
+          const int key0 = lo + it * TNK + kc2 * 32, kmax = key0 + 31;
+          float f = sl2;
+          if (has_cap) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+              for (int j = 0; j < 4; ++j)
+                sc[n][j] = p.softcap * tanhf(sc[n][j] * sl2 * inv_cap) * kLog2e;
+            f = 1.f;
+          }
+          const bool full = warp_full && kmax < hi && kmax <= qpos_lo &&
+                            (window <= 0 || key0 > qpos_hi - window);
+          if (!full) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const int key = key0 + 8 * n + 2 * t4 + (j & 1);
+                const int qp = j < 2 ? qposA : qposB;
+                const bool ok = key < hi && key <= qp && (window <= 0 || key > qp - window);
+                if (!ok) sc[n][j] = -INFINITY;
+              }
+          }
+          float mxA = -INFINITY, mxB = -INFINITY;
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            mxA = fmaxf(mxA, fmaxf(sc[n][0], sc[n][1]));
+            mxB = fmaxf(mxB, fmaxf(sc[n][2], sc[n][3]));
+          }
+#pragma unroll
+          for (int w = 1; w <= 2; w <<= 1) {
+            mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, w));
+            mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, w));
+          }
+          const float nA = fmaxf(mA, mxA * f), nB = fmaxf(mB, mxB * f);  // f > 0
+          const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
+          const float aA = fast_exp2(mA - uA), aB = fast_exp2(mB - uB);
+          mA = nA;
+          mB = nB;
+          float sA = 0.f, sB = 0.f;
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            sc[n][0] = fast_exp2(fmaf(sc[n][0], f, -uA));
+            sc[n][1] = fast_exp2(fmaf(sc[n][1], f, -uA));
+            sc[n][2] = fast_exp2(fmaf(sc[n][2], f, -uB));
+            sc[n][3] = fast_exp2(fmaf(sc[n][3], f, -uB));
+            sA += sc[n][0] + sc[n][1];
+            sB += sc[n][2] + sc[n][3];
+          }
+          lA = lA * aA + sA;
+          lB = lB * aB + sB;
+#pragma unroll
+          for (int d = 0; d < DT; ++d) {
+            o[d][0] *= aA; o[d][1] *= aA;
+            o[d][2] *= aB; o[d][3] *= aB;
+          }
+#pragma unroll
+          for (int kt = 0; kt < 2; ++kt) {
+            const uint32_t pa[4] = {pack2<T>(sc[2 * kt][0], sc[2 * kt][1]),
+                                    pack2<T>(sc[2 * kt][2], sc[2 * kt][3]),
+                                    pack2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1]),
+                                    pack2<T>(sc[2 * kt + 1][2], sc[2 * kt + 1][3])};
+#pragma unroll
+            for (int d2 = 0; d2 < DT; d2 += 2) {
+              uint32_t vb[4];
+              ldmatrix<4, true>(vb, Vs + sw(16 * kt + 8 * ((lane >> 3) & 1) + (lane & 7),
+                                            d2 + (lane >> 4)));
+              const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+              mma_16816<T>(o[d2], pa, b0);
+              mma_16816<T>(o[d2 + 1], pa, b1);
+            }
+          }
+        }
+        __syncthreads();  // the next iteration's prefetch overwrites this stage
+        stage ^= 1;
+      }
+      cp_async_wait<0>();
+      if (!warp_rows) return;
+#pragma unroll
+      for (int w = 1; w <= 2; w <<= 1) {
+        lA += __shfl_xor_sync(0xffffffffu, lA, w);
+        lB += __shfl_xor_sync(0xffffffffu, lB, w);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = h ? rB : rA;
+        if (r >= nrows) continue;
+        const float l = h ? lB : lA, mm = h ? mB : mA;
+        const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
+        const int rr = row0 + r;
+        const int64_t t = q_start + rr / G;
+        const int qh = kvh * G + rr % G;
+        if (plan.n == 1) {
+          T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
+#pragma unroll
+          for (int d = 0; d < DT; ++d) {
+            const float f2[2] = {o[d][2 * h] * inv, o[d][2 * h + 1] * inv};
+            store_f<T, 2>(out + 8 * d + 2 * t4, f2);
+          }
+        } else {
+          const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * p.num_q_heads + qh;
+          float* po = p.partial_out + row * DM;
+#pragma unroll
+          for (int d = 0; d < DT; ++d)
+            *reinterpret_cast<float2*>(po + 8 * d + 2 * t4) =
+                make_float2(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
+          if (t4 == 0) p.partial_lse[row] = l > 0.f ? (mm + log2f(l)) / kLog2e : -INFINITY;
+        }
+      }
+      return;
+    }
+  }
+  if constexpr (LC::OK) {
+    constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
+    const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
+    T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][DM]
+    float* sc = reinterpret_cast<float*>(st + kStages * 2 * LNK * DM);  // [NG][20]
+    const int grp = tid / LNC, c = tid % LNC, glane = tid % LNC;
+    const int nrg = nrows <= 4 ? 1 : nrows <= 8 ? 2 : 4;  // row groups that exist
+    const int rg = grp % nrg, kg = grp / nrg, nkg = NG / nrg;
+    const bool has_cap = p.softcap > 0.f;
+    // Q rows rg*4 + i of chunk c in registers, pre-scaled (by log2 e too: exp2 below).
+    const float qscale = has_cap ? p.scale : p.scale * kLog2e;
+    const T* q = static_cast<const T*>(p.q);
+    float qr[4][LVEC];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = rg * 4 + i;
+      if (r < nrows) {
+        const int rr = row0 + r;
+        load_f<T, LVEC>(q + (q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h +
+                            c * LVEC, qr[i]);
+#pragma unroll
+        for (int e = 0; e < LVEC; ++e) qr[i][e] *= qscale;
+      } else {
+#pragma unroll
+        for (int e = 0; e < LVEC; ++e) qr[i][e] = 0.f;
+      }
+    }
+    // The (row, key) of this lane's reduced scores are fixed: value index i * 4 + kk, all NEND
+    // of them in one row i (my_i); the keys kk of a row sit in-lane (j) and on lanes KW0, 2 KW0.
+    constexpr int SH = LNC > 16 ? 1 : 0;  // lanes per sum after the reduce (2 when NC = 32)
+    constexpr int KW0 = NEND == 1 ? (1 << SH) : 1, KLEV = NEND == 1 ? 2 : 1;
+    const int idx0 = NEND * (glane >> SH);
+    const int my_i = idx0 / 4, my_r = rg * 4 + my_i;
+    const bool my_row = my_r < nrows;
+    const int my_qpos = ctx + (row0 + min(my_r, nrows - 1)) / G;
+    const bool my_writer = SH == 0 || (glane & 1) == 0;
+    const int bs = p.block_size;
+    const T* kc = static_cast<const T*>(p.k_cache);
+    const T* vc = static_cast<const T*>(p.v_cache);
+    const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
+    const int64_t blk_stride = tok_stride * bs;
+    const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
+    const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * LVEC;
+    // This thread copies keys lo + grp + j NG (j = 0, 1, ...) in tile order, chunk c of K and
+    // of V from one page offset. Consecutive keys are NG <= 16 <= block_size apart, so the
+    // block index is walked (at most one step a key) instead of divided: one division (or
+    // shift, for a power-of-two block size) per CTA, none in the loop.
+    int wkey = lo + grp;
+    int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
+    int woff = wkey - wbi * bs;
+    int64_t wpage = wkey < hi ? static_cast<int64_t>(bt[wbi]) * blk_stride : 0;
+    auto load = [&](int stage) {
+      T* ks = st + stage * 2 * LNK * DM;
+#pragma unroll
+      for (int j = 0; j < LC::LOADS; ++j) {
+        const int k = grp + j * NG;
+        const bool valid = wkey < hi;
+        const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
+        cp_async16(ks + k * DM + c * LVEC, kc + (valid ? off : 0), valid);
+        cp_async16(ks + (LNK + k) * DM + c * LVEC, vc + (valid ? off : 0), valid);
+        wkey += NG;
+        woff += NG;
+        if (woff >= bs) {
+          woff -= bs;
+          ++wbi;
+          if (wkey < hi) wpage = static_cast<int64_t>(bt[wbi]) * blk_stride;
+        }
+      }
+    };
+    float acc[4][LVEC];
+    float m = -INFINITY, l = 0.f;  // running max (log2 units) and sum of row my_i
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int e = 0; e < LVEC; ++e) acc[i][e] = 0.f;
+    float* gs = sc + grp * 20;  // P [key kk][row i], then alpha [row i]
+#pragma unroll
+    for (int s0 = 0; s0 < kStages - 1; ++s0) {
+      if (s0 < nt) load(s0);
+      cp_async_commit();
+    }
+    int stage = 0;
+    for (int it = 0; it < nt; ++it) {
+      cp_async_wait<kStages - 2>();  // tile `it` landed (this thread's copies) ...
+      __syncthreads();               // ... everyone's; and stage it-1 is no longer read
+      {
+        const int nxt = it + kStages - 1;
+        int ns = stage + kStages - 1;
+        if (ns >= kStages) ns -= kStages;
+        if (nxt < nt) load(ns);
+        cp_async_commit();
+      }
+      const T* Ks = st + stage * 2 * LNK * DM;
+      const T* Vs = Ks + LNK * DM;
+      const int key0 = lo + it * LNK;
+      for (int sub = 0; sub < nrg; ++sub) {
+        const int kb = (sub * nkg + kg) * 4;  // first key of this group's sub-tile
+        float sv[16];                          // [row i][key kk] partial dots of chunk c
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          float kf[LVEC];
+          load_f<T, LVEC>(Ks + (kb + kk) * DM + c * LVEC, kf);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            float d = 0.f;
+#pragma unroll
+            for (int e = 0; e < LVEC; ++e) d = fmaf(qr[i][e], kf[e], d);
+            sv[i * 4 + kk] = d;
+          }
+        }
+        transpose_reduce<16, LNC / 2>(sv, glane);
+        // Masks, then the online softmax of row my_i over the 4 keys (lanes of the row).
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NEND; ++j) {
+          const int key = key0 + kb + (idx0 + j) % 4;
+          float s = sv[j];
+          if (has_cap) s = p.softcap * tanhf(s * inv_cap) * kLog2e;
+          const bool ok = my_row && key < hi && key <= my_qpos &&
+                          (window <= 0 || key > my_qpos - window);
+          sv[j] = ok ? s : -INFINITY;
+          mx = fmaxf(mx, sv[j]);
+        }
+#pragma unroll
+        for (int lv = 0, w = KW0; lv < KLEV; ++lv, w <<= 1)
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+        const float m_new = fmaxf(m, mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+        const float alpha = fast_exp2(m - m_use);
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NEND; ++j) {
+          sv[j] = fast_exp2(sv[j] - m_use);
+          sum += sv[j];
+        }
+#pragma unroll
+        for (int lv = 0, w = KW0; lv < KLEV; ++lv, w <<= 1)
+          sum += __shfl_xor_sync(0xffffffffu, sum, w);
+        l = l * alpha + sum;
+        m = m_new;
+        __syncwarp();  // every lane of the group has read the previous sub-tile's P
+        if (my_writer) {
+#pragma unroll
+          for (int j = 0; j < NEND; ++j) gs[((idx0 + j) % 4) * 4 + my_i] = sv[j];
+          if ((idx0 % 4) == 0) gs[16 + my_i] = alpha;
+        }
+        __syncwarp();
+        const float4 a4 = *reinterpret_cast<const float4*>(gs + 16);
+        const float al[4] = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int e = 0; e < LVEC; ++e) acc[i][e] *= al[i];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const float4 p4 = *reinterpret_cast<const float4*>(gs + kk * 4);
+          const float pr[4] = {p4.x, p4.y, p4.z, p4.w};
+          float vf[LVEC];
+          load_f<T, LVEC>(Vs + (kb + kk) * DM + c * LVEC, vf);
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < LVEC; ++e) acc[i][e] = fmaf(pr[i], vf[e], acc[i][e]);
+        }
+      }
+      if (++stage == kStages) stage = 0;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stage area becomes the merge area
+    float* mb = reinterpret_cast<float*>(smem_raw);  // [NG][4] max, then [NG][4] sum
+    float* lb = mb + NG * 4;
+    float* ob = lb + NG * 4;                          // [NG][4][DM]
+    if (my_writer && idx0 % 4 == 0) {
+      mb[grp * 4 + my_i] = m;
+      lb[grp * 4 + my_i] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int e = 0; e < LVEC; e += 4)
+        *reinterpret_cast<float4*>(ob + (grp * 4 + i) * DM + c * LVEC + e) =
+            make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
+    }
+    __syncthreads();
+    for (int item = tid; item < nrows * LNC; item += kThreads) {
+      const int r = item / LNC, cc = item % LNC, rgi = r / 4, i = r % 4;
+      float mx = -INFINITY;
+      for (int k2 = 0; k2 < nkg; ++k2) mx = fmaxf(mx, mb[(k2 * nrg + rgi) * 4 + i]);
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      float lsum = 0.f, o[LVEC];
+#pragma unroll
+      for (int e = 0; e < LVEC; ++e) o[e] = 0.f;
+      for (int k2 = 0; k2 < nkg; ++k2) {
+        const int g2 = (k2 * nrg + rgi) * 4 + i;
+        const float w = fast_exp2(mb[g2] - m_use);
+        lsum = fmaf(w, lb[g2], lsum);
+#pragma unroll
+        for (int e = 0; e < LVEC; ++e) o[e] = fmaf(w, ob[g2 * DM + cc * LVEC + e], o[e]);
+      }
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;  // a row that sees no key gives zeros
+#pragma unroll
+      for (int e = 0; e < LVEC; ++e) o[e] *= inv;
+      const int rr = row0 + r;
+      const int64_t t = q_start + rr / G;
+      const int qh = kvh * G + rr % G;
+      if (plan.n == 1) {
+        store_f<T, LVEC>(static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h +
+                             cc * LVEC, o);
+      } else {
+        const int64_t row = (static_cast<int64_t>(split) * p.num_tokens + t) * p.num_q_heads + qh;
+        float* po = p.partial_out + row * DM + cc * LVEC;
+#pragma unroll
+        for (int e = 0; e < LVEC; e += 4)
+          *reinterpret_cast<float4*>(po + e) = make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
+        if (cc == 0) p.partial_lse[row] = lsum > 0.f ? (mx + log2f(lsum)) / kLog2e : -INFINITY;
+      }
+    }
+  } else {
 
   // Q rows -> fp32 smem, scaled once here rather than per score.
   const T* q = static_cast<const T*>(p.q);
@@ -315,17 +814,23 @@ paged_attention_kernel(const PagedAttentionParams p) {
       if (pv_c == 0) p.partial_lse[row] = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
     }
   }
+  }  // generic tile
 }
 
 // Combine the splits of every (token, query head) of sequences that used more than one.
-// Grid (T): one CTA per token, whose sequence is found by binary search over cu_seqlens_q
-// (a (max_seqlen_q, B) grid would be mostly empty CTAs in a mixed batch); one warp per query
-// head, lanes over D in float4s.
+// Grid (T, ceil(Hq / kWarps)): one warp per (token, query head), so a batch-1 decode merges
+// its Hq heads on Hq warps (32 for Llama-3), not on the 4 warps of one CTA. Lanes first span
+// the splits (log-sum-exp by a warp reduction: split s on lane s % 32), then D in float4s with
+// each split's weight broadcast by a shuffle. The token's sequence is found by binary search
+// over cu_seqlens_q (a (max_seqlen_q, B) grid would be mostly empty CTAs in a mixed batch).
+constexpr int kMaxSplits = 128;               // = cuda_ops.MAX_KV_SPLITS
+constexpr int kSplitsPerLane = kMaxSplits / 32;
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAttentionParams p) {
   const int64_t t = blockIdx.x;
+  const int qh = blockIdx.y * kWarps + (threadIdx.x >> 5);
   const int32_t* cu = p.cu_seqlens_q;
-  if (t < cu[0] || t >= cu[p.num_seqs]) return;  // a row of no sequence
+  if (t < cu[0] || t >= cu[p.num_seqs] || qh >= p.num_q_heads) return;  // whole warps
   int lo = 0, hi = p.num_seqs - 1;                // the last b with cu[b] <= t
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -336,38 +841,53 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   const int q_len = cu[b + 1] - cu[b];
   const SplitPlan plan = plan_splits(p.seq_lens[b], q_len, p.sliding_window, p.num_kv_splits);
   if (plan.n <= 1) return;  // written directly by the attention kernel
-  const int D = p.head_dim;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int D = p.head_dim, lane = threadIdx.x & 31;
   const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_q_heads;
-  for (int qh = warp; qh < p.num_q_heads; qh += kWarps) {
-    const int64_t row = t * p.num_q_heads + qh;
-    float mx = -INFINITY;
-    for (int s = 0; s < plan.n; ++s) mx = fmaxf(mx, p.partial_lse[s * split_stride + row]);
-    float wsum = 0.f;
-    if (mx != -INFINITY)
-      for (int s = 0; s < plan.n; ++s) {
-        const float l = p.partial_lse[s * split_stride + row];
-        if (l != -INFINITY) wsum += expf(l - mx);
-      }
-    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-    T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
-    for (int d = lane * 4; d < D; d += 128) {
-      float a[4] = {0.f, 0.f, 0.f, 0.f};
-      if (mx != -INFINITY)
-        for (int s = 0; s < plan.n; ++s) {
-          const float l = p.partial_lse[s * split_stride + row];
-          if (l == -INFINITY) continue;  // an empty split: its partial is not read
-          const float w = expf(l - mx);
-          const float4 v = *reinterpret_cast<const float4*>(
-              p.partial_out + (s * split_stride + row) * D + d);
-          a[0] = fmaf(w, v.x, a[0]);
-          a[1] = fmaf(w, v.y, a[1]);
-          a[2] = fmaf(w, v.z, a[2]);
-          a[3] = fmaf(w, v.w, a[3]);
-        }
+  const int64_t row = t * p.num_q_heads + qh;
+  float w[kSplitsPerLane];
+  float mx = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) out[d + e] = from_f<T>(a[e] * inv);
+  for (int j = 0; j < kSplitsPerLane; ++j) {
+    const int s = lane + 32 * j;
+    w[j] = s < plan.n ? p.partial_lse[s * split_stride + row] : -INFINITY;
+    mx = fmaxf(mx, w[j]);
+  }
+  mx = warp_max(mx);
+  float wsum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kSplitsPerLane; ++j) {
+    w[j] = w[j] == -INFINITY ? 0.f : expf(w[j] - mx);  // an empty split weighs 0
+    wsum += w[j];
+  }
+  wsum = warp_sum(wsum);
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  float a[2][4] = {};  // D <= 256: two float4 chunks a lane
+  const float* po = p.partial_out + row * D + lane * 4;
+#pragma unroll
+  for (int j = 0; j < kSplitsPerLane; ++j) {
+    if (32 * j >= plan.n) break;
+    for (int sl = 0; sl < 32 && 32 * j + sl < plan.n; ++sl) {
+      const float ws = __shfl_sync(0xffffffffu, w[j], sl);  // every lane: a full warp
+      if (ws == 0.f) continue;  // an empty split: its partial was never written
+      const float* ps = po + (32 * j + sl) * split_stride * D;
+#pragma unroll
+      for (int ci = 0; ci < 2; ++ci) {
+        if (lane * 4 + ci * 128 >= D) break;
+        const float4 v = *reinterpret_cast<const float4*>(ps + ci * 128);
+        a[ci][0] = fmaf(ws, v.x, a[ci][0]);
+        a[ci][1] = fmaf(ws, v.y, a[ci][1]);
+        a[ci][2] = fmaf(ws, v.z, a[ci][2]);
+        a[ci][3] = fmaf(ws, v.w, a[ci][3]);
+      }
     }
+  }
+  T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
+#pragma unroll
+  for (int ci = 0; ci < 2; ++ci) {
+    const int d = lane * 4 + ci * 128;
+    if (d >= D) break;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[d + e] = from_f<T>(a[ci][e] * inv);
   }
 }
 
@@ -384,7 +904,7 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = C::smem(p.head_dim);
+  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM : C::smem(p.head_dim);
   auto kernel = paged_attention_kernel<T, DM, EXACT>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
@@ -392,10 +912,19 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
                              static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
+  // All of the unified L1/shared array as shared memory: 4 lean CTAs need 4 x 49.5 KB; the
+  // driver's default carveout may leave fewer resident (the kernel reads K/V once: little L1).
+  {
+    const cudaError_t e = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+    if (e != cudaSuccess) return e;
+  }
+  q.block_shift = (p.block_size & (p.block_size - 1)) == 0 ? __builtin_ctz(p.block_size) : -1;
   kernel<<<dim3(static_cast<unsigned>(gx), p.num_kv_heads), kThreads, smem, stream>>>(q);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.num_kv_splits <= 1) return e;
-  merge_splits_kernel<T><<<dim3(p.num_tokens), kThreads, 0, stream>>>(q);
+  const dim3 mgrid(p.num_tokens, (p.num_q_heads + kWarps - 1) / kWarps);
+  merge_splits_kernel<T><<<mgrid, kThreads, 0, stream>>>(q);
   return cudaGetLastError();
 }
 
@@ -422,7 +951,7 @@ bool paged_attention_head_dim_supported(int d) { return d > 0 && d % 8 == 0 && d
 cudaError_t paged_attention(const PagedAttentionParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0 || p.num_tokens == 0 || p.max_seqlen_q == 0) return cudaSuccess;
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.num_kv_splits < 1 ||
-      p.block_size <= 0)
+      p.num_kv_splits > kMaxSplits || p.block_size <= 0)
     return cudaErrorInvalidValue;
   if (p.num_kv_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr))
     return cudaErrorInvalidValue;

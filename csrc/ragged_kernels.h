@@ -37,6 +37,7 @@ struct PagedAttentionParams {
   int num_seqs, num_tokens, num_q_heads, num_kv_heads, head_dim, block_size;
   int max_seqlen_q;     // host-side bound of q_len: sizes the grid (never read from the device)
   int tiles_per_seq;    // set by the launcher (callers leave it 0): the CTA layout, see .cu
+  int block_shift;      // set by the launcher: log2(block_size), or -1 when not a power of 2
   int num_kv_splits;    // host-side upper bound; each sequence picks its own count on the device
   int sliding_window;   // <= 0: off
   float scale, softcap; // softcap <= 0: off

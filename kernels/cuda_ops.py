@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
-MAX_KV_SPLITS = 32
+MAX_KV_SPLITS = 128                  # = kMaxSplits in paged_attention.cu (the merge's bound)
 _SPLIT_MIN_KEYS = 128                # keep in step with kSplitMinKeys in paged_attention.cu
+_CTAS_PER_SM = 4                     # resident attention CTAs an SM holds (registers <= 128,
+                                     # 49.5 KB shared memory: paged_attention.cu's LeanCfg)
 _WORKSPACE_BYTES = 256 << 20         # cap of the fp32 split-KV partials [S, T, Hq, D]
 
 
@@ -95,7 +97,8 @@ def _sm_count(device: torch.device) -> int:
 def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seqlen_k: int) -> int:
     """Host-side upper bound of the split-KV factor; each sequence picks its own count on the
     device from its length (so short sequences in a mixed batch are not split). Aim: about
-    two CTAs per SM; no split below _SPLIT_MIN_KEYS keys; the fp32 workspace stays capped."""
+    one wave of resident CTAs (SMs x _CTAS_PER_SM); no split below _SPLIT_MIN_KEYS keys; the
+    fp32 workspace stays capped."""
     if max_seqlen_k <= _SPLIT_MIN_KEYS:
         return 1
     T, Hq, D = q.shape
@@ -106,7 +109,8 @@ def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seql
     row_tiles = min(num_seqs * -(-max_seqlen_q * G // 16), T * G // 16 + num_seqs)
     ctas = max(1, Hkv * row_tiles)
     sms = _sm_count(q.device)
-    splits = min(MAX_KV_SPLITS, -(-2 * sms // ctas), -(-max_seqlen_k // _SPLIT_MIN_KEYS))
+    splits = min(MAX_KV_SPLITS, -(-_CTAS_PER_SM * sms // ctas),
+                 -(-max_seqlen_k // _SPLIT_MIN_KEYS))
     splits = min(splits, max(1, _WORKSPACE_BYTES // max(1, T * Hq * D * 4)))
     return max(1, splits)
 
@@ -117,6 +121,9 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     if d % 8 != 0 or not 0 < d <= 256:
         raise ValueError(f"q: head dim {d} not supported by the cuda backend (a multiple of 8 "
                          "up to 256)")
+    if num_kv_splits is not None and num_kv_splits > MAX_KV_SPLITS:
+        raise ValueError(f"num_kv_splits: {num_kv_splits} exceeds the cuda backend's "
+                         f"{MAX_KV_SPLITS} (the split merge's bound)")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_kv_splits is None:

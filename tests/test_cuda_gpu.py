@@ -87,6 +87,47 @@ def test_attention_softcap_and_scale(dtype):
     _check_attn([20, 1, 4], [600, 300, 9], hq=4, hkv=2, d=64, dtype=dtype, softcap=30.0, window=9)
 
 
+# ---- issue 13: tile classes (lean CUDA-core decode, tensor-core prefill), splits up to 128
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("q_len", [2, 4, 7, 16])
+def test_attention_spec_verify(dtype, q_len):
+    # Llama-3 heads: q_len x 4 rows = 8..64 (lean tiles of 2 / 4 row groups, tensor cores > 16)
+    _check_attn([q_len] * 5 + [1], [q_len + 9, 700, 2048, q_len, 77, 900], hq=32, hkv=8,
+                d=128, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 5, 8])
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_prefill_chunk_with_context(dtype, group, d):
+    # chunks after cached context (tensor-core tiles in fp16/bf16, 64 rows a CTA, partial
+    # last CTA with idle warps) beside decodes in one launch
+    _check_attn([300, 1, 129, 1, 17], [1324, 2000, 129, 5, 600], hq=2 * group, hkv=2, d=d,
+                dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("bs", [16, 32, 48, 64])
+def test_attention_block_sizes_lean_and_tc(dtype, bs):
+    # 48: not a power of two (the division in the block walk's start)
+    _check_attn([1, 40, 1, 3], [4097, 500, 33, 260], hq=32, hkv=8, d=128, bs=bs, dtype=dtype,
+                splits=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("splits", [64, 100, 128])
+def test_attention_max_split_counts(dtype, splits):
+    # 128 keys a split at least: 16384 keys give all 128 splits to the merge's 4 lanes a warp
+    _check_attn([1, 1, 2], [16384, 9000, 300], hq=32, hkv=8, d=128, dtype=dtype, splits=splits)
+
+
+def test_attention_split_bound_names_num_kv_splits():
+    b = make_batch([1], [300], num_q_heads=4, num_kv_heads=2, head_dim=64, device="cuda")
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        kernels.paged_attention(*attn_args(b), max_seqlen_q=1, max_seqlen_k=300,
+                                num_kv_splits=129, backend="cuda")
+
+
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 def test_attention_split_count_invariance(dtype):
     b = make_batch([1, 3, 1, 20], [3000, 1500, 2, 2000], num_q_heads=8, num_kv_heads=2,

@@ -150,13 +150,23 @@ def test_unsupported_head_dim_names_q():
                                  num_kv_splits=1)
 
 
+def test_split_count_bound_names_num_kv_splits():
+    q = torch.empty(2, 4, 64)
+    with pytest.raises(ValueError, match="^num_kv_splits: 129"):
+        cuda_ops.paged_attention(q, None, None, None, None, None, scale=1.0, max_seqlen_q=1,
+                                 max_seqlen_k=1, sliding_window=None, softcap=None, out=None,
+                                 num_kv_splits=129)
+
+
 def test_default_num_kv_splits(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 132)
     q = torch.empty(1, 32, 128, device="meta")
     kc = torch.empty(1, 16, 8, 128, device="meta")
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 100) == 1          # short: no split
     s = cuda_ops.default_num_kv_splits(q, kc, 1, 1, 32768)                # 8 CTAs, 132 SMs
-    assert s == cuda_ops.MAX_KV_SPLITS
+    assert s == 66                                                        # 4 x 132 / 8 resident
+    q1 = torch.empty(1, 4, 128, device="meta")                            # 1 CTA: the maximum
+    assert cuda_ops.default_num_kv_splits(q1, kc[:, :, :1], 1, 1, 1 << 20) == cuda_ops.MAX_KV_SPLITS
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 300) == 3          # >= 128 keys a split
     q = torch.empty(256, 32, 128, device="meta")
     assert cuda_ops.default_num_kv_splits(q, kc, 256, 1, 4096) == 1       # busy batch
@@ -203,6 +213,19 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
     # a chunk among decodes and empty sequences: searched CTA layout (19 slots, not 80)
     ([37, 1, 0, 1, 1, 5, 0, 1], [100, 150, 0, 1, 260, 5, 3, 33], 8, 2, 64, 16, torch.float16,
      3, None, None),
+    # spec-verify queries (q_len 2-16) at G 4: 8-64 rows, lean tiles of 1, 2 and 4 row groups
+    ([2, 16, 5, 1, 3], [40, 130, 5, 77, 3], 8, 2, 128, 16, torch.float16, 2, None, None),
+    # prefill chunks with cached context at G 1 / 5 / 8; block sizes 32, 48 (not a power of
+    # two: the division path) and 64; a window and a softcap on the lean tile
+    ([37, 1], [140, 60], 4, 4, 64, 32, torch.bfloat16, 2, None, None),
+    ([21, 3], [90, 200], 20, 4, 64, 48, torch.float16, 3, 50, None),
+    ([19, 1], [120, 50], 16, 2, 64, 64, torch.float32, 2, None, 3.0),
+    # a tensor-core CTA with an idle warp (45 rows of 64) over 5 tiles of one split
+    ([9, 1], [300, 20], 10, 2, 64, 16, torch.float16, 1, None, None),
+    # D 256 in bf16 over 16 rows: lean tiles only (no tensor-core tile at D 256), 2 CTAs
+    ([9, 1], [40, 70], 4, 2, 256, 32, torch.bfloat16, 2, None, None),
+    # the maximum split count: 16384 keys / 128 keys a split = 128 splits merged
+    ([1, 1, 2], [16384, 300, 5], 2, 1, 64, 16, torch.float16, 128, None, None),
 ]
 # CTA layouts (paged_attention.cu): searched in cases 0-3, 11, 12; uniform in 4-10.
 # Dynamic shared memory over 48 KB (the emulated launch fails without the kernel's opt-in):
@@ -264,6 +287,41 @@ def test_emulated_paged_attention_grid_limit(emu):
         emu.paged_attention(q, kc, kc, torch.zeros(1, 1, dtype=torch.int32),
                             torch.tensor([0, 1], dtype=torch.int32),
                             torch.tensor([1], dtype=torch.int32), scale=0.125, max_seqlen_q=1)
+
+
+# ---- the emulator's own model of the GPU (csrc/emu/emu.h), checked on tiny kernels in shim.cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_mma_fragment_layouts(emu, dtype):
+    # ldmatrix .x4/.x4.trans/.x2/.x2.trans feeding mma.sync.m16n8k16 must compute A B + C: a
+    # wrong lane -> (row, col) map in any fragment permutes elements and fails by O(1).
+    g = torch.Generator().manual_seed(0)
+    A, B = (torch.randn(16, 16, generator=g).to(dtype), torch.randn(16, 8, generator=g).to(dtype))
+    C = torch.randn(16, 8, generator=g)
+    want = A.double() @ B.double() + C.double()
+    for mode, a, b in ((0, A, B), (1, A, B.t()), (2, A.t(), B)):
+        d = emu.mma_test(a, b, C, mode)
+        err = (d.double() - want).abs().max().item()
+        print(f"mma mode {mode}: max err {err:.2e}")
+        assert err <= 4 * 2.0 ** -23 * want.abs().max().item() * 16, f"mode {mode}"
+
+
+def test_emulated_shuffle_masks(emu):
+    assert emu.shfl_test(0).tolist() == [float(lane ^ 1) for lane in range(32)]
+    half = emu.shfl_test(2)                              # lanes 0-15, mask 0xffff: fine
+    assert half[:16].tolist() == [float(lane ^ 1) for lane in range(16)]
+    with pytest.raises(RuntimeError, match="partial warp"):
+        emu.shfl_test(1)                                 # full mask, lane 5 has exited
+    with pytest.raises(RuntimeError, match="source lane not in the mask"):
+        emu.shfl_test(3)                                 # xor 16 from a half-warp mask
+
+
+def test_emulated_cp_async_groups(emu):
+    nan = float("nan")
+    got = emu.cp_async_test()
+    want = torch.tensor([[1, nan, nan, nan],             # wait_group 2: oldest group only
+                         [1, 2, nan, nan],               # wait_group 1
+                         [1, 2, 3, nan]])                # 0: all committed; not the open copy
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

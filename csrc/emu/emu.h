@@ -1,25 +1,58 @@
 // CPU emulation of the CUDA execution model, so CI machines without a GPU run the csrc/
-// kernels' own code (index math, masking, online softmax, split merge) against the references.
-// Built by csrc/emu/build.py with g++ (never part of the extension). Blocks run one after
-// another; a block's threads are std::threads: __syncthreads is a block barrier, warp shuffles
-// exchange through a buffer with a warp barrier, `__shared__` is `static` (one block at a time)
-// and dynamic shared memory is a buffer poisoned with 0xff before each block. cp.async takes its
-// plain-copy fallback (no __CUDA_ARCH__). What it cannot check: real warp scheduling, alignment
-// faults, register limits, the cp.async PTX itself: the gpu tests do that. It does check the
-// launch configuration (grid/block limits, dynamic shared memory and its 48 KB opt-in).
+// kernels' own code (index math, masking, online softmax, split merge, the cp.async pipeline,
+// tensor-core fragments) against the references. Built by csrc/emu/emulated.py with g++ (never
+// part of the extension); RAGGED_EMU selects the emulated branches of cuda_utils.cuh.
+//
+// What it models, and how strictly:
+// - Threads of a block are fibers (ucontext) on one OS thread, run one at a time, each until
+//   it blocks (a barrier, a warp collective) or exits; the scheduler always resumes the first
+//   runnable thread of a seeded order (warps shuffled, lanes shuffled within each), so the
+//   first warp runs its whole phase before the next warp gets past its first collective: a
+//   missing __syncthreads between a write and another warp's read shows deterministically
+//   (the reader runs first, or the writer's next phase overwrites first), not by a lucky race.
+// - __syncthreads: releases when every thread that has not exited has arrived (exited threads
+//   do not count, as on sm_70+). A barrier that can never release (a __syncthreads in a
+//   branch not all threads take, a lane stuck in a shuffle) is reported, not hung.
+// - Warp collectives (__shfl_*_sync, __syncwarp, ldmatrix, mma.sync) wait for exactly the
+//   lanes of their mask; they fail (launch error) if the caller is not in the mask, a source
+//   lane is not in the mask, a mask lane has exited (a partial warp), or the lanes disagree on
+//   the mask or the operation. mma.sync/ldmatrix require the full warp, as the PTX ISA does.
+// - cp.async (16 B): queued per thread with its destination poisoned (0xff bytes, NaN in
+//   fp16/bf16/fp32) at issue; commit_group closes a group; wait_group<N> applies the oldest
+//   committed groups until N remain; copies not yet committed are never applied by a wait.
+//   Reading a stage before its wait (or before the barrier after the other threads' waits)
+//   reads NaN. The source is read at issue (the kernels never write what they prefetch).
+// - ldmatrix .x1/.x2/.x4 (.trans) and mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate) with
+//   the PTX ISA fragment layouts (lane l: group g = l / 4, t = l % 4). mma accumulates in fp32
+//   in k order; the hardware's internal accumulation order/rounding may differ by an ulp.
+// - Blocks of a grid run one after another in a seeded shuffled order (a fresh order per
+//   launch; set RAGGED_EMU_SEED to reproduce). Dynamic shared memory is poisoned (0xff) before
+//   each block; `__shared__` is `static` (one block at a time).
+// - Launch configuration: grid/block limits, dynamic shared memory and its 48 KB opt-in.
+// What it cannot model: blocks running concurrently (an inter-block race or a spin-wait on
+// another block deadlocks or passes by order), memory ordering/fences between blocks, real
+// warp scheduling inside a phase (lanes of a warp do not run in lockstep here: a warp-
+// synchronous read without __syncwarp is not caught), alignment faults of plain global
+// accesses, bank conflicts, register limits and spills, timing, and approximate SFU math
+// (fast_exp2 is exp2f here, ex2.approx.ftz on the GPU). The gpu tests do that.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <ucontext.h>
 #include <algorithm>
-#include <barrier>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <map>
-#include <thread>
-#include <vector>
 #include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
 #undef __global__
 #undef __device__
 #undef __shared__
@@ -30,36 +63,274 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __forceinline__ inline
+#define RAGGED_EMU 1
 using std::min; using std::max;
-inline thread_local uint3 emu_tid, emu_bid;
+inline uint3 emu_tid, emu_bid;  // of the running fiber (one runs at a time)
 inline dim3 emu_bdim, emu_gdim;
 #define threadIdx emu_tid
 #define blockIdx emu_bid
 #define blockDim emu_bdim
 #define gridDim emu_gdim
 inline void* emu_dyn_smem = nullptr;
-inline std::barrier<>* emu_block_bar = nullptr;
-inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_bars;
-inline float emu_shfl_buf[1024];
-inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int o) {
-  int t = emu_tid.x, w = t / 32, l = t % 32;
-  auto& b = *emu_warp_bars[w];
-  emu_shfl_buf[t] = v; b.arrive_and_wait();
-  float r = emu_shfl_buf[w * 32 + (l ^ o)]; b.arrive_and_wait();
-  return r;
-}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+
+inline cudaError_t emu_error = cudaSuccess;
+inline std::string emu_message;  // why the last launch failed (emulated.py shows it)
+inline void emu_fail(const std::string& why) {
+  if (emu_error == cudaSuccess) {
+    emu_error = cudaErrorLaunchFailure;
+    emu_message = why;
+  }
+}
+
+// ------------------------------------------------------------------ fibers and the scheduler
+enum EmuState { kRunnable, kAtBarrier, kAtWarp, kExited };
+struct EmuCopy { void* dst; unsigned char data[16]; };
+struct EmuThread {
+  ucontext_t ctx;
+  EmuState state = kExited;
+  std::vector<EmuCopy> open;               // issued, not committed
+  std::deque<std::vector<EmuCopy>> groups; // committed, not yet waited for
+};
+struct EmuWarp {  // one pending collective at a time
+  unsigned mask = 0, arrived = 0;
+  const char* op = nullptr;
+  std::function<void()> combine;
+  unsigned long long in[32][12];   // per-lane inputs (up to 12 x 8 bytes)
+  unsigned long long out[32][4];   // per-lane results
+};
+inline ucontext_t emu_sched_ctx;
+inline std::vector<EmuThread> emu_threads;
+inline std::vector<EmuWarp> emu_warps;
+inline std::vector<std::unique_ptr<char[]>> emu_stacks;
+constexpr size_t kEmuStack = 256 * 1024;
+inline std::function<void()> emu_body;
+inline bool emu_aborted = false;  // the block hit an error: fibers are abandoned
+
+inline int emu_cur() { return static_cast<int>(emu_tid.x); }
+inline void emu_yield() { swapcontext(&emu_threads[emu_cur()].ctx, &emu_sched_ctx); }
+
+inline void __syncthreads() {
+  emu_threads[emu_cur()].state = kAtBarrier;
+  emu_yield();
+}
+
+// Run a warp collective: `fill` writes this lane's inputs, `combine` (run once, by the last
+// lane of `mask` to arrive) computes every lane's outputs; returns this lane's out[] row.
+inline unsigned long long* emu_collective(unsigned mask, const char* op,
+                                          const std::function<void(unsigned long long*)>& fill,
+                                          std::function<void()> combine) {
+  const int t = emu_cur(), lane = t & 31, w = t >> 5;
+  EmuWarp& wp = emu_warps[w];
+  auto fail = [&](const char* why) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "%s: %s (block %u,%u thread %d mask %08x)", op, why,
+                  emu_bid.x, emu_bid.y, t, mask);
+    emu_fail(buf);
+    emu_aborted = true;
+    emu_threads[t].state = kExited;
+    swapcontext(&emu_threads[t].ctx, &emu_sched_ctx);  // never resumed
+  };
+  if (!(mask >> lane & 1u)) fail("calling lane not in the mask");
+  for (int l = 0; l < 32; ++l)
+    if ((mask >> l & 1u) && (w * 32 + l >= static_cast<int>(emu_threads.size()) ||
+                             emu_threads[w * 32 + l].state == kExited))
+      fail("a lane of the mask has exited or does not exist (partial warp)");
+  if (wp.arrived == 0) {
+    wp.mask = mask;
+    wp.op = op;
+  } else if (wp.mask != mask || std::strcmp(wp.op, op) != 0) {
+    fail("lanes of the warp disagree on the collective (divergent mask or operation)");
+  }
+  fill(wp.in[lane]);
+  wp.arrived |= 1u << lane;
+  if (wp.arrived == mask) {  // the last lane: compute for all, release all
+    combine();
+    wp.arrived = 0;
+    for (int l = 0; l < 32; ++l)
+      if (mask >> l & 1u && l != lane) emu_threads[w * 32 + l].state = kRunnable;
+  } else {
+    emu_threads[t].state = kAtWarp;
+    emu_yield();
+  }
+  return wp.out[lane];
+}
+
+template <typename V>
+inline V emu_shfl(unsigned mask, V v, int src_of_lane_xor, int mode, const char* op) {
+  static_assert(sizeof(V) <= 8, "shuffle of a 32/64-bit value");
+  const int w = emu_cur() >> 5;
+  unsigned long long* r = emu_collective(
+      mask, op,
+      [&](unsigned long long* in) {
+        in[0] = 0;
+        std::memcpy(in, &v, sizeof(V));
+        in[1] = static_cast<unsigned long long>(src_of_lane_xor);
+      },
+      [w, mode, op] {
+        EmuWarp& wp = emu_warps[w];
+        for (int l = 0; l < 32; ++l) {
+          if (!(wp.mask >> l & 1u)) continue;
+          const int a = static_cast<int>(wp.in[l][1]);
+          const int src = mode == 0 ? (l ^ a) : mode == 1 ? (a & 31) : (l + a);
+          if (src > 31 || src < 0) {
+            wp.out[l][0] = wp.in[l][0];  // shfl_down past the warp: own value (PTX)
+            continue;
+          }
+          if (!(wp.mask >> src & 1u)) {
+            emu_fail(std::string(op) + ": source lane not in the mask");
+            emu_aborted = true;
+          }
+          wp.out[l][0] = wp.in[src][0];
+        }
+      });
+  V out;
+  std::memcpy(&out, r, sizeof(V));
+  return out;
+}
+template <typename V> inline V __shfl_xor_sync(unsigned m, V v, int o) {
+  return emu_shfl(m, v, o, 0, "__shfl_xor_sync");
+}
+template <typename V> inline V __shfl_sync(unsigned m, V v, int src) {
+  return emu_shfl(m, v, src, 1, "__shfl_sync");
+}
+template <typename V> inline V __shfl_down_sync(unsigned m, V v, int d) {
+  return emu_shfl(m, v, d, 2, "__shfl_down_sync");
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  emu_collective(mask, "__syncwarp", [](unsigned long long*) {}, [] {});
+}
+
+// ------------------------------------------------------------------ cp.async
+inline void emu_cp_async16(void* dst, const void* src, bool valid) {
+  EmuCopy c;
+  c.dst = dst;
+  if (valid) std::memcpy(c.data, src, 16);
+  else std::memset(c.data, 0, 16);
+  std::memset(dst, 0xff, 16);  // undefined until the wait: NaN for every float type
+  emu_threads[emu_cur()].open.push_back(c);
+}
+inline void emu_cp_async_commit() {
+  EmuThread& th = emu_threads[emu_cur()];
+  th.groups.push_back(std::move(th.open));
+  th.open.clear();
+}
+inline void emu_cp_async_wait(int n) {
+  EmuThread& th = emu_threads[emu_cur()];
+  while (static_cast<int>(th.groups.size()) > n) {
+    for (const EmuCopy& c : th.groups.front()) std::memcpy(c.dst, c.data, 16);
+    th.groups.pop_front();
+  }
+}
+
+// ------------------------------------------------------------------ ldmatrix / mma.sync
+// ldmatrix.sync.aligned.m8n8.xN(.trans).shared.b16: lanes 8i..8i+7 give the row addresses of
+// matrix i; register i of lane l holds row l/4, columns 2(l%4), 2(l%4)+1 of matrix i (of its
+// transpose with .trans), the lower column in the low 16 bits.
+inline void emu_ldmatrix(uint32_t* r, int n, bool trans, const void* row_addr) {
+  const int w = emu_cur() >> 5;
+  const char* op = n == 1 ? (trans ? "ldmatrix.x1.trans" : "ldmatrix.x1")
+                 : n == 2 ? (trans ? "ldmatrix.x2.trans" : "ldmatrix.x2")
+                          : (trans ? "ldmatrix.x4.trans" : "ldmatrix.x4");
+  unsigned long long* o = emu_collective(
+      0xffffffffu, op,
+      [&](unsigned long long* in) { in[0] = reinterpret_cast<uintptr_t>(row_addr); },
+      [w, n, trans] {
+        EmuWarp& wp = emu_warps[w];
+        for (int i = 0; i < n; ++i)
+          for (int r = 0; r < 8; ++r)
+            if (wp.in[8 * i + r][0] % 16) {
+              emu_fail("ldmatrix: row address not 16-byte aligned");
+              emu_aborted = true;
+            }
+        for (int l = 0; l < 32; ++l)
+          for (int i = 0; i < n; ++i) {
+            uint16_t e[2];
+            for (int j = 0; j < 2; ++j) {
+              const int row = trans ? 2 * (l % 4) + j : l / 4;
+              const int col = trans ? l / 4 : 2 * (l % 4) + j;
+              const uint16_t* base = reinterpret_cast<const uint16_t*>(wp.in[8 * i + row][0]);
+              e[j] = base[col];
+            }
+            reinterpret_cast<uint32_t*>(wp.out[l])[i] = e[0] | static_cast<uint32_t>(e[1]) << 16;
+          }
+      });
+  std::memcpy(r, o, sizeof(uint32_t) * n);
+}
+
+inline float emu_b16_to_f(uint16_t h, bool bf16) {
+  if (bf16) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half x;
+  std::memcpy(&x, &h, 2);
+  return __half2float(x);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: D = A B + C.
+// A (16x16): reg0 (g, 2t..2t+1), reg1 (g+8, 2t..), reg2 (g, 2t+8..), reg3 (g+8, 2t+8..).
+// B (16x8, k x n): reg0 (k = 2t..2t+1, n = g), reg1 (k = 2t+8.., n = g).
+// C/D (16x8 f32): c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1).
+inline void emu_mma_16816(float* d, const uint32_t* a, const uint32_t* b, const float* c,
+                          bool bf16) {
+  const int w = emu_cur() >> 5;
+  unsigned long long* o = emu_collective(
+      0xffffffffu, bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16",
+      [&](unsigned long long* in) {
+        uint32_t* u = reinterpret_cast<uint32_t*>(in);
+        for (int i = 0; i < 4; ++i) u[i] = a[i];
+        for (int i = 0; i < 2; ++i) u[4 + i] = b[i];
+        std::memcpy(u + 6, c, 16);
+      },
+      [w, bf16] {
+        EmuWarp& wp = emu_warps[w];
+        float A[16][16], B[16][8], C[16][8];
+        for (int l = 0; l < 32; ++l) {
+          const int g = l / 4, t = l % 4;
+          const uint32_t* u = reinterpret_cast<const uint32_t*>(wp.in[l]);
+          for (int j = 0; j < 2; ++j) {
+            A[g][2 * t + j] = emu_b16_to_f(u[0] >> 16 * j & 0xffff, bf16);
+            A[g + 8][2 * t + j] = emu_b16_to_f(u[1] >> 16 * j & 0xffff, bf16);
+            A[g][2 * t + 8 + j] = emu_b16_to_f(u[2] >> 16 * j & 0xffff, bf16);
+            A[g + 8][2 * t + 8 + j] = emu_b16_to_f(u[3] >> 16 * j & 0xffff, bf16);
+            B[2 * t + j][g] = emu_b16_to_f(u[4] >> 16 * j & 0xffff, bf16);
+            B[2 * t + 8 + j][g] = emu_b16_to_f(u[5] >> 16 * j & 0xffff, bf16);
+          }
+          float cc[4];
+          std::memcpy(cc, u + 6, 16);
+          C[g][2 * t] = cc[0]; C[g][2 * t + 1] = cc[1];
+          C[g + 8][2 * t] = cc[2]; C[g + 8][2 * t + 1] = cc[3];
+        }
+        for (int l = 0; l < 32; ++l) {
+          const int g = l / 4, t = l % 4;
+          float r[4];
+          for (int q = 0; q < 4; ++q) {
+            const int row = g + 8 * (q / 2), col = 2 * t + q % 2;
+            float s = C[row][col];
+            for (int k = 0; k < 16; ++k) s = std::fma(A[row][k], B[k][col], s);
+            r[q] = s;
+          }
+          std::memcpy(wp.out[l], r, 16);
+        }
+      });
+  std::memcpy(d, o, 16);
+}
+
+// ------------------------------------------------------------------ launches
 // Launch-configuration errors a GPU would report: grid/block limits, and dynamic shared
 // memory over 48 KB without cudaFuncSetAttribute(MaxDynamicSharedMemorySize) for that kernel.
-inline cudaError_t emu_error = cudaSuccess;
 inline std::map<const void*, size_t> emu_smem_optin;
 constexpr size_t kEmuSmemDefault = 48 * 1024, kEmuSmemMax = 227 * 1024;  // sm_90
 template <typename F>
 cudaError_t emu_func_set_attribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributePreferredSharedMemoryCarveout)
+    return value >= -1 && value <= 100 ? cudaSuccess : cudaErrorInvalidValue;
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
   if (value < 0 || static_cast<size_t>(value) > kEmuSmemMax) return cudaErrorInvalidValue;
   emu_smem_optin[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
@@ -70,9 +341,78 @@ inline cudaError_t emu_get_last_error() {  // returns and clears, like cudaGetLa
   emu_error = cudaSuccess;
   return e;
 }
+inline unsigned long long emu_launch_count = 0;
+
+inline void emu_fiber_entry() {
+  emu_body();
+  emu_threads[emu_cur()].state = kExited;  // uc_link returns to the scheduler
+}
+
+// Run one block: fibers in `order`, each until it blocks; release barriers when all live
+// threads wait at one; report a block that can make no progress.
+inline void emu_run_block(int nthr, const std::vector<int>& order) {
+  emu_threads.assign(nthr, EmuThread());
+  emu_warps.assign(nthr / 32, EmuWarp());
+  while (static_cast<int>(emu_stacks.size()) < nthr)
+    emu_stacks.emplace_back(new char[kEmuStack]);
+  for (int t = 0; t < nthr; ++t) {
+    EmuThread& th = emu_threads[t];
+    getcontext(&th.ctx);
+    th.ctx.uc_stack.ss_sp = emu_stacks[t].get();
+    th.ctx.uc_stack.ss_size = kEmuStack;
+    th.ctx.uc_link = &emu_sched_ctx;
+    makecontext(&th.ctx, emu_fiber_entry, 0);
+    th.state = kRunnable;
+  }
+  emu_aborted = false;
+  while (!emu_aborted) {
+    // Always resume the first runnable thread in `order` (warp-major): the first warp runs
+    // its whole phase (every collective of it) before the next warp leaves its first one, so
+    // a warp that overwrites a stage others still read, or reads one not yet landed, does.
+    bool ran = false;
+    for (size_t k = 0; k < order.size(); ++k) {
+      const int t = order[k];
+      if (emu_threads[t].state != kRunnable) continue;
+      emu_tid = make_uint3(t, 0, 0);
+      swapcontext(&emu_sched_ctx, &emu_threads[t].ctx);
+      ran = true;
+      if (emu_aborted) return;
+      k = static_cast<size_t>(-1);  // rescan from the first
+    }
+    int live = 0, at_bar = 0, at_warp = 0;
+    for (const EmuThread& th : emu_threads) {
+      live += th.state != kExited;
+      at_bar += th.state == kAtBarrier;
+      at_warp += th.state == kAtWarp;
+    }
+    if (live == 0) return;
+    if (at_bar == live) {
+      for (EmuThread& th : emu_threads) th.state = kRunnable;
+      continue;
+    }
+    if (!ran && at_bar + at_warp == live) {
+      char buf[200];
+      std::snprintf(buf, sizeof buf,
+                    "block %u,%u deadlocked: %d threads at __syncthreads, %d in a warp "
+                    "collective whose lanes never all arrive (divergent barrier/partial warp)",
+                    emu_bid.x, emu_bid.y, at_bar, at_warp);
+      emu_fail(buf);
+      return;
+    }
+  }
+}
+
+inline std::mt19937_64& emu_rng() {
+  static std::mt19937_64 g([] {
+    const char* s = std::getenv("RAGGED_EMU_SEED");
+    return s ? std::strtoull(s, nullptr, 10) : 0x5eedull;
+  }());
+  return g;
+}
+
 template <typename... P, typename... A>
 void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A... args) {
-  int nthr = b.x * b.y * b.z;
+  const int nthr = b.x * b.y * b.z;
   const auto optin = emu_smem_optin.find(reinterpret_cast<const void*>(k));
   const size_t smem_max = optin == emu_smem_optin.end() ? kEmuSmemDefault : optin->second;
   if (nthr % 32 || nthr > 1024 || b.y != 1 || b.z != 1 || g.x == 0 || g.y == 0 || g.z == 0 ||
@@ -80,24 +420,35 @@ void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A...
     emu_error = cudaErrorInvalidConfiguration;
     return;
   }
+  if (emu_error != cudaSuccess) return;  // an earlier launch failed: skip, keep its error
   emu_bdim = b; emu_gdim = g;
   std::vector<char> buf(smem + 64);
   void* base = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 15) & ~uintptr_t(15));
-  for (unsigned z = 0; z < g.z; ++z) for (unsigned y = 0; y < g.y; ++y) for (unsigned x = 0; x < g.x; ++x) {
+  emu_body = [&] { k(args...); };
+  std::vector<uint3> blocks;
+  for (unsigned z = 0; z < g.z; ++z)
+    for (unsigned y = 0; y < g.y; ++y)
+      for (unsigned x = 0; x < g.x; ++x) blocks.push_back(make_uint3(x, y, z));
+  std::mt19937_64& rng = emu_rng();
+  std::shuffle(blocks.begin(), blocks.end(), rng);
+  std::vector<int> order(nthr);
+  for (const uint3& blk : blocks) {
     // poison smem: the kernels must not rely on zero-initialised shared memory
     std::memset(buf.data(), 0xff, buf.size());
     emu_dyn_smem = base;
-    std::barrier<> bar(nthr); emu_block_bar = &bar;
-    emu_warp_bars.clear();
-    for (int w = 0; w < nthr / 32; ++w) emu_warp_bars.emplace_back(new std::barrier<>(32));
-    std::vector<std::thread> ts;
-    for (int t = 0; t < nthr; ++t) ts.emplace_back([&, t] {
-      emu_tid = make_uint3(t, 0, 0); emu_bid = make_uint3(x, y, z);
-      k(args...);
-      bar.arrive_and_drop();  // an early return must not block later __syncthreads
-    });
-    for (auto& th : ts) th.join();
+    emu_bid = blk;
+    // warps in a shuffled order, the lanes of each in a shuffled order
+    std::vector<int> warps(nthr / 32);
+    std::iota(warps.begin(), warps.end(), 0);
+    std::shuffle(warps.begin(), warps.end(), rng);
+    for (int w = 0; w < nthr / 32; ++w) {
+      std::iota(order.begin() + 32 * w, order.begin() + 32 * w + 32, 32 * warps[w]);
+      std::shuffle(order.begin() + 32 * w, order.begin() + 32 * w + 32, rng);
+    }
+    emu_run_block(nthr, order);
+    if (emu_error != cudaSuccess) break;
   }
+  ++emu_launch_count;
 }
 #define cudaGetLastError() emu_get_last_error()
 #define cudaFuncSetAttribute(kernel, attr, value) emu_func_set_attribute(kernel, attr, value)

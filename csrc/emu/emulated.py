@@ -85,7 +85,10 @@ _SIGS = {"emu_paged_attention": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _P,
                               _P, _P, _f, _f],
          "emu_rms_norm": [_i, _i, _P, _P, _P, _I, _P, _I, _P, _I, _i, _f, _i],
          "emu_rotary": [_i, _P, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I] + [_i] * 7,
-         "emu_silu": [_i, _P, _P, _I, _I, _i, _i]}
+         "emu_silu": [_i, _P, _P, _I, _I, _i, _i],
+         "emu_mma_test": [_i, _i, _P, _P, _P, _P],
+         "emu_shfl_test": [_i, _P],
+         "emu_cp_async_test": [_P, _P]}
 
 
 def _call(name, *args):
@@ -93,7 +96,9 @@ def _call(name, *args):
     fn.argtypes = _SIGS[name]
     rc = fn(*args)
     if rc != 0:
-        raise RuntimeError(f"{name}: cudaError {rc}")
+        msg = build().emu_last_message
+        msg.restype = ctypes.c_char_p
+        raise RuntimeError(f"{name}: cudaError {rc} {msg().decode()}")
 
 
 def _nan(shape, dtype):
@@ -115,6 +120,36 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
           seq_lens.shape[0], T, Hq, k_cache.shape[2], D, k_cache.shape[1], max_seqlen_q, S,
           sliding_window or 0, scale, softcap or 0.0)
     return out
+
+
+def mma_test(a, b, c, mode):
+    """D = A B + C through the emulated ldmatrix + mma.sync (csrc/emu/shim.cpp, one warp):
+    mode 0: a = A [16, 16], b = B [16, 8]; 1: b = B^T [8, 16]; 2: a = A^T [16, 16]."""
+    import torch
+    d = _nan((16, 8), torch.float32)
+    a, b, c = a.contiguous(), b.contiguous(), c.contiguous()  # kept alive over the call
+    _call("emu_mma_test", _DT[str(a.dtype)], mode, a.data_ptr(), b.data_ptr(), c.data_ptr(),
+          d.data_ptr())
+    return d
+
+
+def shfl_test(mode):
+    """One warp shuffles (shim.cpp): 0 full warp, 1 a lane exited, 2 half warp with its mask,
+    3 a source lane outside the mask. Returns the 32 results (NaN where none written)."""
+    import torch
+    out = _nan((32,), torch.float32)
+    _call("emu_shfl_test", mode, out.data_ptr())
+    return out
+
+
+def cp_async_test():
+    """Three committed cp.async groups + one uncommitted copy (copy i holds i + 1), read after
+    wait_group 2, 1, 0 (shim.cpp): [3, 4] of what each copy's destination then held."""
+    import torch
+    src = torch.arange(1, 5, dtype=torch.float32).repeat_interleave(4)
+    out = _nan((12,), torch.float32)
+    _call("emu_cp_async_test", src.data_ptr(), out.data_ptr())
+    return out.view(3, 4)
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping, vectorized):

@@ -1,11 +1,91 @@
 // C entry points over the emulated kernels, called through ctypes by csrc/emu/emulated.py.
 // Each fills the params struct of ragged_kernels.h and runs the real launcher.
 #include "emu.h"
-#include "src/ragged_kernels.h"
+#include "src/cuda_utils.cuh"
 
 using namespace ragged;
 
+namespace {
+// One warp: D = A B + C through ldmatrix + mma.sync, to test the fragment layouts against
+// torch. mode 0: A row-major [m][k] (ldmatrix.x4), B [k][n] (x2.trans); mode 1: B given as
+// Bt [n][k] (x2); mode 2: A given as At [k][m] (x4.trans), B [k][n] (x2.trans).
+struct MmaTestParams { int mode; const void* a; const void* b; const float* c; float* d; };
+template <typename T>
+__global__ void mma_test_kernel(MmaTestParams p) {
+  alignas(16) static T As[16 * 16], Bs[16 * 8];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 256; i += 32) As[i] = static_cast<const T*>(p.a)[i];
+  for (int i = lane; i < 128; i += 32) Bs[i] = static_cast<const T*>(p.b)[i];
+  __syncwarp();
+  const int mi = lane / 8, r = lane % 8;
+  uint32_t a[4], b[2];
+  if (p.mode == 2) ldmatrix<4, true>(a, &As[((mi / 2) * 8 + r) * 16 + (mi % 2) * 8]);
+  else ldmatrix<4, false>(a, &As[(r + 8 * (mi & 1)) * 16 + 8 * (mi >> 1)]);
+  if (p.mode == 1) ldmatrix<2, false>(b, &Bs[(lane % 8) * 16 + 8 * ((lane / 8) & 1)]);
+  else ldmatrix<2, true>(b, &Bs[(lane & 15) * 8]);
+  const int g = lane / 4, t = lane % 4;
+  float d[4] = {p.c[g * 8 + 2 * t], p.c[g * 8 + 2 * t + 1], p.c[(g + 8) * 8 + 2 * t],
+                p.c[(g + 8) * 8 + 2 * t + 1]};
+  mma_16816<T>(d, a, b);
+  p.d[g * 8 + 2 * t] = d[0]; p.d[g * 8 + 2 * t + 1] = d[1];
+  p.d[(g + 8) * 8 + 2 * t] = d[2]; p.d[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// A warp collective with a lane missing (the lane exits first): must fail the launch.
+struct ShflTestParams { int mode; float* out; };
+__global__ void shfl_test_kernel(ShflTestParams p) {
+  const int lane = threadIdx.x & 31;
+  if (p.mode == 1 && lane == 5) return;                       // partial warp, full mask
+  const unsigned mask = p.mode >= 2 ? 0x0000ffffu : 0xffffffffu;  // 2: half warp, its mask
+  if (p.mode >= 2 && lane >= 16) return;
+  float v = static_cast<float>(lane);
+  v = __shfl_xor_sync(mask, v, p.mode == 3 ? 16 : 1);         // mode 3: source outside mask
+  p.out[lane] = v;
+}
+
+// cp.async groups: lane 0 commits three one-copy groups plus one uncommitted copy, then reads
+// all four after wait_group 2, 1, 0: out[4 w + i] = value of copy i after the w-th wait.
+struct CpAsyncTestParams { const float* src; float* out; };
+__global__ void cp_async_test_kernel(CpAsyncTestParams p) {
+  alignas(16) static float dst[4][4];
+  if (threadIdx.x != 0) return;
+  for (int i = 0; i < 4; ++i) {
+    cp_async16(dst[i], p.src + 4 * i, true);
+    if (i < 3) cp_async_commit();
+  }
+  cp_async_wait<2>();
+  for (int i = 0; i < 4; ++i) p.out[i] = dst[i][0];
+  cp_async_wait<1>();
+  for (int i = 0; i < 4; ++i) p.out[4 + i] = dst[i][0];
+  cp_async_wait<0>();
+  for (int i = 0; i < 4; ++i) p.out[8 + i] = dst[i][0];
+}
+}  // namespace
+
 extern "C" {
+
+int emu_cp_async_test(const float* src, float* out) {
+  emu_message.clear();
+  emu_launch(cp_async_test_kernel, dim3(1), dim3(32), 0, nullptr, CpAsyncTestParams{src, out});
+  return static_cast<int>(cudaGetLastError());
+}
+
+const char* emu_last_message() { return emu_message.c_str(); }
+
+int emu_mma_test(int dtype, int mode, const void* a, const void* b, const float* c, float* d) {
+  MmaTestParams p{mode, a, b, c, d};
+  emu_message.clear();
+  if (dtype == 1) emu_launch(mma_test_kernel<__nv_bfloat16>, dim3(1), dim3(32), 0, nullptr, p);
+  else emu_launch(mma_test_kernel<__half>, dim3(1), dim3(32), 0, nullptr, p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int emu_shfl_test(int mode, float* out) {
+  ShflTestParams p{mode, out};
+  emu_message.clear();
+  emu_launch(shfl_test_kernel, dim3(1), dim3(32), 0, nullptr, p);
+  return static_cast<int>(cudaGetLastError());
+}
 
 int emu_paged_attention(int dtype, void* out, int64_t ost, int64_t osh, const void* q,
                         int64_t qst, int64_t qsh, const void* kc, const void* vc,
