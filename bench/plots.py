@@ -117,7 +117,7 @@ def latency_cdf(payload, path):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log minor labels overlap
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     axes[0].set_ylabel("fraction of requests (ITL: of token gaps)")
     fig.suptitle(_title(payload) + " — the median repeat's distributions", fontsize=8)
     fig.tight_layout()
