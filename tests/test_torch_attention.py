@@ -107,3 +107,23 @@ def test_fp8_cache_dequantised_like_the_interface(path, per_slot):
     got = torch_attention.paged_attention(q, k8, v8, *attn_args(b)[3:], k_scale=ks, v_scale=vs)
     lowp = reference.paged_attention(*attn_args(cast(b | deq, torch.float32)))
     assert_close(got, want, lowp, name=f"{path} fp8 per_slot={per_slot}")
+
+
+def test_reused_gather_buffers_never_alias_a_result(path):
+    """The gathers reuse module-level buffers: a result must not change when the next call
+    (smaller, then larger) overwrites them, and the big-buffer cutoff gives the same numbers."""
+    a = cast(make_batch((1, 6, 1), (40, 6, 90), num_q_heads=4, num_kv_heads=2, head_dim=16,
+                        block_size=4, dtype=torch.float64), torch.float32)
+    b = cast(make_batch((1, 1), (3, 200), num_q_heads=4, num_kv_heads=2, head_dim=16,
+                        block_size=4, dtype=torch.float64), torch.float32)
+    first = kernels.paged_attention(*attn_args(a), backend="torch")
+    kept = first.clone()
+    kernels.paged_attention(*attn_args(b), backend="torch")
+    kernels.paged_attention(*attn_args(a), backend="torch")
+    assert torch.equal(first, kept)
+    old = torch_attention._WORKSPACE_MAX_BYTES
+    try:
+        torch_attention._WORKSPACE_MAX_BYTES = 0          # every gather allocates afresh
+        assert torch.equal(kernels.paged_attention(*attn_args(a), backend="torch"), kept)
+    finally:
+        torch_attention._WORKSPACE_MAX_BYTES = old
