@@ -72,7 +72,9 @@ def throughput(payload, path):
     for i, n in enumerate(names):
         r = systems[n].get("ratio_to_hf_static", {}).get("total_tokens_per_s")
         if r and n != "hf_static":
-            ax.annotate(f"{r:.2f}x vs\nHF static", (x[i] - 0.2, tops[i]), xytext=(0, 4),
+            paired = len(systems[n].get("repeats", ())) > 1   # median of per-repeat ratios
+            ax.annotate(f"{r:.2f}x vs\nHF static" + ("\n(paired)" if paired else ""),
+                        (x[i] - 0.2, tops[i]), xytext=(0, 4),
                         textcoords="offset points", ha="center",
                         va="bottom", fontsize=7)
     labels = [n + (f"\n(batch {systems[n]['batch_size']})" if "batch_size" in systems[n] else "")
