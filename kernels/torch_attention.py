@@ -46,9 +46,11 @@ def _workspace(slot: int, rows: int, cache: torch.Tensor) -> torch.Tensor:
     """An uninitialised [rows, *cache.shape[1:]] tensor like cache, from a reused buffer."""
     shape = (rows,) + tuple(cache.shape[1:])
     numel = math.prod(shape)
-    if numel * cache.element_size() > _WORKSPACE_MAX_BYTES:
+    if numel * cache.element_size() > _WORKSPACE_MAX_BYTES or cache.requires_grad:
         return torch.empty(shape, dtype=cache.dtype, device=cache.device)
-    key = (slot, cache.dtype, cache.device)
+    # A buffer made under torch.inference_mode (the engine's steps) cannot be written outside
+    # it, and the other way round: one buffer per mode.
+    key = (slot, cache.dtype, cache.device, torch.is_inference_mode_enabled())
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < numel:
         buf = _WORKSPACE[key] = torch.empty(numel, dtype=cache.dtype, device=cache.device)

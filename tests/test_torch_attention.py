@@ -127,3 +127,18 @@ def test_reused_gather_buffers_never_alias_a_result(path):
         assert torch.equal(kernels.paged_attention(*attn_args(a), backend="torch"), kept)
     finally:
         torch_attention._WORKSPACE_MAX_BYTES = old
+
+
+def test_gather_buffers_survive_inference_mode_switches():
+    """The engine runs under torch.inference_mode; tests and users call outside it: a buffer
+    made in one mode must never be written in the other (RuntimeError: inplace update to an
+    inference tensor)."""
+    b = cast(make_batch((1, 3), (20, 3), num_q_heads=4, num_kv_heads=2, head_dim=16,
+                        block_size=4, dtype=torch.float64), torch.float32)
+    torch_attention._WORKSPACE.clear()
+    with torch.inference_mode():
+        inside = kernels.paged_attention(*attn_args(b), backend="torch")
+    outside = kernels.paged_attention(*attn_args(b), backend="torch")
+    with torch.inference_mode():
+        again = kernels.paged_attention(*attn_args(b), backend="torch")
+    assert torch.equal(inside, outside) and torch.equal(outside, again)
