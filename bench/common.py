@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"   # committed runs: results/<device>/
+# Where a run writes by default: ignored by git (.gitignore), so a run leaves `git status`
+# clean; a result worth keeping is rerun with --out bench/results/<device> and committed.
+RUNS = Path(__file__).resolve().parent.parent / "runs"
 
 
 def git_commit() -> str:
@@ -35,6 +39,23 @@ def device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def command_line() -> str:
+    """The command that reproduces this run: `python -m bench.e2e ...` when run as a module
+    (sys.argv[0] is then the file's path, which fails as a script with a relative-import
+    error), the script otherwise."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None and spec.name else ["python", sys.argv[0]]
+    return shlex.join(head + sys.argv[1:])
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def run_info(device) -> dict:
     """Everything a reader needs to reproduce a result."""
     info = {
@@ -43,7 +64,7 @@ def run_info(device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": git_commit(),
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "command": command_line(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
@@ -105,8 +126,8 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
 
 
 def write_json(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write payload to <out_dir or bench/results>/<name>.json and return the path."""
-    out = Path(out_dir) if out_dir else RESULTS
+    """Write payload to <out_dir or runs/>/<name>.json and return the path."""
+    out = Path(out_dir) if out_dir else RUNS
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -6,7 +6,7 @@ sequences in steady decode (default 256), with a no-op model so only host work i
 Reports the median ms per step of (a) schedule + batch build (target < 1 ms: at ~10-30 ms per
 decode step of an 8B model, 1 ms is the budget a Python runtime can afford) and (b) the whole
 Engine.step (also sampling a [N, vocab] row per sequence and the bookkeeping). JSON goes to
-bench/results/host_overhead.json via bench.common.
+runs/host_overhead.json via bench.common (--out-dir bench/results/<device> to commit one).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.common import run_info, write_json
+from bench.common import load_average, run_info, write_json
 from ragged import Engine, EngineConfig, SamplingParams
 
 
@@ -51,8 +51,21 @@ def main(argv=None):
                          "with a full-width block table (on CPU the no-op forward runs eagerly)")
     ap.add_argument("--max-model-len", type=int, default=None,
                     help="sets the block-table width the graph path copies (default: just enough)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads while timing (default 1: with 2 on a 2-core machine the "
+                         "intra-op worker spins against the main thread, and 0.45 ms of "
+                         "scheduling read as 0.65 ms)")
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args):
     n, device = args.num_seqs, torch.device(args.device)
     warm = 3
     budget = max(2 * n, 2048)
@@ -107,6 +120,7 @@ def main(argv=None):
         "info": run_info(device),
         "num_seqs": n, "prompt_len": args.prompt_len, "steps": args.steps,
         "vocab_size": args.vocab_size, "graphs": args.graphs, "max_model_len": model_len,
+        "torch_threads": torch.get_num_threads(), "load_average": load_average(),
         "block_table_width": int(eng.block_manager.table.shape[1]),
         "schedule_build_ms_median": 1e3 * statistics.median(sched_build),
         # CPU time of this thread: the same work without the wait for a core on a busy host.

@@ -1,6 +1,7 @@
 """Public kernel API: one function per op, dispatching to a backend.
 
-Backends: "torch" (kernels/reference.py, the ground truth), "triton" (kernels/triton_*.py; on
+Backends: "torch" (plain PyTorch: kernels/reference.py, the ground truth, with the batched
+attention of kernels/torch_attention.py), "triton" (kernels/triton_*.py; on
 CPU tensors only under TRITON_INTERPRET=1), "cuda" (csrc/, through torch.ops.ragged).
 ``backend=None`` picks the best available for the tensors' device: the environment variable
 RAGGED_BACKEND if set, else "triton" on CUDA tensors and "torch" on CPU tensors.
@@ -24,8 +25,10 @@ __all__ = ["AttentionMetadata", "paged_attention", "write_kv", "rms_norm", "rota
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {
-    "torch": dict.fromkeys(("paged_attention", "write_kv", "rms_norm", "rotary_embedding",
-                            "rotary_write_kv", "silu_and_mul"), "kernels.reference"),
+    # attention: the batched path (kernels/torch_attention.py); reference.py stays the ground truth
+    "torch": dict.fromkeys(("write_kv", "rms_norm", "rotary_embedding", "rotary_write_kv",
+                            "silu_and_mul"), "kernels.reference")
+             | {"paged_attention": "kernels.torch_attention"},
     "triton": {"paged_attention": "kernels.triton_attention",
                "write_kv": "kernels.triton_write_kv",
                "rms_norm": "kernels.triton_rms_norm",

@@ -16,6 +16,15 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
         tie_word_embeddings=True, qk_norm=True, bos_token_id=1, eos_token_id=[2],
         dtype="float32"),
+    # The CPU main job's model (python -m bench.e2e on CPU): 3.4M parameters, large enough that
+    # a decode step's matmuls, not the Python around them, set its time on 2 cores, small
+    # enough that 128 requests through 5 systems x 3 repeats stay near two minutes.
+    "small": ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=4096, hidden_size=256,
+        intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=[2], dtype="float32"),
     # meta-llama/Meta-Llama-3-8B: 8,030,261,248 parameters.
     "llama3-8b": ModelConfig(
         architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,

@@ -162,7 +162,6 @@ def test_step_summary_hand_made_log():
 def test_failed_system_is_recorded_and_others_run():
     from bench import e2e
     a = SimpleNamespace(device="cpu")
-    systems, traces_by = {}, {}
 
     def broken():
         raise RuntimeError("out of KV blocks")
@@ -170,26 +169,108 @@ def test_failed_system_is_recorded_and_others_run():
     def unavailable():
         raise e2e.Unavailable("no generate_batch in this transformers")
 
-    assert e2e._attempt(systems, traces_by, "ragged:static", a, broken) is None
-    e2e._attempt(systems, traces_by, "hf_continuous", a, unavailable)
-    assert e2e._attempt(systems, traces_by, "ragged:continuous", a, lambda: (_trace(), {}))
-    assert systems["ragged:static"]["status"] == "failed"
-    assert "out of KV blocks" in systems["ragged:static"]["error"]
-    assert systems["hf_continuous"] == {"status": "unavailable",
-                                        "error": "no generate_batch in this transformers"}
-    ok = systems["ragged:continuous"]
-    assert ok["status"] == "ok" and ok["summary"]["output_tokens"] == 9
+    rec, traces = e2e._attempt("ragged:static", a, broken)
+    assert traces is None and rec["status"] == "failed" and "out of KV blocks" in rec["error"]
+    rec_u, _ = e2e._attempt("hf_continuous", a, unavailable)
+    assert rec_u["status"] == "unavailable"
+    assert rec_u["error"] == "no generate_batch in this transformers"
+    ok, traces = e2e._attempt("ragged:continuous", a, lambda: (_trace(), {}))
+    assert ok["status"] == "ok" and ok["summary"]["output_tokens"] == 9 and len(traces) == 3
     assert len(ok["itl_cdf_s"]) == 401 and ok["itl_cdf_s"][0] == pytest.approx(0.2)
-    assert ok["itl_cdf_s"][-1] == pytest.approx(1.4) and list(traces_by) == ["ragged:continuous"]
-    text = e2e.table({"systems": systems})
+    assert ok["itl_cdf_s"][-1] == pytest.approx(1.4)
+    assert ok["wall_s"] >= 0 and "load_before" in ok and "load_after" in ok
+    systems = {"ragged:static": e2e.aggregate([rec]), "hf_continuous": e2e.aggregate([rec_u]),
+               "ragged:continuous": e2e.aggregate([ok])}
+    # a system whose second repeat failed: its ok repeat is kept, the status says failed
+    half = e2e.aggregate([ok, rec])
+    assert half["status"] == "failed" and half["error"].startswith("repeat 1: RuntimeError")
+    assert len(half["repeats"]) == 2 and half["spread"]["total_tokens_per_s"]["values"] == [11.0]
+    text = e2e.table({"systems": systems | {"ragged:prefill_first": half}})
     print(text)
     assert "failed: RuntimeError: out of KV blocks" in text and "unavailable" in text
+    assert "ragged:prefill_first: failed (repeat 1: RuntimeError" in text
+
+
+def _rec(tok_s, ttft=1.0):
+    """A per-repeat record whose summary has the fields aggregate() and table() read."""
+    d = {"mean": ttft, "p50": ttft, "p90": ttft, "p99": ttft, "max": ttft, "n": 1}
+    return {"status": "ok", "requests": [{"id": "x"}], "itl_cdf_s": [0.1], "wall_s": 1.0,
+            "summary": {"total_tokens_per_s": tok_s, "output_tokens_per_s": tok_s / 2,
+                        "requests_per_s": tok_s / 100, "ttft_s": d, "tpot_s": d, "itl_s": d,
+                        "e2e_s": d}}
+
+
+def test_repeats_median_spread_and_paired_ratios():
+    from bench import e2e
+    hf = [_rec(100.0), _rec(50.0), _rec(80.0)]          # repeat 1 ran on a loaded machine
+    ours = [_rec(300.0, 2.0), _rec(90.0, 3.0), _rec(200.0, 4.0)]
+    payload = {"systems": {"hf_static": e2e.aggregate(hf), "ragged:continuous": e2e.aggregate(ours)}}
+    s = payload["systems"]["ragged:continuous"]
+    # the median repeat (200 tok/s, repeat 2) is the one whose distributions are kept
+    assert s["median_repeat"] == 2 and s["summary"]["total_tokens_per_s"] == 200.0
+    assert s["spread"]["total_tokens_per_s"] == {"median": 200.0, "min": 90.0, "max": 300.0,
+                                                 "values": [300.0, 90.0, 200.0]}
+    assert s["spread"]["ttft_p50_s"]["median"] == 3.0
+    # every repeat's summary is kept, the bulky per-request rows only for the median one
+    assert len(s["repeats"]) == 3 and all("requests" not in r for r in s["repeats"])
+    assert s["requests"] == [{"id": "x"}]
+    e2e._compare(payload, {"hf_static": hf, "ragged:continuous": ours}, {})
+    sp = s["ratio_to_hf_static_spread"]["total_tokens_per_s"]
+    # paired by repeat: 3.0, 1.8, 2.5 (not the ratio of medians 200/80 = 2.5 by luck: the
+    # min/max are per pair)
+    assert sp["values"] == pytest.approx([3.0, 1.8, 2.5]) and sp["median"] == pytest.approx(2.5)
+    assert s["ratio_to_hf_static"]["total_tokens_per_s"] == pytest.approx(2.5)
+    payload["load"] = {"cores": 2, "before": [5.0, 1, 1], "after": [1.0, 1, 1]}
+    e2e._load_check(payload)
+    assert payload["load"]["max_1min"] == 5.0 and "5.0 on 2 cores" in payload["warnings"][0]
+    text = e2e.table(payload)
+    print(text)
+    assert "200 [90-300]" in text and "2.50x [1.80x-3.00x]" in text and "WARNING" in text
+
+
+def test_run_interleaves_repeats(monkeypatch, tmp_path):
+    """run() alternates the systems (A B C A B C) and picks HF static's batch size by its sweep."""
+    import model
+    from bench import e2e, hf_baseline
+    order = []
+
+    def fake(name):
+        def fn(*args, **kw):
+            order.append(name if name != "hf_static" else f"hf_static:{args[-1]}")
+            return _trace(), ({"batch_size": args[-1]} if name == "hf_static" else {})
+        return fn
+
+    monkeypatch.setattr(hf_baseline, "build_hf_model", lambda *a, **k: (None, str(tmp_path)))
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(e2e, "run_hf_static", fake("hf_static"))
+    monkeypatch.setattr(e2e, "run_hf_continuous", fake("hf_continuous"))
+    monkeypatch.setattr(e2e, "run_engine", lambda m, policy, *a: fake(policy)())
+    monkeypatch.setattr(e2e, "hf_static_sweep", lambda *a: {"best_batch_size": 16, "runs": []})
+    a = e2e.parse_args(["--quick", "--device", "cpu", "--repeats", "3",
+                        "--policies", "continuous,static"])
+    payload = e2e.run(a)
+    assert order == ["hf_static:16", "hf_continuous", "continuous", "static"] * 3
+    assert all(len(s["repeats"]) == 3 for s in payload["systems"].values())
+    assert payload["config"]["repeats"] == 3 and payload["complete"]
+    assert payload["load"]["before"] is None or len(payload["load"]["before"]) == 3
+
+
+def test_recorded_command_reruns_as_a_module(monkeypatch):
+    import sys
+
+    from bench import common
+    spec = SimpleNamespace(name="bench.e2e")
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", spec, raising=False)
+    monkeypatch.setattr(sys, "argv", ["/x/bench/e2e.py", "--out", "a b"])
+    assert common.command_line() == "python -m bench.e2e --out 'a b'"
 
 
 # ---------------------------------------------------------------------------- smoke run
-def test_e2e_quick_smoke(tmp_path):
+def test_e2e_quick_smoke(tmp_path, capfd):
     from bench import e2e
     payload = e2e.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    # psutil (requirements.txt) lets transformers size its CPU cache without logging an ERROR
+    assert "Cannot get memory breakdown" not in capfd.readouterr().err
     files = {p.name for p in tmp_path.iterdir()}
     print(sorted(files))
     stem = e2e.stem(payload)
@@ -222,15 +303,22 @@ def test_e2e_quick_smoke(tmp_path):
             assert steps and s["steps"]["num_steps"] == len(steps)
             assert sum(r["num_decode_tokens"] for r in steps) + len(s["requests"]) >= want_out
     assert saved["run_info"]["device"].startswith("cpu")
+    assert saved["run_info"]["command"].startswith("python -m ")
+    sweep = saved["hf_static_sweep"]
+    assert [r["batch_size"] for r in sweep["runs"]] == [2, 4]
+    best = max(sweep["runs"], key=lambda r: r["total_tokens_per_s"])["batch_size"]
+    assert sweep["best_batch_size"] == best == systems["hf_static"]["batch_size"]
+    assert saved["load"]["cores"] >= 1 and "warnings" in saved
 
 
 def test_e2e_poisson_arrivals_respected(tmp_path):
     from bench import e2e
     payload = e2e.main(["--quick", "--device", "cpu", "--workload", "poisson", "--rate", "20",
                         "--systems", "ragged", "--policies", "continuous", "--no-plots",
-                        "--out", str(tmp_path)])
+                        "--repeats", "2", "--out", str(tmp_path)])
     s = payload["systems"]["ragged:continuous"]
     assert s["status"] == "ok" and set(payload["systems"]) == {"ragged:continuous"}
+    assert len(s["repeats"]) == 2 and len(s["spread"]["total_tokens_per_s"]["values"]) == 2
     # arrivals spread over time: the run lasts at least until the last request arrived
     assert s["summary"]["duration_s"] >= payload["workload"]["last_arrival_s"]
     assert payload["workload"]["last_arrival_s"] > 0
@@ -314,3 +402,21 @@ def test_tune_triton_cuda_smoke(tmp_path):
         assert any("us" in c for c in r["candidates"]), key
     ta._tuned.cache_clear()
     ta._tuned(ta.device_name(torch.device("cuda")), str(table))   # validates every entry
+
+
+def test_cpu_main_job_is_sized_for_compute():
+    """The no-argument CPU run: a model of a few million parameters (compute, not Python,
+    sets its step time), >= 128 Anyscale requests, >= 3 repeats, a concurrency limit below
+    the request count (else static and continuous batching do the same work)."""
+    import torch
+
+    from bench import e2e
+    from model import LlamaForCausalLM, ModelConfig
+    s = e2e.SCALES["cpu"]
+    m = LlamaForCausalLM(ModelConfig.preset(s["model"]), dtype=torch.float32, device="meta")
+    n = sum(p.numel() for p in m.parameters())
+    print(s["model"], n, "parameters")
+    assert 2e6 <= n <= 10e6
+    assert s["num_requests"] >= 128 and s["repeats"] >= 3 and s["max_num_seqs"] < s["num_requests"]
+    a = e2e.parse_args(["--device", "cpu"])
+    assert a.scale == "cpu" and a.model == s["model"] and a.out is None
