@@ -365,7 +365,7 @@ def _compare(payload, records, traces_by):
                   for k in ("total_tokens_per_s", "output_tokens_per_s", "requests_per_s")}
             systems[name][f"ratio_to_{base_name}"] = {k: v["median"] for k, v in sp.items()}
             systems[name][f"ratio_to_{base_name}_spread"] = sp
-    ref = traces_by.get("hf_static")
+    ref = None if payload["config"].get("hf_own_weights") else traces_by.get("hf_static")
     for name, s in systems.items():
         if ref is not None and name in traces_by:
             s["agreement_with_hf_static"] = _agreement(traces_by[name], ref)
@@ -427,6 +427,7 @@ def run(a, checkpoint=None) -> dict:
                    "torch_threads": torch.get_num_threads(),
                    "policies": a.policies, "systems": a.systems,
                    "speculative": speculative_args(a),
+                   "hf_own_weights": bool(a.hf_own_weights),
                    "sampling": "greedy, ignore_eos, exact max_tokens per request"},
         "workload": {"num_requests": len(requests),
                      "prompt_tokens": sum(r.prompt_len for r in requests),
@@ -461,8 +462,18 @@ def run(a, checkpoint=None) -> dict:
             checkpoint(payload)
 
     with tempfile.TemporaryDirectory(prefix="ragged-e2e-") as tmp:
-        hf_model, model_dir = hf_baseline.build_hf_model(a.model, dtype=dtype, device=a.device,
-                                                         seed=a.seed, save_dir=tmp)
+        own = a.hf_own_weights and not os.path.isdir(a.model)
+        if any(s.startswith("hf_") for s in a.systems):
+            hf_model, model_dir = hf_baseline.build_hf_model(a.model, dtype=dtype,
+                                                             device=a.device, seed=a.seed,
+                                                             save_dir=tmp, own_weights=own)
+        else:       # no HF system: nothing to share, our engine loads the model itself
+            hf_model, model_dir = None, a.model
+        if own:     # no save/reload (16 GB for llama3-8b): each system draws its own weights
+            model_dir = a.model
+            payload["notes"]["hf_own_weights"] = (
+                "HF and our engine hold different random weights (--hf-own-weights): HF static "
+                "is a throughput baseline only; token agreement is not computed")
         ours = None
         if "ragged" in a.systems:
             # Both models stay loaded so the systems can alternate; on a GPU the engine's KV
@@ -608,6 +619,9 @@ def parse_args(argv=None):
                         "(default 8,16,32,64 on GPU, 16,32,64,128 on CPU)")
     p.add_argument("--hf-batch-size", type=_int_list, dest="hf_batch_sizes",
                    help="one HF static batch size (no sweep)")
+    p.add_argument("--hf-own-weights", action="store_true",
+                   help="preset models: HF builds its own random weights, nothing is saved or "
+                        "reloaded (GPU first light: saves 16 GB of I/O; no token agreement)")
     p.add_argument("--hf-max-requests", type=int,
                    help="run HF static on the first N requests only (0: all; GPU default 64)")
     p.add_argument("--block-size", type=int)

@@ -224,13 +224,13 @@ if [ "$mode" = extra ]; then
     [ -f kernels/tuned_attention.json ] && cp kernels/tuned_attention.json "$work/json/"
     stage tune 150 "$py" -m bench.tune_triton --write --table "$work/json/tuned_attention.json" --out "$work/json"
     stage e2e-eager 100 "$py" -m bench.e2e --device cuda --no-cuda-graphs --systems ragged \
-      --policies continuous --no-plots --out "$work/json"
+      --policies continuous --repeats 1 --no-plots --out "$work/json"
     stage e2e-sync 100 "$py" -m bench.e2e --device cuda --no-async-scheduling --systems ragged \
-      --policies continuous --no-plots --out "$work/json"
+      --policies continuous --repeats 1 --no-plots --out "$work/json"
     stage host 40 "$py" -m bench.host_overhead --device cuda --graphs --max-model-len 8192 --out-dir "$work/json"
     stage kernels-flex 120 "$py" -m bench.kernels --device cuda --skip ops --out "$work/json"
     stage e2e-fp8 100 "$py" -m bench.e2e --device cuda --kv-cache-dtype fp8_e4m3 --systems ragged \
-      --policies continuous --no-plots --out "$work/json"
+      --policies continuous --repeats 1 --no-plots --out "$work/json"
     stage fp8-accuracy 60 "$py" -m bench.fp8_accuracy --device cuda --dtype bfloat16 --out "$work/json"
   fi
   note "done in $(( SECONDS - t_start ))s"
@@ -251,13 +251,14 @@ if [ $dry = 1 ]; then
   stage kernels 60 "$py" -m bench.kernels --device cpu --quick --backends torch --no-flex --out "$work/json"
   stage decode 60 "$py" -m bench.decode_step --device cpu --batch 1,4 --context 32 --backends torch --out "$work/json"
   stage e2e 120 "$py" -m bench.e2e --device cpu --quick --policies continuous,static \
-    --systems ragged,hf_static --no-plots --out "$work/json"
+    --systems ragged,hf_static --hf-own-weights --repeats 1 --no-plots --out "$work/json"
 else
   stage kernels 110 "$py" -m bench.kernels --device cuda --no-flex --out "$work/json"
   stage decode 50 "$py" -m bench.decode_step --device cuda --batch 1,32,256 --backends triton,cuda --out "$work/json"
   stage e2e 170 "$py" -m bench.e2e --device cuda --model llama3-8b --workload anyscale \
-    --num-requests 256 --prompt-len 512 --cap 512 --policies continuous,static \
-    --systems ragged,hf_static --hf-max-requests 32 --hf-own-weights --no-plots --out "$work/json"
+    --num-requests 256 --prompt-len 512 --cap 512 --max-num-seqs 64 --policies continuous,static \
+    --systems ragged,hf_static --hf-max-requests 32 --hf-batch-size 32 --hf-own-weights \
+    --repeats 1 --no-plots --out "$work/json"
 fi
 note "done in $(( SECONDS - t_start ))s of ${budget}s"
 pack

@@ -50,11 +50,13 @@ def hf_config(cfg, dtype: torch.dtype):
 
 
 def build_hf_model(model: str, *, dtype: torch.dtype, device, seed: int = 0,
-                   save_dir: str | None = None):
+                   save_dir: str | None = None, own_weights: bool = False):
     """Returns (hf_model in eval mode on device, directory our loader reads).
 
     `model` is a HF directory (loaded as is) or a preset name (random weights from `seed`,
-    saved to save_dir as safetensors: 16 GB for llama3-8b in bf16)."""
+    saved to save_dir as safetensors: 16 GB for llama3-8b in bf16). own_weights=True with a
+    preset: nothing is saved and the directory returned is None (our engine then draws its
+    own random weights: HF is a throughput baseline only, its tokens are not comparable)."""
     from transformers import AutoModelForCausalLM
     if os.path.isdir(model):
         # .to() rather than device_map=: device_map needs `accelerate`, which may be missing
@@ -62,7 +64,7 @@ def build_hf_model(model: str, *, dtype: torch.dtype, device, seed: int = 0,
         return m.to(device).eval(), model
     from model import ModelConfig
     cfg = ModelConfig.preset(model)  # ValueError naming an unknown preset
-    if save_dir is None:
+    if save_dir is None and not own_weights:
         raise ValueError("save_dir: needed to share a preset's random weights with our engine")
     torch.manual_seed(seed)
     try:  # initialise on the device: an 8B model's random init on the host takes minutes
@@ -72,6 +74,8 @@ def build_hf_model(model: str, *, dtype: torch.dtype, device, seed: int = 0,
         torch.manual_seed(seed)
         m = AutoModelForCausalLM.from_config(hf_config(cfg, dtype), dtype=dtype).to(device)
     m = m.eval()
+    if own_weights:
+        return m, None
     m.save_pretrained(save_dir)
     return m, save_dir
 
