@@ -365,7 +365,8 @@ def _compare(payload, records, traces_by):
                   for k in ("total_tokens_per_s", "output_tokens_per_s", "requests_per_s")}
             systems[name][f"ratio_to_{base_name}"] = {k: v["median"] for k, v in sp.items()}
             systems[name][f"ratio_to_{base_name}_spread"] = sp
-    ref = None if payload["config"].get("hf_own_weights") else traces_by.get("hf_static")
+    own = payload.get("config", {}).get("hf_own_weights")
+    ref = None if own else traces_by.get("hf_static")
     for name, s in systems.items():
         if ref is not None and name in traces_by:
             s["agreement_with_hf_static"] = _agreement(traces_by[name], ref)

@@ -101,7 +101,8 @@ def evaluate(source, name, dtype, args) -> list[dict]:
     vocab = m.config.vocab_size
     ps = _prompts(args.prompts, args.prompt_len, vocab)
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-    common = dict(max_num_batched_tokens=128, enable_prefix_caching=False)
+    common = dict(max_num_batched_tokens=128, max_num_seqs=min(128, len(ps)),
+                  enable_prefix_caching=False)
     auto = LLM(m, **common)
     ref_out = [o.token_ids for o in auto.generate(ps, sp, use_tqdm=False)]
     seqs = [p + o for p, o in zip(ps, ref_out)]

@@ -62,7 +62,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)      # real compiles: the interpreter cannot compile
+if __name__ == "__main__":     # real compiles: the interpreter cannot compile. Only as a script:
+    os.environ.pop("TRITON_INTERPRET", None)   # importing the module (tests) must not change
+                                               # the importer's Triton mode
 
 from bench.kernel_model import DEVICES, RESERVED_SMEM, occupancy, predict_part  # noqa: E402
 from bench.sass import _clean, cubin_facts, demangle, pick_loop  # noqa: E402

@@ -26,10 +26,13 @@ there, as for the Triton kernel (the engine allocates them zero-filled).
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 
+# fp8 caches (k_scale/v_scale, docs/fp8_kv.md) are dequantised after the gather
+FP8_KV_OPS = ("paged_attention",)
 _USE_SDPA = True   # False: the matmul path everywhere (tests run both)
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
@@ -50,7 +53,10 @@ def _workspace(slot: int, rows: int, cache: torch.Tensor) -> torch.Tensor:
         return torch.empty(shape, dtype=cache.dtype, device=cache.device)
     # A buffer made under torch.inference_mode (the engine's steps) cannot be written outside
     # it, and the other way round: one buffer per mode.
-    key = (slot, cache.dtype, cache.device, torch.is_inference_mode_enabled())
+    # One buffer per thread too: concurrent callers (tensor-parallel ranks simulated as
+    # threads in tests) would overwrite each other's gathered pages.
+    key = (slot, cache.dtype, cache.device, torch.is_inference_mode_enabled(),
+           threading.get_ident())
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < numel:
         buf = _WORKSPACE[key] = torch.empty(numel, dtype=cache.dtype, device=cache.device)

@@ -143,6 +143,7 @@ def test_fp8_logits_equal_a_quantise_dequantise_simulation(llama_dir, mode, monk
 
 
 def _generate(path, ps, n=8, **kw):
+    kw = dict(dict(device="cpu", max_num_seqs=8), **kw)     # CPU test; budget >= max_num_seqs
     llm = LLM(path, kv_cache_dtype="fp8_e4m3", **kw)
     outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=n), use_tqdm=False)
     return [o.token_ids for o in outs], llm
@@ -169,7 +170,8 @@ def test_fp8_outputs_do_not_depend_on_the_schedule(llama_dir):
             assert llm.engine.stats.num_preemptions > 0
     # prefix caching: after the first prompt fills the cache, the others hit its blocks (and
     # their per-slot scales, stored at the same slots)
-    llm = LLM(llama_dir, kv_cache_dtype="fp8_e4m3", max_num_batched_tokens=16)
+    llm = LLM(llama_dir, kv_cache_dtype="fp8_e4m3", max_num_batched_tokens=16, max_num_seqs=8,
+              device="cpu")
     sp = SamplingParams(temperature=0.0, max_tokens=8)
     assert llm.generate(ps[:1], sp, use_tqdm=False)[0].token_ids == base[0]
     assert [o.token_ids for o in llm.generate(ps, sp, use_tqdm=False)] == base
