@@ -669,6 +669,45 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
             WS_BY_SEQ=plan.ws_by_seq, num_warps=4 if D > 64 else 2)
 
 
+def warmup(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+           block_size: int, device, *, sliding_window: Optional[int] = None,
+           softcap: Optional[float] = None, max_query_len: int = 1, prefill: bool = True,
+           scale: Optional[float] = None) -> int:
+    """Compile every kernel variant a run with these model constants can launch, by running
+    each once on a tiny batch, so no JIT compile (2-3 s each on a GPU) lands in a timed step.
+    Call once per attention shape after the model is built, before serving or timing.
+
+    A variant is fixed by constexprs only: the tile class (decode-only launches: one per
+    distinct tile over max_seqlen_q = 1..max_query_len, the largest query a decode step can
+    hold, e.g. 1 + speculative tokens; mixed/prefill launches when `prefill`), split or not,
+    the window/softcap flags and the block size. Every runtime int that varies between steps
+    is in do_not_specialize, q/out strides are those of contiguous [T, Hq, D] tensors (what
+    the model passes) and cache strides depend only on block size, Hkv and D, so the same
+    variants serve any batch. Returns the number of launches run."""
+    device = torch.device(device)
+    kw = dict(dtype=dtype, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    D = head_dim
+    scale = D ** -0.5 if scale is None else scale
+    cache = torch.zeros(4, block_size, num_kv_heads, D, **kw)
+    shapes = [[mq, mq] for mq in range(1, min(max_query_len, _DECODE_MAX_Q) + 1)]
+    if prefill:
+        shapes.append([_DECODE_MAX_Q + 1, 1])   # mixed (or single-class prefill) launch
+    n = 0
+    for q_lens in shapes:
+        seq_lens = [q + 2 for q in q_lens]
+        T = sum(q_lens)
+        q = torch.zeros(T, num_q_heads, D, **kw)
+        cu = torch.tensor([0, q_lens[0], T], **i32)
+        table = torch.zeros(2, 4, **i32)
+        for splits in (1, 2):
+            _launch(q, cache, cache, table, cu, torch.tensor(seq_lens, **i32),
+                    torch.empty_like(q), scale, max(q_lens), max(seq_lens), sliding_window,
+                    softcap, splits)
+            n += 1
+    return n
+
+
 # torch.compile sees an opaque op that mutates `out`; eager calls skip the dispatcher.
 @torch.library.custom_op("ragged_triton::paged_attention", mutates_args=("out",))
 def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
