@@ -89,9 +89,21 @@ def _impl(op: str, backend: str):
     return getattr(_module(_MODULES[backend][op]), op)
 
 
+def _fp8_kwargs(op: str, backend: str, k_cache, k_scale, v_scale) -> dict:
+    """{} for a non-fp8 cache (backends are called exactly as before); else the scales, after
+    checking that the backend's module lists ``op`` in its FP8_KV_OPS (the one seam through
+    which a backend declares fp8 support, docs/fp8_kv.md)."""
+    if k_cache.dtype != torch.float8_e4m3fn:
+        return {}
+    if op not in getattr(_module(_MODULES[backend][op]), "FP8_KV_OPS", ()):
+        raise ValueError(f"k_cache: fp8 (float8_e4m3fn) caches are not supported by backend "
+                         f"{backend!r} for {op} (pick another backend or kv_cache_dtype='auto')")
+    return {"k_scale": k_scale, "v_scale": v_scale}
+
+
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale=None,
                     max_seqlen_q=None, max_seqlen_k=None, sliding_window=None, softcap=None,
-                    out=None, num_kv_splits=None, backend=None):
+                    out=None, num_kv_splits=None, k_scale=None, v_scale=None, backend=None):
     """Attention of a ragged batch of new tokens over a paged KV cache -> [T, Hq, D].
 
     q [T, Hq, D] (new tokens of all sequences, sequence after sequence); k_cache/v_cache
@@ -101,18 +113,21 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     max_seqlen_q/max_seqlen_k are host-side bounds; when None they are read from the device
     (one sync: pass them on hot paths and under CUDA-graph capture). num_kv_splits forces the
     split-KV factor (None: heuristic); results do not depend on it beyond rounding.
+    k_scale/v_scale: required for float8_e4m3fn caches (docs/fp8_kv.md), None otherwise:
+    float32 [num_blocks, block_size, Hkv] per-slot scales or per-tensor floats.
     """
     b = _resolve(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
     _checks.attention_args(b, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
                            scale=scale, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                            sliding_window=sliding_window, softcap=softcap, out=out,
-                           num_kv_splits=num_kv_splits)
+                           num_kv_splits=num_kv_splits, k_scale=k_scale, v_scale=v_scale)
+    fp8 = _fp8_kwargs("paged_attention", b, k_cache, k_scale, v_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     softcap = float(softcap) if softcap else None
     if b == "torch":
         res = _impl("paged_attention", b)(q, k_cache, v_cache, block_table, cu_seqlens_q,
                                           seq_lens, scale=scale, sliding_window=sliding_window,
-                                          softcap=softcap)
+                                          softcap=softcap, **fp8)
         return res if out is None else out.copy_(res)
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if seq_lens.numel() else 0
@@ -121,18 +136,23 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     return _impl("paged_attention", b)(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
                                        scale=scale, max_seqlen_q=max_seqlen_q,
                                        max_seqlen_k=max_seqlen_k, sliding_window=sliding_window,
-                                       softcap=softcap, out=out, num_kv_splits=num_kv_splits)
+                                       softcap=softcap, out=out, num_kv_splits=num_kv_splits,
+                                       **fp8)
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping, backend=None):
+def write_kv(key, value, k_cache, v_cache, slot_mapping, backend=None, *, k_scale=None,
+             v_scale=None):
     """Scatter key/value [T, Hkv, D] into the paged caches at slot_mapping (int64 [T]; < 0 skips).
 
     key and value may be strided views (e.g. slices of a fused QKV output) as long as their
-    last dimension is contiguous. In place; returns None.
+    last dimension is contiguous. In place; returns None. float8_e4m3fn caches store the
+    quantised rows (reference.quantize_fp8) and, with per-slot k_scale/v_scale tensors, each
+    row's scale at the same slot; with per-tensor float scales only the codes.
     """
     b = _resolve(backend, key.device if isinstance(key, torch.Tensor) else torch.device("cpu"))
-    _checks.write_kv_args(b, key, value, k_cache, v_cache, slot_mapping)
-    _impl("write_kv", b)(key, value, k_cache, v_cache, slot_mapping)
+    _checks.write_kv_args(b, key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    fp8 = _fp8_kwargs("write_kv", b, k_cache, k_scale, v_scale)
+    _impl("write_kv", b)(key, value, k_cache, v_cache, slot_mapping, **fp8)
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, backend=None):
@@ -155,18 +175,20 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True, backend=None)
 
 
 def rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                    is_neox=True, backend=None):
+                    is_neox=True, backend=None, *, k_scale=None, v_scale=None):
     """rotary_embedding of q and k, then write_kv of the rotated k and of v, fused where the
     backend can (Triton: one launch, k goes from registers to its cache slot) -> rotated q.
 
     Same arguments and semantics as the two ops (slots < 0 skip the write); k_rot is not
-    returned: attention reads k from the cache.
+    returned: attention reads k from the cache. fp8 caches and k_scale/v_scale as in write_kv
+    (the rotated k is quantised as rounded to k's dtype).
     """
     b = _resolve(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
     _checks.rotary_write_kv_args(b, positions, q, k, v, cos_sin_cache, k_cache, v_cache,
-                                 slot_mapping, is_neox)
+                                 slot_mapping, is_neox, k_scale, v_scale)
+    fp8 = _fp8_kwargs("rotary_write_kv", b, k_cache, k_scale, v_scale)
     return _impl("rotary_write_kv", b)(positions, q, k, v, cos_sin_cache, k_cache, v_cache,
-                                       slot_mapping, is_neox)
+                                       slot_mapping, is_neox, **fp8)
 
 
 def silu_and_mul(x, backend=None):

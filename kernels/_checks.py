@@ -12,6 +12,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = FLOAT_DTYPES + (torch.float64,)
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 256
+FP8_DTYPE = torch.float8_e4m3fn
 
 
 def _fail(name: str, msg: str):
@@ -44,18 +45,55 @@ def value_dtypes(backend):
     return REFERENCE_DTYPES if backend == "torch" else FLOAT_DTYPES
 
 
+def kv_caches(k_cache, v_cache, ref_name, ref, dev, dts):
+    """The two caches: 4-d, contiguous, on ``dev``, in ref's dtype or both float8_e4m3fn.
+    Returns True for an fp8 cache."""
+    fp8 = isinstance(k_cache, torch.Tensor) and k_cache.dtype == FP8_DTYPE
+    cdts = (FP8_DTYPE,) if fp8 else dts
+    tensor("k_cache", k_cache, ndim=4, dtypes=cdts, device=dev, contiguous=True)
+    tensor("v_cache", v_cache, ndim=4, dtypes=cdts, device=dev, contiguous=True)
+    if not fp8:
+        same_dtype("k_cache", k_cache, ref_name, ref)
+        same_dtype("v_cache", v_cache, ref_name, ref)
+    if v_cache.shape != k_cache.shape:
+        _fail("v_cache", f"shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+    return fp8
+
+
+def kv_scales(fp8, k_cache, k_scale, v_scale):
+    """fp8 caches need both scales, in the same mode: float32 contiguous tensors shaped
+    [num_blocks, block_size, Hkv] on the cache's device (per slot) or positive finite floats
+    (per tensor). Other caches take none."""
+    if not fp8:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is not None:
+                _fail(name, f"only fp8 (float8_e4m3fn) caches take scales; k_cache is "
+                            f"{k_cache.dtype}: pass None")
+        return
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is None:
+            _fail(name, "required for a float8_e4m3fn cache (a float32 tensor [num_blocks, "
+                        "block_size, Hkv] or a positive float)")
+        if isinstance(s, torch.Tensor):
+            tensor(name, s, ndim=3, dtypes=(torch.float32,), device=k_cache.device,
+                   contiguous=True)
+            if tuple(s.shape) != tuple(k_cache.shape[:3]):
+                _fail(name, f"shape {tuple(s.shape)} differs from k_cache's [num_blocks, "
+                            f"block_size, Hkv] {tuple(k_cache.shape[:3])}")
+        elif isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < float("inf"):
+            _fail(name, f"must be a float32 tensor or a positive finite float, got {s!r}")
+    if isinstance(k_scale, torch.Tensor) != isinstance(v_scale, torch.Tensor):
+        _fail("v_scale", "must be in k_scale's mode (both per-slot tensors or both floats)")
+
+
 def attention_args(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
                    scale, max_seqlen_q, max_seqlen_k, sliding_window, softcap, out,
-                   num_kv_splits):
+                   num_kv_splits, k_scale=None, v_scale=None):
     dts = value_dtypes(backend)
     tensor("q", q, ndim=3, dtypes=dts, last_contiguous=True)
     dev = q.device
-    tensor("k_cache", k_cache, ndim=4, dtypes=dts, device=dev, contiguous=True)
-    tensor("v_cache", v_cache, ndim=4, dtypes=dts, device=dev, contiguous=True)
-    same_dtype("k_cache", k_cache, "q", q)
-    same_dtype("v_cache", v_cache, "q", q)
-    if v_cache.shape != k_cache.shape:
-        _fail("v_cache", f"shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+    fp8 = kv_caches(k_cache, v_cache, "q", q, dev, dts)
+    kv_scales(fp8, k_cache, k_scale, v_scale)
     T, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     if Dk != D:
@@ -95,19 +133,17 @@ def attention_args(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_
             _fail("out", f"shape {tuple(out.shape)} differs from q's {tuple(q.shape)}")
 
 
-def write_kv_args(backend, key, value, k_cache, v_cache, slot_mapping):
+def write_kv_args(backend, key, value, k_cache, v_cache, slot_mapping, k_scale=None,
+                  v_scale=None):
     dts = value_dtypes(backend)
     tensor("key", key, ndim=3, dtypes=dts, last_contiguous=True)
     dev = key.device
     tensor("value", value, ndim=3, dtypes=dts, device=dev, last_contiguous=True)
-    tensor("k_cache", k_cache, ndim=4, dtypes=dts, device=dev, contiguous=True)
-    tensor("v_cache", v_cache, ndim=4, dtypes=dts, device=dev, contiguous=True)
-    for n, t in (("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
-        same_dtype(n, t, "key", key)
+    same_dtype("value", value, "key", key)
+    fp8 = kv_caches(k_cache, v_cache, "key", key, dev, dts)
+    kv_scales(fp8, k_cache, k_scale, v_scale)
     if value.shape != key.shape:
         _fail("value", f"shape {tuple(value.shape)} differs from key's {tuple(key.shape)}")
-    if v_cache.shape != k_cache.shape:
-        _fail("v_cache", f"shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
     if tuple(key.shape[1:]) != tuple(k_cache.shape[2:]):
         _fail("key", f"[heads, head_dim] {tuple(key.shape[1:])} differs from k_cache's "
                      f"{tuple(k_cache.shape[2:])}")
@@ -153,9 +189,9 @@ def rotary_args(backend, positions, q, k, cos_sin_cache, is_neox):
 
 
 def rotary_write_kv_args(backend, positions, q, k, v, cos_sin_cache, k_cache, v_cache,
-                         slot_mapping, is_neox):
+                         slot_mapping, is_neox, k_scale=None, v_scale=None):
     rotary_args(backend, positions, q, k, cos_sin_cache, is_neox)
-    write_kv_args(backend, k, v, k_cache, v_cache, slot_mapping)
+    write_kv_args(backend, k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def silu_and_mul_args(backend, x):

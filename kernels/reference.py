@@ -15,11 +15,49 @@ import torch.nn.functional as F
 
 # --------------------------------------------------------------------------- attention
 def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Logical [kv_len, H, D] view of one sequence's keys (or values) in a paged cache."""
+    """Logical [kv_len, H, D] view of one sequence's keys (or values) in a paged cache; also
+    gathers a per-slot scale cache [num_blocks, block_size, H] into [kv_len, H]."""
     block_size = cache.shape[1]
     num_blocks = -(-kv_len // block_size)
     blocks = block_table_row[:num_blocks].long()
-    return cache[blocks].reshape(-1, cache.shape[2], cache.shape[3])[:kv_len]
+    return cache[blocks].flatten(0, 1)[:kv_len]
+
+
+# --------------------------------------------------------------------------- fp8 KV cache
+# Ops of this backend that take fp8 caches (kernels/__init__.py checks this list).
+FP8_KV_OPS = ("paged_attention", "write_kv", "rotary_write_kv")
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0      # largest finite e4m3fn value; torch maps |x| > 464 to NaN, so clamp first
+
+
+def is_fp8(cache) -> bool:
+    return isinstance(cache, torch.Tensor) and cache.dtype == FP8_DTYPE
+
+
+def quantize_fp8(x: torch.Tensor, scale=None):
+    """x [N, H, D] -> (codes float8_e4m3fn [N, H, D], scale float32 [N, H]) by the one rule
+    every backend follows (docs/fp8_kv.md):
+        x32 = x.float()
+        per-slot (scale None): amax = max_d |x32|, scale = amax / 448 if amax > 0 else 1
+        per-tensor (scale a float): that scale for every row
+        code = clamp(x32 / scale, -448, 448) rounded to nearest-even e4m3
+    """
+    x32 = x.float()
+    if scale is None:
+        amax = x32.abs().amax(dim=-1) if x32.shape[-1] else x32.new_zeros(x32.shape[:-1])
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    else:
+        s = torch.full(x32.shape[:-1], float(scale), dtype=torch.float32, device=x.device)
+    codes = (x32 / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, s
+
+
+def dequantize_fp8(codes: torch.Tensor, scale, dtype=torch.float32) -> torch.Tensor:
+    """codes [..., D] float8_e4m3fn times scale ([...] tensor or a float) -> ``dtype``.
+    Formed in float64 for a float64 result (the ground truth), else in float32 and rounded."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = scale.to(acc)[..., None] if isinstance(scale, torch.Tensor) else float(scale)
+    return (codes.to(acc) * s).to(dtype)
 
 
 def attention_mask(q_len: int, kv_len: int, sliding_window: int | None,
@@ -39,7 +77,8 @@ def attention_mask(q_len: int, kv_len: int, sliding_window: int | None,
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale=None,
-                    sliding_window=None, softcap=None, upcast=False, **_ignored):
+                    sliding_window=None, softcap=None, upcast=False, k_scale=None, v_scale=None,
+                    **_ignored):
     """Attention of each sequence's new tokens over its paged KV history.
 
     q [T, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_table int32
@@ -47,6 +86,9 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     h // (Hq // Hkv) (GQA). Returns [T, Hq, D] in q's dtype; rows that see no key are zero.
     Low precision (upcast=False): QK^T and PV in the input dtype, softmax in float32, as
     flash-attention's reference does.
+    fp8 caches (float8_e4m3fn) need k_scale/v_scale: float32 [num_blocks, block_size, Hkv]
+    (per slot) or floats (per tensor); the gathered pages are dequantised (codes x scale) to
+    the compute dtype before the usual attention (float64 for float64 q: the ground truth).
     """
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -61,8 +103,8 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
         if q_len == 0 or kv_len == 0:
             continue
         qb = q[start:end].to(cdt).transpose(0, 1)                                # [Hq, q, D]
-        kb = gather_kv(k_cache, block_table[b], kv_len).to(cdt)
-        vb = gather_kv(v_cache, block_table[b], kv_len).to(cdt)
+        kb = _gather_dequant(k_cache, k_scale, block_table[b], kv_len, cdt)
+        vb = _gather_dequant(v_cache, v_scale, block_table[b], kv_len, cdt)
         kb = kb.repeat_interleave(group, dim=1).transpose(0, 1)                  # [Hq, k, D]
         vb = vb.repeat_interleave(group, dim=1).transpose(0, 1)
         s = (qb @ kb.transpose(1, 2)) * scale                                     # [Hq, q, k]
@@ -77,12 +119,37 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     return out
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping):
-    """k_cache.view(-1, Hkv, D)[slot] = key[t] for every t with slot_mapping[t] >= 0 (in place)."""
+def _gather_dequant(cache, scale, block_table_row, kv_len, dtype):
+    x = gather_kv(cache, block_table_row, kv_len)
+    if not is_fp8(cache):
+        return x.to(dtype)
+    s = gather_kv(scale, block_table_row, kv_len) if isinstance(scale, torch.Tensor) else scale
+    return dequantize_fp8(x, s, dtype)
+
+
+def _write_one(x, cache, scale, keep, slots):
+    flat = cache.view(-1, *cache.shape[2:])
+    if not is_fp8(cache):
+        flat[slots] = x[keep].to(cache.dtype)
+        return
+    per_slot = isinstance(scale, torch.Tensor)
+    codes, s = quantize_fp8(x[keep], None if per_slot else scale)
+    flat[slots] = codes
+    if per_slot:
+        scale.view(-1, cache.shape[2])[slots] = s
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    """k_cache.view(-1, Hkv, D)[slot] = key[t] for every t with slot_mapping[t] >= 0 (in place).
+
+    fp8 caches store quantize_fp8(key[t]) instead; with per-slot scales (float32 tensors
+    [num_blocks, block_size, Hkv]) the row's scale goes to k_scale.view(-1, Hkv)[slot], with
+    a per-tensor scale (a float) only the codes are written. Skipped slots touch neither.
+    """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+    _write_one(key, k_cache, k_scale, keep, slots)
+    _write_one(value, v_cache, v_scale, keep, slots)
 
 
 # ------------------------------------------------------------- selective-batching ops
@@ -161,10 +228,12 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox=True, upcast=False)
 
 
 def rotary_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
-                    is_neox=True):
-    """rotary_embedding then write_kv of the rotated k (and v); returns the rotated q."""
+                    is_neox=True, k_scale=None, v_scale=None):
+    """rotary_embedding then write_kv of the rotated k (and v); returns the rotated q.
+    For fp8 caches the rotated k is quantised as rotary_embedding returns it (rounded to k's
+    dtype), so the fused kernels and the unfused two-op path store the same codes."""
     q_rot, k_rot = rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
-    write_kv(k_rot, v, k_cache, v_cache, slot_mapping)
+    write_kv(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q_rot
 
 
