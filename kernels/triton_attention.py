@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+FP8_KV_OPS = ("paged_attention",)     # kernels/__init__.py passes k_scale/v_scale for fp8 caches
 
 
 @triton.jit
@@ -114,9 +115,10 @@ def _in_page(kstart, offs_n, stride_ks, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.co
 @triton.jit
 def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_len, n_pages,
               qpos, stride_kb, stride_ks, qk_scale, softcap, window, offs_n, offs_d, d_ok,
+              ks_head, vs_head, num_kv_heads,
               MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_SIZE: tl.constexpr):
+              BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr):
     """Online softmax over KV tiles t_lo..t_hi-1 (keys base + t * BLOCK_N ...) for all rows.
 
     Block ids are software-pipelined one tile ahead in registers: tile t+1's are loaded
@@ -124,17 +126,31 @@ def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_le
     addresses depend only on loop-carried values, which lets Triton's pipeliner keep
     num_stages - 1 K/V copy groups in flight (an in-iteration block-id load made it wait
     with num = 0: every copy drained each tile, bench/NOTES.md "Triton attention, issue 12").
-    K is read [N, D] like V, so both share one address vector."""
+    K is read [N, D] like V, so both share one address vector.
+    fp8 pages (KV_FP8) are converted to q's dtype after the load (e4m3 is exact in fp16/bf16);
+    per-slot scales (PER_SLOT_SCALE) multiply the scores (k) and the probabilities before
+    P.V (v), loaded per key from (block * BLOCK_SIZE + offset) * Hkv + kv head. Per-tensor
+    scales are folded into qk_scale and the output by the launcher."""
     blk = _page_ids(bt_row, base + t_lo * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
     for t in range(t_lo, t_hi):
         kstart = base + t * BLOCK_N
         kv_off = blk.to(tl.int64) * stride_kb + _in_page(kstart, offs_n, stride_ks, BLOCK_N,
                                                           BLOCK_SIZE)
+        blk_cur = blk
         blk = _page_ids(bt_row, kstart + BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
         kpos = kstart + offs_n
         k_ok = kpos < seq_len
         k = _load_2d(k_head + kv_off[:, None] + offs_d[None, :], k_ok, d_ok, MASK, not EVEN_D)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            if PER_SLOT_SCALE:
+                slot = (blk_cur.to(tl.int64) * BLOCK_SIZE + (kpos % BLOCK_SIZE)) * num_kv_heads
+                k_sc = tl.load(ks_head + slot, mask=k_ok, other=0.0)
+                v_sc = tl.load(vs_head + slot, mask=k_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if KV_FP8:
+            if PER_SLOT_SCALE:
+                s = s * k_sc[None, :]
         if SOFTCAP:                   # softcap * tanh(s * scale / softcap), in log2 units
             s = _tanh(s * qk_scale) * (softcap * 1.4426950408889634)
         else:
@@ -150,6 +166,10 @@ def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_le
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_2d(v_head + kv_off[:, None] + offs_d[None, :], k_ok, d_ok, MASK, not EVEN_D)
+        if KV_FP8:
+            v = v.to(q.dtype)
+            if PER_SLOT_SCALE:
+                p = p * v_sc[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -159,11 +179,11 @@ def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_le
 def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_start, q_len,
             seq_len, kvh, split, num_splits, ws_row0, ws_rows, num_q_heads, group, q_per_block,
             qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
-            stride_ks, stride_kh,
+            stride_ks, stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale,
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr,
             TO_WS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-            DOT_PREC: tl.constexpr):
+            DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr):
     """One q block (q_per_block tokens from tok0, x G heads) of one sequence, one KV head,
     one split of its KV tiles. TO_WS: write the normalised partial output + lse to workspace
     row ws_row0 + token (of ws_rows per split); else write the output."""
@@ -212,19 +232,25 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
     # window edge (masked), fully visible body (no mask), causal diagonal / sequence end
     acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a, seq_len,
                               n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                              offs_n, offs_d, d_ok, True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC,
-                              BLOCK_N, BLOCK_SIZE)
+                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
+                              True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
+                              KV_FP8, PER_SLOT_SCALE)
     acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c, seq_len,
                               n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                              offs_n, offs_d, d_ok, False, WINDOW, SOFTCAP, EVEN_D, DOT_PREC,
-                              BLOCK_N, BLOCK_SIZE)
+                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
+                              False, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
+                              KV_FP8, PER_SLOT_SCALE)
     acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi, seq_len,
                               n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                              offs_n, offs_d, d_ok, True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC,
-                              BLOCK_N, BLOCK_SIZE)
+                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
+                              True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
+                              KV_FP8, PER_SLOT_SCALE)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]          # rows with no key: 0
+    if KV_FP8:
+        if not PER_SLOT_SCALE:
+            o = o * out_scale                                # per-tensor v scale
     if TO_WS:
         ws_row = (split.to(tl.int64) * ws_rows + ws_row0 + tok) * num_q_heads + head
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
@@ -251,7 +277,7 @@ _RUNTIME_INTS = ["num_seqs", "search_iters", "num_search", "q_per_block", "seq_d
             do_not_specialize_on_alignment=["bt_ptr", "cu_ptr", "seq_lens_ptr"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
-        num_seqs, num_q_heads, num_kv_heads, group, search_iters, num_search, q_per_block,
+        ks_ptr, vs_ptr, out_scale, num_seqs, num_q_heads, num_kv_heads, group, search_iters, num_search, q_per_block,
         seq_div, min_q, splits, q_per_block_d, ws_rows,
         qk_scale, softcap, window,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
@@ -259,7 +285,8 @@ def _paged_attn_kernel(
         BLOCK_M_D: tl.constexpr, BLOCK_N_D: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr, SEARCH: tl.constexpr,
         DIRECT: tl.constexpr, SPLIT: tl.constexpr, WS_BY_SEQ: tl.constexpr, Q_LOOP: tl.constexpr,
-        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+        KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr):
     # 1-D grid, KV head fastest, so every head of one q block is dispatched together.
     pid = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
@@ -291,9 +318,9 @@ def _paged_attn_kernel(
             _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_start,
                     q_len, seq_len, kvh, 0, 1, 0, 0, num_q_heads, group, q_per_block,
                     qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_kb, stride_ks, stride_kh,
+                    stride_kb, stride_ks, stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale,
                     HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_SIZE, EVEN_D, False, WINDOW,
-                    SOFTCAP, DOT_PREC)
+                    SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
     elif DIRECT:
         # Direct class (BLOCK_M_D rows): program b * splits + split for each sequence with
         # q_len < min_q (every sequence of a decode-only launch), found by index: no search,
@@ -320,15 +347,17 @@ def _paged_attn_kernel(
                             q_start, q_len, seq_len, kvh, split, splits, ws_row0, ws_rows,
                             num_q_heads, group, q_per_block_d, qk_scale, softcap, window,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
-                            stride_kh, HEAD_DIM, BLOCK_M_D, BLOCK_N_D, BLOCK_D, BLOCK_SIZE,
-                            EVEN_D, SPLIT, WINDOW, SOFTCAP, DOT_PREC)
+                            stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale, HEAD_DIM,
+                            BLOCK_M_D, BLOCK_N_D, BLOCK_D, BLOCK_SIZE, EVEN_D, SPLIT, WINDOW,
+                            SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
             else:                     # one q block (decodes): the loop cost 44 registers
                 _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, 0,
                         q_start, q_len, seq_len, kvh, split, splits, ws_row0, ws_rows,
                         num_q_heads, group, q_per_block_d, qk_scale, softcap, window,
                         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
-                        stride_kh, HEAD_DIM, BLOCK_M_D, BLOCK_N_D, BLOCK_D, BLOCK_SIZE, EVEN_D,
-                        SPLIT, WINDOW, SOFTCAP, DOT_PREC)
+                        stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale, HEAD_DIM,
+                        BLOCK_M_D, BLOCK_N_D, BLOCK_D, BLOCK_SIZE, EVEN_D, SPLIT, WINDOW,
+                        SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
 
 
 @triton.jit(do_not_specialize=["ws_rows", "num_splits", "min_q", "stride_ot", "stride_oh"],
@@ -621,7 +650,8 @@ def workspace_bytes(num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_hea
 # --------------------------------------------------------------------------- launcher
 def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale: float,
             max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int],
-            softcap: Optional[float], num_kv_splits: Optional[int]) -> None:
+            softcap: Optional[float], num_kv_splits: Optional[int], k_scale=None,
+            v_scale=None) -> None:
     T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     B = seq_lens.shape[0]
@@ -647,9 +677,15 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         ws_o = ws_lse = out                       # unused (nothing splits)
     use_softcap = softcap is not None and softcap > 0
     window = int(sliding_window) if sliding_window else 0
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    per_slot = fp8 and isinstance(k_scale, torch.Tensor)
+    ks, vs = (k_scale, v_scale) if per_slot else (seq_lens, seq_lens)   # unused if not per slot
+    if fp8 and not per_slot:      # per-tensor: k's scale rides on the scores, v's on the output
+        scale = scale * float(k_scale)
+    out_scale = float(v_scale) if fp8 and not per_slot else 1.0
     _paged_attn_kernel[(plan.num_programs * Hkv,)](
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, ws_o, ws_lse,
-        B, Hq, Hkv, group, B.bit_length(), plan.num_search, plan.q_per_block, plan.seq_div,
+        ks, vs, out_scale, B, Hq, Hkv, group, B.bit_length(), plan.num_search, plan.q_per_block, plan.seq_div,
         plan.min_q, splits, plan.q_per_block_d, plan.ws_rows,
         scale / softcap if use_softcap else scale * LOG2E,
         float(softcap) if use_softcap else 0.0, window,
@@ -660,8 +696,8 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         SEARCH=plan.search, DIRECT=plan.direct, SPLIT=splits > 1, WS_BY_SEQ=plan.ws_by_seq,
         Q_LOOP=plan.q_loop,
         WINDOW=window > 0, SOFTCAP=use_softcap,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=fp8,
+        PER_SLOT_SCALE=per_slot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         _merge_kernel[(B if plan.ws_by_seq else T, Hq)](
             out, ws_o, ws_lse, cu_seqlens_q, plan.ws_rows, Hq, splits, plan.min_q,
@@ -672,7 +708,8 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
 def warmup(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
            block_size: int, device, *, sliding_window: Optional[int] = None,
            softcap: Optional[float] = None, max_query_len: int = 1, prefill: bool = True,
-           scale: Optional[float] = None) -> int:
+           scale: Optional[float] = None, kv_cache_dtype: Optional[torch.dtype] = None,
+           per_slot_scales: bool = True) -> int:
     """Compile every kernel variant a run with these model constants can launch, by running
     each once on a tiny batch, so no JIT compile (2-3 s each on a GPU) lands in a timed step.
     Call once per attention shape after the model is built, before serving or timing.
@@ -683,13 +720,19 @@ def warmup(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtyp
     the window/softcap flags and the block size. Every runtime int that varies between steps
     is in do_not_specialize, q/out strides are those of contiguous [T, Hq, D] tensors (what
     the model passes) and cache strides depend only on block size, Hkv and D, so the same
-    variants serve any batch. Returns the number of launches run."""
+    variants serve any batch. kv_cache_dtype torch.float8_e4m3fn: the fp8 variants (per-slot
+    or per-tensor scales). Returns the number of launches run."""
     device = torch.device(device)
     kw = dict(dtype=dtype, device=device)
     i32 = dict(dtype=torch.int32, device=device)
     D = head_dim
     scale = D ** -0.5 if scale is None else scale
-    cache = torch.zeros(4, block_size, num_kv_heads, D, **kw)
+    cache = torch.zeros(4, block_size, num_kv_heads, D, dtype=kv_cache_dtype or dtype,
+                        device=device)
+    ks = vs = None
+    if cache.dtype == torch.float8_e4m3fn:
+        ks = vs = (torch.ones(4, block_size, num_kv_heads, dtype=torch.float32, device=device)
+                   if per_slot_scales else 1.0)
     shapes = [[mq, mq] for mq in range(1, min(max_query_len, _DECODE_MAX_Q) + 1)]
     if prefill:
         shapes.append([_DECODE_MAX_Q + 1, 1])   # mixed (or single-class prefill) launch
@@ -703,25 +746,33 @@ def warmup(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtyp
         for splits in (1, 2):
             _launch(q, cache, cache, table, cu, torch.tensor(seq_lens, **i32),
                     torch.empty_like(q), scale, max(q_lens), max(seq_lens), sliding_window,
-                    softcap, splits)
+                    softcap, splits, ks, vs)
             n += 1
     return n
 
 
-# torch.compile sees an opaque op that mutates `out`; eager calls skip the dispatcher.
+# torch.compile sees an opaque op that mutates `out`; eager calls skip the dispatcher. Scales
+# travel as optional tensors (per slot) or optional floats (per tensor): one schema for both.
 @torch.library.custom_op("ragged_triton::paged_attention", mutates_args=("out",))
 def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
                         seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
                         max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int],
-                        softcap: Optional[float], num_kv_splits: Optional[int]) -> None:
+                        softcap: Optional[float], num_kv_splits: Optional[int],
+                        k_scale: Optional[torch.Tensor] = None,
+                        v_scale: Optional[torch.Tensor] = None,
+                        k_scale_f: Optional[float] = None,
+                        v_scale_f: Optional[float] = None) -> None:
     _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale,
-            max_seqlen_q, max_seqlen_k, sliding_window, softcap, num_kv_splits)
+            max_seqlen_q, max_seqlen_k, sliding_window, softcap, num_kv_splits,
+            k_scale if k_scale is not None else k_scale_f,
+            v_scale if v_scale is not None else v_scale_f)
 
 
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale, max_seqlen_q,
-      max_seqlen_k, sliding_window, softcap, num_kv_splits) -> None:
+      max_seqlen_k, sliding_window, softcap, num_kv_splits, k_scale=None, v_scale=None,
+      k_scale_f=None, v_scale_f=None) -> None:
     return None
 
 
@@ -729,20 +780,31 @@ def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale, max_
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale: float,
                     max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int] = None,
                     softcap: Optional[float] = None, out: Optional[torch.Tensor] = None,
-                    num_kv_splits: Optional[int] = None) -> torch.Tensor:
+                    num_kv_splits: Optional[int] = None, k_scale=None,
+                    v_scale=None) -> torch.Tensor:
     """Ragged paged attention -> [T, Hq, D] (written into ``out`` when given).
 
     num_kv_splits above MAX_SPLITS is clamped to it (results do not depend on it).
+    k_scale/v_scale: for float8_e4m3fn caches (FP8_INTERFACE: per-slot float32 tensors
+    [num_blocks, block_size, Hkv] or per-tensor floats), checked by kernels.paged_attention.
 
-    Arguments as kernels.paged_attention (which validates them); max_seqlen_q/k are host
-    bounds used only for the tile class and the split heuristic, never for correctness.
+    Arguments as kernels.paged_attention (which validates them); max_seqlen_k is a host bound
+    used only for the split heuristic; max_seqlen_q picks the tile class and must bound every
+    q_len of a decode-only launch (max_seqlen_q <= 16: one q block per sequence unless
+    max_seqlen_q exceeds it; the batch builder passes the true maximum).
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    args = (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, float(scale),
-            int(max_seqlen_q), int(max_seqlen_k), sliding_window, softcap, num_kv_splits)
     if torch.compiler.is_compiling():
-        _paged_attention_op(*args)
+        t = isinstance(k_scale, torch.Tensor)
+        _paged_attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out,
+                            float(scale), int(max_seqlen_q), int(max_seqlen_k), sliding_window,
+                            softcap, num_kv_splits, k_scale if t else None,
+                            v_scale if t else None,
+                            None if t or k_scale is None else float(k_scale),
+                            None if t or v_scale is None else float(v_scale))
     else:
-        _launch(*args)
+        _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, float(scale),
+                int(max_seqlen_q), int(max_seqlen_k), sliding_window, softcap, num_kv_splits,
+                k_scale, v_scale)
     return out

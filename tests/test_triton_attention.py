@@ -672,3 +672,17 @@ def test_tune_triton_quick_writes_a_loadable_table(tuned_table, tmp_path, monkey
     cfg = ta._config(32, torch.float16, 2, 1, 90, "interpreter")
     assert [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages] == stored[
         ta.tuned_key("decode", 32, 2, torch.float16)]["config"]
+
+
+# --------------------------------------------------------------------------- fp8 KV cache
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+def test_fp8_cache_all_modes(mode):
+    # the same quantised codes and scales for kernel and reference (tests.attention_cases):
+    # mixed launch (both classes), decode-only split-KV, window + softcap, group 5, fp32 q
+    _check([40, 1, 3, 1], [97, 33, 17, 70], hq=8, hkv=2, d=80, fp8=mode, splits=3,
+           name=f"fp8 {mode} mixed split")
+    _check([1, 1, 5], [1100, 20, 60], hq=10, hkv=2, d=64, fp8=mode, name=f"fp8 {mode} decode")
+    _check([30, 1, 5, 1], [150, 97, 40, 3], hq=4, hkv=2, d=64, fp8=mode, window=7,
+           softcap=30.0, splits=2, name=f"fp8 {mode} window softcap")
+    _check([20, 1], [45, 30], hq=4, hkv=1, d=64, fp8=mode, dtype=torch.float32,
+           name=f"fp8 {mode} fp32 q")
