@@ -1,42 +1,47 @@
 """Triton ragged paged attention: decodes, speculative queries and prefill chunks in ONE launch.
 
-Grid: one axis of (q block [, KV split]) x KV head programs, KV head fastest, so all heads
-of a q block are dispatched together. Two program classes share the launch:
+Grid: one axis of programs x KV heads, KV head fastest, so all heads of a q block are
+dispatched together. Two program classes, each an inlined `_attend` with its own constexpr
+tile (the kernel's registers are the max of the two, its warps and stages the larger tile's):
 
-* Search class (always). A program owns up to Q = BLOCK_M // G consecutive new tokens of one
-  sequence and all G query heads sharing one KV head (GQA packing: tile row r is token
-  r // G, head r % G), so each K/V tile is read once per KV head, not G times. Sequence b's
-  blocks start at ``cu_seqlens_q[b] // Q + b`` (monotone in b, and it leaves b at least
-  cdiv(q_len_b, Q) slots), so ``T // Q + B`` programs -- host ints -- cover any batch
-  without reading the device; a program finds its sequence by binary search over
-  cu_seqlens_q and exits at once if it has no tokens.
-* Direct class (mixed launches: max_seqlen_q > 16 in fp16/bf16). Decodes and short
-  (speculative) queries, q_len <= 16, would fill only G * q_len rows of a 128-row prefill
-  tile, so they get their own decode tile (BLOCK_M_D: 16 rows at G <= 16): one program per
-  sequence, KV head and split, found by index (no search), looping over its q blocks when
-  q_len > BLOCK_M_D // G (a decode: one). The search class then serves only q_len >= 17, at most T // 17 sequences, so its
-  slots start at ``cu[b] // Q + cu[b] // 17`` when that bound is tighter than B. Each class
-  is an inlined `_attend` with its own constexpr tile; the kernel's registers are the max of
-  the two (not the sum), its warps and stages the prefill tile's.
-* KV tiles of BLOCK_N keys are gathered key by key through the block table
-  (block = block_table[b, j // block_size]), so any block size works (multiple of 16 up to
-  256) and tiles need not align with blocks. Every address is int64: block ids of 131072+
-  times a block stride of 16 * 8 * 128 overflow int32.
+* Direct class (decode-only launches, max_seqlen_q <= 16, and the short rows of mixed
+  launches). Program b * splits + split serves sequence b (q_len < min_q), found by index:
+  no search, no empty programs. A q block holds Q = BLOCK_M_D // G tokens x the G query
+  heads sharing one KV head (GQA packing: tile row r is token r // G, head r % G), so each
+  K/V tile is read once per KV head, not G times; a decode is one q block. Only this class
+  splits KV (flash-decoding), and only its rows have workspace.
+* Search class (launches with max_seqlen_q > 16). A program owns Q = BLOCK_M // G
+  consecutive tokens of one sequence with q_len >= 17 (all sequences in a single-class
+  launch). Sequence b's slots start at ``cu[b] // Q + cu[b] // 17`` (or ``+ b``), monotone
+  in b and leaving b cdiv(q_len_b, Q) slots, so ``T // Q + min(B, T // 17)`` programs --
+  host ints -- cover any batch; a program finds its sequence by binary search over
+  cu_seqlens_q and exits at once if it has no tokens. Never split: a prefill keeps the SMs
+  busy.
+* KV tiles of BLOCK_N keys go through the block table with block_size a constexpr (shifts
+  and masks for powers of two; any multiple of 16 up to 256): one block id per tile when a
+  page holds whole tiles, else one per key. Block ids are loaded a tile ahead into
+  registers, so the K/V loads' addresses depend only on loop-carried values and Triton's
+  pipeliner keeps num_stages - 1 copy groups in flight. Page bases are int64 (block ids of
+  131072+ times a block stride of 16 * 8 * 128 overflow int32), offsets inside a page int32.
 * Masks are paid only where needed: the tiles a program visits split into a masked head
   (sliding window edge), an unmasked body (visible to every row) and a masked tail (the
   causal diagonal and the end of the sequence). A decode masks only its last tile.
-* Split-KV (flash-decoding): with few programs (few sequences x KV heads) a long context
-  would leave most SMs idle, so a program's tile range is split; every split writes its
-  normalised partial output and log2-sum-exp to an fp32 workspace and a second kernel merges
-  them. The split count is decided from host ints only; with one split the kernel writes the
-  output directly (a single launch). Empty splits write lse = -inf, weight 0. In a mixed
-  launch only the direct class splits; the search class writes its rows directly and marks
-  them with lse = NaN in split 0, which the merge skips.
+* Split-KV: with few direct programs (sequences x KV heads below one wave of resident
+  CTAs) a long context leaves SMs idle, so a program's tile range is split; every split
+  writes its normalised partial output and log2-sum-exp to an fp32 workspace and a merge
+  kernel combines them. Workspace rows: one per token in a decode-only launch, 16 per
+  sequence in a mixed one (the host cannot tell which sequences are short), none when
+  nothing splits (a lone prefill, short contexts); at most WORKSPACE_CAP bytes (fewer
+  splits instead). With one split the kernel writes the output directly (one launch).
+* fp8 e4m3 caches (KV_FP8): pages converted to q's dtype after the load; per-slot scales
+  scale the scores and the probabilities, per-tensor ones are folded into the softmax
+  scale and the output.
 
 Online softmax in fp32 with exp2 (scale folded with log2(e)). Rows that see no key (q_len >
 seq_len, or padding) produce zeros, never NaN. fp32 inputs use tl.dot(input_precision=
 "ieee"): the TF32 default keeps 10 mantissa bits and would miss the fp32 tolerance.
 No .item() / host sync anywhere: the call is CUDA-graph capturable given max_seqlen_q/k.
+warmup() compiles every variant a run can launch (call it before timing).
 """
 from __future__ import annotations
 
@@ -414,10 +419,12 @@ class _Config:
 # few rows (>= 16 for tl.dot, >= G) and many small programs; prefill tiles: compute bound,
 # FlashAttention-2-sized. A mixed launch compiles both into one kernel with the prefill
 # tile's warps/stages. Register counts are ptxas's for sm_90 (bench/triton_compile_check.py,
-# no GPU needed, prints every shipped config): bf16 D=128 decode 16x64 / 4 warps / 3 stages
-# 158-164 regs (mma.sync + cp.async); spec decode 64x64 / 4 warps 229-254; mixed 128x64 +
-# 16x64 / 8 warps / 3 stages 195-228 regs, 97.5 KB smem (wgmma); D=256 prefill 64x32 spills
-# with 4 warps, not with 8 (188-210). fp32 (ieee: no tensor-core path, an FMA dot) spills at
+# no GPU needed, prints every shipped config; bench/NOTES.md "Triton attention, issue 12"):
+# bf16 D=128 decode 16x64 / 4 warps / 3 stages 158-196 regs, 71 KB (two K/V tiles in
+# flight: async_wait num = 2); spec decode 64x64 / 4 warps 204-255; mixed 128x64 + 16x64 /
+# 8 warps / 4 stages 218 regs, 160 KB (num = 4: two tiles ahead; 128x128 tiles: 255 regs,
+# 16 bytes spilled, 224 KB: not shipped); D=256 prefill 64x32 spills with 4 warps, not
+# with 8 (188-210). fp32 (ieee: no tensor-core path, an FMA dot) spills at
 # 32x32 and up, so it gets 16x16 tiles; ptxas still spilled 4-16 bytes at 4 warps / 2 stages
 # (D=64/80) and at 4 warps for D=256, hence the warps/stages below (sm_80: 8 warps / 3
 # stages everywhere). It is the accuracy path, not a fast one. Stored, not autotuned:
@@ -431,7 +438,8 @@ TWO_CLASSES = True            # False: mixed launches use one (prefill) tile cla
 # Configs tuned offline per GPU model (bench/tune_triton.py measures candidates on the device
 # and writes this file; nothing is tuned in the serving path). Keys "decode|prefill:d<D>:g<G>:
 # <dtype>": decode = decode-only launches (q_len 1), prefill = launches with q_len > 16 (their
-# prefill tile; a mixed launch keeps the heuristic decode tile beside it). Anything absent
+# prefill tile; a mixed launch's direct class takes the decode entry's tile, with the prefill
+# entry's warps and stages). Anything absent
 # uses the heuristics of _config.
 TUNED_FILE = Path(__file__).with_name("tuned_attention.json")
 
@@ -487,14 +495,18 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
     elif max_seqlen_q <= _DECODE_MAX_Q:
         block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
         warps = 8 if block_m * head_dim > 32 * 256 else 4    # 64 x 256 at 4 warps spills
-        cfg = _Config(block_m, 32, warps, 2) if head_dim > 128 else _Config(block_m, 64, 4, 3)
+        cfg = _Config(block_m, 32, warps, 3) if head_dim > 128 else _Config(block_m, 64, 4, 3)
     else:
-        cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 3)
+        cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 4)
     if arch < 90 and dtype != torch.float32 and (cfg.block_m >= 64 or head_dim > 128):
         # sm_80 (mma.sync, no wgmma) spills 28-128 bytes at 255 regs with 128x64 / 8 warps,
         # 64x64 / 4 warps and 128x32 / 8 warps; 64 rows at 8 warps, 2 stages: 184, no spill.
-        # D=256 decode 16x32 at 4 warps: 168 regs + 8 bytes spilled; 8 warps: 128, none.
-        cfg = _Config(min(cfg.block_m, 64), cfg.block_n, 8, 2)
+        # D=256 decode 16x32: 8 warps get 128 regs and spill with a window or softcap (after
+        # the block-id prefetch); 4 warps / 3 stages 208-230 regs, none, pipelined.
+        if cfg.block_m <= 16 and head_dim > 128:
+            cfg = _Config(cfg.block_m, cfg.block_n, 4, 3)
+        else:
+            cfg = _Config(min(cfg.block_m, 64), cfg.block_n, 8, 2)
     if cfg.block_m < group:       # a q block must hold at least one token's G heads
         cfg = _Config(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
     return cfg
@@ -523,9 +535,9 @@ def _sm_count(device: torch.device) -> int:
 
 # Resident-CTA model for the split count (per SM: 64K registers, 64 warps, shared memory
 # below). Registers are not known on the host before a compile; this is the most ptxas gave
-# a shipped decode tile (bench/NOTES.md "Triton attention, issue 12": 16x64 bf16 D=128,
-# 4 warps: 168 at sm_90), rounded up to the allocation granule of 8.
-_DECODE_REGS = 168
+# a shipped decode tile that splits (bench/NOTES.md "Triton attention, issue 12": 16x64 bf16
+# D=128, 4 warps, split: 196 at sm_90; 158 unsplit), rounded up to the granule of 8.
+_DECODE_REGS = 200
 _SMEM_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
 WORKSPACE_CAP = 256 * 2 ** 20  # bytes of split-KV workspace one launch may allocate
 

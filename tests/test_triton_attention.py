@@ -246,6 +246,48 @@ def test_tile_config_holds_a_group_and_splits_only_when_idle():
     assert ta._plan(66, 3, 1, 128, bf16, 4, 64, 300, None, cpu).direct_splits == 1
 
 
+def test_decode_only_launch_indexes_sequences_directly(monkeypatch):
+    # decode-only launches: B x splits programs per KV head, no search class compiled in
+    cpu = torch.device("cpu")
+    for q_lens, G in (([1] * 23, 4), ([1, 7, 2, 16, 5], 5), ([3, 1, 2], 16)):
+        T, B = sum(q_lens), len(q_lens)
+        for splits in (1, 3):
+            p = ta._plan(T, B, 2, 64, torch.float16, G, max(q_lens), 2000, splits, cpu)
+            assert not p.search and p.direct and p.num_search == 0
+            assert p.num_programs == B * splits and p.direct_splits == splits
+            # one q block per sequence unless the longest query needs more (then a loop)
+            assert p.q_loop == (max(q_lens) > p.q_per_block_d)
+    grids = []
+    real = ta._paged_attn_kernel
+
+    class Rec:
+        fn = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                grids.append((grid, kw["SEARCH"], kw["Q_LOOP"]))
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(ta, "_paged_attn_kernel", Rec())
+    _check([1, 0, 1, 1], [40, 3, 1, 17], hq=8, hkv=2, d=64, name="direct decode")
+    assert grids == [((4 * 2,), False, False)], grids
+
+
+def test_split_count_from_resident_ctas(monkeypatch):
+    # one wave: SMs x CTAs resident per SM (registers, warps, shared memory), not more
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ta, "_sm_count", lambda d: 132)
+    dec = ta._config(128, torch.bfloat16, 4, 1)
+    res = ta._resident_ctas(dec, 128, 2, 90)
+    assert res == min(65536 // (ta._DECODE_REGS * 32 * dec.num_warps),
+                      228 * 1024 // ((dec.num_stages - 1) * 2 * dec.block_n * 128 * 2))
+    p = ta._plan(8, 8, 8, 128, torch.bfloat16, 4, 1, 32768, None, cpu)     # 64 programs
+    assert p.direct_splits == -(-132 * res // 64)
+    assert ta._plan(64, 64, 8, 128, torch.bfloat16, 4, 1, 2048, None, cpu).direct_splits == \
+        (1 if 512 >= 132 * res else min(-(-132 * res // 512), 4))
+    assert ta._plan(1, 1, 8, 128, torch.bfloat16, 4, 1, 700, None, cpu).direct_splits == 1
+
+
 def test_one_split_is_one_launch(monkeypatch):
     # one split writes the output directly: no workspace, no merge kernel
     class NoLaunch:
