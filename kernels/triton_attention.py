@@ -272,14 +272,16 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
 # Triton would otherwise compile a new variant whenever one of them happens to equal 1 or
 # becomes divisible by 16 (the block table's row stride, q/out strides of views). Metadata
 # pointers are views into one packed batch buffer (ragged/batch.py) whose offsets move with
-# T and B: no alignment specialisation either (they are gathered scalars; nothing vectorises).
+# T and B: no alignment specialisation either (they are gathered scalars; nothing vectorises);
+# nor for the fp8 scale pointers (gathered per key; a non-fp8 launch passes seq_lens there).
 _RUNTIME_INTS = ["num_seqs", "search_iters", "num_search", "q_per_block", "seq_div", "min_q",
                  "splits", "q_per_block_d", "ws_rows", "window",
                  "stride_bt"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS,
-            do_not_specialize_on_alignment=["bt_ptr", "cu_ptr", "seq_lens_ptr"])
+            do_not_specialize_on_alignment=["bt_ptr", "cu_ptr", "seq_lens_ptr", "ks_ptr",
+                                            "vs_ptr"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
         ks_ptr, vs_ptr, out_scale, num_seqs, num_q_heads, num_kv_heads, group, search_iters, num_search, q_per_block,
@@ -481,7 +483,7 @@ def device_name(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
-            arch: int = 90, device_name: str = "") -> _Config:
+            arch: int = 90, device_name: str = "", kv_fp8: bool = False) -> _Config:
     cls = "decode" if max_seqlen_q == 1 else "prefill" if max_seqlen_q > _DECODE_MAX_Q else ""
     if cls and device_name:
         cfg = _tuned(device_name, str(TUNED_FILE)).get(tuned_key(cls, head_dim, group, dtype))
@@ -492,6 +494,10 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
             cfg = _Config(16, 16, 8, 3)
         else:
             cfg = _Config(16, 16, 8, 2) if head_dim > 128 else _Config(16, 16, 4, 3)
+    elif kv_fp8 and max_seqlen_q <= _DECODE_MAX_Q and group * max_seqlen_q <= 16:
+        # fp8 pages are converted in registers: 16x64 / 4 warps spilled 8 bytes (per-slot
+        # scales, 168 regs) and 16x32 too; 2 warps: 254-255 regs, none, 4 CTAs per SM
+        cfg = _Config(16, 64 if head_dim <= 128 else 32, 2, 3)
     elif max_seqlen_q <= _DECODE_MAX_Q:
         block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
         warps = 8 if block_m * head_dim > 32 * 256 else 4    # 64 x 256 at 4 warps spills
@@ -600,11 +606,14 @@ _NO_SEARCH = 2 ** 31 - 1          # min_q of a decode-only launch: every sequenc
 
 
 def _plan(T: int, B: int, Hkv: int, D: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
-          max_seqlen_k: int, num_kv_splits: Optional[int], device: torch.device) -> _Plan:
+          max_seqlen_k: int, num_kv_splits: Optional[int], device: torch.device,
+          kv_dtype: Optional[torch.dtype] = None) -> _Plan:
     arch, name = _arch(device), _device_name(device)
-    cfg = _config(D, dtype, group, max_seqlen_q, arch, name)
+    fp8 = kv_dtype == torch.float8_e4m3fn
+    kv_elt = 1 if fp8 else torch.finfo(dtype).bits // 8
+    cfg = _config(D, dtype, group, max_seqlen_q, arch, "" if fp8 else name, fp8)
     q_per_block = cfg.block_m // group
-    dcfg = _config(D, dtype, group, 1, arch, name)
+    dcfg = _config(D, dtype, group, 1, arch, "" if fp8 else name, fp8)
     Hq = Hkv * group
     block_d = max(16, triton.next_power_of_2(D))
     row_bytes = Hq * (D + 1) * 4              # fp32 partial output + lse, per row and split
@@ -612,7 +621,7 @@ def _plan(T: int, B: int, Hkv: int, D: int, dtype: torch.dtype, group: int, max_
     def splits_for(programs: int, ws_rows: int, c: _Config) -> int:
         s = num_kv_splits if num_kv_splits is not None else _num_splits(
             programs, max_seqlen_k, device,
-            _resident_ctas(c, block_d, torch.finfo(dtype).bits // 8, arch))
+            _resident_ctas(c, block_d, kv_elt, arch))
         s = max(1, min(int(s), MAX_SPLITS, WORKSPACE_CAP // max(1, ws_rows * row_bytes)))
         return s if s > 1 else 1
 
@@ -649,13 +658,14 @@ def _plan(T: int, B: int, Hkv: int, D: int, dtype: torch.dtype, group: int, max_
 
 def workspace_bytes(num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int,
                     head_dim: int, dtype: torch.dtype, max_seqlen_q: int, max_seqlen_k: int,
-                    device: torch.device, num_kv_splits: Optional[int] = None) -> int:
+                    device: torch.device, num_kv_splits: Optional[int] = None,
+                    kv_dtype: Optional[torch.dtype] = None) -> int:
     """Bytes of split-KV workspace one launch of this shape allocates (0: none), besides its
     output; at most WORKSPACE_CAP. For memory planning (ragged/profiling.py)."""
     if num_tokens == 0 or num_seqs == 0:
         return 0
     p = _plan(num_tokens, num_seqs, num_kv_heads, head_dim, dtype, num_q_heads // num_kv_heads,
-              max_seqlen_q, max_seqlen_k, num_kv_splits, device)
+              max_seqlen_q, max_seqlen_k, num_kv_splits, device, kv_dtype)
     return p.direct_splits * p.ws_rows * num_q_heads * (head_dim + 1) * 4 if p.ws_rows else 0
 
 
@@ -678,8 +688,12 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         raise ValueError(f"q: {group} query heads per KV head is more than the supported 128")
     if T == 0 or B == 0:
         return
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 and q.device.type == "cuda" and _arch(q.device) < 89:
+        raise ValueError("k_cache: fp8 e4m3 caches need compute capability >= 8.9 with the "
+                         "Triton backend (Triton has no e4m3 conversion before sm_89)")
     plan = _plan(T, B, Hkv, D, q.dtype, group, max_seqlen_q, max_seqlen_k, num_kv_splits,
-                 q.device)
+                 q.device, k_cache.dtype)
     cfg, splits = plan.cfg, plan.direct_splits
     block_d = max(16, triton.next_power_of_2(D))
     if plan.ws_rows:
@@ -689,7 +703,6 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         ws_o = ws_lse = out                       # unused (nothing splits)
     use_softcap = softcap is not None and softcap > 0
     window = int(sliding_window) if sliding_window else 0
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
     per_slot = fp8 and isinstance(k_scale, torch.Tensor)
     ks, vs = (k_scale, v_scale) if per_slot else (seq_lens, seq_lens)   # unused if not per slot
     if fp8 and not per_slot:      # per-tensor: k's scale rides on the scores, v's on the output
