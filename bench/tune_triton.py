@@ -76,9 +76,9 @@ def tune_key(cls, D, G, dtype, device, quick, iters):
     orig = ta._config
 
     def forced(cfg):
-        def f(head_dim, dt, group, max_seqlen_q, arch=90, device_name=""):
+        def f(head_dim, dt, group, max_seqlen_q, arch=90, device_name="", kv_fp8=False):
             mine = max_seqlen_q == 1 if cls == "decode" else max_seqlen_q > ta._DECODE_MAX_Q
-            return cfg if mine else orig(head_dim, dt, group, max_seqlen_q, arch, "")
+            return cfg if mine else orig(head_dim, dt, group, max_seqlen_q, arch, "", kv_fp8)
         return f
 
     def timed():

@@ -501,7 +501,10 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
     elif max_seqlen_q <= _DECODE_MAX_Q:
         block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
         warps = 8 if block_m * head_dim > 32 * 256 else 4    # 64 x 256 at 4 warps spills
-        cfg = _Config(block_m, 32, warps, 3) if head_dim > 128 else _Config(block_m, 64, 4, 3)
+        # D <= 64: 128-key tiles (the same 32 KB of K+V per tile as 64 keys at D=128); with
+        # 64 keys ptxas spilled one register at G=16 (96 regs, sm_90)
+        cfg = _Config(block_m, 32, warps, 3) if head_dim > 128 else _Config(
+            block_m, 128 if head_dim <= 64 else 64, 4, 3)
     else:
         cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 4)
     if arch < 90 and dtype != torch.float32 and (cfg.block_m >= 64 or head_dim > 128):
@@ -511,6 +514,9 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
         # the block-id prefetch); 4 warps / 3 stages 208-230 regs, none, pipelined.
         if cfg.block_m <= 16 and head_dim > 128:
             cfg = _Config(cfg.block_m, cfg.block_n, 4, 3)
+        elif max_seqlen_q > _DECODE_MAX_Q and head_dim <= 128:
+            # prefill 64x64 / 8 warps: 3 stages pipeline (async_wait num 2), 186 regs, 88 KB
+            cfg = _Config(64, cfg.block_n, 8, 3)
         else:
             cfg = _Config(min(cfg.block_m, 64), cfg.block_n, 8, 2)
     if cfg.block_m < group:       # a q block must hold at least one token's G heads
