@@ -517,8 +517,8 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
         elif max_seqlen_q > _DECODE_MAX_Q and head_dim <= 128:
             # prefill 64x64 / 8 warps: 3 stages pipeline (async_wait num 2), 186 regs, 88 KB
             cfg = _Config(64, cfg.block_n, 8, 3)
-        else:
-            cfg = _Config(min(cfg.block_m, 64), cfg.block_n, 8, 2)
+        else:                     # 64x128 (D <= 64 spec decode) spilled at 255 regs: 64 keys
+            cfg = _Config(min(cfg.block_m, 64), min(cfg.block_n, 64), 8, 2)
     if cfg.block_m < group:       # a q block must hold at least one token's G heads
         cfg = _Config(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
     return cfg
