@@ -50,13 +50,18 @@ def workload(cls, D, G, dtype, device, quick):
 
 
 def candidates(cls, D, G, quick, base: _Config):
+    # Stages 4-6: with block ids prefetched in registers the K/V copies pipeline, and
+    # num_stages - 1 copy groups stay in flight (TTGIR async_wait num = 2 at 3 stages), so
+    # deeper pipelines can pay off where shared memory allows; 16x32 decode tiles hold 3+
+    # CTAs per SM in registers and shared memory (bench/NOTES.md, "Triton attention, issue 12").
     if cls == "decode":         # the row count follows the group (base's), the rest is tuned
         grid = itertools.product([base.block_m], [32, 64] if quick else [32, 64, 128],
-                                 [4] if quick else [2, 4, 8], [2] if quick else [2, 3, 4])
+                                 [4] if quick else [2, 4, 8],
+                                 [2] if quick else [2, 3, 4, 5, 6])
     else:
         tiles = [(64, 64), (128, 64)] if quick else [(64, 64), (128, 64), (128, 128), (64, 128), (128, 32)]
         grid = ((m, n, w, s) for (m, n) in tiles for w in ([4] if quick else [4, 8])
-                for s in ([2] if quick else [2, 3, 4]))
+                for s in ([2] if quick else [2, 3, 4, 5, 6]))
     out = []
     for m, n, w, s in grid:
         if D > 128 and m * n > 64 * 64:
@@ -71,9 +76,9 @@ def tune_key(cls, D, G, dtype, device, quick, iters):
     orig = ta._config
 
     def forced(cfg):
-        def f(head_dim, dt, group, max_seqlen_q, arch=90, device_name=""):
+        def f(head_dim, dt, group, max_seqlen_q, arch=90, device_name="", kv_fp8=False):
             mine = max_seqlen_q == 1 if cls == "decode" else max_seqlen_q > ta._DECODE_MAX_Q
-            return cfg if mine else orig(head_dim, dt, group, max_seqlen_q, arch, "")
+            return cfg if mine else orig(head_dim, dt, group, max_seqlen_q, arch, "", kv_fp8)
         return f
 
     def timed():

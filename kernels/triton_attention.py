@@ -1,42 +1,47 @@
 """Triton ragged paged attention: decodes, speculative queries and prefill chunks in ONE launch.
 
-Grid: one axis of (q block [, KV split]) x KV head programs, KV head fastest, so all heads
-of a q block are dispatched together. Two program classes share the launch:
+Grid: one axis of programs x KV heads, KV head fastest, so all heads of a q block are
+dispatched together. Two program classes, each an inlined `_attend` with its own constexpr
+tile (the kernel's registers are the max of the two, its warps and stages the larger tile's):
 
-* Search class (always). A program owns up to Q = BLOCK_M // G consecutive new tokens of one
-  sequence and all G query heads sharing one KV head (GQA packing: tile row r is token
-  r // G, head r % G), so each K/V tile is read once per KV head, not G times. Sequence b's
-  blocks start at ``cu_seqlens_q[b] // Q + b`` (monotone in b, and it leaves b at least
-  cdiv(q_len_b, Q) slots), so ``T // Q + B`` programs -- host ints -- cover any batch
-  without reading the device; a program finds its sequence by binary search over
-  cu_seqlens_q and exits at once if it has no tokens.
-* Direct class (mixed launches: max_seqlen_q > 16 in fp16/bf16). Decodes and short
-  (speculative) queries, q_len <= 16, would fill only G * q_len rows of a 128-row prefill
-  tile, so they get their own decode tile (BLOCK_M_D: 16 rows at G <= 16): one program per
-  sequence, KV head and split, found by index (no search), looping over its q blocks when
-  q_len > BLOCK_M_D // G (a decode: one). The search class then serves only q_len >= 17, at most T // 17 sequences, so its
-  slots start at ``cu[b] // Q + cu[b] // 17`` when that bound is tighter than B. Each class
-  is an inlined `_attend` with its own constexpr tile; the kernel's registers are the max of
-  the two (not the sum), its warps and stages the prefill tile's.
-* KV tiles of BLOCK_N keys are gathered key by key through the block table
-  (block = block_table[b, j // block_size]), so any block size works (multiple of 16 up to
-  256) and tiles need not align with blocks. Every address is int64: block ids of 131072+
-  times a block stride of 16 * 8 * 128 overflow int32.
+* Direct class (decode-only launches, max_seqlen_q <= 16, and the short rows of mixed
+  launches). Program b * splits + split serves sequence b (q_len < min_q), found by index:
+  no search, no empty programs. A q block holds Q = BLOCK_M_D // G tokens x the G query
+  heads sharing one KV head (GQA packing: tile row r is token r // G, head r % G), so each
+  K/V tile is read once per KV head, not G times; a decode is one q block. Only this class
+  splits KV (flash-decoding), and only its rows have workspace.
+* Search class (launches with max_seqlen_q > 16). A program owns Q = BLOCK_M // G
+  consecutive tokens of one sequence with q_len >= 17 (all sequences in a single-class
+  launch). Sequence b's slots start at ``cu[b] // Q + cu[b] // 17`` (or ``+ b``), monotone
+  in b and leaving b cdiv(q_len_b, Q) slots, so ``T // Q + min(B, T // 17)`` programs --
+  host ints -- cover any batch; a program finds its sequence by binary search over
+  cu_seqlens_q and exits at once if it has no tokens. Never split: a prefill keeps the SMs
+  busy.
+* KV tiles of BLOCK_N keys go through the block table with block_size a constexpr (shifts
+  and masks for powers of two; any multiple of 16 up to 256): one block id per tile when a
+  page holds whole tiles, else one per key. Block ids are loaded a tile ahead into
+  registers, so the K/V loads' addresses depend only on loop-carried values and Triton's
+  pipeliner keeps num_stages - 1 copy groups in flight. Page bases are int64 (block ids of
+  131072+ times a block stride of 16 * 8 * 128 overflow int32), offsets inside a page int32.
 * Masks are paid only where needed: the tiles a program visits split into a masked head
   (sliding window edge), an unmasked body (visible to every row) and a masked tail (the
   causal diagonal and the end of the sequence). A decode masks only its last tile.
-* Split-KV (flash-decoding): with few programs (few sequences x KV heads) a long context
-  would leave most SMs idle, so a program's tile range is split; every split writes its
-  normalised partial output and log2-sum-exp to an fp32 workspace and a second kernel merges
-  them. The split count is decided from host ints only; with one split the kernel writes the
-  output directly (a single launch). Empty splits write lse = -inf, weight 0. In a mixed
-  launch only the direct class splits; the search class writes its rows directly and marks
-  them with lse = NaN in split 0, which the merge skips.
+* Split-KV: with few direct programs (sequences x KV heads below one wave of resident
+  CTAs) a long context leaves SMs idle, so a program's tile range is split; every split
+  writes its normalised partial output and log2-sum-exp to an fp32 workspace and a merge
+  kernel combines them. Workspace rows: one per token in a decode-only launch, 16 per
+  sequence in a mixed one (the host cannot tell which sequences are short), none when
+  nothing splits (a lone prefill, short contexts); at most WORKSPACE_CAP bytes (fewer
+  splits instead). With one split the kernel writes the output directly (one launch).
+* fp8 e4m3 caches (KV_FP8): pages converted to q's dtype after the load; per-slot scales
+  scale the scores and the probabilities, per-tensor ones are folded into the softmax
+  scale and the output.
 
 Online softmax in fp32 with exp2 (scale folded with log2(e)). Rows that see no key (q_len >
 seq_len, or padding) produce zeros, never NaN. fp32 inputs use tl.dot(input_precision=
 "ieee"): the TF32 default keeps 10 mantissa bits and would miss the fp32 tolerance.
 No .item() / host sync anywhere: the call is CUDA-graph capturable given max_seqlen_q/k.
+warmup() compiles every variant a run can launch (call it before timing).
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+FP8_KV_OPS = ("paged_attention",)     # kernels/__init__.py passes k_scale/v_scale for fp8 caches
 
 
 @triton.jit
@@ -86,55 +92,106 @@ def _tanh(x):
 
 
 @triton.jit
-def _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off, start_n, seq_len, qpos,
-               stride_kb, stride_ks, block_size, qk_scale, softcap, window,
-               offs_n, offs_d, d_ok,
-               MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One BLOCK_N-key tile of online softmax for all BLOCK_M rows of the program."""
-    kpos = start_n + offs_n
-    k_ok = kpos < seq_len
-    if MASK:
-        blk = tl.load(bt_row + kpos // block_size, mask=k_ok, other=0)
+def _page_ids(bt_row, kstart, n_pages, offs_n, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Physical block ids of keys [kstart, kstart + BLOCK_N) (kstart is a BLOCK_N multiple):
+    ONE scalar load when the tile lies in one page (block size a multiple of BLOCK_N), else
+    one per key, page = kstart / BLOCK_SIZE + (a loop-invariant vector) when BLOCK_N is a
+    multiple of the block size. Pages past the sequence's last read block 0 (masked)."""
+    if BLOCK_SIZE % BLOCK_N == 0:
+        pg = kstart // BLOCK_SIZE
+    elif BLOCK_N % BLOCK_SIZE == 0:
+        pg = kstart // BLOCK_SIZE + offs_n // BLOCK_SIZE
     else:
-        blk = tl.load(bt_row + kpos // block_size)
-    kv_off = blk.to(tl.int64) * stride_kb + (kpos % block_size).to(tl.int64) * stride_ks + kv_head_off
-    # K tile read transposed ([D, N]) so the dot needs no tl.trans.
-    k = _load_2d(k_ptr + kv_off[None, :] + offs_d[:, None], d_ok, k_ok, not EVEN_D, MASK)
-    s = tl.dot(q, k, input_precision=DOT_PREC)
-    if SOFTCAP:                       # softcap * tanh(s * scale / softcap), in log2 units
-        s = _tanh(s * qk_scale) * (softcap * 1.4426950408889634)
-    else:
-        s = s * qk_scale
-    if MASK:
-        vis = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-        if WINDOW:
-            vis = vis & (kpos[None, :] > qpos[:, None] - window)
-        s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # fully masked row: no NaN
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_2d(v_ptr + kv_off[:, None] + offs_d[None, :], k_ok, d_ok, MASK, not EVEN_D)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, m_new, l_i
+        pg = (kstart + offs_n) // BLOCK_SIZE
+    return tl.load(bt_row + pg, mask=pg < n_pages, other=0)
 
 
 @triton.jit
-def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, b_tok0, q_start, q_len,
-            seq_len, kvh, split, num_splits, num_tokens, num_q_heads, group, q_per_block,
+def _in_page(kstart, offs_n, stride_ks, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """int32 offsets of the tile's keys inside their pages: < block_size * Hkv * D elements
+    (2^31 needs 256 x 8 x 2^20), so only the page base needs int64."""
+    if BLOCK_N % BLOCK_SIZE == 0:
+        r = (offs_n % BLOCK_SIZE) * stride_ks          # the same for every tile: hoisted
+    else:
+        r = ((kstart + offs_n) % BLOCK_SIZE) * stride_ks
+    return r
+
+
+@triton.jit
+def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_len, n_pages,
+              qpos, stride_kb, stride_ks, qk_scale, softcap, window, offs_n, offs_d, d_ok,
+              ks_head, vs_head, num_kv_heads,
+              MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+              EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr):
+    """Online softmax over KV tiles t_lo..t_hi-1 (keys base + t * BLOCK_N ...) for all rows.
+
+    Block ids are software-pipelined one tile ahead in registers: tile t+1's are loaded
+    before tile t's K/V, so their latency hides behind tile t's dots, and the K/V loads'
+    addresses depend only on loop-carried values, which lets Triton's pipeliner keep
+    num_stages - 1 K/V copy groups in flight (an in-iteration block-id load made it wait
+    with num = 0: every copy drained each tile, bench/NOTES.md "Triton attention, issue 12").
+    K is read [N, D] like V, so both share one address vector.
+    fp8 pages (KV_FP8) are converted to q's dtype after the load (e4m3 is exact in fp16/bf16);
+    per-slot scales (PER_SLOT_SCALE) multiply the scores (k) and the probabilities before
+    P.V (v), loaded per key from (block * BLOCK_SIZE + offset) * Hkv + kv head. Per-tensor
+    scales are folded into qk_scale and the output by the launcher."""
+    blk = _page_ids(bt_row, base + t_lo * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
+    for t in range(t_lo, t_hi):
+        kstart = base + t * BLOCK_N
+        kv_off = blk.to(tl.int64) * stride_kb + _in_page(kstart, offs_n, stride_ks, BLOCK_N,
+                                                          BLOCK_SIZE)
+        blk_cur = blk
+        blk = _page_ids(bt_row, kstart + BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
+        kpos = kstart + offs_n
+        k_ok = kpos < seq_len
+        k = _load_2d(k_head + kv_off[:, None] + offs_d[None, :], k_ok, d_ok, MASK, not EVEN_D)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            if PER_SLOT_SCALE:
+                slot = (blk_cur.to(tl.int64) * BLOCK_SIZE + (kpos % BLOCK_SIZE)) * num_kv_heads
+                k_sc = tl.load(ks_head + slot, mask=k_ok, other=0.0)
+                v_sc = tl.load(vs_head + slot, mask=k_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if KV_FP8:
+            if PER_SLOT_SCALE:
+                s = s * k_sc[None, :]
+        if SOFTCAP:                   # softcap * tanh(s * scale / softcap), in log2 units
+            s = _tanh(s * qk_scale) * (softcap * 1.4426950408889634)
+        else:
+            s = s * qk_scale
+        if MASK:
+            vis = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+            if WINDOW:
+                vis = vis & (kpos[None, :] > qpos[:, None] - window)
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # fully masked row: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_2d(v_head + kv_off[:, None] + offs_d[None, :], k_ok, d_ok, MASK, not EVEN_D)
+        if KV_FP8:
+            v = v.to(q.dtype)
+            if PER_SLOT_SCALE:
+                p = p * v_sc[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_start, q_len,
+            seq_len, kvh, split, num_splits, ws_row0, ws_rows, num_q_heads, group, q_per_block,
             qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
-            stride_ks, stride_kh, block_size,
+            stride_ks, stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale,
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TO_WS: tl.constexpr,
-            MARK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-            DOT_PREC: tl.constexpr):
-    """One q block (q_per_block tokens from b_tok0, x G heads) of one sequence, one KV head,
-    one split of its KV tiles. TO_WS: write the normalised partial output + lse to the
-    workspace; else write the output, and with MARK also a NaN lse in split 0 of the
-    workspace so the merge kernel leaves these (unsplit) rows alone."""
-    tok0 = b_tok0
+            BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr,
+            TO_WS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+            DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr):
+    """One q block (q_per_block tokens from tok0, x G heads) of one sequence, one KV head,
+    one split of its KV tiles. TO_WS: write the normalised partial output + lse to workspace
+    row ws_row0 + token (of ws_rows per split); else write the output."""
     ctx = seq_len - q_len             # may be < 0 for malformed rows: they see fewer keys
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -169,31 +226,38 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, b_tok0, 
         full_lo = full_hi * 0
     a = tl.minimum(tl.maximum(full_lo, t_lo), t_hi)
     c = tl.maximum(tl.minimum(full_hi, t_hi), a)
+    n_pages = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_head_off = kvh.to(tl.int64) * stride_kh
-    for t in range(t_lo, a):          # window edge
-        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off,
-                                   base + t * BLOCK_N, seq_len, qpos, stride_kb, stride_ks,
-                                   block_size, qk_scale, softcap, window, offs_n, offs_d, d_ok,
-                                   True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC)
-    for t in range(a, c):             # fully visible body: no mask
-        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off,
-                                   base + t * BLOCK_N, seq_len, qpos, stride_kb, stride_ks,
-                                   block_size, qk_scale, softcap, window, offs_n, offs_d, d_ok,
-                                   False, WINDOW, SOFTCAP, EVEN_D, DOT_PREC)
-    for t in range(c, t_hi):          # causal diagonal / sequence end
-        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, kv_head_off,
-                                   base + t * BLOCK_N, seq_len, qpos, stride_kb, stride_ks,
-                                   block_size, qk_scale, softcap, window, offs_n, offs_d, d_ok,
-                                   True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC)
+    k_head = k_ptr + kv_head_off
+    v_head = v_ptr + kv_head_off
+    # window edge (masked), fully visible body (no mask), causal diagonal / sequence end
+    acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a, seq_len,
+                              n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
+                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
+                              True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
+                              KV_FP8, PER_SLOT_SCALE)
+    acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c, seq_len,
+                              n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
+                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
+                              False, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
+                              KV_FP8, PER_SLOT_SCALE)
+    acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi, seq_len,
+                              n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
+                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
+                              True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
+                              KV_FP8, PER_SLOT_SCALE)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]          # rows with no key: 0
-    ws_row = (split.to(tl.int64) * num_tokens + q_start + tok) * num_q_heads + head
+    if KV_FP8:
+        if not PER_SLOT_SCALE:
+            o = o * out_scale                                # per-tensor v scale
     if TO_WS:
+        ws_row = (split.to(tl.int64) * ws_rows + ws_row0 + tok) * num_q_heads + head
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(ws_lse_ptr + ws_row, lse, mask=row_ok)
         tl.store(ws_o_ptr + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o,
@@ -202,36 +266,41 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, b_tok0, 
         out_off = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
         tl.store(out_ptr + out_off[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
-        if MARK:
-            tl.store(ws_lse_ptr + ws_row, tl.full([BLOCK_M], float("nan"), tl.float32),
-                     mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "search_iters", "window",
-                               "num_search", "search_splits", "seq_div", "min_q",
-                               "direct_splits"])
+# Runtime ints that change from step to step (or need no specialisation) are not specialised:
+# Triton would otherwise compile a new variant whenever one of them happens to equal 1 or
+# becomes divisible by 16 (the block table's row stride, q/out strides of views). Metadata
+# pointers are views into one packed batch buffer (ragged/batch.py) whose offsets move with
+# T and B: no alignment specialisation either (they are gathered scalars; nothing vectorises);
+# nor for the fp8 scale pointers (gathered per key; a non-fp8 launch passes seq_lens there).
+_RUNTIME_INTS = ["num_seqs", "search_iters", "num_search", "q_per_block", "seq_div", "min_q",
+                 "splits", "q_per_block_d", "ws_rows", "window",
+                 "stride_bt"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS,
+            do_not_specialize_on_alignment=["bt_ptr", "cu_ptr", "seq_lens_ptr", "ks_ptr",
+                                            "vs_ptr"])
 def _paged_attn_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
-        num_seqs, num_tokens, num_q_heads, num_kv_heads, group, search_iters,
-        num_search, search_splits, q_per_block, seq_div, min_q,
-        direct_splits, q_per_block_d,
+        ks_ptr, vs_ptr, out_scale, num_seqs, num_q_heads, num_kv_heads, group, search_iters, num_search, q_per_block,
+        seq_div, min_q, splits, q_per_block_d, ws_rows,
         qk_scale, softcap, window,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
-        block_size,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_M_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-        SPLIT_SEARCH: tl.constexpr, MARK: tl.constexpr, SPLIT_DIRECT: tl.constexpr,
-        MIXED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M_D: tl.constexpr, BLOCK_N_D: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr, SEARCH: tl.constexpr,
+        DIRECT: tl.constexpr, SPLIT: tl.constexpr, WS_BY_SEQ: tl.constexpr, Q_LOOP: tl.constexpr,
+        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+        KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr):
     # 1-D grid, KV head fastest, so every head of one q block is dispatched together.
     pid = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
-    n_first = num_search * search_splits
-    if pid < n_first:
-        # Search class (BLOCK_M rows). Reversed so the last q blocks -- the longest causal rows
-        # of a prefill -- start first and short ones fill the tail (FlashAttention's order).
-        r = n_first - 1 - pid
-        slot = r // search_splits
-        split = r % search_splits
+    if SEARCH and pid < num_search:
+        # Search class (BLOCK_M rows, never split). Reversed so the last q blocks -- the
+        # longest causal rows of a prefill -- start first and short ones fill the tail.
+        slot = num_search - 1 - pid
         # Sequence of this slot: the last b with start(b) <= slot (binary search), where
         # start(b) = cu[b] // Q + (b, or cu[b] // seq_div when only sequences with
         # q_len >= seq_div are served: each of them still gets cdiv(q_len, Q) slots).
@@ -249,61 +318,94 @@ def _paged_attn_kernel(
         q_len = tl.load(cu_ptr + b + 1) - q_start
         extra_b = tl.where(seq_div > 0, q_start // tl.maximum(seq_div, 1), b)
         tok0 = (slot - (q_start // q_per_block + extra_b)) * q_per_block
-        # spare slot of the grid's upper bound, or (mixed launch) a decode-class sequence
+        # spare slot of the grid's upper bound, or (mixed launch) a direct-class sequence
         if (tok0 < q_len) & (q_len >= min_q):
             seq_len = tl.load(seq_lens_ptr + b)
             bt_row = bt_ptr + b.to(tl.int64) * stride_bt
             _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_start,
-                    q_len, seq_len, kvh, split, search_splits, num_tokens, num_q_heads, group,
-                    q_per_block, qk_scale, softcap, window, stride_qt, stride_qh, stride_ot,
-                    stride_oh, stride_kb, stride_ks, stride_kh, block_size,
-                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, SPLIT_SEARCH, MARK, WINDOW,
-                    SOFTCAP, DOT_PREC)
-    elif MIXED:
-        # Direct class (BLOCK_M_D rows) of a mixed launch: one program per sequence with
-        # q_len < min_q (x KV head x split), found by index; a short query of more than
-        # q_per_block_d tokens loops over its q blocks (decodes: one iteration).
-        r = pid - n_first
-        b = r // direct_splits
-        split = r % direct_splits
+                    q_len, seq_len, kvh, 0, 1, 0, 0, num_q_heads, group, q_per_block,
+                    qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_ks, stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_SIZE, EVEN_D, False, WINDOW,
+                    SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
+    elif DIRECT:
+        # Direct class (BLOCK_M_D rows): program b * splits + split for each sequence with
+        # q_len < min_q (every sequence of a decode-only launch), found by index: no search,
+        # no empty programs. A short query of more than q_per_block_d tokens loops over its
+        # q blocks (decodes: one iteration).
+        if SEARCH:
+            r = pid - num_search
+        else:
+            r = pid
+        b = r // splits
+        split = r % splits
         q_start = tl.load(cu_ptr + b)
         q_len = tl.load(cu_ptr + b + 1) - q_start
         if q_len < min_q:
             seq_len = tl.load(seq_lens_ptr + b)
             bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-            for tok0 in range(0, q_len, q_per_block_d):
-                _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0,
-                        q_start, q_len, seq_len, kvh, split, direct_splits, num_tokens,
+            if WS_BY_SEQ:             # mixed launch: 16 workspace rows per sequence
+                ws_row0 = b * (min_q - 1)
+            else:                     # decode-only launch: one per token
+                ws_row0 = q_start
+            if Q_LOOP:                # q_len may exceed one q block: loop over them
+                for tok0 in range(0, q_len, q_per_block_d):
+                    _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0,
+                            q_start, q_len, seq_len, kvh, split, splits, ws_row0, ws_rows,
+                            num_q_heads, group, q_per_block_d, qk_scale, softcap, window,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
+                            stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale, HEAD_DIM,
+                            BLOCK_M_D, BLOCK_N_D, BLOCK_D, BLOCK_SIZE, EVEN_D, SPLIT, WINDOW,
+                            SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
+            else:                     # one q block (decodes): the loop cost 44 registers
+                _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, 0,
+                        q_start, q_len, seq_len, kvh, split, splits, ws_row0, ws_rows,
                         num_q_heads, group, q_per_block_d, qk_scale, softcap, window,
                         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
-                        stride_kh, block_size, HEAD_DIM, BLOCK_M_D, BLOCK_N, BLOCK_D, EVEN_D,
-                        SPLIT_DIRECT, False, WINDOW, SOFTCAP, DOT_PREC)
+                        stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale, HEAD_DIM,
+                        BLOCK_M_D, BLOCK_N_D, BLOCK_D, BLOCK_SIZE, EVEN_D, SPLIT, WINDOW,
+                        SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
-def _merge_kernel(out_ptr, ws_o_ptr, ws_lse_ptr, num_tokens, num_q_heads, num_splits,
-                  stride_ot, stride_oh,
-                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t, h] = sum_s 2^lse_s o_s / sum_s 2^lse_s over the splits of one (token, head)."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    lse0 = tl.load(ws_lse_ptr + t * num_q_heads + h)
-    if lse0 != lse0:                  # NaN mark: a row the kernel wrote directly, unsplit
-        return
+@triton.jit(do_not_specialize=["ws_rows", "num_splits", "min_q", "stride_ot", "stride_oh"],
+            do_not_specialize_on_alignment=["cu_ptr"])
+def _merge_kernel(out_ptr, ws_o_ptr, ws_lse_ptr, cu_ptr, ws_rows, num_q_heads, num_splits,
+                  min_q, stride_ot, stride_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                  WS_BY_SEQ: tl.constexpr):
+    """out[t, h] = sum_s 2^lse_s o_s / sum_s 2^lse_s over the splits of one (row, head).
+
+    Only rows that split have workspace: WS_BY_SEQ (mixed launch): program b merges the
+    q_len < min_q tokens of sequence b from rows b * (min_q - 1) + i; else program t merges
+    token t (a decode-only launch: every token split). BLOCK_S = MAX_SPLITS always: one
+    compiled variant for any split count."""
+    h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
     d_ok = offs_d < HEAD_DIM
-    rows = (offs_s.to(tl.int64) * num_tokens + t) * num_q_heads + h
-    lse = tl.load(ws_lse_ptr + rows, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))      # empty split: weight 0
-    denom = tl.sum(w, 0)
-    o = tl.load(ws_o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    res = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
-             mask=d_ok)
+    if WS_BY_SEQ:
+        b = tl.program_id(0)
+        t0 = tl.load(cu_ptr + b)
+        n = tl.load(cu_ptr + b + 1) - t0
+        n = tl.where(n < min_q, n, 0)
+        row0 = b * (min_q - 1)
+    else:
+        t0 = tl.program_id(0)
+        n = 1
+        row0 = t0
+    for i in range(0, n):
+        rows = (offs_s.to(tl.int64) * ws_rows + row0 + i) * num_q_heads + h
+        lse = tl.load(ws_lse_ptr + rows, mask=s_ok, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))      # empty split: weight 0
+        denom = tl.sum(w, 0)
+        o = tl.load(ws_o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        res = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+        t = (t0 + i).to(tl.int64)
+        tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d,
+                 res.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 # --------------------------------------------------------------------------- configs
@@ -319,10 +421,12 @@ class _Config:
 # few rows (>= 16 for tl.dot, >= G) and many small programs; prefill tiles: compute bound,
 # FlashAttention-2-sized. A mixed launch compiles both into one kernel with the prefill
 # tile's warps/stages. Register counts are ptxas's for sm_90 (bench/triton_compile_check.py,
-# no GPU needed, prints every shipped config): bf16 D=128 decode 16x64 / 4 warps / 3 stages
-# 158-164 regs (mma.sync + cp.async); spec decode 64x64 / 4 warps 229-254; mixed 128x64 +
-# 16x64 / 8 warps / 3 stages 195-228 regs, 97.5 KB smem (wgmma); D=256 prefill 64x32 spills
-# with 4 warps, not with 8 (188-210). fp32 (ieee: no tensor-core path, an FMA dot) spills at
+# no GPU needed, prints every shipped config; bench/NOTES.md "Triton attention, issue 12"):
+# bf16 D=128 decode 16x64 / 4 warps / 3 stages 158-196 regs, 71 KB (two K/V tiles in
+# flight: async_wait num = 2); spec decode 64x64 / 4 warps 204-255; mixed 128x64 + 16x64 /
+# 8 warps / 4 stages 218 regs, 160 KB (num = 4: two tiles ahead; 128x128 tiles: 255 regs,
+# 16 bytes spilled, 224 KB: not shipped); D=256 prefill 64x32 spills with 4 warps, not
+# with 8 (188-210). fp32 (ieee: no tensor-core path, an FMA dot) spills at
 # 32x32 and up, so it gets 16x16 tiles; ptxas still spilled 4-16 bytes at 4 warps / 2 stages
 # (D=64/80) and at 4 warps for D=256, hence the warps/stages below (sm_80: 8 warps / 3
 # stages everywhere). It is the accuracy path, not a fast one. Stored, not autotuned:
@@ -336,7 +440,8 @@ TWO_CLASSES = True            # False: mixed launches use one (prefill) tile cla
 # Configs tuned offline per GPU model (bench/tune_triton.py measures candidates on the device
 # and writes this file; nothing is tuned in the serving path). Keys "decode|prefill:d<D>:g<G>:
 # <dtype>": decode = decode-only launches (q_len 1), prefill = launches with q_len > 16 (their
-# prefill tile; a mixed launch keeps the heuristic decode tile beside it). Anything absent
+# prefill tile; a mixed launch's direct class takes the decode entry's tile, with the prefill
+# entry's warps and stages). Anything absent
 # uses the heuristics of _config.
 TUNED_FILE = Path(__file__).with_name("tuned_attention.json")
 
@@ -378,7 +483,7 @@ def device_name(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
-            arch: int = 90, device_name: str = "") -> _Config:
+            arch: int = 90, device_name: str = "", kv_fp8: bool = False) -> _Config:
     cls = "decode" if max_seqlen_q == 1 else "prefill" if max_seqlen_q > _DECODE_MAX_Q else ""
     if cls and device_name:
         cfg = _tuned(device_name, str(TUNED_FILE)).get(tuned_key(cls, head_dim, group, dtype))
@@ -389,17 +494,31 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
             cfg = _Config(16, 16, 8, 3)
         else:
             cfg = _Config(16, 16, 8, 2) if head_dim > 128 else _Config(16, 16, 4, 3)
+    elif kv_fp8 and max_seqlen_q <= _DECODE_MAX_Q and group * max_seqlen_q <= 16:
+        # fp8 pages are converted in registers: 16x64 / 4 warps spilled 8 bytes (per-slot
+        # scales, 168 regs) and 16x32 too; 2 warps: 254-255 regs, none, 4 CTAs per SM
+        cfg = _Config(16, 64 if head_dim <= 128 else 32, 2, 3)
     elif max_seqlen_q <= _DECODE_MAX_Q:
         block_m = min(max(16, triton.next_power_of_2(max(1, group * max_seqlen_q))), 64)
         warps = 8 if block_m * head_dim > 32 * 256 else 4    # 64 x 256 at 4 warps spills
-        cfg = _Config(block_m, 32, warps, 2) if head_dim > 128 else _Config(block_m, 64, 4, 3)
+        # D <= 64: 128-key tiles (the same 32 KB of K+V per tile as 64 keys at D=128); with
+        # 64 keys ptxas spilled one register at G=16 (96 regs, sm_90)
+        cfg = _Config(block_m, 32, warps, 3) if head_dim > 128 else _Config(
+            block_m, 128 if head_dim <= 64 else 64, 4, 3)
     else:
-        cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 3)
+        cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 4)
     if arch < 90 and dtype != torch.float32 and (cfg.block_m >= 64 or head_dim > 128):
         # sm_80 (mma.sync, no wgmma) spills 28-128 bytes at 255 regs with 128x64 / 8 warps,
         # 64x64 / 4 warps and 128x32 / 8 warps; 64 rows at 8 warps, 2 stages: 184, no spill.
-        # D=256 decode 16x32 at 4 warps: 168 regs + 8 bytes spilled; 8 warps: 128, none.
-        cfg = _Config(min(cfg.block_m, 64), cfg.block_n, 8, 2)
+        # D=256 decode 16x32: 8 warps get 128 regs and spill with a window or softcap (after
+        # the block-id prefetch); 4 warps / 3 stages 208-230 regs, none, pipelined.
+        if cfg.block_m <= 16 and head_dim > 128:
+            cfg = _Config(cfg.block_m, cfg.block_n, 4, 3)
+        elif max_seqlen_q > _DECODE_MAX_Q and head_dim <= 128:
+            # prefill 64x64 / 8 warps: 3 stages pipeline (async_wait num 2), 186 regs, 88 KB
+            cfg = _Config(64, cfg.block_n, 8, 3)
+        else:                     # 64x128 (D <= 64 spec decode) spilled at 255 regs: 64 keys
+            cfg = _Config(min(cfg.block_m, 64), min(cfg.block_n, 64), 8, 2)
     if cfg.block_m < group:       # a q block must hold at least one token's G heads
         cfg = _Config(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
     return cfg
@@ -426,12 +545,31 @@ def _sm_count(device: torch.device) -> int:
     return 4                      # interpreter: a nominal small machine
 
 
-def _num_splits(programs: int, max_seqlen_k: int, device: torch.device) -> int:
-    """Split-KV factor from host ints, for `programs` (q blocks x KV heads) that would split:
-    aim at ~4 resident programs per SM (enough loads in flight to approach copy bandwidth)
-    without splits shorter than MIN_KEYS_PER_SPLIT."""
+# Resident-CTA model for the split count (per SM: 64K registers, 64 warps, shared memory
+# below). Registers are not known on the host before a compile; this is the most ptxas gave
+# a shipped decode tile that splits (bench/NOTES.md "Triton attention, issue 12": 16x64 bf16
+# D=128, 4 warps, split: 196 at sm_90; 158 unsplit), rounded up to the granule of 8.
+_DECODE_REGS = 200
+_SMEM_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
+WORKSPACE_CAP = 256 * 2 ** 20  # bytes of split-KV workspace one launch may allocate
+
+
+def _resident_ctas(cfg: _Config, block_d: int, elt: int, arch: int) -> int:
+    """Decode-tile programs one SM holds at once: the tightest of registers, warps and the
+    pipeline's shared memory (num_stages K and V tiles)."""
+    by_regs = 65536 // (_DECODE_REGS * 32 * cfg.num_warps)
+    smem = max(1, cfg.num_stages - 1) * 2 * cfg.block_n * block_d * elt   # K + V buffers
+    by_smem = _SMEM_PER_SM.get(arch, 228 * 1024) // max(1, smem)
+    return max(1, min(by_regs, 64 // cfg.num_warps, by_smem, 32))
+
+
+def _num_splits(programs: int, max_seqlen_k: int, device: torch.device,
+                resident: int = 4) -> int:
+    """Split-KV factor from host ints, for `programs` (sequences x KV heads) that would split:
+    fill one wave (SMs x resident CTAs per SM; fewer programs leave SMs idle, more than one
+    wave only adds merge traffic) without splits shorter than MIN_KEYS_PER_SPLIT."""
     busy = max(1, programs)
-    target = 4 * _sm_count(device)
+    target = resident * _sm_count(device)
     if busy >= target:
         return 1
     by_len = max_seqlen_k // MIN_KEYS_PER_SPLIT
@@ -440,57 +578,108 @@ def _num_splits(programs: int, max_seqlen_k: int, device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class _Plan:
-    """Host-int launch plan. Search class: num_search slots x search_splits (a slot = one q
-    block of q_per_block tokens, found by binary search; sequences with q_len >= min_q).
-    Mixed launches add the direct class: one program per sequence x direct_splits for the
-    sequences with q_len < min_q, in q blocks of q_per_block_d tokens."""
-    cfg: _Config
+    """Host-int launch plan.
+
+    Search class (mixed and single-class prefill launches): num_search slots of q_per_block
+    tokens, found by binary search, for sequences with q_len >= min_q; never split. Direct
+    class (decode-only and mixed launches): program b * direct_splits + split for every
+    sequence with q_len < min_q, in q blocks of q_per_block_d tokens; only it splits, and
+    only its rows have workspace: ws_rows per split, one per token (decode-only) or
+    _DECODE_MAX_Q per sequence (ws_by_seq, mixed: the host cannot tell which are short)."""
+    cfg: _Config                # the kernel's warps/stages: search tile if any, else direct
     mixed: bool
-    splits: int
+    search: bool
+    direct: bool
     num_search: int
-    search_splits: int
     q_per_block: int
     seq_div: int
     min_q: int
     block_m_d: int
+    block_n_d: int
     q_per_block_d: int
     direct_splits: int
+    ws_rows: int                # 0: no workspace
+    ws_by_seq: bool
+    q_loop: bool                # direct programs loop over q blocks (else one q block each)
     num_programs: int           # per KV head
+
+    @property
+    def splits(self) -> int:
+        return self.direct_splits
+
+
+_NO_SEARCH = 2 ** 31 - 1          # min_q of a decode-only launch: every sequence is direct
 
 
 def _plan(T: int, B: int, Hkv: int, D: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
-          max_seqlen_k: int, num_kv_splits: Optional[int], device: torch.device) -> _Plan:
+          max_seqlen_k: int, num_kv_splits: Optional[int], device: torch.device,
+          kv_dtype: Optional[torch.dtype] = None) -> _Plan:
     arch, name = _arch(device), _device_name(device)
-    cfg = _config(D, dtype, group, max_seqlen_q, arch, name)
+    fp8 = kv_dtype == torch.float8_e4m3fn
+    kv_elt = 1 if fp8 else torch.finfo(dtype).bits // 8
+    cfg = _config(D, dtype, group, max_seqlen_q, arch, "" if fp8 else name, fp8)
     q_per_block = cfg.block_m // group
-    dcfg = _config(D, dtype, group, 1, arch, name)
+    dcfg = _config(D, dtype, group, 1, arch, "" if fp8 else name, fp8)
+    Hq = Hkv * group
+    block_d = max(16, triton.next_power_of_2(D))
+    row_bytes = Hq * (D + 1) * 4              # fp32 partial output + lse, per row and split
+
+    def splits_for(programs: int, ws_rows: int, c: _Config) -> int:
+        s = num_kv_splits if num_kv_splits is not None else _num_splits(
+            programs, max_seqlen_k, device,
+            _resident_ctas(c, block_d, kv_elt, arch))
+        s = max(1, min(int(s), MAX_SPLITS, WORKSPACE_CAP // max(1, ws_rows * row_bytes)))
+        return s if s > 1 else 1
+
+    if max_seqlen_q <= _DECODE_MAX_Q:
+        # Decode-only launch (decodes, speculative queries): one class, sequence b's programs
+        # found by index; any q_len still works (q blocks are looped), max_seqlen_q only
+        # picks the tile. Every row may split: workspace one row per token.
+        s = splits_for(B * Hkv, T, cfg)
+        return _Plan(cfg, False, False, True, 0, q_per_block, 0, _NO_SEARCH, cfg.block_m,
+                     cfg.block_n, q_per_block, s, T if s > 1 else 0, False,
+                     max_seqlen_q > q_per_block, B * s)
     # A launch that may hold prefill rows (q_len > 16) gives the sequences with q_len <= 16
     # their own decode tile: a decode at G = 4 fills 4 of a 128-row prefill tile's rows.
-    mixed = TWO_CLASSES and max_seqlen_q > _DECODE_MAX_Q and dcfg.block_m < cfg.block_m
-    # Programs that would split: every q block; in a mixed launch only the decodes (one per
-    # sequence): a 64k-context decode beside a prefill chunk must still split, or it is the
-    # launch's tail long after the chunk's short programs have finished.
-    programs = (B if mixed else min(T, T // q_per_block + B)) * Hkv
-    splits = num_kv_splits if num_kv_splits is not None else _num_splits(
-        programs, max_seqlen_k, device)
-    splits = max(1, min(int(splits), MAX_SPLITS))
-    if not mixed:                 # one class: every sequence by search, any q_len
+    mixed = TWO_CLASSES and dcfg.block_m < cfg.block_m
+    if not mixed:                 # one class: every sequence by search, any q_len, no split
         n = T // q_per_block + B
-        return _Plan(cfg, False, splits, n, splits, q_per_block, 0, 0, 16, 1, 1, n * splits)
+        return _Plan(cfg, False, True, False, n, q_per_block, 0, 0, 16, 16, 1, 1, 0, False,
+                     False, n)
     # Search class: only q_len >= 17, so at most T // 17 such sequences: slot starts
-    # cu[b] // Q + cu[b] // 17 still leave each cdiv(q_len, Q) slots; never split (a
-    # prefill chunk keeps the SMs busy). Direct class: program b, no search.
+    # cu[b] // Q + cu[b] // 17 still leave each cdiv(q_len, Q) slots. It never splits (a
+    # prefill chunk keeps the SMs busy). Direct class: every sequence (the host cannot tell
+    # which are short) x splits, which only decode-class rows use: a 64k-context decode
+    # beside a chunk must still split, or it is the launch's tail long after the chunk.
+    # No sequence can be short when B == 1 and T > 16 (a lone prefill): nothing splits.
     min_q = _DECODE_MAX_Q + 1
     seq_div = min_q if T // min_q < B else 0
     n = T // q_per_block + (T // min_q if seq_div else B)
-    return _Plan(cfg, True, splits, n, 1, q_per_block, seq_div, min_q, dcfg.block_m,
-                 dcfg.block_m // group, splits, n + B * splits)
+    ws_rows = _DECODE_MAX_Q * B
+    s = 1 if (B == 1 and T >= min_q) else splits_for(B * Hkv, ws_rows, dcfg)
+    return _Plan(cfg, True, True, True, n, q_per_block, seq_div, min_q, dcfg.block_m,
+                 dcfg.block_n, dcfg.block_m // group, s, ws_rows if s > 1 else 0, True,
+                 True, n + B * s)
+
+
+def workspace_bytes(num_tokens: int, num_seqs: int, num_q_heads: int, num_kv_heads: int,
+                    head_dim: int, dtype: torch.dtype, max_seqlen_q: int, max_seqlen_k: int,
+                    device: torch.device, num_kv_splits: Optional[int] = None,
+                    kv_dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of split-KV workspace one launch of this shape allocates (0: none), besides its
+    output; at most WORKSPACE_CAP. For memory planning (ragged/profiling.py)."""
+    if num_tokens == 0 or num_seqs == 0:
+        return 0
+    p = _plan(num_tokens, num_seqs, num_kv_heads, head_dim, dtype, num_q_heads // num_kv_heads,
+              max_seqlen_q, max_seqlen_k, num_kv_splits, device, kv_dtype)
+    return p.direct_splits * p.ws_rows * num_q_heads * (head_dim + 1) * 4 if p.ws_rows else 0
 
 
 # --------------------------------------------------------------------------- launcher
 def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale: float,
             max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int],
-            softcap: Optional[float], num_kv_splits: Optional[int]) -> None:
+            softcap: Optional[float], num_kv_splits: Optional[int], k_scale=None,
+            v_scale=None) -> None:
     T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     B = seq_lens.shape[0]
@@ -505,53 +694,116 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         raise ValueError(f"q: {group} query heads per KV head is more than the supported 128")
     if T == 0 or B == 0:
         return
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 and q.device.type == "cuda" and _arch(q.device) < 89:
+        raise ValueError("k_cache: fp8 e4m3 caches need compute capability >= 8.9 with the "
+                         "Triton backend (Triton has no e4m3 conversion before sm_89)")
     plan = _plan(T, B, Hkv, D, q.dtype, group, max_seqlen_q, max_seqlen_k, num_kv_splits,
-                 q.device)
-    cfg, splits = plan.cfg, plan.splits
+                 q.device, k_cache.dtype)
+    cfg, splits = plan.cfg, plan.direct_splits
     block_d = max(16, triton.next_power_of_2(D))
-    if splits > 1:
-        ws_o = torch.empty(splits, T, Hq, D, dtype=torch.float32, device=q.device)
-        ws_lse = torch.empty(splits, T, Hq, dtype=torch.float32, device=q.device)
+    if plan.ws_rows:
+        ws_o = torch.empty(splits, plan.ws_rows, Hq, D, dtype=torch.float32, device=q.device)
+        ws_lse = torch.empty(splits, plan.ws_rows, Hq, dtype=torch.float32, device=q.device)
     else:
-        ws_o = ws_lse = out                       # unused (no split writes or marks)
+        ws_o = ws_lse = out                       # unused (nothing splits)
     use_softcap = softcap is not None and softcap > 0
     window = int(sliding_window) if sliding_window else 0
+    per_slot = fp8 and isinstance(k_scale, torch.Tensor)
+    ks, vs = (k_scale, v_scale) if per_slot else (seq_lens, seq_lens)   # unused if not per slot
+    if fp8 and not per_slot:      # per-tensor: k's scale rides on the scores, v's on the output
+        scale = scale * float(k_scale)
+    out_scale = float(v_scale) if fp8 and not per_slot else 1.0
     _paged_attn_kernel[(plan.num_programs * Hkv,)](
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, ws_o, ws_lse,
-        B, T, Hq, Hkv, group, B.bit_length(),
-        plan.num_search, plan.search_splits, plan.q_per_block, plan.seq_div, plan.min_q,
-        plan.direct_splits, plan.q_per_block_d,
+        ks, vs, out_scale, B, Hq, Hkv, group, B.bit_length(), plan.num_search, plan.q_per_block, plan.seq_div,
+        plan.min_q, splits, plan.q_per_block_d, plan.ws_rows,
         scale / softcap if use_softcap else scale * LOG2E,
         float(softcap) if use_softcap else 0.0, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-        block_size,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_M_D=plan.block_m_d, BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d, EVEN_D=block_d == D, SPLIT_SEARCH=plan.search_splits > 1,
-        MARK=plan.mixed and splits > 1, SPLIT_DIRECT=plan.direct_splits > 1, MIXED=plan.mixed,
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_M_D=plan.block_m_d,
+        BLOCK_N_D=plan.block_n_d, BLOCK_D=block_d, BLOCK_SIZE=block_size, EVEN_D=block_d == D,
+        SEARCH=plan.search, DIRECT=plan.direct, SPLIT=splits > 1, WS_BY_SEQ=plan.ws_by_seq,
+        Q_LOOP=plan.q_loop,
         WINDOW=window > 0, SOFTCAP=use_softcap,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=fp8,
+        PER_SLOT_SCALE=per_slot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
-        _merge_kernel[(T, Hq)](out, ws_o, ws_lse, T, Hq, splits, out.stride(0), out.stride(1),
-                               HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits),
-                               BLOCK_D=block_d, num_warps=4 if D > 64 else 2)
+        _merge_kernel[(B if plan.ws_by_seq else T, Hq)](
+            out, ws_o, ws_lse, cu_seqlens_q, plan.ws_rows, Hq, splits, plan.min_q,
+            out.stride(0), out.stride(1), HEAD_DIM=D, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
+            WS_BY_SEQ=plan.ws_by_seq, num_warps=4 if D > 64 else 2)
 
 
-# torch.compile sees an opaque op that mutates `out`; eager calls skip the dispatcher.
+def warmup(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+           block_size: int, device, *, sliding_window: Optional[int] = None,
+           softcap: Optional[float] = None, max_query_len: int = 1, prefill: bool = True,
+           scale: Optional[float] = None, kv_cache_dtype: Optional[torch.dtype] = None,
+           per_slot_scales: bool = True) -> int:
+    """Compile every kernel variant a run with these model constants can launch, by running
+    each once on a tiny batch, so no JIT compile (2-3 s each on a GPU) lands in a timed step.
+    Call once per attention shape after the model is built, before serving or timing.
+
+    A variant is fixed by constexprs only: the tile class (decode-only launches: one per
+    distinct tile over max_seqlen_q = 1..max_query_len, the largest query a decode step can
+    hold, e.g. 1 + speculative tokens; mixed/prefill launches when `prefill`), split or not,
+    the window/softcap flags and the block size. Every runtime int that varies between steps
+    is in do_not_specialize, q/out strides are those of contiguous [T, Hq, D] tensors (what
+    the model passes) and cache strides depend only on block size, Hkv and D, so the same
+    variants serve any batch. kv_cache_dtype torch.float8_e4m3fn: the fp8 variants (per-slot
+    or per-tensor scales). Returns the number of launches run."""
+    device = torch.device(device)
+    kw = dict(dtype=dtype, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    D = head_dim
+    scale = D ** -0.5 if scale is None else scale
+    cache = torch.zeros(4, block_size, num_kv_heads, D, dtype=kv_cache_dtype or dtype,
+                        device=device)
+    ks = vs = None
+    if cache.dtype == torch.float8_e4m3fn:
+        ks = vs = (torch.ones(4, block_size, num_kv_heads, dtype=torch.float32, device=device)
+                   if per_slot_scales else 1.0)
+    shapes = [[mq, mq] for mq in range(1, min(max_query_len, _DECODE_MAX_Q) + 1)]
+    if prefill:
+        shapes.append([_DECODE_MAX_Q + 1, 1])   # mixed (or single-class prefill) launch
+    n = 0
+    for q_lens in shapes:
+        seq_lens = [q + 2 for q in q_lens]
+        T = sum(q_lens)
+        q = torch.zeros(T, num_q_heads, D, **kw)
+        cu = torch.tensor([0, q_lens[0], T], **i32)
+        table = torch.zeros(2, 4, **i32)
+        for splits in (1, 2):
+            _launch(q, cache, cache, table, cu, torch.tensor(seq_lens, **i32),
+                    torch.empty_like(q), scale, max(q_lens), max(seq_lens), sliding_window,
+                    softcap, splits, ks, vs)
+            n += 1
+    return n
+
+
+# torch.compile sees an opaque op that mutates `out`; eager calls skip the dispatcher. Scales
+# travel as optional tensors (per slot) or optional floats (per tensor): one schema for both.
 @torch.library.custom_op("ragged_triton::paged_attention", mutates_args=("out",))
 def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
                         seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
                         max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int],
-                        softcap: Optional[float], num_kv_splits: Optional[int]) -> None:
+                        softcap: Optional[float], num_kv_splits: Optional[int],
+                        k_scale: Optional[torch.Tensor] = None,
+                        v_scale: Optional[torch.Tensor] = None,
+                        k_scale_f: Optional[float] = None,
+                        v_scale_f: Optional[float] = None) -> None:
     _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale,
-            max_seqlen_q, max_seqlen_k, sliding_window, softcap, num_kv_splits)
+            max_seqlen_q, max_seqlen_k, sliding_window, softcap, num_kv_splits,
+            k_scale if k_scale is not None else k_scale_f,
+            v_scale if v_scale is not None else v_scale_f)
 
 
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale, max_seqlen_q,
-      max_seqlen_k, sliding_window, softcap, num_kv_splits) -> None:
+      max_seqlen_k, sliding_window, softcap, num_kv_splits, k_scale=None, v_scale=None,
+      k_scale_f=None, v_scale_f=None) -> None:
     return None
 
 
@@ -559,20 +811,31 @@ def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale, max_
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale: float,
                     max_seqlen_q: int, max_seqlen_k: int, sliding_window: Optional[int] = None,
                     softcap: Optional[float] = None, out: Optional[torch.Tensor] = None,
-                    num_kv_splits: Optional[int] = None) -> torch.Tensor:
+                    num_kv_splits: Optional[int] = None, k_scale=None,
+                    v_scale=None) -> torch.Tensor:
     """Ragged paged attention -> [T, Hq, D] (written into ``out`` when given).
 
     num_kv_splits above MAX_SPLITS is clamped to it (results do not depend on it).
+    k_scale/v_scale: for float8_e4m3fn caches (FP8_INTERFACE: per-slot float32 tensors
+    [num_blocks, block_size, Hkv] or per-tensor floats), checked by kernels.paged_attention.
 
-    Arguments as kernels.paged_attention (which validates them); max_seqlen_q/k are host
-    bounds used only for the tile class and the split heuristic, never for correctness.
+    Arguments as kernels.paged_attention (which validates them); max_seqlen_k is a host bound
+    used only for the split heuristic; max_seqlen_q picks the tile class and must bound every
+    q_len of a decode-only launch (max_seqlen_q <= 16: one q block per sequence unless
+    max_seqlen_q exceeds it; the batch builder passes the true maximum).
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    args = (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, float(scale),
-            int(max_seqlen_q), int(max_seqlen_k), sliding_window, softcap, num_kv_splits)
     if torch.compiler.is_compiling():
-        _paged_attention_op(*args)
+        t = isinstance(k_scale, torch.Tensor)
+        _paged_attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out,
+                            float(scale), int(max_seqlen_q), int(max_seqlen_k), sliding_window,
+                            softcap, num_kv_splits, k_scale if t else None,
+                            v_scale if t else None,
+                            None if t or k_scale is None else float(k_scale),
+                            None if t or v_scale is None else float(v_scale))
     else:
-        _launch(*args)
+        _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, float(scale),
+                int(max_seqlen_q), int(max_seqlen_k), sliding_window, softcap, num_kv_splits,
+                k_scale, v_scale)
     return out

@@ -128,9 +128,13 @@ def test_head_dim_128(dtype):
     _check([18, 1, 2], [40, 19, 6], hq=8, hkv=2, d=128, dtype=dtype)
 
 
-@pytest.mark.parametrize("bs", [16, 32, 64, 256])
+@pytest.mark.parametrize("bs", [16, 32, 48, 64, 128, 256])
 def test_block_sizes(bs):
+    # block_size is a constexpr: 16/32 (several pages per 64-key tile), 64/128/256 (one
+    # block id per tile), 48 (neither: per-key page ids by constexpr division); decode-only
+    # (direct class) and mixed launches
     _check([20, 1, 4, 1], [300, 97, 260, 17], hq=4, hkv=1, d=64, bs=bs)
+    _check([1, 1, 3], [300, 97, 129], hq=4, hkv=1, d=64, bs=bs, splits=2)
 
 
 # --------------------------------------------------------------------------- options
@@ -223,7 +227,7 @@ def test_tile_config_holds_a_group_and_splits_only_when_idle():
             assert cfg.block_m >= max(16, group) and cfg.block_m % 16 == 0
     assert ta._config(128, torch.bfloat16, 4, 1).block_m == 16          # decode: small tiles
     assert ta._config(128, torch.bfloat16, 4, 4096).block_m == 128      # prefill: FA2 tiles
-    assert ta._config(128, torch.bfloat16, 4, 4096, 80) == ta._Config(64, 64, 8, 2)  # A100
+    assert ta._config(128, torch.bfloat16, 4, 4096, 80) == ta._Config(64, 64, 8, 3)  # A100
     # Llama-3-8B mixed step (2048-token chunk + 256 decodes): decodes get a 16-row tile (one
     # program per sequence and KV head), the chunk 128-row tiles; few spare programs
     p = ta._plan(2048 + 256, 257, 8, 128, torch.bfloat16, 4, 2048, 2048, None,
@@ -244,6 +248,48 @@ def test_tile_config_holds_a_group_and_splits_only_when_idle():
     assert ta._plan(66, 3, 1, 128, bf16, 4, 64, 300, None, cpu).direct_splits == 1
 
 
+def test_decode_only_launch_indexes_sequences_directly(monkeypatch):
+    # decode-only launches: B x splits programs per KV head, no search class compiled in
+    cpu = torch.device("cpu")
+    for q_lens, G in (([1] * 23, 4), ([1, 7, 2, 16, 5], 5), ([3, 1, 2], 16)):
+        T, B = sum(q_lens), len(q_lens)
+        for splits in (1, 3):
+            p = ta._plan(T, B, 2, 64, torch.float16, G, max(q_lens), 2000, splits, cpu)
+            assert not p.search and p.direct and p.num_search == 0
+            assert p.num_programs == B * splits and p.direct_splits == splits
+            # one q block per sequence unless the longest query needs more (then a loop)
+            assert p.q_loop == (max(q_lens) > p.q_per_block_d)
+    grids = []
+    real = ta._paged_attn_kernel
+
+    class Rec:
+        fn = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                grids.append((grid, kw["SEARCH"], kw["Q_LOOP"]))
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(ta, "_paged_attn_kernel", Rec())
+    _check([1, 0, 1, 1], [40, 3, 1, 17], hq=8, hkv=2, d=64, name="direct decode")
+    assert grids == [((4 * 2,), False, False)], grids
+
+
+def test_split_count_from_resident_ctas(monkeypatch):
+    # one wave: SMs x CTAs resident per SM (registers, warps, shared memory), not more
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ta, "_sm_count", lambda d: 132)
+    dec = ta._config(128, torch.bfloat16, 4, 1)
+    res = ta._resident_ctas(dec, 128, 2, 90)
+    assert res == min(65536 // (ta._DECODE_REGS * 32 * dec.num_warps),
+                      228 * 1024 // ((dec.num_stages - 1) * 2 * dec.block_n * 128 * 2))
+    p = ta._plan(8, 8, 8, 128, torch.bfloat16, 4, 1, 32768, None, cpu)     # 64 programs
+    assert p.direct_splits == -(-132 * res // 64)
+    assert ta._plan(64, 64, 8, 128, torch.bfloat16, 4, 1, 2048, None, cpu).direct_splits == \
+        (1 if 512 >= 132 * res else min(-(-132 * res // 512), 4))
+    assert ta._plan(1, 1, 8, 128, torch.bfloat16, 4, 1, 700, None, cpu).direct_splits == 1
+
+
 def test_one_split_is_one_launch(monkeypatch):
     # one split writes the output directly: no workspace, no merge kernel
     class NoLaunch:
@@ -253,6 +299,10 @@ def test_one_split_is_one_launch(monkeypatch):
     _check([3, 1], [40, 20], splits=1, name="single launch")
     with pytest.raises(AssertionError, match="merge kernel launched"):
         _check([3, 1], [40, 20], splits=2)
+
+
+# Compiled-code facts of these kernels (spills, wgmma, copies in flight in every K/V loop)
+# are asserted by tests/test_kernel_report.py on the kernel report's sm_90a/sm_80 compiles.
 
 
 def test_custom_op_and_compile_cpu():
@@ -272,6 +322,187 @@ def test_custom_op_and_compile_cpu():
     lowp = reference.paged_attention(*attn_args(b), scale=0.125)
     assert_close(got / 2, ref, lowp, name="compiled")
 
+
+
+# --------------------------------------------------------------------------- workspace
+def _alloc_log(monkeypatch):
+    """(shape, dtype) of every torch.empty the attention module itself calls."""
+    log, real = [], torch.empty
+
+    def empty(*shape, **kw):
+        import sys
+        if sys._getframe(1).f_globals.get("__name__") == ta.__name__:
+            log.append((tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int)
+                        else shape, kw.get("dtype")))
+        return real(*shape, **kw)
+    monkeypatch.setattr(torch, "empty", empty)
+    return log
+
+
+def test_workspace_only_for_rows_that_split(monkeypatch):
+    cpu = torch.device("cpu")
+    log = _alloc_log(monkeypatch)
+    # a lone prefill on a long context (it used to split every q block) and prefills of
+    # several prompts: nothing but the output, which is given
+    for q_lens, kv_lens in (([40], [1500]), ([20, 30, 17], [20, 30, 17])):
+        b = make_batch(q_lens, kv_lens, num_q_heads=4, num_kv_heads=1, head_dim=64,
+                       dtype=torch.float64)
+        out = torch.empty(b["q"].shape, dtype=torch.float16)
+        _check(None, None, batch=b, out=out, name=f"no decode {q_lens}")
+        assert log == [], log
+    # a chunk beside a 1100-key decode: the decode splits, workspace 16 rows per sequence
+    # (not per token), fp32 partial outputs + lse
+    b = make_batch([40, 1], [60, 1100], num_q_heads=4, num_kv_heads=1, head_dim=64,
+                   dtype=torch.float64)
+    _check(None, None, batch=b, out=torch.empty(41, 4, 64, dtype=torch.float16), name="mixed")
+    plan = ta._plan(41, 2, 1, 64, torch.float16, 4, 40, 1100, None, cpu)
+    assert plan.direct_splits == 2 and plan.ws_rows == 32
+    assert log == [((2, 32, 4, 64), torch.float32), ((2, 32, 4), torch.float32)], log
+    log.clear()
+    # decode-only: one row per token
+    b = make_batch([1, 1, 1], [1100, 5, 700], num_q_heads=4, num_kv_heads=1, head_dim=64,
+                   dtype=torch.float64)
+    _check(None, None, batch=b, out=torch.empty(3, 4, 64, dtype=torch.float16), name="decode")
+    assert [s for s, _ in log] == [(2, 3, 4, 64), (2, 3, 4)], log
+    # the cap: fewer splits (here 3 -> 2, then none) rather than more memory
+    assert ta._plan(3, 3, 1, 64, torch.float16, 4, 1, 2000, 3, cpu).direct_splits == 3
+    monkeypatch.setattr(ta, "WORKSPACE_CAP", 2 * 3 * 4 * 65 * 4)
+    assert ta._plan(3, 3, 1, 64, torch.float16, 4, 1, 2000, 3, cpu).direct_splits == 2
+    monkeypatch.setattr(ta, "WORKSPACE_CAP", 3 * 4 * 65 * 4)
+    assert ta._plan(3, 3, 1, 64, torch.float16, 4, 1, 2000, 3, cpu).ws_rows == 0
+
+
+def test_workspace_bound_llama3_8b_shapes():
+    # issue 12's cases on an H100 (132 SMs), Llama-3-8B heads: a 16k prefill allocated
+    # 8.3 GB and a 2048-token chunk at 32k context beside one decode 1.06 GB
+    cpu = torch.device("cpu")
+    ws = lambda T, B, mq, mk: ta.workspace_bytes(T, B, 32, 8, 128, torch.bfloat16, mq, mk, cpu)  # noqa: E731
+    saved = ta._sm_count
+    try:
+        ta._sm_count = lambda d: 132
+        assert ws(16384, 1, 16384, 16384) == 0
+        assert 0 < ws(2049, 2, 2048, 32768) <= 2 * 16 * 32 * 129 * 4 * ta.MAX_SPLITS   # < 17 MB
+        for B in (1, 8, 64, 256):                                        # decode-only
+            assert ws(B, B, 1, 32768) <= ta.WORKSPACE_CAP
+    finally:
+        ta._sm_count = saved
+
+
+def test_profiler_reserves_the_worst_steps_workspace(monkeypatch):
+    monkeypatch.setattr(ta, "_sm_count", lambda d: 132)          # plan for an H100
+    from model.config import ModelConfig
+    from ragged.config import EngineConfig
+    from ragged.profiling import attention_workspace_bytes
+
+    class M:                                          # what the profiler reads of a model
+        config = ModelConfig(num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                             max_position_embeddings=32768)
+        backend, dtype = "triton", torch.float16
+    cfg = EngineConfig(max_num_seqs=64, max_model_len=32768)
+    got = attention_workspace_bytes(M(), cfg, 2048, "cpu")
+    want = max(ta.workspace_bytes(B, B, 32, 8, 128, torch.float16, 1, 32768, torch.device("cpu"))
+               for B in range(1, 65))
+    print(f"worst workspace {got / 2**20:.1f} MiB (decode-only scan {want / 2**20:.1f} MiB)")
+    mixed = ta.workspace_bytes(2049, 2, 32, 8, 128, torch.float16, 2048, 32768, torch.device("cpu"))
+    assert got >= max(want, mixed) and want > 0 and mixed > 0 and got <= ta.WORKSPACE_CAP
+    M.backend = "torch"
+    assert attention_workspace_bytes(M(), cfg, 2048, "cpu") == 0
+
+
+# --------------------------------------------------------------------------- variants
+def _signature(fn, args, kw):
+    """What Triton keys a compile on: constexprs, the specialisation of every other argument
+    (ints: == 1, % 16; pointers: dtype and 16-byte alignment; both skipped where the kernel
+    says do_not_specialize / _on_alignment), num_warps and num_stages."""
+    import inspect
+    params = list(inspect.signature(fn.fn).parameters.values())
+    names = [p.name for p in params]
+    vals = dict(zip(names, args), **kw)
+    dns = set(fn.kwargs.get("do_not_specialize") or ())
+    dna = set(fn.kwargs.get("do_not_specialize_on_alignment") or ())
+    sig = []
+    for p in params:
+        v = vals[p.name]
+        if "constexpr" in str(p.annotation):
+            sig.append((p.name, v))
+        elif isinstance(v, torch.Tensor):
+            sig.append((p.name, v.dtype, None if p.name in dna else v.data_ptr() % 16 == 0))
+        elif isinstance(v, bool) or isinstance(v, float):
+            sig.append((p.name, type(v).__name__))
+        elif isinstance(v, int):
+            sig.append((p.name, "int") if p.name in dns else (p.name, v == 1, v % 16 == 0))
+    return (fn.fn.__name__, tuple(sig), kw.get("num_warps"), kw.get("num_stages"))
+
+
+def _record_signatures(monkeypatch, call):
+    sigs = set()
+    real = {n: getattr(ta, n) for n in ("_paged_attn_kernel", "_merge_kernel")}
+
+    class Rec:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                sigs.add(_signature(self.fn, args, kw))
+            return launch
+    for n, f in real.items():
+        monkeypatch.setattr(ta, n, Rec(f))
+    try:
+        call()
+    finally:
+        for n, f in real.items():
+            monkeypatch.setattr(ta, n, f)
+    return sigs
+
+
+@pytest.mark.parametrize("window,softcap,bs,max_q,fp8", [(None, None, 16, 1, None),
+                                                         (64, 30.0, 32, 4, None),
+                                                         (None, None, 16, 1, "per_slot")])
+def test_warmup_covers_every_variant_of_mixed_steps(monkeypatch, window, softcap, bs, max_q,
+                                                    fp8):
+    # a run's steps (decode-only at many batch sizes and contexts, split and not; spec
+    # decodes up to max_q tokens; lone prefills; chunks beside decodes), with metadata as the
+    # batch builder makes it (views into one packed buffer: odd offsets and table widths)
+    # launch only variants the warm-up compiled: no JIT compile inside a timed step
+    hq, hkv, d = 8, 2, 64
+    dt = torch.float16
+    warm = _record_signatures(monkeypatch, lambda: ta.warmup(
+        hq, hkv, d, dt, bs, "cpu", sliding_window=window, softcap=softcap, max_query_len=max_q,
+        kv_cache_dtype=torch.float8_e4m3fn if fp8 else None))
+    steps = [([1] * 3, [5, 17, 1200]), ([1, 1], [5, 9]), ([1] * 64, [33] * 64), ([1], [5000]), ([2000], [2000]),
+             ([40, 1, 1], [3000, 9, 2500]), ([17] + [1] * 30, [17] + [900] * 30),
+             ([max_q, 1], [60, 2000]), ([max_q] * 5, [70] * 5), ([300, 200], [300, 9000])]
+    cache = torch.zeros(700, bs, hkv, d, dtype=torch.float8_e4m3fn if fp8 else dt)
+    scales = dict(k_scale=torch.ones(700, bs, hkv), v_scale=torch.ones(700, bs, hkv)) if fp8 else {}
+
+    def run():
+        for i, (q_lens, kv_lens) in enumerate(steps):
+            T, B = sum(q_lens), len(q_lens)
+            need = max(-(-k // bs) for k in kv_lens)       # widths 1, 16k and others
+            width = need if i % 2 else -(-need // 16) * 16
+            packed = torch.zeros(8 + 2 * B + 1 + B * width + i, dtype=torch.int32)
+            off = 1 + i                                        # misaligned views, as packed
+            cu = packed[off:off + B + 1]
+            cu[1:] = torch.cumsum(torch.tensor(q_lens), 0)
+            sl = packed[off + B + 1:off + 2 * B + 1]
+            sl[:] = torch.tensor(kv_lens)
+            bt = packed[off + 2 * B + 1:off + 2 * B + 1 + B * width].view(B, width)
+            q = torch.zeros(T, hq, d, dtype=dt)
+            ta.paged_attention(q, cache, cache, bt, cu, sl, scale=0.1, max_seqlen_q=max(q_lens),
+                               max_seqlen_k=max(kv_lens), sliding_window=window, softcap=softcap,
+                               **scales)
+    used = _record_signatures(monkeypatch, run)
+    flags = lambda s: {e[0]: e[1] for e in s[1] if len(e) == 2}       # noqa: E731
+    kinds = {(s[0], flags(s).get("SPLIT"), flags(s).get("SEARCH")) for s in used}
+    print(f"{len(used)} variants used, {len(warm)} warmed: {sorted(map(str, kinds))}")
+    assert len(used) >= 4                    # split / unsplit decode, mixed, merge at least
+    missing = used - warm
+    for m in missing:                        # the closest warmed variant, field by field
+        near = max((w for w in warm if w[0] == m[0]), key=lambda w: sum(
+            a == b for a, b in zip(w[1], m[1])))
+        print("not warmed:", [(a, b) for a, b in zip(m[1], near[1]) if a != b], m[2:], near[2:])
+    assert not missing
 
 
 # --------------------------------------------------------------------------- GPU
@@ -485,3 +716,17 @@ def test_tune_triton_quick_writes_a_loadable_table(tuned_table, tmp_path, monkey
     cfg = ta._config(32, torch.float16, 2, 1, 90, "interpreter")
     assert [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages] == stored[
         ta.tuned_key("decode", 32, 2, torch.float16)]["config"]
+
+
+# --------------------------------------------------------------------------- fp8 KV cache
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+def test_fp8_cache_all_modes(mode):
+    # the same quantised codes and scales for kernel and reference (tests.attention_cases):
+    # mixed launch (both classes), decode-only split-KV, window + softcap, group 5, fp32 q
+    _check([40, 1, 3, 1], [97, 33, 17, 70], hq=8, hkv=2, d=80, fp8=mode, splits=3,
+           name=f"fp8 {mode} mixed split")
+    _check([1, 1, 5], [1100, 20, 60], hq=10, hkv=2, d=64, fp8=mode, name=f"fp8 {mode} decode")
+    _check([30, 1, 5, 1], [150, 97, 40, 3], hq=4, hkv=2, d=64, fp8=mode, window=7,
+           softcap=30.0, splits=2, name=f"fp8 {mode} window softcap")
+    _check([20, 1], [45, 30], hq=4, hkv=1, d=64, fp8=mode, dtype=torch.float32,
+           name=f"fp8 {mode} fp32 q")
