@@ -77,6 +77,24 @@ class LlamaForCausalLM(nn.Module):
                                  device=self.device, kv_cache_dtype=kv_cache_dtype,
                                  kv_scales=kv_scales)
 
+    def warmup_kernels(self, block_size: int, max_query_len: int = 1,
+                       kv_cache_dtype: str = "auto", kv_scales=None) -> int:
+        """Compile every Triton attention variant the engine can launch with this model
+        (tile classes for queries up to max_query_len, split or not, the fp8 format), so no
+        JIT compile (2-3 s each on a GPU) lands in a served or timed step. A no-op (0) unless
+        attention resolves to Triton on a CUDA device. Returns the launches run."""
+        dev = self.device
+        if dev.type != "cuda" or kernels._resolve(self.backend, dev) != "triton":
+            return 0
+        from kernels import triton_attention
+        a = self.layers[0].attn
+        windows = {layer.attn.sliding_window for layer in self.layers}
+        return sum(triton_attention.warmup(
+            a.num_heads, a.num_kv_heads, a.head_dim, self.dtype, block_size, dev,
+            sliding_window=w, scale=a.scale, max_query_len=max_query_len,
+            kv_cache_dtype=torch.float8_e4m3fn if kv_cache_dtype == "fp8_e4m3" else None,
+            per_slot_scales=kv_scales is None) for w in windows)
+
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: kernels.AttentionMetadata, kv_caches, logits_indices: torch.Tensor) -> torch.Tensor:

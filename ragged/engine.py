@@ -141,6 +141,13 @@ class Engine:
         self.batch_builder = BatchBuilder(config.block_size, self.device)
         self.kv_caches = model.allocate_kv_cache(num_blocks, config.block_size,
                                                  **config.kv_cache_kwargs())
+        # Every Triton attention variant a step can launch is compiled here, not in a served
+        # (or timed) step: 2-3 s per JIT compile on a GPU; a no-op elsewhere.
+        self.warmup_launches = 0
+        if hasattr(model, "warmup_kernels"):
+            k = config.speculative.num_speculative_tokens if config.speculative else 0
+            self.warmup_launches = model.warmup_kernels(config.block_size, 1 + k,
+                                                        **config.kv_cache_kwargs())
         # Decode-only steps replay CUDA graphs (captured here, after the KV cache exists);
         # cuda_graphs=True on CPU runs the same padded path eagerly (for tests).
         use_graphs = (self.device.type == "cuda" if config.cuda_graphs is None

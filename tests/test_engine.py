@@ -527,3 +527,40 @@ def test_streamed_outputs_are_stable_prefixes(model_dirs, overlap):
         assert outs[-1].finished and not any(o.finished for o in outs[:-1])
         hf = hf_greedy(model_dirs["llama"], ps[int(rid)])      # cut after an EOS, if any
         assert final[:len(hf)] == hf, rid
+
+
+def test_engine_warms_up_every_attention_variant_before_serving(monkeypatch):
+    """The engine asks the model to compile its attention variants once, after the KV cache
+    exists, for queries up to 1 + k speculative tokens and in the cache's format."""
+    from model import load_model
+    from ragged.engine import Engine
+    from ragged import EngineConfig, SpeculativeConfig
+    m = load_model("tiny", seed=0)
+    calls = []
+    monkeypatch.setattr(m, "warmup_kernels", lambda *a, **kw: calls.append((a, kw)) or 7,
+                        raising=False)
+    cfg = EngineConfig(num_blocks=32, max_num_seqs=4, kv_cache_dtype="fp8_e4m3",
+                       speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=3))
+    eng = Engine(m, cfg)
+    assert calls == [((16, 4), dict(kv_cache_dtype="fp8_e4m3", kv_scales=None))]
+    assert eng.warmup_launches == 7
+    # on CPU (or any backend but Triton on CUDA) the model's warm-up is a no-op
+    assert load_model("tiny", seed=0).warmup_kernels(16, 4) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_no_triton_compile_after_engine_start():
+    """Every attention-kernel variant a run launches was compiled by the engine's warm-up."""
+    from kernels import triton_attention as ta
+    from ragged import LLM, SamplingParams
+
+    def compiled():
+        return sum(len(c[0]) for k in (ta._paged_attn_kernel, ta._merge_kernel)
+                   for c in k.device_caches.values())
+    llm = LLM("tiny", device="cuda", dtype="float16", backend="triton", num_blocks=256,
+              max_num_seqs=8)
+    before = compiled()
+    assert before > 0 and llm.engine.warmup_launches > 0
+    ps = [[1 + i % 50] * n for i, n in enumerate((1, 17, 200, 5, 64, 300, 2, 33))]
+    llm.generate(ps, SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert compiled() == before
