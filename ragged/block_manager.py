@@ -153,7 +153,13 @@ class BlockManager:
         if keep >= len(seq.block_table):
             return
         assert len(seq.block_hashes) <= keep, "a named block past the computed length"
-        for b in reversed(seq.block_table[keep:]):
+        self._release(seq.block_table[keep:], seq)
+        del seq.block_table[keep:]
+
+    def _release(self, blocks: list, seq: Sequence) -> None:
+        """Drop seq's reference to each block, last first; a block nobody holds goes back to
+        the cached pool (named) or the plain pool."""
+        for b in reversed(blocks):
             assert self.ref_count[b] > 0, f"double free of block {b} by {seq.request_id}"
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
@@ -161,19 +167,11 @@ class BlockManager:
                     self._free_cached[b] = None
                 else:
                     self._free_plain.append(b)
-        del seq.block_table[keep:]
 
     def free(self, seq: Sequence):
         """Release all of seq's blocks now (finish, abort, preemption). Tail blocks go first so
         that, among cached blocks, a prefix outlives its continuation."""
-        for b in reversed(seq.block_table):
-            assert self.ref_count[b] > 0, f"double free of block {b} by {seq.request_id}"
-            self.ref_count[b] -= 1
-            if self.ref_count[b] == 0:
-                if self._hash[b] is not None:
-                    self._free_cached[b] = None
-                else:
-                    self._free_plain.append(b)
+        self._release(seq.block_table, seq)
         seq.block_table = []
         seq.block_hashes = []
         if seq.table_row >= 0:
