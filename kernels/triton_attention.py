@@ -506,7 +506,7 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
         cfg = _Config(block_m, 32, warps, 3) if head_dim > 128 else _Config(
             block_m, 128 if head_dim <= 64 else 64, 4, 3)
     else:
-        cfg = _Config(64, 32, 8, 2) if head_dim > 128 else _Config(128, 64, 8, 4)
+        cfg = _Config(64, 32, 8, 3) if head_dim > 128 else _Config(128, 64, 8, 4)
     if arch < 90 and dtype != torch.float32 and (cfg.block_m >= 64 or head_dim > 128):
         # sm_80 (mma.sync, no wgmma) spills 28-128 bytes at 255 regs with 128x64 / 8 warps,
         # 64x64 / 4 warps and 128x32 / 8 warps; 64 rows at 8 warps, 2 stages: 184, no spill.
@@ -518,7 +518,8 @@ def _config(head_dim: int, dtype: torch.dtype, group: int, max_seqlen_q: int,
             # prefill 64x64 / 8 warps: 3 stages pipeline (async_wait num 2), 186 regs, 88 KB
             cfg = _Config(64, cfg.block_n, 8, 3)
         else:                     # 64x128 (D <= 64 spec decode) spilled at 255 regs: 64 keys
-            cfg = _Config(min(cfg.block_m, 64), min(cfg.block_n, 64), 8, 2)
+            cfg = _Config(min(cfg.block_m, 64), min(cfg.block_n, 64), 8,
+                          3 if max_seqlen_q > _DECODE_MAX_Q else 2)
     if cfg.block_m < group:       # a q block must hold at least one token's G heads
         cfg = _Config(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
     return cfg
