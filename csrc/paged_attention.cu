@@ -140,8 +140,21 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
   }
 }
 
+// CTAs/SM the register budget is sized for. The lean/tensor-core kernels take 48.6 KB of
+// shared memory: 4 CTAs fit sm_90's 228 KB (<= 128 registers), but sm_80's 164 KB hold 3
+// (3 x 49.6 KB incl. the 1 KB reserve), so there asking for 4 only forced spills (40 bytes at
+// D=128) for occupancy shared memory never allows: 3 (<= 168 registers) costs nothing.
 template <typename T, int DM, bool EXACT>
-__global__ void __launch_bounds__(kThreads, 4)  // 4 CTAs/SM: <= 128 registers
+struct MinBlocks {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr int value = LeanCfg<T, DM, EXACT>::OK ? 3 : 4;
+#else
+  static constexpr int value = 4;
+#endif
+};
+
+template <typename T, int DM, bool EXACT>
+__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
   using LC = LeanCfg<T, DM, EXACT>;
