@@ -140,10 +140,11 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
   }
 }
 
-// CTAs/SM the register budget is sized for. The lean/tensor-core kernels take 48.6 KB of
-// shared memory: 4 CTAs fit sm_90's 228 KB (<= 128 registers), but sm_80's 164 KB hold 3
-// (3 x 49.6 KB incl. the 1 KB reserve), so there asking for 4 only forced spills (40 bytes at
-// D=128) for occupancy shared memory never allows: 3 (<= 168 registers) costs nothing.
+// CTAs/SM the register budget is sized for. The lean/tensor-core kernels take 48.3-49.3 KB of
+// shared memory (LeanCfg::SMEM): 4 CTAs fit sm_90's 228 KB (<= 128 registers), but sm_80's
+// 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
+// forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
+// registers) costs nothing.
 template <typename T, int DM, bool EXACT>
 struct MinBlocks {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
