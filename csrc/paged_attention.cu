@@ -140,8 +140,22 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
   }
 }
 
+// CTAs/SM the register budget is sized for. The lean/tensor-core kernels take 48.3-49.3 KB of
+// shared memory (LeanCfg::SMEM): 4 CTAs fit sm_90's 228 KB (<= 128 registers), but sm_80's
+// 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
+// forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
+// registers) costs nothing.
 template <typename T, int DM, bool EXACT>
-__global__ void __launch_bounds__(kThreads, 4)  // 4 CTAs/SM: <= 128 registers
+struct MinBlocks {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr int value = LeanCfg<T, DM, EXACT>::OK ? 3 : 4;
+#else
+  static constexpr int value = 4;
+#endif
+};
+
+template <typename T, int DM, bool EXACT>
+__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
   using LC = LeanCfg<T, DM, EXACT>;
@@ -212,7 +226,11 @@ paged_attention_kernel(const PagedAttentionParams p) {
       // [NK][DM], 16-byte chunk c of row r stored at chunk c ^ (r % 8) so that the 8 row
       // addresses of every ldmatrix phase hit distinct banks.
       constexpr int TVEC = LC::VEC, TNC = LC::NC, TNG = LC::NG, TNK = LC::NK;
-      constexpr int KS = DM / 16, NT = 4, DT = DM / 8;  // NT: 8-key tiles of a 32-key chunk
+      // NT 8-key tiles a chunk of CK keys (S of 16 x CK: CK / 2 registers). D 64 takes 16-key
+      // chunks: with 32 (16 more live registers for S while P V runs) sm_90a spilled 8 bytes at
+      // the 128-register cap of 4 CTAs/SM; the extra rescale of O is 32 FMULs per 16 HMMAs.
+      // D 128 keeps 32 (16 keys spilled 16 bytes there: O's 64 registers dominate anyway).
+      constexpr int KS = DM / 16, NT = DM <= 64 ? 2 : 4, DT = DM / 8, CK = 8 * NT;
       static_assert(kTcRows * DM * 2 + 2 * kTileBytes <= kStages * kTileBytes, "TC smem");
       T* Qs = reinterpret_cast<T*>(smem_raw);
       T* kvs = Qs + kTcRows * DM;
@@ -284,9 +302,9 @@ paged_attention_kernel(const PagedAttentionParams p) {
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        // 32 keys at a time (S of 16 x 32 in 16 registers): a 64-key tile (D 64) in two.
-        for (int kc2 = 0; kc2 < TNK / 32 && warp_rows; ++kc2) {
-          const T* Ks = kvs + stage * 2 * TNK * DM + kc2 * 32 * DM;
+        // CK keys at a time (S of 16 x CK in CK / 2 registers).
+        for (int kc2 = 0; kc2 < TNK / CK && warp_rows; ++kc2) {
+          const T* Ks = kvs + stage * 2 * TNK * DM + kc2 * CK * DM;
           const T* Vs = Ks + TNK * DM;
           float sc[NT][4];
 #pragma unroll
@@ -310,7 +328,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
           // Scores stay unscaled (x f inside the exp2's FFMA); masks only on the tiles that
           // need them (a partial last tile, the causal diagonal, a window edge, missing rows):
           // in a long chunk most tiles skip ~10 instructions a score.
-          const int key0 = lo + it * TNK + kc2 * 32, kmax = key0 + 31;
+          const int key0 = lo + it * TNK + kc2 * CK, kmax = key0 + CK - 1;
           float f = sl2;
           if (has_cap) {
 #pragma unroll
@@ -367,7 +385,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
             o[d][2] *= aB; o[d][3] *= aB;
           }
 #pragma unroll
-          for (int kt = 0; kt < 2; ++kt) {
+          for (int kt = 0; kt < NT / 2; ++kt) {
             const uint32_t pa[4] = {pack2<T>(sc[2 * kt][0], sc[2 * kt][1]),
                                     pack2<T>(sc[2 * kt][2], sc[2 * kt][3]),
                                     pack2<T>(sc[2 * kt + 1][0], sc[2 * kt + 1][1]),
