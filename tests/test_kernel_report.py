@@ -21,7 +21,7 @@ from bench import sass
 # invariant -> None (must hold today) or the reason it does not yet ("issue N: ...")
 XFAIL = {
     "no_spills_half[triton]": None,
-    "no_spills_half[cuda]": "issue 13: the tensor-core tile spills 8 B at D=64 on sm_90a (and 40 B at D=128 on sm_80)",
+    "no_spills_half[cuda]": None,
     "prefill_tensor_cores[triton]": None,
     "prefill_tensor_cores[cuda]": "issue 13: CUDA prefill runs mma.sync (HMMA) on sm_90a too; no wgmma path yet",
     "copy_in_flight[triton]": None,
