@@ -730,3 +730,16 @@ def test_fp8_cache_all_modes(mode):
            softcap=30.0, splits=2, name=f"fp8 {mode} window softcap")
     _check([20, 1], [45, 30], hq=4, hkv=1, d=64, fp8=mode, dtype=torch.float32,
            name=f"fp8 {mode} fp32 q")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+def test_gpu_fp8_cache_llama3_8b(dtype, mode):
+    # the compiled fp8 path (sm_89+): a mixed Llama-3-8B batch with split decodes, and a
+    # windowed + softcapped one, against the reference on the same e4m3 codes
+    q_lens = [300, 1, 1, 1, 4, 1]
+    kv_lens = [1300, 4097, 100, 2000, 777, 1]
+    _check(q_lens, kv_lens, dtype=dtype, device="cuda", fp8=mode, splits=4, **LLAMA3_8B)
+    _check([257, 1, 1], [3000, 4096, 700], dtype=dtype, device="cuda", fp8=mode, window=1000,
+           softcap=50.0, **LLAMA3_8B)
