@@ -24,7 +24,10 @@
 // A mixed batch (one 2048-token chunk + 256 decodes) would make that B x 512 slots, 99.8 %
 // of them empty CTAs; there sequence b owns slots from cu_seqlens_q[b] * G / kRows + b on
 // (floor(T G / kRows) + B slots in all) and a CTA finds b by binary search over cu_seqlens_q.
+#include <cuda_fp8.h>
+
 #include <cfloat>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 
@@ -88,7 +91,35 @@ struct AttnCfg {
     return sizeof(float) * (kRows * d + kRows * NK + 4 * kRows) +
            sizeof(T) * 2 * 2 * NK * static_cast<size_t>(d + VEC);
   }
+  // fp8 caches: the K/V tiles hold e4m3 bytes ([2][2][NK][d + 16]), then their scales
+  // fp32 [2 stages][K, V][NK].
+  static size_t smem_fp8(int d) {
+    return sizeof(float) * (kRows * d + kRows * NK + 4 * kRows) +
+           2 * 2 * NK * static_cast<size_t>(d + 16) + sizeof(float) * 2 * 2 * NK;
+  }
 };
+
+// N e4m3 codes (N * 1 bytes, N-byte aligned) -> float, two at a time (cvt.f16x2.e4m3x2 on
+// sm_89+, cuda_fp8.h's exact software path elsewhere and on the emulator's host).
+template <int N>
+__device__ __forceinline__ void load_fp8(const uint8_t* p, float (&f)[N]) {
+  const Pack<uint8_t, N> pk = *reinterpret_cast<const Pack<uint8_t, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    const __nv_fp8x2_storage_t two = static_cast<__nv_fp8x2_storage_t>(
+        pk.v[i] | static_cast<unsigned>(pk.v[i + 1]) << 8);
+    const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3)));
+    f[i] = x.x;
+    f[i + 1] = x.y;
+  }
+}
+
+// A K/V chunk of the generic tile as floats: KT is T (16-bit/fp32 caches) or uint8_t (fp8).
+template <typename KT, typename T, int N>
+__device__ __forceinline__ void load_kv(const KT* p, float (&f)[N]) {
+  if constexpr (std::is_same_v<KT, uint8_t>) load_fp8<N>(p, f);
+  else load_f<T, N>(p, f);
+}
 
 // The lean decode-class tile (head dims 64/128/256 in 16-bit types, 64/128 in fp32; any
 // rows <= kRows): K/V tiles of 16 KB, kStages deep; thread (grp, c) owns 16-byte chunk c of D
@@ -145,30 +176,35 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
 // forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
 // registers) costs nothing.
-template <typename T, int DM, bool EXACT>
+template <typename T, int DM, bool EXACT, bool FP8>
 struct MinBlocks {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  static constexpr int value = LeanCfg<T, DM, EXACT>::OK ? 3 : 4;
+  static constexpr int value = LeanCfg<T, DM, EXACT>::OK && !FP8 ? 3 : 4;
 #else
   static constexpr int value = 4;
 #endif
 };
 
-template <typename T, int DM, bool EXACT>
-__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT>::value))
+// FP8: the cache holds e4m3 codes (p.kv_fp8); such instantiations compile only the generic
+// tile (see its K/V copy), for every row count.
+template <typename T, int DM, bool EXACT, bool FP8>
+__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
   using LC = LeanCfg<T, DM, EXACT>;
   constexpr int VEC = C::VEC, NCM = C::NCM, NK = C::NK, MAXR = C::MAXR;
   const int D = EXACT ? DM : p.head_dim;  // a constant in the exact instantiations
-  const int NC = D / VEC, KROW = D + VEC, RG = kThreads / NC;
+  // K/V tile elements: T, or e4m3 bytes for fp8 caches; rows padded by 16 bytes either way.
+  using KT = std::conditional_t<FP8, uint8_t, T>;
+  const int NC = D / VEC, KROW = D + 16 / static_cast<int>(sizeof(KT)), RG = kThreads / NC;
   extern __shared__ float4 smem_raw[];  // float4: 16-byte alignment for every section
   float* Qs = reinterpret_cast<float*>(smem_raw);     // [kRows][D], pre-scaled
   float* Ss = Qs + kRows * D;                          // [kRows][NK] scores, then P
   float* m_s = Ss + kRows * NK;                        // running max per row
   float* l_s = m_s + kRows;                            // running sum per row
   float* alpha_s = l_s + kRows;                        // rescale of this tile per row
-  T* kv_s = reinterpret_cast<T*>(alpha_s + 2 * kRows); // [2][2][NK][KROW]
+  KT* kv_s = reinterpret_cast<KT*>(alpha_s + 2 * kRows); // [2][2][NK][KROW]
+  float* kvsc_s = reinterpret_cast<float*>(kv_s + 2 * 2 * NK * KROW);  // fp8: [2][2][NK]
 
   const int S = p.num_kv_splits;
   const int split = static_cast<int>(blockIdx.x % S);
@@ -195,7 +231,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
   // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  constexpr bool TC_OK = LC::OK && sizeof(T) == 2 && DM <= 128;  // DM 256: O needs 128 regs
+  // fp8 caches take neither the tensor-core nor the lean tile (FP8 instantiations compile only
+  // the generic one): its K/V reads are already scalar float conversions from shared memory,
+  // so e4m3 -> float there is the one-line change; the faster tiles' fp8 ports are future work.
+  constexpr bool TC_OK = LC::OK && !FP8 && sizeof(T) == 2 && DM <= 128;  // DM 256: O: 128 regs
   const bool tc = TC_OK && total_rows > kRows;
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -440,7 +479,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
       return;
     }
   }
-  if constexpr (LC::OK) {
+  if constexpr (LC::OK && !FP8) {
     constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
     const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
     T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][DM]
@@ -682,8 +721,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
     alpha_s[tid] = 1.f;
   }
 
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
+  const KT* kc = static_cast<const KT*>(p.k_cache);
+  const KT* vc = static_cast<const KT*>(p.v_cache);
   const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * D;
   const int64_t blk_stride = tok_stride * p.block_size;
   const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
@@ -691,14 +730,54 @@ paged_attention_kernel(const PagedAttentionParams p) {
 
   auto load_tile = [&](int tile, int stage) {
     const int key0 = lo + tile * NK;
+    if constexpr (FP8) {
+      // e4m3 rows: 16-byte cp.async copies (16 codes) when D % 16 == 0, else 8-byte plain
+      // copies (D = 8, 24, 40, ...: cp.async.cg takes 16 bytes only). Then each key's K and V
+      // scale (per slot: flat slot * Hkv + head; per tensor: the floats), 0 past `hi`.
+      const int CB = (D & 15) ? 8 : 16, KNC = D / CB;
+      for (int i = tid; i < 2 * NK * KNC; i += kThreads) {
+        const int which = i / (NK * KNC);
+        const int rem = i % (NK * KNC);
+        const int k = rem / KNC, c = rem % KNC;
+        const int key = key0 + k;
+        const bool valid = key < hi;
+        const KT* base = which ? vc : kc;
+        const KT* src = base;
+        if (valid) {
+          const int64_t blk = bt[key / p.block_size];
+          src = base + blk * blk_stride + static_cast<int64_t>(key % p.block_size) * tok_stride +
+                head_off + c * CB;
+        }
+        KT* dst = kv_s + ((stage * 2 + which) * NK + k) * KROW + c * CB;
+        if (CB == 16) cp_async16(dst, src, valid);
+        else *reinterpret_cast<uint2*>(dst) =
+                 valid ? *reinterpret_cast<const uint2*>(src) : make_uint2(0u, 0u);
+      }
+      for (int i = tid; i < 2 * NK; i += kThreads) {
+        const int which = i / NK, k = i % NK, key = key0 + k;
+        const float* sp = which ? p.v_scale : p.k_scale;
+        float sc = 0.f;
+        if (key < hi) {
+          if (sp != nullptr) {
+            const int64_t slot = static_cast<int64_t>(bt[key / p.block_size]) * p.block_size +
+                                 key % p.block_size;
+            sc = sp[slot * p.num_kv_heads + kvh];
+          } else {
+            sc = which ? p.v_scale_f : p.k_scale_f;
+          }
+        }
+        kvsc_s[(stage * 2 + which) * NK + k] = sc;
+      }
+      return;
+    }
     for (int i = tid; i < 2 * NK * NC; i += kThreads) {
       const int which = i / (NK * NC);  // 0: K, 1: V
       const int rem = i % (NK * NC);
       const int k = rem / NC, c = rem % NC;
       const int key = key0 + k;
       const bool valid = key < hi;
-      const T* base = which ? vc : kc;
-      const T* src = base;  // a valid address even when nothing is read
+      const KT* base = which ? vc : kc;
+      const KT* src = base;  // a valid address even when nothing is read
       if (valid) {
         const int64_t blk = bt[key / p.block_size];
         src = base + blk * blk_stride + static_cast<int64_t>(key % p.block_size) * tok_stride +
@@ -726,8 +805,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
     cp_async_commit();    // possibly empty group: keeps "all but the newest" == tile `it`
     cp_async_wait<1>();
     __syncthreads();
-    const T* Ks = kv_s + (stage * 2) * NK * KROW;
-    const T* Vs = Ks + NK * KROW;
+    const KT* Ks = kv_s + (stage * 2) * NK * KROW;
+    const KT* Vs = Ks + NK * KROW;
+    const float* Ksc = kvsc_s + (stage * 2) * NK;  // fp8 only: K scales, then V scales
+    const float* Vsc = Ksc + NK;
     const int key0 = lo + it * NK;
 
     // Scores; consecutive threads take consecutive keys of one row (Q row is a broadcast).
@@ -738,17 +819,18 @@ paged_attention_kernel(const PagedAttentionParams p) {
       float s = -INFINITY;
       if (key < hi && key <= qpos && (window <= 0 || key > qpos - window)) {
         const float* qr = Qs + r * D;
-        const T* kr = Ks + k * KROW;
+        const KT* kr = Ks + k * KROW;
         float dot = 0.f;
 #pragma unroll
         for (int c = 0; c < NCM; ++c) {
           if (c >= NC) break;  // only in the run-time head dim kernels
           float kf[VEC];
-          load_f<T, VEC>(kr + c * VEC, kf);
+          load_kv<KT, T, VEC>(kr + c * VEC, kf);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) dot = fmaf(qr[c * VEC + e], kf[e], dot);
         }
         s = dot;
+        if constexpr (FP8) s *= Ksc[k];  // the key's scale (before the softcap)
         if (p.softcap > 0.f) s = p.softcap * tanhf(s * inv_cap);
       }
       Ss[r * NK + k] = s;
@@ -791,12 +873,13 @@ paged_attention_kernel(const PagedAttentionParams p) {
       }
       for (int k = 0; k < NK; ++k) {
         float vf[VEC];
-        load_f<T, VEC>(Vs + k * KROW + pv_c * VEC, vf);
+        load_kv<KT, T, VEC>(Vs + k * KROW + pv_c * VEC, vf);
+        const float vsc = FP8 ? Vsc[k] : 1.f;  // p * v scale before P V (0 past `hi`)
 #pragma unroll
         for (int j = 0; j < MAXR; ++j) {
           const int r = pv_rg + j * RG;
           if (r < nrows) {
-            const float pr = Ss[r * NK + k];
+            const float pr = FP8 ? Ss[r * NK + k] * vsc : Ss[r * NK + k];
 #pragma unroll
             for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(pr, vf[e], acc[j][e]);
           }
@@ -909,7 +992,7 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
-template <typename T, int DM, bool EXACT>
+template <typename T, int DM, bool EXACT, bool FP8>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
   const int G = p.num_q_heads / p.num_kv_heads;
@@ -922,8 +1005,10 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM : C::smem(p.head_dim);
-  auto kernel = paged_attention_kernel<T, DM, EXACT>;
+  const size_t smem = FP8 ? C::smem_fp8(p.head_dim)
+                     : LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM
+                                                 : C::smem(p.head_dim);
+  auto kernel = paged_attention_kernel<T, DM, EXACT, FP8>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -946,20 +1031,20 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool FP8>
 cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64, true>(p, stream);
-    case 80: return launch<T, 80, true>(p, stream);
-    case 96: return launch<T, 96, true>(p, stream);
-    case 128: return launch<T, 128, true>(p, stream);
-    case 256: return launch<T, 256, true>(p, stream);
+    case 64: return launch<T, 64, true, FP8>(p, stream);
+    case 80: return launch<T, 80, true, FP8>(p, stream);
+    case 96: return launch<T, 96, true, FP8>(p, stream);
+    case 128: return launch<T, 128, true, FP8>(p, stream);
+    case 256: return launch<T, 256, true, FP8>(p, stream);
     default: break;
   }
   if (!paged_attention_head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;
-  if (p.head_dim <= 64) return launch<T, 64, false>(p, stream);
-  if (p.head_dim <= 128) return launch<T, 128, false>(p, stream);
-  return launch<T, 256, false>(p, stream);
+  if (p.head_dim <= 64) return launch<T, 64, false, FP8>(p, stream);
+  if (p.head_dim <= 128) return launch<T, 128, false, FP8>(p, stream);
+  return launch<T, 256, false, FP8>(p, stream);
 }
 
 }  // namespace
@@ -973,7 +1058,12 @@ cudaError_t paged_attention(const PagedAttentionParams& p, cudaStream_t stream) 
     return cudaErrorInvalidValue;
   if (p.num_kv_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr))
     return cudaErrorInvalidValue;
-  RAGGED_DISPATCH_DTYPE(p.dtype, return dispatch_head_dim<scalar_t>(p, stream));
+  if (p.kv_fp8) {
+    if (!(p.k_scale == nullptr) != !(p.v_scale == nullptr)) return cudaErrorInvalidValue;
+    RAGGED_DISPATCH_DTYPE(p.dtype, return dispatch_head_dim<scalar_t, true>(p, stream));
+  } else {
+    RAGGED_DISPATCH_DTYPE(p.dtype, return dispatch_head_dim<scalar_t, false>(p, stream));
+  }
   return cudaSuccess;
 }
 

@@ -91,7 +91,8 @@ int emu_paged_attention(int dtype, void* out, int64_t ost, int64_t osh, const vo
                         int64_t qst, int64_t qsh, const void* kc, const void* vc,
                         const int32_t* bt, int64_t bts, const int32_t* cu, const int32_t* sl,
                         float* po, float* pl, int B, int T, int Hq, int Hkv, int D, int bs,
-                        int mq, int S, int W, float scale, float cap) {
+                        int mq, int S, int W, float scale, float cap, int fp8,
+                        const float* ks, const float* vs, float ksf, float vsf) {
   PagedAttentionParams p{};
   p.dtype = static_cast<DType>(dtype);
   p.out = out; p.out_stride_t = ost; p.out_stride_h = osh;
@@ -101,6 +102,7 @@ int emu_paged_attention(int dtype, void* out, int64_t ost, int64_t osh, const vo
   p.num_seqs = B; p.num_tokens = T; p.num_q_heads = Hq; p.num_kv_heads = Hkv;
   p.head_dim = D; p.block_size = bs; p.max_seqlen_q = mq; p.num_kv_splits = S;
   p.sliding_window = W; p.scale = scale; p.softcap = cap;
+  p.kv_fp8 = fp8; p.k_scale = ks; p.v_scale = vs; p.k_scale_f = ksf; p.v_scale_f = vsf;
   return static_cast<int>(paged_attention(p, nullptr));
 }
 
