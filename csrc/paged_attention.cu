@@ -121,6 +121,59 @@ __device__ __forceinline__ void load_kv(const KT* p, float (&f)[N]) {
   else load_f<T, N>(p, f);
 }
 
+// N e4m3 codes x scale (in fp32) -> N T values in shared memory, two codes at a time; zeros
+// when !valid (nothing read: a code there may be NaN, and NaN x 0 would reach P V).
+template <typename T, int N>
+__device__ __forceinline__ void dequant_store(T* dst, const uint8_t* src, float scale,
+                                              bool valid) {
+  Pack<uint8_t, N> in;
+  if (valid) in = *reinterpret_cast<const Pack<uint8_t, N>*>(src);
+  else
+#pragma unroll
+    for (int i = 0; i < N; ++i) in.v[i] = 0;
+  Pack<T, N> out;
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    const __nv_fp8x2_storage_t two = static_cast<__nv_fp8x2_storage_t>(
+        in.v[i] | static_cast<unsigned>(in.v[i + 1]) << 8);
+    const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3)));
+    out.v[i] = from_f<T>(x.x * scale);
+    out.v[i + 1] = from_f<T>(x.y * scale);
+  }
+  *reinterpret_cast<Pack<T, N>*>(dst) = out;
+}
+
+// One 16-byte chunk (N = 16 / sizeof(T) elements) of a key's K and of its V into the lean /
+// tensor-core tiles' T layout. 16-bit/fp32 caches: two cp.async copies. fp8 caches: N e4m3
+// codes each, dequantised (code x the key's scale, in fp32, rounded to T: what the reference
+// does in q's dtype) and stored, so the tiles' math runs unchanged. `bi`, `boff`: the key's
+// block-table index and offset in its block (read only when valid).
+template <typename T, bool FP8, int N>
+__device__ __forceinline__ void copy_kv_chunk(T* ks, T* vs, const PagedAttentionParams& p,
+                                              int64_t off, bool valid, const int32_t* bt,
+                                              int bi, int boff, int kvh) {
+  if constexpr (!FP8) {
+    cp_async16(ks, static_cast<const T*>(p.k_cache) + (valid ? off : 0), valid);
+    cp_async16(vs, static_cast<const T*>(p.v_cache) + (valid ? off : 0), valid);
+  } else {
+    // K, then V, packed as converted (fewer live registers: sm_90a's 128-register cap of the
+    // TC/lean tiles spilled 28 B at D 128 with both chunks held as 16 floats).
+    float a = 0.f, b = 0.f;  // past `hi`: zeros, as the cp.async path's zero-fill
+    if (valid) {
+      a = p.k_scale_f;
+      b = p.v_scale_f;
+      if (p.k_scale != nullptr) {
+        const int64_t i =
+            (static_cast<int64_t>(bt[bi]) * p.block_size + boff) * p.num_kv_heads + kvh;
+        a = p.k_scale[i];
+        b = p.v_scale[i];
+      }
+    }
+    dequant_store<T, N>(ks, static_cast<const uint8_t*>(p.k_cache) + off, a, valid);
+    dequant_store<T, N>(vs, static_cast<const uint8_t*>(p.v_cache) + off, b, valid);
+  }
+}
+
 // The lean decode-class tile (head dims 64/128/256 in 16-bit types, 64/128 in fp32; any
 // rows <= kRows): K/V tiles of 16 KB, kStages deep; thread (grp, c) owns 16-byte chunk c of D
 // (NC lanes per group, one warp or part of one) and, within a tile, 4 keys per sub-tile. Groups
@@ -176,17 +229,22 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
 // forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
 // registers) costs nothing.
+// fp8 caches (FP8) on sm_90: the dequantising copy (scale index + conversion in the load
+// loop) pushed the lean/TC kernels past 128 registers: 12-32 B spilled at D 64/128/256 in
+// fp16/bf16; sized for 3 CTAs (<= 168 registers) there instead, no spills (occupancy 4 -> 3
+// CTAs/SM for fp8 only; predicted cost unmeasured).
 template <typename T, int DM, bool EXACT, bool FP8>
 struct MinBlocks {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  static constexpr int value = LeanCfg<T, DM, EXACT>::OK && !FP8 ? 3 : 4;
+  static constexpr int value = LeanCfg<T, DM, EXACT>::OK ? 3 : 4;
 #else
-  static constexpr int value = 4;
+  static constexpr int value = LeanCfg<T, DM, EXACT>::OK && FP8 ? 3 : 4;
 #endif
 };
 
-// FP8: the cache holds e4m3 codes (p.kv_fp8); such instantiations compile only the generic
-// tile (see its K/V copy), for every row count.
+// FP8: the cache holds e4m3 codes (p.kv_fp8). The lean and tensor-core tiles dequantise each
+// chunk into their T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps
+// e4m3 bytes in shared memory and scales scores / probabilities (see its K/V copy).
 template <typename T, int DM, bool EXACT, bool FP8>
 __global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
@@ -231,10 +289,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
   // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  // fp8 caches take neither the tensor-core nor the lean tile (FP8 instantiations compile only
-  // the generic one): its K/V reads are already scalar float conversions from shared memory,
-  // so e4m3 -> float there is the one-line change; the faster tiles' fp8 ports are future work.
-  constexpr bool TC_OK = LC::OK && !FP8 && sizeof(T) == 2 && DM <= 128;  // DM 256: O: 128 regs
+  constexpr bool TC_OK = LC::OK && sizeof(T) == 2 && DM <= 128;  // DM 256: O needs 128 regs
   const bool tc = TC_OK && total_rows > kRows;
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -306,9 +361,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
           const int k = grp + j * TNG;
           const bool valid = wkey < hi;
           const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-          cp_async16(ks + sw(k, c), static_cast<const T*>(p.k_cache) + (valid ? off : 0), valid);
-          cp_async16(ks + TNK * DM + sw(k, c), static_cast<const T*>(p.v_cache) + (valid ? off : 0),
-                     valid);
+          copy_kv_chunk<T, FP8, TVEC>(ks + sw(k, c), ks + TNK * DM + sw(k, c), p, off, valid, bt,
+                                      wbi, woff, kvh);
           wkey += TNG;
           woff += TNG;
           if (woff >= bs) {
@@ -479,7 +533,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
       return;
     }
   }
-  if constexpr (LC::OK && !FP8) {
+  if constexpr (LC::OK) {
     constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
     const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
     T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][DM]
@@ -516,8 +570,6 @@ paged_attention_kernel(const PagedAttentionParams p) {
     const int my_qpos = ctx + (row0 + min(my_r, nrows - 1)) / G;
     const bool my_writer = SH == 0 || (glane & 1) == 0;
     const int bs = p.block_size;
-    const T* kc = static_cast<const T*>(p.k_cache);
-    const T* vc = static_cast<const T*>(p.v_cache);
     const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
     const int64_t blk_stride = tok_stride * bs;
     const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
@@ -537,8 +589,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
         const int k = grp + j * NG;
         const bool valid = wkey < hi;
         const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-        cp_async16(ks + k * DM + c * LVEC, kc + (valid ? off : 0), valid);
-        cp_async16(ks + (LNK + k) * DM + c * LVEC, vc + (valid ? off : 0), valid);
+        copy_kv_chunk<T, FP8, LVEC>(ks + k * DM + c * LVEC, ks + (LNK + k) * DM + c * LVEC, p,
+                                    off, valid, bt, wbi, woff, kvh);
         wkey += NG;
         woff += NG;
         if (woff >= bs) {
@@ -1005,8 +1057,8 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = FP8 ? C::smem_fp8(p.head_dim)
-                     : LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM
+  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM
+                     : FP8                       ? C::smem_fp8(p.head_dim)
                                                  : C::smem(p.head_dim);
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8>;
   if (smem > 48 * 1024) {
