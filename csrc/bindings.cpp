@@ -88,7 +88,11 @@ void paged_attention(Tensor& out, const Tensor& q_in, const Tensor& k_cache,
     check_tensor(*t, name, q_in, 4);
     if (fp8) check_same_dtype(*t, name, k_cache, "k_cache");
     else check_same_dtype(*t, name, q_in, "q");
-    TORCH_CHECK_VALUE(t->is_contiguous() && aligned16(*t), name,
+    // fp8 rows are D bytes: 8-byte aligned for D % 16 == 8 (D = 24, 40, ...; the kernel then
+    // copies 8 bytes at a time), so only the base address must be 16-byte aligned.
+    const bool aligned = fp8 ? reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0
+                             : aligned16(*t);
+    TORCH_CHECK_VALUE(t->is_contiguous() && aligned, name,
                       ": must be contiguous and 16-byte aligned");
   }
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache: shape ", v_cache.sizes(),
