@@ -156,8 +156,8 @@ __device__ __forceinline__ void copy_kv_chunk(T* ks, T* vs, const PagedAttention
     cp_async16(ks, static_cast<const T*>(p.k_cache) + (valid ? off : 0), valid);
     cp_async16(vs, static_cast<const T*>(p.v_cache) + (valid ? off : 0), valid);
   } else {
-    // K, then V, packed as converted (fewer live registers: sm_90a's 128-register cap of the
-    // TC/lean tiles spilled 28 B at D 128 with both chunks held as 16 floats).
+    // K, then V, each packed to T as converted (2 bytes in, 1 value out at a time). A plain
+    // load, not cp.async: the conversion needs the bytes (see MinBlocks for the registers).
     float a = 0.f, b = 0.f;  // past `hi`: zeros, as the cp.async path's zero-fill
     if (valid) {
       a = p.k_scale_f;
