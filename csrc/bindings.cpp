@@ -77,16 +77,44 @@ void paged_attention(Tensor& out, const Tensor& q_in, const Tensor& k_cache,
                      const Tensor& v_cache, const Tensor& block_table,
                      const Tensor& cu_seqlens_q, const Tensor& seq_lens, double scale,
                      int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t sliding_window,
-                     double softcap, int64_t num_kv_splits) {
+                     double softcap, int64_t num_kv_splits,
+                     const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale,
+                     double k_scale_f, double v_scale_f) {
   check_tensor(q_in, "q", q_in, 3);
+  // fp8 (float8_e4m3fn) caches: per-slot k_scale/v_scale float32 [num_blocks, block_size,
+  // Hkv], or neither with the per-tensor k_scale_f/v_scale_f (kernels/reference.py).
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
     check_tensor(*t, name, q_in, 4);
-    check_same_dtype(*t, name, q_in, "q");
-    TORCH_CHECK_VALUE(t->is_contiguous() && aligned16(*t), name,
+    if (fp8) check_same_dtype(*t, name, k_cache, "k_cache");
+    else check_same_dtype(*t, name, q_in, "q");
+    // fp8 rows are D bytes: 8-byte aligned for D % 16 == 8 (D = 24, 40, ...; the kernel then
+    // copies 8 bytes at a time), so only the base address must be 16-byte aligned.
+    const bool aligned = fp8 ? reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0
+                             : aligned16(*t);
+    TORCH_CHECK_VALUE(t->is_contiguous() && aligned, name,
                       ": must be contiguous and 16-byte aligned");
   }
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache: shape ", v_cache.sizes(),
                     " differs from k_cache's ", k_cache.sizes());
+  if (fp8) {
+    TORCH_CHECK_VALUE(k_scale.has_value() == v_scale.has_value(),
+                      "v_scale: must be given exactly when k_scale is");
+    for (const auto* s : {&k_scale, &v_scale}) {
+      if (!s->has_value()) continue;
+      const char* name = s == &k_scale ? "k_scale" : "v_scale";
+      check_tensor(**s, name, q_in, 3);
+      TORCH_CHECK_VALUE((*s)->scalar_type() == at::kFloat && (*s)->is_contiguous(), name,
+                        ": must be a contiguous float32 tensor");
+      TORCH_CHECK_VALUE((*s)->sizes() == k_cache.sizes().slice(0, 3), name, ": shape ",
+                        (*s)->sizes(), " differs from k_cache's [num_blocks, block_size, Hkv]");
+    }
+    if (!k_scale.has_value())
+      TORCH_CHECK_VALUE(k_scale_f > 0 && v_scale_f > 0, "k_scale_f, v_scale_f: must be > 0");
+  } else {
+    TORCH_CHECK_VALUE(!k_scale.has_value() && !v_scale.has_value(),
+                      "k_scale: only fp8 (float8_e4m3fn) caches take scales");
+  }
   check_tensor(out, "out", q_in, 3);
   check_same_dtype(out, "out", q_in, "q");
   TORCH_CHECK_VALUE(out.sizes() == q_in.sizes(), "out: shape ", out.sizes(), " differs from q's ",
@@ -165,6 +193,11 @@ void paged_attention(Tensor& out, const Tensor& q_in, const Tensor& k_cache,
   p.sliding_window = sliding_window > 0 ? to_int(sliding_window, "sliding_window") : 0;
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
+  p.kv_fp8 = fp8;
+  p.k_scale = fp8 && k_scale.has_value() ? k_scale->data_ptr<float>() : nullptr;
+  p.v_scale = fp8 && v_scale.has_value() ? v_scale->data_ptr<float>() : nullptr;
+  p.k_scale_f = static_cast<float>(k_scale_f);
+  p.v_scale_f = static_cast<float>(v_scale_f);
   C10_CUDA_CHECK(ragged::paged_attention(p, stream_of(q)));
   if (!dst.is_same(out)) out.copy_(dst);
 }
@@ -404,7 +437,8 @@ TORCH_LIBRARY(ragged, m) {
   m.def("paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, "
         "Tensor block_table, Tensor cu_seqlens_q, Tensor seq_lens, float scale, "
         "int max_seqlen_q, int max_seqlen_k, int sliding_window, float softcap, "
-        "int num_kv_splits) -> ()");
+        "int num_kv_splits, Tensor? k_scale=None, Tensor? v_scale=None, "
+        "float k_scale_f=1.0, float v_scale_f=1.0) -> ()");
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, "
         "float k_scale_f=1.0, float v_scale_f=1.0) -> ()");

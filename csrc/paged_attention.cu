@@ -24,7 +24,10 @@
 // A mixed batch (one 2048-token chunk + 256 decodes) would make that B x 512 slots, 99.8 %
 // of them empty CTAs; there sequence b owns slots from cu_seqlens_q[b] * G / kRows + b on
 // (floor(T G / kRows) + B slots in all) and a CTA finds b by binary search over cu_seqlens_q.
+#include <cuda_fp8.h>
+
 #include <cfloat>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 
@@ -88,7 +91,88 @@ struct AttnCfg {
     return sizeof(float) * (kRows * d + kRows * NK + 4 * kRows) +
            sizeof(T) * 2 * 2 * NK * static_cast<size_t>(d + VEC);
   }
+  // fp8 caches: the K/V tiles hold e4m3 bytes ([2][2][NK][d + 16]), then their scales
+  // fp32 [2 stages][K, V][NK].
+  static size_t smem_fp8(int d) {
+    return sizeof(float) * (kRows * d + kRows * NK + 4 * kRows) +
+           2 * 2 * NK * static_cast<size_t>(d + 16) + sizeof(float) * 2 * 2 * NK;
+  }
 };
+
+// N e4m3 codes (N * 1 bytes, N-byte aligned) -> float, two at a time (cvt.f16x2.e4m3x2 on
+// sm_89+, cuda_fp8.h's exact software path elsewhere and on the emulator's host).
+template <int N>
+__device__ __forceinline__ void load_fp8(const uint8_t* p, float (&f)[N]) {
+  const Pack<uint8_t, N> pk = *reinterpret_cast<const Pack<uint8_t, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    const __nv_fp8x2_storage_t two = static_cast<__nv_fp8x2_storage_t>(
+        pk.v[i] | static_cast<unsigned>(pk.v[i + 1]) << 8);
+    const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3)));
+    f[i] = x.x;
+    f[i + 1] = x.y;
+  }
+}
+
+// A K/V chunk of the generic tile as floats: KT is T (16-bit/fp32 caches) or uint8_t (fp8).
+template <typename KT, typename T, int N>
+__device__ __forceinline__ void load_kv(const KT* p, float (&f)[N]) {
+  if constexpr (std::is_same_v<KT, uint8_t>) load_fp8<N>(p, f);
+  else load_f<T, N>(p, f);
+}
+
+// N e4m3 codes x scale (in fp32) -> N T values in shared memory, two codes at a time; zeros
+// when !valid (nothing read: a code there may be NaN, and NaN x 0 would reach P V).
+template <typename T, int N>
+__device__ __forceinline__ void dequant_store(T* dst, const uint8_t* src, float scale,
+                                              bool valid) {
+  Pack<uint8_t, N> in;
+  if (valid) in = *reinterpret_cast<const Pack<uint8_t, N>*>(src);
+  else
+#pragma unroll
+    for (int i = 0; i < N; ++i) in.v[i] = 0;
+  Pack<T, N> out;
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    const __nv_fp8x2_storage_t two = static_cast<__nv_fp8x2_storage_t>(
+        in.v[i] | static_cast<unsigned>(in.v[i + 1]) << 8);
+    const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3)));
+    out.v[i] = from_f<T>(x.x * scale);
+    out.v[i + 1] = from_f<T>(x.y * scale);
+  }
+  *reinterpret_cast<Pack<T, N>*>(dst) = out;
+}
+
+// One 16-byte chunk (N = 16 / sizeof(T) elements) of a key's K and of its V into the lean /
+// tensor-core tiles' T layout. 16-bit/fp32 caches: two cp.async copies. fp8 caches: N e4m3
+// codes each, dequantised (code x the key's scale, in fp32, rounded to T: what the reference
+// does in q's dtype) and stored, so the tiles' math runs unchanged. `bi`, `boff`: the key's
+// block-table index and offset in its block (read only when valid).
+template <typename T, bool FP8, int N>
+__device__ __forceinline__ void copy_kv_chunk(T* ks, T* vs, const PagedAttentionParams& p,
+                                              int64_t off, bool valid, const int32_t* bt,
+                                              int bi, int boff, int kvh) {
+  if constexpr (!FP8) {
+    cp_async16(ks, static_cast<const T*>(p.k_cache) + (valid ? off : 0), valid);
+    cp_async16(vs, static_cast<const T*>(p.v_cache) + (valid ? off : 0), valid);
+  } else {
+    // K, then V, each packed to T as converted (2 bytes in, 1 value out at a time). A plain
+    // load, not cp.async: the conversion needs the bytes (see MinBlocks for the registers).
+    float a = 0.f, b = 0.f;  // past `hi`: zeros, as the cp.async path's zero-fill
+    if (valid) {
+      a = p.k_scale_f;
+      b = p.v_scale_f;
+      if (p.k_scale != nullptr) {
+        const int64_t i =
+            (static_cast<int64_t>(bt[bi]) * p.block_size + boff) * p.num_kv_heads + kvh;
+        a = p.k_scale[i];
+        b = p.v_scale[i];
+      }
+    }
+    dequant_store<T, N>(ks, static_cast<const uint8_t*>(p.k_cache) + off, a, valid);
+    dequant_store<T, N>(vs, static_cast<const uint8_t*>(p.v_cache) + off, b, valid);
+  }
+}
 
 // The lean decode-class tile (head dims 64/128/256 in 16-bit types, 64/128 in fp32; any
 // rows <= kRows): K/V tiles of 16 KB, kStages deep; thread (grp, c) owns 16-byte chunk c of D
@@ -145,30 +229,40 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
 // forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
 // registers) costs nothing.
-template <typename T, int DM, bool EXACT>
+// fp8 caches (FP8) on sm_90: the dequantising copy (scale index + conversion in the load
+// loop) pushed the lean/TC kernels past 128 registers: 12-32 B spilled at D 64/128/256 in
+// fp16/bf16; sized for 3 CTAs (<= 168 registers) there instead, no spills (occupancy 4 -> 3
+// CTAs/SM for fp8 only; predicted cost unmeasured).
+template <typename T, int DM, bool EXACT, bool FP8>
 struct MinBlocks {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   static constexpr int value = LeanCfg<T, DM, EXACT>::OK ? 3 : 4;
 #else
-  static constexpr int value = 4;
+  static constexpr int value = LeanCfg<T, DM, EXACT>::OK && FP8 ? 3 : 4;
 #endif
 };
 
-template <typename T, int DM, bool EXACT>
-__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT>::value))
+// FP8: the cache holds e4m3 codes (p.kv_fp8). The lean and tensor-core tiles dequantise each
+// chunk into their T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps
+// e4m3 bytes in shared memory and scales scores / probabilities (see its K/V copy).
+template <typename T, int DM, bool EXACT, bool FP8>
+__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
   using LC = LeanCfg<T, DM, EXACT>;
   constexpr int VEC = C::VEC, NCM = C::NCM, NK = C::NK, MAXR = C::MAXR;
   const int D = EXACT ? DM : p.head_dim;  // a constant in the exact instantiations
-  const int NC = D / VEC, KROW = D + VEC, RG = kThreads / NC;
+  // K/V tile elements: T, or e4m3 bytes for fp8 caches; rows padded by 16 bytes either way.
+  using KT = std::conditional_t<FP8, uint8_t, T>;
+  const int NC = D / VEC, KROW = D + 16 / static_cast<int>(sizeof(KT)), RG = kThreads / NC;
   extern __shared__ float4 smem_raw[];  // float4: 16-byte alignment for every section
   float* Qs = reinterpret_cast<float*>(smem_raw);     // [kRows][D], pre-scaled
   float* Ss = Qs + kRows * D;                          // [kRows][NK] scores, then P
   float* m_s = Ss + kRows * NK;                        // running max per row
   float* l_s = m_s + kRows;                            // running sum per row
   float* alpha_s = l_s + kRows;                        // rescale of this tile per row
-  T* kv_s = reinterpret_cast<T*>(alpha_s + 2 * kRows); // [2][2][NK][KROW]
+  KT* kv_s = reinterpret_cast<KT*>(alpha_s + 2 * kRows); // [2][2][NK][KROW]
+  float* kvsc_s = reinterpret_cast<float*>(kv_s + 2 * 2 * NK * KROW);  // fp8: [2][2][NK]
 
   const int S = p.num_kv_splits;
   const int split = static_cast<int>(blockIdx.x % S);
@@ -267,9 +361,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
           const int k = grp + j * TNG;
           const bool valid = wkey < hi;
           const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-          cp_async16(ks + sw(k, c), static_cast<const T*>(p.k_cache) + (valid ? off : 0), valid);
-          cp_async16(ks + TNK * DM + sw(k, c), static_cast<const T*>(p.v_cache) + (valid ? off : 0),
-                     valid);
+          copy_kv_chunk<T, FP8, TVEC>(ks + sw(k, c), ks + TNK * DM + sw(k, c), p, off, valid, bt,
+                                      wbi, woff, kvh);
           wkey += TNG;
           woff += TNG;
           if (woff >= bs) {
@@ -477,8 +570,6 @@ paged_attention_kernel(const PagedAttentionParams p) {
     const int my_qpos = ctx + (row0 + min(my_r, nrows - 1)) / G;
     const bool my_writer = SH == 0 || (glane & 1) == 0;
     const int bs = p.block_size;
-    const T* kc = static_cast<const T*>(p.k_cache);
-    const T* vc = static_cast<const T*>(p.v_cache);
     const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
     const int64_t blk_stride = tok_stride * bs;
     const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
@@ -498,8 +589,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
         const int k = grp + j * NG;
         const bool valid = wkey < hi;
         const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-        cp_async16(ks + k * DM + c * LVEC, kc + (valid ? off : 0), valid);
-        cp_async16(ks + (LNK + k) * DM + c * LVEC, vc + (valid ? off : 0), valid);
+        copy_kv_chunk<T, FP8, LVEC>(ks + k * DM + c * LVEC, ks + (LNK + k) * DM + c * LVEC, p,
+                                    off, valid, bt, wbi, woff, kvh);
         wkey += NG;
         woff += NG;
         if (woff >= bs) {
@@ -682,8 +773,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
     alpha_s[tid] = 1.f;
   }
 
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
+  const KT* kc = static_cast<const KT*>(p.k_cache);
+  const KT* vc = static_cast<const KT*>(p.v_cache);
   const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * D;
   const int64_t blk_stride = tok_stride * p.block_size;
   const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
@@ -691,14 +782,54 @@ paged_attention_kernel(const PagedAttentionParams p) {
 
   auto load_tile = [&](int tile, int stage) {
     const int key0 = lo + tile * NK;
+    if constexpr (FP8) {
+      // e4m3 rows: 16-byte cp.async copies (16 codes) when D % 16 == 0, else 8-byte plain
+      // copies (D = 8, 24, 40, ...: cp.async.cg takes 16 bytes only). Then each key's K and V
+      // scale (per slot: flat slot * Hkv + head; per tensor: the floats), 0 past `hi`.
+      const int CB = (D & 15) ? 8 : 16, KNC = D / CB;
+      for (int i = tid; i < 2 * NK * KNC; i += kThreads) {
+        const int which = i / (NK * KNC);
+        const int rem = i % (NK * KNC);
+        const int k = rem / KNC, c = rem % KNC;
+        const int key = key0 + k;
+        const bool valid = key < hi;
+        const KT* base = which ? vc : kc;
+        const KT* src = base;
+        if (valid) {
+          const int64_t blk = bt[key / p.block_size];
+          src = base + blk * blk_stride + static_cast<int64_t>(key % p.block_size) * tok_stride +
+                head_off + c * CB;
+        }
+        KT* dst = kv_s + ((stage * 2 + which) * NK + k) * KROW + c * CB;
+        if (CB == 16) cp_async16(dst, src, valid);
+        else *reinterpret_cast<uint2*>(dst) =
+                 valid ? *reinterpret_cast<const uint2*>(src) : make_uint2(0u, 0u);
+      }
+      for (int i = tid; i < 2 * NK; i += kThreads) {
+        const int which = i / NK, k = i % NK, key = key0 + k;
+        const float* sp = which ? p.v_scale : p.k_scale;
+        float sc = 0.f;
+        if (key < hi) {
+          if (sp != nullptr) {
+            const int64_t slot = static_cast<int64_t>(bt[key / p.block_size]) * p.block_size +
+                                 key % p.block_size;
+            sc = sp[slot * p.num_kv_heads + kvh];
+          } else {
+            sc = which ? p.v_scale_f : p.k_scale_f;
+          }
+        }
+        kvsc_s[(stage * 2 + which) * NK + k] = sc;
+      }
+      return;
+    }
     for (int i = tid; i < 2 * NK * NC; i += kThreads) {
       const int which = i / (NK * NC);  // 0: K, 1: V
       const int rem = i % (NK * NC);
       const int k = rem / NC, c = rem % NC;
       const int key = key0 + k;
       const bool valid = key < hi;
-      const T* base = which ? vc : kc;
-      const T* src = base;  // a valid address even when nothing is read
+      const KT* base = which ? vc : kc;
+      const KT* src = base;  // a valid address even when nothing is read
       if (valid) {
         const int64_t blk = bt[key / p.block_size];
         src = base + blk * blk_stride + static_cast<int64_t>(key % p.block_size) * tok_stride +
@@ -726,8 +857,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
     cp_async_commit();    // possibly empty group: keeps "all but the newest" == tile `it`
     cp_async_wait<1>();
     __syncthreads();
-    const T* Ks = kv_s + (stage * 2) * NK * KROW;
-    const T* Vs = Ks + NK * KROW;
+    const KT* Ks = kv_s + (stage * 2) * NK * KROW;
+    const KT* Vs = Ks + NK * KROW;
+    const float* Ksc = kvsc_s + (stage * 2) * NK;  // fp8 only: K scales, then V scales
+    const float* Vsc = Ksc + NK;
     const int key0 = lo + it * NK;
 
     // Scores; consecutive threads take consecutive keys of one row (Q row is a broadcast).
@@ -738,17 +871,18 @@ paged_attention_kernel(const PagedAttentionParams p) {
       float s = -INFINITY;
       if (key < hi && key <= qpos && (window <= 0 || key > qpos - window)) {
         const float* qr = Qs + r * D;
-        const T* kr = Ks + k * KROW;
+        const KT* kr = Ks + k * KROW;
         float dot = 0.f;
 #pragma unroll
         for (int c = 0; c < NCM; ++c) {
           if (c >= NC) break;  // only in the run-time head dim kernels
           float kf[VEC];
-          load_f<T, VEC>(kr + c * VEC, kf);
+          load_kv<KT, T, VEC>(kr + c * VEC, kf);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) dot = fmaf(qr[c * VEC + e], kf[e], dot);
         }
         s = dot;
+        if constexpr (FP8) s *= Ksc[k];  // the key's scale (before the softcap)
         if (p.softcap > 0.f) s = p.softcap * tanhf(s * inv_cap);
       }
       Ss[r * NK + k] = s;
@@ -791,12 +925,13 @@ paged_attention_kernel(const PagedAttentionParams p) {
       }
       for (int k = 0; k < NK; ++k) {
         float vf[VEC];
-        load_f<T, VEC>(Vs + k * KROW + pv_c * VEC, vf);
+        load_kv<KT, T, VEC>(Vs + k * KROW + pv_c * VEC, vf);
+        const float vsc = FP8 ? Vsc[k] : 1.f;  // p * v scale before P V (0 past `hi`)
 #pragma unroll
         for (int j = 0; j < MAXR; ++j) {
           const int r = pv_rg + j * RG;
           if (r < nrows) {
-            const float pr = Ss[r * NK + k];
+            const float pr = FP8 ? Ss[r * NK + k] * vsc : Ss[r * NK + k];
 #pragma unroll
             for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(pr, vf[e], acc[j][e]);
           }
@@ -909,7 +1044,7 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
-template <typename T, int DM, bool EXACT>
+template <typename T, int DM, bool EXACT, bool FP8>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
   const int G = p.num_q_heads / p.num_kv_heads;
@@ -922,8 +1057,10 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM : C::smem(p.head_dim);
-  auto kernel = paged_attention_kernel<T, DM, EXACT>;
+  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM
+                     : FP8                       ? C::smem_fp8(p.head_dim)
+                                                 : C::smem(p.head_dim);
+  auto kernel = paged_attention_kernel<T, DM, EXACT, FP8>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -946,20 +1083,20 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool FP8>
 cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64, true>(p, stream);
-    case 80: return launch<T, 80, true>(p, stream);
-    case 96: return launch<T, 96, true>(p, stream);
-    case 128: return launch<T, 128, true>(p, stream);
-    case 256: return launch<T, 256, true>(p, stream);
+    case 64: return launch<T, 64, true, FP8>(p, stream);
+    case 80: return launch<T, 80, true, FP8>(p, stream);
+    case 96: return launch<T, 96, true, FP8>(p, stream);
+    case 128: return launch<T, 128, true, FP8>(p, stream);
+    case 256: return launch<T, 256, true, FP8>(p, stream);
     default: break;
   }
   if (!paged_attention_head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;
-  if (p.head_dim <= 64) return launch<T, 64, false>(p, stream);
-  if (p.head_dim <= 128) return launch<T, 128, false>(p, stream);
-  return launch<T, 256, false>(p, stream);
+  if (p.head_dim <= 64) return launch<T, 64, false, FP8>(p, stream);
+  if (p.head_dim <= 128) return launch<T, 128, false, FP8>(p, stream);
+  return launch<T, 256, false, FP8>(p, stream);
 }
 
 }  // namespace
@@ -973,7 +1110,12 @@ cudaError_t paged_attention(const PagedAttentionParams& p, cudaStream_t stream) 
     return cudaErrorInvalidValue;
   if (p.num_kv_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr))
     return cudaErrorInvalidValue;
-  RAGGED_DISPATCH_DTYPE(p.dtype, return dispatch_head_dim<scalar_t>(p, stream));
+  if (p.kv_fp8) {
+    if (!(p.k_scale == nullptr) != !(p.v_scale == nullptr)) return cudaErrorInvalidValue;
+    RAGGED_DISPATCH_DTYPE(p.dtype, return dispatch_head_dim<scalar_t, true>(p, stream));
+  } else {
+    RAGGED_DISPATCH_DTYPE(p.dtype, return dispatch_head_dim<scalar_t, false>(p, stream));
+  }
   return cudaSuccess;
 }
 

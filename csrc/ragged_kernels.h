@@ -41,6 +41,12 @@ struct PagedAttentionParams {
   int num_kv_splits;    // host-side upper bound; each sequence picks its own count on the device
   int sliding_window;   // <= 0: off
   float scale, softcap; // softcap <= 0: off
+  // fp8 (float8_e4m3fn) caches: k_cache/v_cache hold e4m3 codes, `dtype` is q's. Per-slot
+  // scales k_scale/v_scale float32 [num_blocks, block_size, Hkv] (address: flat slot * Hkv +
+  // head); nullptr: the per-tensor k_scale_f/v_scale_f.
+  bool kv_fp8;
+  const float* k_scale; const float* v_scale;
+  float k_scale_f, v_scale_f;
 };
 cudaError_t paged_attention(const PagedAttentionParams& p, cudaStream_t stream);
 

@@ -35,7 +35,8 @@ def _register_fakes():
 
     @fake("paged_attention")
     def _(out, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_q,
-          max_seqlen_k, sliding_window, softcap, num_kv_splits):
+          max_seqlen_k, sliding_window, softcap, num_kv_splits, k_scale=None, v_scale=None,
+          k_scale_f=1.0, v_scale_f=1.0):
         return None
 
     @fake("write_kv")
@@ -116,7 +117,10 @@ def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seql
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale,
-                    max_seqlen_q, max_seqlen_k, sliding_window, softcap, out, num_kv_splits):
+                    max_seqlen_q, max_seqlen_k, sliding_window, softcap, out, num_kv_splits,
+                    k_scale=None, v_scale=None):
+    # fp8 caches (float8_e4m3fn; k_scale/v_scale given by the dispatcher, kernels/_checks):
+    # per-slot float32 tensors or per-tensor floats; the kernel dequantises in its tile.
     d = q.shape[-1]
     if d % 8 != 0 or not 0 < d <= 256:
         raise ValueError(f"q: head dim {d} not supported by the cuda backend (a multiple of 8 "
@@ -129,14 +133,20 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     if num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(q, k_cache, seq_lens.shape[0], max_seqlen_q,
                                               max_seqlen_k)
-    _ops().paged_attention(out, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
-                           float(scale), int(max_seqlen_q), int(max_seqlen_k),
-                           int(sliding_window or 0), float(softcap or 0.0), int(num_kv_splits))
+    args = (out, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale),
+            int(max_seqlen_q), int(max_seqlen_k), int(sliding_window or 0),
+            float(softcap or 0.0), int(num_kv_splits))
+    if k_cache.dtype != torch.float8_e4m3fn:
+        _ops().paged_attention(*args)
+    elif isinstance(k_scale, torch.Tensor):     # per slot
+        _ops().paged_attention(*args, k_scale, v_scale)
+    else:                                       # per tensor: floats
+        _ops().paged_attention(*args, None, None, float(k_scale), float(v_scale))
     return out
 
 
 # Ops of this backend that take fp8 (float8_e4m3fn) caches (kernels/__init__.py checks it).
-FP8_KV_OPS = ("write_kv", "rotary_write_kv")
+FP8_KV_OPS = ("write_kv", "rotary_write_kv", "paged_attention")
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):

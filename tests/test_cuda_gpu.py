@@ -11,7 +11,8 @@ import torch
 import kernels
 from kernels import cuda_ops
 from kernels import reference as ref
-from tests.attention_cases import attn_args, cast, check_paged_attention, make_batch
+from tests.attention_cases import (attn_args, cast, check_paged_attention, make_batch,
+                                   quantize_cache)
 from tests.op_cases import LLAMA3, check_rotary, check_rotary_write_kv, check_write_kv, fused_qkv
 from tests.tolerance import EPS, FACTOR, assert_close, errors
 
@@ -403,3 +404,62 @@ def test_compile_fullgraph_inductor():
     for g, e in zip(got, want):
         assert torch.equal(g, e)
     assert torch.equal(args[4], eager_args[4]) and torch.equal(args[5], eager_args[5])
+
+
+# --------------------------------------------------------------------------- fp8 KV cache
+# fp8 (float8_e4m3fn) caches: the kernel's generic tile dequantises e4m3 in shared memory
+# (scores x k scale, probabilities x v scale); checked on the same codes as the reference.
+FP8_MODES = ["per_slot", "per_tensor"]
+
+
+@pytest.mark.parametrize("mode", FP8_MODES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("splits", [None, 1, 4])
+def test_attention_fp8_mixed_batch(mode, dtype, splits):
+    _check_attn([40, 1, 3, 1, 8, 2, 1, 300], [97, 1000, 17, 1, 25, 2, 4097, 1333], hq=8, hkv=2,
+                d=128, dtype=dtype, splits=splits, fp8=mode)
+
+
+@pytest.mark.parametrize("mode", FP8_MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_fp8_all_decode(mode, dtype):
+    kv = [1 + (37 * i) % 2049 for i in range(67)]
+    _check_attn([1] * 67, kv, hq=32, hkv=8, d=128, dtype=dtype, fp8=mode)
+
+
+@pytest.mark.parametrize("mode", FP8_MODES)
+@pytest.mark.parametrize("group", [1, 5, 8])
+@pytest.mark.parametrize("d", [24, 64, 80, 128, 256])
+def test_attention_fp8_group_sizes_and_head_dims(mode, group, d):
+    dtype = GPU_DTYPES[(group + d // 16) % 3]
+    _check_attn([20, 1, 3, 1], [450, 300, 3, 17], hq=2 * group, hkv=2, d=d, dtype=dtype,
+                fp8=mode)
+
+
+@pytest.mark.parametrize("mode", FP8_MODES)
+@pytest.mark.parametrize("bs", [16, 48, 256])
+def test_attention_fp8_block_sizes_window_softcap(mode, bs):
+    _check_attn([7, 1, 1], [300, 800, 33], hq=10, hkv=2, d=64, bs=bs, dtype=torch.float16,
+                splits=3, window=70, softcap=20.0, fp8=mode)
+
+
+@pytest.mark.parametrize("mode", FP8_MODES)
+def test_attention_fp8_cuda_graph_replay(mode):
+    # static pointers (pages, scales, metadata) captured once, replayed on new contents
+    b64 = quantize_cache(make_batch([1, 1, 5], [300, 17, 40], num_q_heads=8, num_kv_heads=2,
+                                    head_dim=128, dtype=torch.float64, device="cuda"), mode)
+    bl = cast(b64, torch.bfloat16)
+    kw = dict(scale=0.09, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    args = attn_args(bl)
+    run = lambda: kernels.paged_attention(*args, max_seqlen_q=5, max_seqlen_k=300,  # noqa: E731
+                                          num_kv_splits=2, backend="cuda", **kw)
+    run()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = run()
+    args[0].copy_(torch.randn_like(args[0]))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref.paged_attention(*attn_args(cast(bl, torch.float64)), **kw),
+                 ref.paged_attention(*args, **kw), name=f"fp8 graph {mode}")

@@ -16,7 +16,7 @@ import torch
 import kernels
 from kernels import cuda_ops
 from kernels import reference as ref
-from tests.attention_cases import attn_args, cast, make_batch
+from tests.attention_cases import attn_args, cast, make_batch, quantize_cache
 from tests.op_cases import LLAMA3, SENTINEL
 from tests.tolerance import assert_close
 
@@ -26,7 +26,8 @@ SCHEMAS = {
     "paged_attention": f"ragged::paged_attention({A} out, Tensor q, Tensor k_cache, Tensor v_cache, "
                        "Tensor block_table, Tensor cu_seqlens_q, Tensor seq_lens, float scale, "
                        "int max_seqlen_q, int max_seqlen_k, int sliding_window, float softcap, "
-                       "int num_kv_splits) -> ()",
+                       "int num_kv_splits, Tensor? k_scale=None, Tensor? v_scale=None, "
+                       "float k_scale_f=1., float v_scale_f=1.) -> ()",
     "write_kv": f"ragged::write_kv(Tensor key, Tensor value, {A} k_cache, Tensor(b!) v_cache, "
                 "Tensor slot_mapping, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None, "
                 "float k_scale_f=1., float v_scale_f=1.) -> ()",
@@ -77,6 +78,14 @@ def test_fake_implementations(ext):
                                        max_seqlen_k=20, sliding_window=None, softcap=None,
                                        out=None, num_kv_splits=4)
         assert out.shape == q.shape and out.dtype == h and out.device.type == "cuda"
+        k8 = e(6, 16, 2, 64, dtype=torch.float8_e4m3fn)
+        for ks in (e(6, 16, 2, dtype=torch.float32), 0.01):   # per slot, per tensor
+            out = cuda_ops.paged_attention(q, k8, k8.clone(), e(2, 3, dtype=i32),
+                                           e(3, dtype=i32), e(2, dtype=i32), scale=0.125,
+                                           max_seqlen_q=3, max_seqlen_k=20, sliding_window=None,
+                                           softcap=None, out=None, num_kv_splits=2,
+                                           k_scale=ks, v_scale=ks)
+            assert out.shape == q.shape and out.dtype == h
         cuda_ops.write_kv(kc[0], kc[0], kc, kc.clone(), torch.arange(16, device=dev))
         x, w = torch.empty(5, 96, dtype=h, device=dev), torch.empty(96, dtype=h, device=dev)
         y = cuda_ops.rms_norm(x, w, 1e-6, None)
@@ -287,6 +296,99 @@ def test_emulated_paged_attention_grid_limit(emu):
         emu.paged_attention(q, kc, kc, torch.zeros(1, 1, dtype=torch.int32),
                             torch.tensor([0, 1], dtype=torch.int32),
                             torch.tensor([1], dtype=torch.int32), scale=0.125, max_seqlen_q=1)
+
+
+# fp8 (float8_e4m3fn) caches: the lean / tensor-core tiles dequantise each chunk at the copy,
+# the generic tile (D 24, 80 here) scales scores and probabilities; checked against the
+# reference on the SAME codes (quantize_cache), so the tolerance measures the kernel.
+FP8_EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, q dtype, splits, window, softcap
+    # decodes (lean) + a prefill chunk (tensor cores), searched layout, GQA group 5, split-KV
+    ([1, 21, 1, 0, 3], [97, 60, 1, 4, 150], 10, 2, 64, 16, torch.float16, 3, None, None),
+    # block size 48 (division path), window, bf16 q
+    ([1, 9, 2], [130, 40, 70], 10, 2, 64, 48, torch.bfloat16, 2, 30, None),
+    # softcap, fp32 q, D 128 (lean tile only: no fp32 tensor-core tile), one split
+    ([2, 1, 17], [50, 140, 30], 8, 2, 128, 16, torch.float32, 1, None, 5.0),
+    # D 24 (8-byte copies: not a multiple of 16), block size 48, window + softcap
+    ([3, 1], [40, 100], 10, 2, 24, 48, torch.float16, 2, 25, 3.0),
+    # D 80 (exact generic instantiation), many splits over a long decode
+    ([1, 4], [700, 90], 5, 1, 80, 16, torch.bfloat16, 6, None, None),
+    # D 128 bf16: tensor-core chunk + lean decodes; D 256 fp16: lean only
+    ([1, 11, 1], [60, 30, 200], 8, 2, 128, 32, torch.bfloat16, 2, None, None),
+    ([3, 1], [50, 120], 4, 2, 256, 16, torch.float16, 2, None, None),
+]
+
+
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+@pytest.mark.parametrize("case", range(len(FP8_EMU_CASES)))
+def test_emulated_paged_attention_fp8(emu, case, mode):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = FP8_EMU_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    b64 = quantize_cache(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
+                                    head_dim=d, block_size=bs, dtype=torch.float64,
+                                    generator=g), mode)
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap,
+              k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, **kw)
+    assert got.dtype == dtype
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"emulated fp8 {mode} {case}")
+
+
+@pytest.mark.parametrize("d", [32, 64])   # generic tile; lean + tensor-core tiles
+def test_emulated_paged_attention_fp8_scales_matter(emu, d):
+    # Per-slot scales spread over 4 orders of magnitude: a kernel that ignored, swapped or
+    # misaddressed them (slot * Hkv + head) would be off by O(1), far outside the tolerance.
+    g = torch.Generator().manual_seed(7)
+    b64 = make_batch([1, 6, 20], [80, 50, 40], num_q_heads=4, num_kv_heads=2, head_dim=d,
+                     dtype=torch.float64, generator=g)
+    mag = torch.logspace(-2, 2, b64["k_cache"].shape[0] * 16 * 2, dtype=torch.float64)
+    mag = mag[torch.randperm(mag.numel(), generator=g)].view(-1, 16, 2, 1)
+    b64["k_cache"] = b64["k_cache"] * mag
+    b64["v_cache"] = b64["v_cache"] * mag.flip(0)
+    b64 = quantize_cache(b64, "per_slot")
+    bl = cast(b64, torch.float16)
+    kw = dict(scale=0.05, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=20, num_kv_splits=1, **kw)
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name="fp8 scale spread")
+
+
+@pytest.mark.parametrize("d", [24, 64])   # generic tile; lean + tensor-core tiles
+def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d):
+    # Every slot no query may read (past seq_len in each last block, the unused blocks) holds
+    # NaN codes (0x7f) and NaN scales: a tile that read one, even times a zero scale or
+    # probability, would put NaN in P V.
+    g = torch.Generator().manual_seed(3)
+    b64 = quantize_cache(make_batch([1, 13, 2], [37, 20, 50], num_q_heads=8, num_kv_heads=2,
+                                    head_dim=d, block_size=16, dtype=torch.float64,
+                                    generator=g), "per_slot")
+    nb, bs = b64["k_cache"].shape[:2]
+    live = torch.zeros(nb * bs, dtype=torch.bool)
+    for b, n in enumerate(b64["seq_lens"].tolist()):
+        pos = torch.arange(n)
+        live[b64["block_table"][b, pos // bs].long() * bs + pos % bs] = True
+    dead = ~live.view(nb, bs)
+    assert dead.all(1).sum() == 3 and dead.any(1).sum() > 3   # 3 unused blocks + tails
+    # make block 0 an unused one (a kernel that read "address 0" for a masked key hits it)
+    z = int(dead.all(1).nonzero()[0])
+    for t in ("k_cache", "v_cache", "k_scale", "v_scale"):
+        b64[t][[0, z]] = b64[t][[z, 0]].clone()
+    bt = b64["block_table"]
+    b64["block_table"] = torch.where(bt == 0, z, torch.where(bt == z, 0, bt)).to(bt.dtype)
+    dead[[0, z]] = dead[[z, 0]].clone()
+    for c in ("k_cache", "v_cache"):
+        b64[c].view(torch.uint8)[dead] = 0x7F
+    for s in ("k_scale", "v_scale"):
+        b64[s][dead] = float("nan")
+    bl = cast(b64, torch.float16)
+    kw = dict(scale=0.1, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    for splits in (1, 3):
+        got = emu.paged_attention(*attn_args(bl), max_seqlen_q=13, num_kv_splits=splits, **kw)
+        assert not got.isnan().any()
+        assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                     ref.paged_attention(*attn_args(bl), **kw), name=f"fp8 poisoned {splits}")
 
 
 # ---- the emulator's own model of the GPU (csrc/emu/emu.h), checked on tiny kernels in shim.cpp

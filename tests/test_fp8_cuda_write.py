@@ -65,8 +65,9 @@ def test_host_e4m3_conversion_matches_torch_on_every_code_and_many_floats(emu):
     assert not bad.any(), f"{int(bad.sum())} of {x.numel()} differ, e.g. {x[bad][:5].tolist()}"
 
 
-def test_cuda_backend_declares_fp8_writes_only():
-    assert set(cuda_ops.FP8_KV_OPS) == {"write_kv", "rotary_write_kv"}
+def test_cuda_backend_declares_fp8_ops():
+    # paged_attention joined with the kernel's fp8 tile (branch cufp8, tests/test_cuda_ops.py)
+    assert set(cuda_ops.FP8_KV_OPS) == {"write_kv", "rotary_write_kv", "paged_attention"}
 
 
 def test_fp8_write_kv_traces_with_the_fake(ext):

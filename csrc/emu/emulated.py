@@ -80,6 +80,8 @@ _DT = {"torch.float16": 0, "torch.bfloat16": 1, "torch.float32": 2}
 _P, _I, _i, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGS = {"emu_paged_attention": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P]
          + [_i] * 9 + [_f, _f],
+         "emu_paged_attention_fp8": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P]
+         + [_i] * 9 + [_f, _f, _i, _P, _P, _f, _f],
          "emu_write_kv": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _i, _i, _i, _i],
          "emu_write_kv_fp8": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _I, _i, _i, _i,
                               _P, _P, _f, _f],
@@ -107,18 +109,27 @@ def _nan(shape, dtype):
 
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale,
-                    max_seqlen_q, num_kv_splits=1, sliding_window=None, softcap=None, out=None):
+                    max_seqlen_q, num_kv_splits=1, sliding_window=None, softcap=None, out=None,
+                    k_scale=None, v_scale=None):
+    """fp8 (float8_e4m3fn) caches take k_scale/v_scale: float32 [num_blocks, block_size,
+    Hkv] tensors (per slot) or floats (per tensor)."""
     import torch
     T, Hq, D = q.shape
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    per_slot = isinstance(k_scale, torch.Tensor)
     out = _nan(q.shape, q.dtype) if out is None else out
     S = num_kv_splits
     po, pl = _nan((S, T, Hq, D), torch.float32), _nan((S, T, Hq), torch.float32)
-    _call("emu_paged_attention", _DT[str(q.dtype)], out.data_ptr(), out.stride(0),
+    _call("emu_paged_attention_fp8", _DT[str(q.dtype)], out.data_ptr(), out.stride(0),
           out.stride(1), q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(),
           v_cache.data_ptr(), block_table.data_ptr(), block_table.stride(0),
           cu_seqlens_q.data_ptr(), seq_lens.data_ptr(), po.data_ptr(), pl.data_ptr(),
           seq_lens.shape[0], T, Hq, k_cache.shape[2], D, k_cache.shape[1], max_seqlen_q, S,
-          sliding_window or 0, scale, softcap or 0.0)
+          sliding_window or 0, scale, softcap or 0.0, int(fp8),
+          k_scale.data_ptr() if fp8 and per_slot else None,
+          v_scale.data_ptr() if fp8 and per_slot else None,
+          float(k_scale) if fp8 and not per_slot else 1.0,
+          float(v_scale) if fp8 and not per_slot else 1.0)
     return out
 
 

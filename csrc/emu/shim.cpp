@@ -87,11 +87,12 @@ int emu_shfl_test(int mode, float* out) {
   return static_cast<int>(cudaGetLastError());
 }
 
-int emu_paged_attention(int dtype, void* out, int64_t ost, int64_t osh, const void* q,
-                        int64_t qst, int64_t qsh, const void* kc, const void* vc,
-                        const int32_t* bt, int64_t bts, const int32_t* cu, const int32_t* sl,
-                        float* po, float* pl, int B, int T, int Hq, int Hkv, int D, int bs,
-                        int mq, int S, int W, float scale, float cap) {
+int emu_paged_attention_fp8(int dtype, void* out, int64_t ost, int64_t osh, const void* q,
+                            int64_t qst, int64_t qsh, const void* kc, const void* vc,
+                            const int32_t* bt, int64_t bts, const int32_t* cu, const int32_t* sl,
+                            float* po, float* pl, int B, int T, int Hq, int Hkv, int D, int bs,
+                            int mq, int S, int W, float scale, float cap, int fp8,
+                            const float* ks, const float* vs, float ksf, float vsf) {
   PagedAttentionParams p{};
   p.dtype = static_cast<DType>(dtype);
   p.out = out; p.out_stride_t = ost; p.out_stride_h = osh;
@@ -101,7 +102,19 @@ int emu_paged_attention(int dtype, void* out, int64_t ost, int64_t osh, const vo
   p.num_seqs = B; p.num_tokens = T; p.num_q_heads = Hq; p.num_kv_heads = Hkv;
   p.head_dim = D; p.block_size = bs; p.max_seqlen_q = mq; p.num_kv_splits = S;
   p.sliding_window = W; p.scale = scale; p.softcap = cap;
+  p.kv_fp8 = fp8; p.k_scale = ks; p.v_scale = vs; p.k_scale_f = ksf; p.v_scale_f = vsf;
   return static_cast<int>(paged_attention(p, nullptr));
+}
+
+// 16-bit / fp32 caches (the signature bench/kernel_report.py records too).
+int emu_paged_attention(int dtype, void* out, int64_t ost, int64_t osh, const void* q,
+                        int64_t qst, int64_t qsh, const void* kc, const void* vc,
+                        const int32_t* bt, int64_t bts, const int32_t* cu, const int32_t* sl,
+                        float* po, float* pl, int B, int T, int Hq, int Hkv, int D, int bs,
+                        int mq, int S, int W, float scale, float cap) {
+  return emu_paged_attention_fp8(dtype, out, ost, osh, q, qst, qsh, kc, vc, bt, bts, cu, sl, po,
+                                 pl, B, T, Hq, Hkv, D, bs, mq, S, W, scale, cap, 0, nullptr,
+                                 nullptr, 1.f, 1.f);
 }
 
 int emu_write_kv(int dtype, const void* k, int64_t kst, int64_t ksh, const void* v, int64_t vst,
