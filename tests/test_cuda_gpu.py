@@ -407,8 +407,9 @@ def test_compile_fullgraph_inductor():
 
 
 # --------------------------------------------------------------------------- fp8 KV cache
-# fp8 (float8_e4m3fn) caches: the kernel's generic tile dequantises e4m3 in shared memory
-# (scores x k scale, probabilities x v scale); checked on the same codes as the reference.
+# fp8 (float8_e4m3fn) caches: the lean and tensor-core tiles dequantise each K/V chunk at its
+# copy into shared memory, the generic tile keeps e4m3 in shared memory (scores x k scale,
+# probabilities x v scale); checked on the same codes as the reference.
 FP8_MODES = ["per_slot", "per_tensor"]
 
 
