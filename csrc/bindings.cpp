@@ -44,6 +44,24 @@ void check_tensor(const Tensor& t, const char* name, const Tensor& ref, int64_t 
                     " dimensions, got ", t.sizes());
 }
 
+// fp8 caches: per-slot scales (both or neither) are contiguous float32 [num_blocks,
+// block_size, Hkv] on ref's device; without them the per-tensor floats must be > 0.
+void check_fp8_scales(const std::optional<Tensor>& k_scale, const std::optional<Tensor>& v_scale,
+                      const Tensor& ref, const Tensor& k_cache, double k_scale_f,
+                      double v_scale_f) {
+  for (const auto* s : {&k_scale, &v_scale}) {
+    if (!s->has_value()) continue;
+    const char* name = s == &k_scale ? "k_scale" : "v_scale";
+    check_tensor(**s, name, ref, 3);
+    TORCH_CHECK_VALUE((*s)->scalar_type() == at::kFloat && (*s)->is_contiguous(), name,
+                      ": must be a contiguous float32 tensor");
+    TORCH_CHECK_VALUE((*s)->sizes() == k_cache.sizes().slice(0, 3), name, ": shape ",
+                      (*s)->sizes(), " differs from k_cache's [num_blocks, block_size, Hkv]");
+  }
+  if (!k_scale.has_value())
+    TORCH_CHECK_VALUE(k_scale_f > 0 && v_scale_f > 0, "k_scale_f, v_scale_f: must be > 0");
+}
+
 void check_same_dtype(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, ": dtype ", t.scalar_type(),
                     " differs from ", ref_name, "'s ", ref.scalar_type());
@@ -100,17 +118,7 @@ void paged_attention(Tensor& out, const Tensor& q_in, const Tensor& k_cache,
   if (fp8) {
     TORCH_CHECK_VALUE(k_scale.has_value() == v_scale.has_value(),
                       "v_scale: must be given exactly when k_scale is");
-    for (const auto* s : {&k_scale, &v_scale}) {
-      if (!s->has_value()) continue;
-      const char* name = s == &k_scale ? "k_scale" : "v_scale";
-      check_tensor(**s, name, q_in, 3);
-      TORCH_CHECK_VALUE((*s)->scalar_type() == at::kFloat && (*s)->is_contiguous(), name,
-                        ": must be a contiguous float32 tensor");
-      TORCH_CHECK_VALUE((*s)->sizes() == k_cache.sizes().slice(0, 3), name, ": shape ",
-                        (*s)->sizes(), " differs from k_cache's [num_blocks, block_size, Hkv]");
-    }
-    if (!k_scale.has_value())
-      TORCH_CHECK_VALUE(k_scale_f > 0 && v_scale_f > 0, "k_scale_f, v_scale_f: must be > 0");
+    check_fp8_scales(k_scale, v_scale, q_in, k_cache, k_scale_f, v_scale_f);
   } else {
     TORCH_CHECK_VALUE(!k_scale.has_value() && !v_scale.has_value(),
                       "k_scale: only fp8 (float8_e4m3fn) caches take scales");
@@ -222,17 +230,7 @@ void write_kv(const Tensor& key, const Tensor& value, Tensor& k_cache, Tensor& v
                       "v_scale: must be given exactly when k_scale is");
     TORCH_CHECK_VALUE(key.size(2) <= ragged::kWriteKvFp8MaxHeadDim, "key: head dim ",
                       key.size(2), " over ", ragged::kWriteKvFp8MaxHeadDim, " for fp8 caches");
-    for (const auto* s : {&k_scale, &v_scale}) {
-      if (!s->has_value()) continue;
-      const char* name = s == &k_scale ? "k_scale" : "v_scale";
-      check_tensor(**s, name, key, 3);
-      TORCH_CHECK_VALUE((*s)->scalar_type() == at::kFloat && (*s)->is_contiguous(), name,
-                        ": must be a contiguous float32 tensor");
-      TORCH_CHECK_VALUE((*s)->sizes() == k_cache.sizes().slice(0, 3), name, ": shape ",
-                        (*s)->sizes(), " differs from k_cache's [num_blocks, block_size, Hkv]");
-    }
-    if (!k_scale.has_value())
-      TORCH_CHECK_VALUE(k_scale_f > 0 && v_scale_f > 0, "k_scale_f, v_scale_f: must be > 0");
+    check_fp8_scales(k_scale, v_scale, key, k_cache, k_scale_f, v_scale_f);
   } else {
     check_same_dtype(k_cache, "k_cache", key, "key");
     check_same_dtype(v_cache, "v_cache", key, "key");
