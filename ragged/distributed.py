@@ -14,6 +14,9 @@ ranks run the same kernels in the same order. The whole protocol (docs/tensor_pa
                                          input_ids, positions, slot_mapping [T], logits_indices
                                          [S], cu_seqlens_q [B+1], seq_lens [B], block_table [B*W]
     ALLOC_KV num_blocks block_size     each rank allocates its own heads' cache (replaces it)
+    WARMUP   block_size max_q fmt       every rank compiles the attention variants of its shard's
+                                         heads (Triton on a GPU; a no-op elsewhere), then all
+                                         ranks compare their launch counts (one all-reduce)
     CAPTURE  max_num_seqs width max_len  GPU: every rank captures the same decode graphs
     REPLAY   P                         GPU: every rank replays its graph of bucket P
     STOP                               workers leave their loop, destroy the group, exit
@@ -47,7 +50,7 @@ from model.parallel import TPGroup, check_tensor_parallel
 from .graphs import DecodeGraphs
 
 HEADER = 8
-FORWARD, ALLOC_KV, CAPTURE, REPLAY, STOP = 1, 2, 3, 4, 5
+FORWARD, ALLOC_KV, CAPTURE, REPLAY, STOP, WARMUP = 1, 2, 3, 4, 5, 6
 IDLE_TIMEOUT = timedelta(days=7)       # control group: workers wait for rank 0's next call
 # Start-up (spawn, imports, rendezvous): on a loaded 2-core machine a worker takes ~5-15 s to
 # import torch and build its shard; a large model's shard takes minutes to read.
@@ -130,6 +133,14 @@ def _kv_format_kwargs(kv_cache_dtype: str, kv_scales) -> dict:
                                                     kv_scales=kv_scales)
 
 
+def _agree_warmup(tp: TPGroup, device, launches: int) -> tuple[int, int]:
+    """Every rank's warm-up launch count -> (min, max) over the ranks (one all-reduce on the
+    data group, so a silent worker times out instead of hanging)."""
+    t = torch.tensor([launches, -launches], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=tp.group)
+    return -int(t[1]), int(t[0])
+
+
 def run_worker(spec: TPSpec, rank: int, local_rank: int) -> None:
     """Rank > 0: build the shard, then mirror rank 0's calls until STOP."""
     if spec.threads:
@@ -151,6 +162,10 @@ def run_worker(spec: TPSpec, rank: int, local_rank: int) -> None:
                     kv = graphs = None
                     kv = m.allocate_kv_cache(int(hdr[1]), int(hdr[2]),
                                              **_kv_format_kwargs(*_unpack_kv_format(hdr[3:6])))
+                elif op == WARMUP:
+                    _agree_warmup(tp, device, m.warmup_kernels(
+                        int(hdr[1]), int(hdr[2]),
+                        **_kv_format_kwargs(*_unpack_kv_format(hdr[3:6]))))
                 elif op == CAPTURE:
                     graphs = TPDecodeGraphs(None, m, kv, max_num_seqs=int(hdr[1]),
                                             width=int(hdr[2]), max_model_len=int(hdr[3]),
@@ -369,6 +384,24 @@ class TPModel:
                                           **_kv_format_kwargs(kv_cache_dtype, kv_scales))
         self.tp.take_comm()        # engine start-up (profiling) is not the first step's traffic
         return kv
+
+    def warmup_kernels(self, block_size: int, max_query_len: int = 1,
+                       kv_cache_dtype: str = "auto", kv_scales=None) -> int:
+        """The model's warm-up on every rank (each compiles the variants of its own heads:
+        under TP a rank's launch has num_heads / N query heads, a different specialisation
+        from rank 0's only if the shards differ, which they do not). Ranks that warmed up a
+        different number of launches would JIT-compile inside served steps: TPWorkerError."""
+        self._send(WARMUP, block_size, max_query_len, *_pack_kv_format(kv_cache_dtype, kv_scales))
+        try:
+            n = self.local.warmup_kernels(block_size, max_query_len,
+                                          **_kv_format_kwargs(kv_cache_dtype, kv_scales))
+            lo, hi = _agree_warmup(self.tp, self.local.device, n)
+        except Exception as e:  # noqa: BLE001 - as in forward: the group cannot go on
+            self._fail(e)
+        if lo != hi:
+            self._fail(RuntimeError(f"warm-up launches differ between ranks: {lo} to {hi} "
+                                    f"(rank 0: {n})"))
+        return n
 
     def forward(self, input_ids, positions, attn, kv_caches, logits_indices):
         T, S, B = input_ids.shape[0], logits_indices.shape[0], attn.seq_lens.shape[0]

@@ -148,6 +148,8 @@ class Engine:
             k = config.speculative.num_speculative_tokens if config.speculative else 0
             self.warmup_launches = model.warmup_kernels(config.block_size, 1 + k,
                                                         **config.kv_cache_kwargs())
+        if self.spec is not None:
+            self.warmup_launches += self.spec.warmup_launches        # a draft model's
         # Decode-only steps replay CUDA graphs (captured here, after the KV cache exists);
         # cuda_graphs=True on CPU runs the same padded path eagerly (for tests).
         use_graphs = (self.device.type == "cuda" if config.cuda_graphs is None

@@ -227,6 +227,22 @@ def test_seeded_draft_sampling_reproducible(tiny):
     assert llm.engine.stats.num_draft_tokens > 0
 
 
+def test_engine_warms_up_the_draft_model_too(monkeypatch):
+    """The draft's attention variants compile at start-up like the target's (queries up to
+    1 + k: the catch-up after k accepted drafts), and both count in warmup_launches."""
+    calls = []
+
+    def fake(self, block_size, max_query_len=1, **kw):
+        calls.append((self, block_size, max_query_len))
+        return 5
+    target, draft = load_model("tiny", seed=0), load_model("tiny", seed=1)
+    monkeypatch.setattr(type(target), "warmup_kernels", fake)
+    llm = LLM(target, device="cpu", block_size=16, speculative=spec("draft", 3, draft))
+    assert [(m is target, m is draft, b, q) for m, b, q in calls] == [
+        (False, True, 16, 4), (True, False, 16, 4)]
+    assert llm.engine.warmup_launches == 10
+
+
 def test_self_draft_sampling_accepts_almost_everything(tiny):
     """The target as its own draft under temperature / top-k / top-p: q equals p up to float
     noise at every position, so min(1, p/q) ~ 1. A q row misaligned by one position, or

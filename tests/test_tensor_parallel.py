@@ -284,6 +284,22 @@ def test_worker_that_raises_or_dies_is_an_error_on_rank_0():
     assert multiprocessing.active_children() == []
 
 
+def test_warmup_runs_on_every_rank_and_the_counts_must_agree():
+    """WARMUP reaches the worker (a worker without it never joins the count's all-reduce:
+    rank 0 would time out) and a rank that compiled a different number of variants than
+    the others is an error at start-up, not JIT compiles inside served steps."""
+    from ragged.distributed import launch
+    m = launch(TINY, tensor_parallel_size=2, device="cpu", timeout_s=20)
+    try:
+        m.allocate_kv_cache(8, 16, kv_cache_dtype="fp8_e4m3")
+        assert m.warmup_kernels(16, 3, kv_cache_dtype="fp8_e4m3") == 0   # CPU: no Triton
+        m.local.warmup_kernels = lambda *a, **k: 4   # rank 0 "compiled" what rank 1 did not
+        with pytest.raises(TPWorkerError, match="warm-up launches differ between ranks: 0 to 4"):
+            m.warmup_kernels(16, 1)
+    finally:
+        m.close()
+
+
 def test_hung_worker_times_out_instead_of_hanging():
     """A worker that stops responding (SIGSTOP: alive, silent) fails rank 0's next collective
     after the data group's timeout_s, and close() still ends it."""

@@ -26,12 +26,15 @@ class SpecDecoder:
         self.max_model_len = engine_config.max_model_len
         if cfg.method == "ngram":
             self.proposer = NgramProposer(cfg.ngram_min, cfg.ngram_max)
+            self.warmup_launches = 0
         else:
             from .draft import DraftProposer
             self.proposer = DraftProposer(cfg.draft_model, model,
                                           num_blocks=engine_config.num_blocks,
                                           block_size=engine_config.block_size,
-                                          max_model_len=self.max_model_len, sampler=sampler)
+                                          max_model_len=self.max_model_len, sampler=sampler,
+                                          max_query_len=1 + cfg.num_speculative_tokens)
+            self.warmup_launches = self.proposer.warmup_launches      # the draft's
 
     def num_tokens(self, running) -> int:
         """k for this step (the large-batch rule over the running decodes; 0 = none)."""

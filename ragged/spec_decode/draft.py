@@ -54,7 +54,7 @@ def load_draft(draft, target):
 
 class DraftProposer:
     def __init__(self, draft, target, *, num_blocks: int, block_size: int, max_model_len: int,
-                 sampler):
+                 sampler, max_query_len: int = 1):
         self.model = m = load_draft(draft, target)
         tv, dv = target.config.vocab_size, m.config.vocab_size
         if dv != tv:
@@ -69,6 +69,11 @@ class DraftProposer:
                                max_blocks_per_seq=-(-max_model_len // block_size))
         self.builder = BatchBuilder(block_size, m.device)
         self.kv = m.allocate_kv_cache(num_blocks, block_size)
+        # The draft's forwards run inside served steps too: its attention variants (its own
+        # heads; queries of a prompt, or of the 1..k+1 tokens accepted since) compile here,
+        # like the target's at engine start-up (a no-op unless Triton on a GPU).
+        self.warmup_launches = (m.warmup_kernels(block_size, max_query_len)
+                                if hasattr(m, "warmup_kernels") else 0)
         self.sampler = sampler
         self.states: dict = {}            # target Sequence -> _DraftSeq
 
