@@ -59,6 +59,47 @@ def test_all_prefill_no_context(dtype):
     _check([33, 17, 1, 50], [33, 17, 1, 50], hq=4, hkv=4, d=96, dtype=dtype)
 
 
+def test_deferred_pv_never_reads_past_a_sequence():
+    """The prefill tile defers P.V by one tile (_kv_tiles_deferred): its V loads use the
+    previous tile's key mask, and the first deferred P.V adds zeros without reading a page.
+    Every cache slot outside the sequences (partial last pages, unused blocks) holds NaN, so
+    any unmasked read of one poisons the output (0 * NaN = NaN)."""
+    b = make_batch([37, 20, 1], [53, 20, 40], num_q_heads=8, num_kv_heads=2, head_dim=64,
+                   block_size=16, dtype=torch.float64)
+    # relabel so that block 0 (where a zero offset points) is one no sequence uses
+    nblk = [-(-n // 16) for n in b["seq_lens"].tolist()]
+    used = {int(b["block_table"][i, j]) for i, n in enumerate(nblk) for j in range(n)}
+    u = min(set(range(b["k_cache"].shape[0])) - used)
+    t = b["block_table"]
+    b["block_table"] = torch.where(t == 0, u, torch.where(t == u, 0, t)).to(torch.int32)
+    for key in ("k_cache", "v_cache"):
+        b[key][[0, u]] = b[key][[u, 0]]
+    valid = torch.zeros(b["k_cache"].shape[0] * 16, dtype=torch.bool)
+    for i, n in enumerate(b["seq_lens"].tolist()):
+        p = torch.arange(n)
+        valid[b["block_table"][i, p // 16].long() * 16 + p % 16] = True
+    for key in ("k_cache", "v_cache"):
+        b[key].view(-1, 2, 64)[~valid] = float("nan")
+    plan = ta._plan(58, 3, 2, 64, torch.float16, 4, 37, 53, None, torch.device("cpu"))
+    assert ta._defer_pv(plan, torch.float16, 90)            # the path under test runs
+    _check(None, None, batch=b, dtype=torch.float16, name="NaN outside the sequences")
+
+
+def test_deferred_pv_only_on_wgmma_prefill_tiles():
+    """P.V is deferred where the search-class dots are wgmma (sm_90, half precision, >= 64
+    rows per warpgroup), never for decode-only launches, fp32 (FMA dots) or sm_80."""
+    cpu = torch.device("cpu")
+
+    def defer(dtype, max_q, arch=90, D=128, G=4, B=2):
+        return ta._defer_pv(ta._plan(4096, B, 8, D, dtype, G, max_q, 4096, None, cpu),
+                            dtype, arch)
+    assert defer(torch.bfloat16, 4096) and defer(torch.float16, 17)
+    assert not defer(torch.bfloat16, 1) and not defer(torch.bfloat16, 16)   # decode-only
+    assert not defer(torch.float32, 4096)
+    assert not defer(torch.bfloat16, 4096, arch=80)
+    assert not defer(torch.bfloat16, 4096, D=256)           # 64x32 / 8 warps: 32 rows per WG
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_kv_len_one(dtype):
     _check([1, 1], [1, 1], hq=4, hkv=1, d=64, dtype=dtype)
