@@ -232,17 +232,24 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev, q
                 s = s * k_sc[None, :]
         if SOFTCAP:                   # softcap * tanh(s * scale / softcap), in log2 units
             s = _tanh(s * qk_scale) * (softcap * 1.4426950408889634)
-        else:
-            s = s * qk_scale
         if MASK:
             vis = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
             if WINDOW:
                 vis = vis & (kpos[None, :] > qpos[:, None] - window)
             s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if SOFTCAP:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+        else:
+            # the scale after the row max (max(s) x scale = max(s x scale) for a scale > 0,
+            # rounding is monotonic) and fused into exp2's argument: one FFMA per score
+            # instead of an FMUL and an FADD (32 fewer warp-instructions per 128x64 tile)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # fully masked row: no NaN
         alpha_prev = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        if SOFTCAP:
+            p = tl.exp2(s - m_safe[:, None])
+        else:
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
         l_i = l_i * alpha_prev + tl.sum(p, 1)
         if KV_FP8:
             if PER_SLOT_SCALE:
@@ -550,8 +557,9 @@ DEFER_PV = True               # False: the prefill tile's P.V in tile order (no 
 def _defer_pv(plan, dtype: torch.dtype, arch: int) -> bool:
     """Defer P.V by one tile in the search class (_kv_tiles_deferred) where its dots are wgmma:
     sm_90+, half precision (fp32 runs an FMA dot: nothing async to overlap), >= 64 rows per
-    warpgroup (wgmma's M). The direct (decode) class keeps tile order: its 16-row tiles run
-    mma.sync, and carrying P would cost registers a memory-bound loop does not repay."""
+    warpgroup (wgmma's M). (That loop scales after the row max: the scale is > 0, which
+    kernels.paged_attention checks.) The direct (decode) class keeps tile order: its 16-row tiles run mma.sync, and carrying P
+    would cost registers a memory-bound loop does not repay."""
     cfg = plan.cfg
     return (DEFER_PV and plan.search and arch >= 90 and dtype != torch.float32
             and cfg.block_m * 4 // cfg.num_warps >= 64)
