@@ -181,7 +181,7 @@ def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_le
 
 
 @triton.jit
-def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev, q, k_head, v_head,
+def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_first, q, k_head, v_head,
                        bt_row, base, t_lo, t_hi, seq_len, n_pages, qpos, stride_kb, stride_ks,
                        qk_scale, softcap, window, offs_n, offs_d, d_ok, ks_head, vs_head,
                        num_kv_heads, MASK: tl.constexpr, WINDOW: tl.constexpr,
@@ -198,10 +198,11 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev, q
     "Deferred P.V"). In the plain order the exp2 of a tile always waits for all its MMAs.
 
     Carried between tiles and across the three loops of _attend: p_prev (fp32 probabilities of
-    the previous tile, fp8 per-slot v scales applied), alpha_prev (its rescale), voff_prev /
-    vok_prev (its V rows and which keys exist). Before the first tile p_prev = 0 and
-    vok_prev is all false, so the first deferred P.V adds exact zeros (V masked to 0: cache
-    memory past a sequence may hold NaN). _flush_pv adds the last tile after the loops. No
+    the previous tile, fp8 per-slot v scales applied), alpha_prev (its rescale), blk_prev (its
+    block ids; V's rows are recomputed from them, sharing K's layout: carrying the int64 row
+    offsets instead cost 62 warp-instructions per tile in a second layout). t_first: the
+    program's first tile; before it there is no previous tile: p_prev = 0 and V masked to 0
+    (memory past a sequence may hold NaN). _flush_pv adds the last tile after the loops. No
     loop-carried value is yielded unchanged: Triton does not pipeline such loops."""
     blk = _page_ids(bt_row, base + t_lo * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
     for t in range(t_lo, t_hi):
@@ -220,9 +221,13 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev, q
                 k_sc = tl.load(ks_head + slot, mask=k_ok, other=0.0)
                 v_sc = tl.load(vs_head + slot, mask=k_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        # tile t-1's P.V, issued before this tile's softmax so the two overlap
-        v = _load_2d(v_head + voff_prev[:, None] + offs_d[None, :], vok_prev, d_ok, True,
-                     not EVEN_D)
+        # tile t-1's P.V, issued before this tile's softmax so the two overlap. Only the
+        # last tile can hold keys >= seq_len, so tile t-1 is whole; before the first tile
+        # there is none (masked: zeros, not NaN from memory past the sequence)
+        voff = blk_prev.to(tl.int64) * stride_kb + _in_page(kstart - BLOCK_N, offs_n,
+                                                            stride_ks, BLOCK_N, BLOCK_SIZE)
+        v = _load_2d(v_head + voff[:, None] + offs_d[None, :], (offs_n * 0 + t) > t_first,
+                     d_ok, True, not EVEN_D)
         if KV_FP8:
             v = v.to(q.dtype)
         acc = tl.dot(p_prev.to(v.dtype), v, acc * alpha_prev[:, None],
@@ -255,17 +260,22 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev, q
             if PER_SLOT_SCALE:
                 p = p * v_sc[None, :]
         p_prev = p
-        voff_prev = kv_off
-        vok_prev = k_ok
-        m_i = m_new
-    return acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev
+        blk_prev = tl.maximum(blk_cur, 0)   # ids >= 0: a copy Triton cannot fold (a yielded
+        m_i = m_new                         # block argument would stop the pipeliner)
+    return acc, m_i, l_i, p_prev, alpha_prev, blk_prev
 
 
 @triton.jit
-def _flush_pv(acc, p_prev, alpha_prev, voff_prev, vok_prev, q, v_head, offs_d, d_ok,
-              EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr):
-    """The deferred P.V of the last tile (zeros if no tile was visited)."""
-    v = _load_2d(v_head + voff_prev[:, None] + offs_d[None, :], vok_prev, d_ok, True, not EVEN_D)
+def _flush_pv(acc, p_prev, alpha_prev, blk_prev, t_first, t_end, base, seq_len, q, v_head,
+              stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D: tl.constexpr,
+              DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_SIZE: tl.constexpr):
+    """The deferred P.V of the last tile, t_end - 1 (zeros if no tile was visited)."""
+    kstart = base + (t_end - 1) * BLOCK_N
+    voff = blk_prev.to(tl.int64) * stride_kb + _in_page(kstart, offs_n, stride_ks, BLOCK_N,
+                                                        BLOCK_SIZE)
+    v_ok = (kstart + offs_n < seq_len) & (t_end > t_first)
+    v = _load_2d(v_head + voff[:, None] + offs_d[None, :], v_ok, d_ok, True, not EVEN_D)
     if KV_FP8:
         v = v.to(q.dtype)
     return tl.dot(p_prev.to(v.dtype), v, acc * alpha_prev[:, None], input_precision=DOT_PREC)
@@ -330,25 +340,25 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
     if DEFER_PV:
         p_prev = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         alpha_prev = tl.full([BLOCK_M], 1.0, tl.float32)
-        voff_prev = offs_n.to(tl.int64) * 0
-        vok_prev = offs_n < 0
-        acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev = _kv_tiles_deferred(
-            acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev, q, k_head, v_head, bt_row,
+        blk_prev = _page_ids(bt_row, base + t_lo * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
+        acc, m_i, l_i, p_prev, alpha_prev, blk_prev = _kv_tiles_deferred(
+            acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_lo, q, k_head, v_head, bt_row,
             base, t_lo, a, seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap,
             window, offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads, True,
             WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
-        acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev = _kv_tiles_deferred(
-            acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev, q, k_head, v_head, bt_row,
+        acc, m_i, l_i, p_prev, alpha_prev, blk_prev = _kv_tiles_deferred(
+            acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_lo, q, k_head, v_head, bt_row,
             base, a, c, seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap,
             window, offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads, False,
             WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
-        acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev = _kv_tiles_deferred(
-            acc, m_i, l_i, p_prev, alpha_prev, voff_prev, vok_prev, q, k_head, v_head, bt_row,
+        acc, m_i, l_i, p_prev, alpha_prev, blk_prev = _kv_tiles_deferred(
+            acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_lo, q, k_head, v_head, bt_row,
             base, c, t_hi, seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap,
             window, offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads, True,
             WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
-        acc = _flush_pv(acc, p_prev, alpha_prev, voff_prev, vok_prev, q, v_head, offs_d, d_ok,
-                        EVEN_D, DOT_PREC, KV_FP8)
+        acc = _flush_pv(acc, p_prev, alpha_prev, blk_prev, t_lo, t_hi, base, seq_len, q, v_head,
+                        stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D, DOT_PREC, KV_FP8,
+                        BLOCK_N, BLOCK_SIZE)
     else:
         acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a, seq_len,
                                   n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
