@@ -182,13 +182,13 @@ def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_le
 
 @triton.jit
 def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_first, q, k_head, v_head,
-                       bt_row, base, t_lo, t_hi, seq_len, n_pages, qpos, stride_kb, stride_ks,
-                       qk_scale, softcap, window, offs_n, offs_d, d_ok, ks_head, vs_head,
-                       num_kv_heads, MASK: tl.constexpr, WINDOW: tl.constexpr,
-                       SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
-                       PER_SLOT_SCALE: tl.constexpr):
-    """_kv_tiles with P.V deferred by one tile (the prefill tile on wgmma, DEFER_PV): iteration
+                       bt_row, base, t_lo, t_hi, seq_len, n_pages, stride_kb, stride_ks,
+                       qk_scale, offs_n, offs_d, d_ok, EVEN_D: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
+    """_kv_tiles' unmasked body (tiles every row sees whole; no softcap, window or fp8 pages:
+    _defer_pv)
+    with P.V deferred by one tile (the prefill tile on wgmma, DEFER_PV): iteration
     t issues S_t = Q K_t^T, waits for it, then issues tile t-1's O = alpha O + P V (async)
     and computes softmax(S_t) while that wgmma runs; O is next read after the following
     iteration's S wait. Triton's wgmma pipeliner keeps a dot in flight across an iteration
@@ -197,12 +197,11 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_first, q, 
     among tile t's MUFU.EX2 with their WARPGROUP.DEPBAR in the next iteration (bench/NOTES.md
     "Deferred P.V"). In the plain order the exp2 of a tile always waits for all its MMAs.
 
-    Carried between tiles and across the three loops of _attend: p_prev (fp32 probabilities of
-    the previous tile, fp8 per-slot v scales applied), alpha_prev (its rescale), blk_prev (its
-    block ids; V's rows are recomputed from them, sharing K's layout: carrying the int64 row
-    offsets instead cost 62 warp-instructions per tile in a second layout). t_first: the
-    program's first tile; before it there is no previous tile: p_prev = 0 and V masked to 0
-    (memory past a sequence may hold NaN). _flush_pv adds the last tile after the loops. No
+    Carried between tiles: p_prev (fp32 probabilities of the previous tile), alpha_prev (its rescale), blk_prev (its block ids; V's rows are
+    recomputed from them in K's layout: carrying int64 row offsets instead cost 32 more
+    warp-instructions a tile in a second layout). t_first: the loop's first tile; before it
+    there is no previous tile: p_prev = 0 and V masked to 0 (memory past a sequence may hold
+    NaN). _flush_pv adds the last tile after the loop. No
     loop-carried value is yielded unchanged: Triton does not pipeline such loops."""
     blk = _page_ids(bt_row, base + t_lo * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
     for t in range(t_lo, t_hi):
@@ -211,54 +210,25 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_first, q, 
                                                           BLOCK_SIZE)
         blk_cur = blk
         blk = _page_ids(bt_row, kstart + BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
-        kpos = kstart + offs_n
-        k_ok = kpos < seq_len
-        k = _load_2d(k_head + kv_off[:, None] + offs_d[None, :], k_ok, d_ok, MASK, not EVEN_D)
-        if KV_FP8:
-            k = k.to(q.dtype)
-            if PER_SLOT_SCALE:
-                slot = (blk_cur.to(tl.int64) * BLOCK_SIZE + (kpos % BLOCK_SIZE)) * num_kv_heads
-                k_sc = tl.load(ks_head + slot, mask=k_ok, other=0.0)
-                v_sc = tl.load(vs_head + slot, mask=k_ok, other=0.0)
+        k = _load_2d(k_head + kv_off[:, None] + offs_d[None, :], None, d_ok, False,
+                     not EVEN_D)                    # rows unchecked: body tiles are whole
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        # tile t-1's P.V, issued before this tile's softmax so the two overlap. Only the
-        # last tile can hold keys >= seq_len, so tile t-1 is whole; before the first tile
-        # there is none (masked: zeros, not NaN from memory past the sequence)
+        # tile t-1's P.V, issued before this tile's softmax so the two overlap (body tiles
+        # are whole; before the first there is none: masked, zeros)
         voff = blk_prev.to(tl.int64) * stride_kb + _in_page(kstart - BLOCK_N, offs_n,
                                                             stride_ks, BLOCK_N, BLOCK_SIZE)
         v = _load_2d(v_head + voff[:, None] + offs_d[None, :], (offs_n * 0 + t) > t_first,
                      d_ok, True, not EVEN_D)
-        if KV_FP8:
-            v = v.to(q.dtype)
         acc = tl.dot(p_prev.to(v.dtype), v, acc * alpha_prev[:, None],
                      input_precision=DOT_PREC)
-        if KV_FP8:
-            if PER_SLOT_SCALE:
-                s = s * k_sc[None, :]
-        if SOFTCAP:                   # softcap * tanh(s * scale / softcap), in log2 units
-            s = _tanh(s * qk_scale) * (softcap * 1.4426950408889634)
-        if MASK:
-            vis = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-            if WINDOW:
-                vis = vis & (kpos[None, :] > qpos[:, None] - window)
-            s = tl.where(vis, s, float("-inf"))
-        if SOFTCAP:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        else:
-            # the scale after the row max (max(s) x scale = max(s x scale) for a scale > 0,
-            # rounding is monotonic) and fused into exp2's argument: one FFMA per score
-            # instead of an FMUL and an FADD (32 fewer warp-instructions per 128x64 tile)
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # the scale after the row max (max(s) x scale = max(s x scale) for a scale > 0,
+        # rounding is monotonic) and fused into exp2's argument: one FFMA per score instead
+        # of an FMUL and an FADD (474 -> 444 warp-instructions per 128x64 tile)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # fully masked row: no NaN
         alpha_prev = tl.exp2(m_i - m_safe)
-        if SOFTCAP:
-            p = tl.exp2(s - m_safe[:, None])
-        else:
-            p = tl.exp2(s * qk_scale - m_safe[:, None])
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
         l_i = l_i * alpha_prev + tl.sum(p, 1)
-        if KV_FP8:
-            if PER_SLOT_SCALE:
-                p = p * v_sc[None, :]
         p_prev = p
         blk_prev = tl.maximum(blk_cur, 0)   # ids >= 0: a copy Triton cannot fold (a yielded
         m_i = m_new                         # block argument would stop the pipeliner)
@@ -266,18 +236,15 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_first, q, 
 
 
 @triton.jit
-def _flush_pv(acc, p_prev, alpha_prev, blk_prev, t_first, t_end, base, seq_len, q, v_head,
+def _flush_pv(acc, p_prev, alpha_prev, blk_prev, t_first, t_end, base, seq_len, v_head,
               stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D: tl.constexpr,
-              DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_SIZE: tl.constexpr):
+              DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """The deferred P.V of the last tile, t_end - 1 (zeros if no tile was visited)."""
     kstart = base + (t_end - 1) * BLOCK_N
     voff = blk_prev.to(tl.int64) * stride_kb + _in_page(kstart, offs_n, stride_ks, BLOCK_N,
                                                         BLOCK_SIZE)
     v_ok = (kstart + offs_n < seq_len) & (t_end > t_first)
     v = _load_2d(v_head + voff[:, None] + offs_d[None, :], v_ok, d_ok, True, not EVEN_D)
-    if KV_FP8:
-        v = v.to(q.dtype)
     return tl.dot(p_prev.to(v.dtype), v, acc * alpha_prev[:, None], input_precision=DOT_PREC)
 
 
@@ -338,27 +305,30 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
     v_head = v_ptr + kv_head_off
     # window edge (masked), fully visible body (no mask), causal diagonal / sequence end
     if DEFER_PV:
+        # only the unmasked body defers P.V: carrying P through the masked loops as well cost
+        # 16-64 bytes of spills at 255 registers (window, softcap, G=1, block 64, per-slot
+        # fp8); the masked head and tail (the causal diagonal: 2-3 tiles a q block) keep
+        # tile order, and the body's last P.V is added before the tail
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
         p_prev = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         alpha_prev = tl.full([BLOCK_M], 1.0, tl.float32)
-        blk_prev = _page_ids(bt_row, base + t_lo * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
+        blk_prev = _page_ids(bt_row, base + a * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
         acc, m_i, l_i, p_prev, alpha_prev, blk_prev = _kv_tiles_deferred(
-            acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_lo, q, k_head, v_head, bt_row,
-            base, t_lo, a, seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap,
-            window, offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads, True,
-            WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
-        acc, m_i, l_i, p_prev, alpha_prev, blk_prev = _kv_tiles_deferred(
-            acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_lo, q, k_head, v_head, bt_row,
-            base, a, c, seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap,
-            window, offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads, False,
-            WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
-        acc, m_i, l_i, p_prev, alpha_prev, blk_prev = _kv_tiles_deferred(
-            acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_lo, q, k_head, v_head, bt_row,
-            base, c, t_hi, seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap,
-            window, offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads, True,
-            WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
-        acc = _flush_pv(acc, p_prev, alpha_prev, blk_prev, t_lo, t_hi, base, seq_len, q, v_head,
-                        stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D, DOT_PREC, KV_FP8,
-                        BLOCK_N, BLOCK_SIZE)
+            acc, m_i, l_i, p_prev, alpha_prev, blk_prev, a, q, k_head, v_head, bt_row,
+            base, a, c, seq_len, n_pages, stride_kb, stride_ks, qk_scale, offs_n, offs_d,
+            d_ok, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE)
+        acc = _flush_pv(acc, p_prev, alpha_prev, blk_prev, a, c, base, seq_len, v_head,
+                        stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D, DOT_PREC, BLOCK_N,
+                        BLOCK_SIZE)
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
     else:
         acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a, seq_len,
                                   n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
@@ -564,15 +534,23 @@ TWO_CLASSES = True            # False: mixed launches use one (prefill) tile cla
 DEFER_PV = True               # False: the prefill tile's P.V in tile order (no overlap); A/B timing
 
 
-def _defer_pv(plan, dtype: torch.dtype, arch: int) -> bool:
+def _defer_pv(plan, dtype: torch.dtype, arch: int, window: bool = False,
+              softcap: bool = False, kv_fp8: bool = False) -> bool:
     """Defer P.V by one tile in the search class (_kv_tiles_deferred) where its dots are wgmma:
     sm_90+, half precision (fp32 runs an FMA dot: nothing async to overlap), >= 64 rows per
     warpgroup (wgmma's M). (That loop scales after the row max: the scale is > 0, which
-    kernels.paged_attention checks.) The direct (decode) class keeps tile order: its 16-row tiles run mma.sync, and carrying P
-    would cost registers a memory-bound loop does not repay."""
+    kernels.paged_attention checks.) Not with a softcap (its tanh makes the loop issue-bound,
+    2400+ warp-instructions a tile, and the carried P spilled 56 bytes) nor a sliding window
+    (ptxas serialises every wgmma of the window variants, deferred or not: C7515, "non wgmma
+    instructions defining accumulator registers"; nothing to overlap) nor fp8 pages (V is
+    converted in registers and copied to one shared buffer, so Triton waits for the P.V
+    wgmma at once: nothing overlaps, and the carried P took 254-255 registers). The direct
+    (decode) class keeps tile order: its 16-row tiles run mma.sync, and carrying P would
+    cost registers a memory-bound loop does not repay."""
     cfg = plan.cfg
     return (DEFER_PV and plan.search and arch >= 90 and dtype != torch.float32
-            and cfg.block_m * 4 // cfg.num_warps >= 64)
+            and cfg.block_m * 4 // cfg.num_warps >= 64
+            and not (window or softcap or kv_fp8))
 
 
 # Configs tuned offline per GPU model (bench/tune_triton.py measures candidates on the device
@@ -867,7 +845,8 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         Q_LOOP=plan.q_loop,
         WINDOW=window > 0, SOFTCAP=use_softcap,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=fp8,
-        PER_SLOT_SCALE=per_slot, DEFER_PV=_defer_pv(plan, q.dtype, _arch(q.device)),
+        PER_SLOT_SCALE=per_slot,
+        DEFER_PV=_defer_pv(plan, q.dtype, _arch(q.device), window > 0, use_softcap, fp8),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         _merge_kernel[(B if plan.ws_by_seq else T, Hq)](

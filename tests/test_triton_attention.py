@@ -87,7 +87,8 @@ def test_deferred_pv_never_reads_past_a_sequence():
 
 def test_deferred_pv_only_on_wgmma_prefill_tiles():
     """P.V is deferred where the search-class dots are wgmma (sm_90, half precision, >= 64
-    rows per warpgroup), never for decode-only launches, fp32 (FMA dots) or sm_80."""
+    rows per warpgroup), never for decode-only launches, fp32 (FMA dots), sm_80, a softcap,
+    a sliding window or fp8 pages (kernels/triton_attention.py _defer_pv says why)."""
     cpu = torch.device("cpu")
 
     def defer(dtype, max_q, arch=90, D=128, G=4, B=2):
@@ -98,6 +99,10 @@ def test_deferred_pv_only_on_wgmma_prefill_tiles():
     assert not defer(torch.float32, 4096)
     assert not defer(torch.bfloat16, 4096, arch=80)
     assert not defer(torch.bfloat16, 4096, D=256)           # 64x32 / 8 warps: 32 rows per WG
+    plan = ta._plan(4096, 2, 8, 128, torch.bfloat16, 4, 4096, 4096, None, cpu)
+    assert not ta._defer_pv(plan, torch.bfloat16, 90, window=True)
+    assert not ta._defer_pv(plan, torch.bfloat16, 90, softcap=True)
+    assert not ta._defer_pv(plan, torch.bfloat16, 90, kv_fp8=True)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
