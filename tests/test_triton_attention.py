@@ -764,6 +764,21 @@ def test_tune_triton_quick_writes_a_loadable_table(tuned_table, tmp_path, monkey
         ta.tuned_key("decode", 32, 2, torch.float16)]["config"]
 
 
+def test_tune_triton_searches_deep_pipelines_and_16x32_decode_tiles():
+    """Issue 12: the tuner's full grid holds num_stages 4-6 for both classes (K/V copies stay
+    in flight num_stages - 1 deep once block ids are prefetched) and 16x32 decode tiles."""
+    from bench import tune_triton
+    dec = tune_triton.candidates("decode", 128, 4, False, ta._config(128, torch.bfloat16, 4, 1))
+    pre = tune_triton.candidates("prefill", 128, 4, False,
+                                 ta._config(128, torch.bfloat16, 4, 4096))
+    assert (16, 32) in {(c.block_m, c.block_n) for c in dec}
+    for cands in (dec, pre):
+        assert {4, 5, 6} <= {c.num_stages for c in cands}
+    assert {4, 5, 6} <= {c.num_stages for c in pre if (c.block_m, c.block_n) == (128, 64)}
+    assert all(ta._valid(c, cls, 4) for cls, cs in (("decode", dec), ("prefill", pre))
+               for c in cs)                              # the table would accept every winner
+
+
 # --------------------------------------------------------------------------- fp8 KV cache
 @pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
 def test_fp8_cache_all_modes(mode):
