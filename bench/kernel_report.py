@@ -827,6 +827,15 @@ def invariants(rep: dict) -> dict:
             [f"{r['launch']} {r['dtype']} sm_{r['arch']} {c}: {r[c + '_loop']['groups_in_flight'] - 1}"
              for r in kv for c in ("decode", "prefill")
              if c + "_loop" in r and r[c + "_loop"]["groups_in_flight"] < 2], len(kv))
+        if be == "triton":
+            # ptxas C7515 ("wgmma.mma_async instructions are serialized"): every HGMMA its own
+            # commit group, each waited for at once; no overlap and the tensor pipe drains
+            wg = [(k, lp) for k in half if k["arch"] >= 90 for lp in k.get("kv_loops", [])
+                  if lp.get("mma", {}).get("wgmma", 0) > 1]
+            add("wgmma_not_serialised", be,
+                [f"{_short(k['kernel'])} sm_{k['arch']} loop {lp['start']}: "
+                 f"{lp['wgmma_groups']} groups for {lp['mma']['wgmma']} HGMMA"
+                 for k, lp in wg if lp.get("wgmma_groups", 0) >= lp["mma"]["wgmma"]], len(wg))
         dec = [r for r in mine if r["kind"] == "decode" and r["device"] == "H100"
                and max(1, r["bytes"]) and r["launch"].startswith("decode")
                and int(re.search(r"B=(\d+)", r["launch"]).group(1)) >= 64]

@@ -197,6 +197,8 @@ def _loop_stats(ins, lp: Loop) -> dict:
         elif op.startswith("MUFU"):
             st["mufu"] += 1
         kind = _mma_kind(op)
+        if kind == "wgmma" and "gsb0" in args:
+            st["wgmma_groups"] += 1           # commits: one per HGMMA = ptxas serialised them
         if kind:
             st[f"mma:{kind}"] += 1
             st["flops"] += mma_flops(op)
@@ -291,7 +293,8 @@ def sass_facts(ins) -> dict:
                           groups_in_flight=in_flight, prefetched_bytes=prefetch,
                           runtime_trips=s["runtime_trips"],
                           mma_flops=s.get("flops", 0) - 64 * s.get("ffma", 0)
-                          - 128 * s.get("hfma2", 0), mma_events=mma_events(ins, lp)))
+                          - 128 * s.get("hfma2", 0), wgmma_groups=s.get("wgmma_groups", 0),
+                          mma_events=mma_events(ins, lp)))
     total = [x for x in ins if x[2] != "NOP"]
     whole = dict(instr=len(total),
                  copy_bytes=sum(32 * _width(op) for _, _, op, _ in total if op.startswith("LDG")),

@@ -303,12 +303,17 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
     kv_head_off = kvh.to(tl.int64) * stride_kh
     k_head = k_ptr + kv_head_off
     v_head = v_ptr + kv_head_off
-    # window edge (masked), fully visible body (no mask), causal diagonal / sequence end
+    # Tiles in three loops: the window edge, the fully visible body and the causal diagonal /
+    # sequence end; only the body is unmasked. Online softmax takes tiles in any order, and
+    # the order matters to ptxas: with the masked window-edge loop first it serialised every
+    # wgmma of the kernel (C7515 "non wgmma instructions defining accumulator registers",
+    # each HGMMA followed by WARPGROUP.DEPBAR.LE gsb0, 0x0; every sliding-window variant), so
+    # tile order runs the body first; the deferred body keeps the order it was checked in
+    # (with the body first, block size 128 was serialised instead). bench/NOTES.md.
     if DEFER_PV:
         # only the unmasked body defers P.V: carrying P through the masked loops as well cost
         # 16-64 bytes of spills at 255 registers (window, softcap, G=1, block 64, per-slot
-        # fp8); the masked head and tail (the causal diagonal: 2-3 tiles a q block) keep
-        # tile order, and the body's last P.V is added before the tail
+        # fp8); its last P.V is added before the tail
         acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
                                   seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
                                   softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
@@ -324,28 +329,22 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
         acc = _flush_pv(acc, p_prev, alpha_prev, blk_prev, a, c, base, seq_len, v_head,
                         stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D, DOT_PREC, BLOCK_N,
                         BLOCK_SIZE)
-        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi,
+    else:
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, False, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
                                   seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
                                   softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
                                   vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
                                   DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
-    else:
-        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a, seq_len,
-                                  n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                                  offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
-                                  True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
-                                  KV_FP8, PER_SLOT_SCALE)
-        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c, seq_len,
-                                  n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                                  offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
-                                  False, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
-                                  KV_FP8, PER_SLOT_SCALE)
-        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi, seq_len,
-                                  n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                                  offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
-                                  True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
-                                  KV_FP8, PER_SLOT_SCALE)
-
+    acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi,
+                              seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                              softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                              vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                              DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]          # rows with no key: 0
@@ -541,8 +540,8 @@ def _defer_pv(plan, dtype: torch.dtype, arch: int, window: bool = False,
     warpgroup (wgmma's M). (That loop scales after the row max: the scale is > 0, which
     kernels.paged_attention checks.) Not with a softcap (its tanh makes the loop issue-bound,
     2400+ warp-instructions a tile, and the carried P spilled 56 bytes) nor a sliding window
-    (ptxas serialises every wgmma of the window variants, deferred or not: C7515, "non wgmma
-    instructions defining accumulator registers"; nothing to overlap) nor fp8 pages (V is
+    (checked before the body-first order of _attend: ptxas serialised every wgmma, C7515;
+    not re-checked deferred since) nor fp8 pages (V is
     converted in registers and copied to one shared buffer, so Triton waits for the P.V
     wgmma at once: nothing overlaps, and the carried P took 254-255 registers). The direct
     (decode) class keeps tile order: its 16-row tiles run mma.sync, and carrying P would
