@@ -308,17 +308,19 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
     # the order matters to ptxas: with the masked window-edge loop first it serialised every
     # wgmma of the kernel (C7515 "non wgmma instructions defining accumulator registers",
     # each HGMMA followed by WARPGROUP.DEPBAR.LE gsb0, 0x0; every sliding-window variant), so
-    # tile order runs the body first; the deferred body keeps the order it was checked in
-    # (with the body first, block size 128 was serialised instead). bench/NOTES.md.
+    # window variants run the body first; without a window the deferred body comes second
+    # (first, it got block size 128 serialised instead; the head loop is empty there anyway:
+    # nothing masks the start of a causal row). Checked: 25 variants, bench/NOTES.md.
     if DEFER_PV:
         # only the unmasked body defers P.V: carrying P through the masked loops as well cost
         # 16-64 bytes of spills at 255 registers (window, softcap, G=1, block 64, per-slot
-        # fp8); its last P.V is added before the tail
-        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
-                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
-                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
-                                  vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
-                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+        # fp8); its last P.V is added before the masked loops that follow
+        if not WINDOW:
+            acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
+                                      seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                      softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                      vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                      DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
         p_prev = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         alpha_prev = tl.full([BLOCK_M], 1.0, tl.float32)
         blk_prev = _page_ids(bt_row, base + a * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
@@ -329,6 +331,12 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
         acc = _flush_pv(acc, p_prev, alpha_prev, blk_prev, a, c, base, seq_len, v_head,
                         stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D, DOT_PREC, BLOCK_N,
                         BLOCK_SIZE)
+        if WINDOW:
+            acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
+                                      seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                      softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                      vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                      DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
     else:
         acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c,
                                   seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
@@ -533,15 +541,13 @@ TWO_CLASSES = True            # False: mixed launches use one (prefill) tile cla
 DEFER_PV = True               # False: the prefill tile's P.V in tile order (no overlap); A/B timing
 
 
-def _defer_pv(plan, dtype: torch.dtype, arch: int, window: bool = False,
-              softcap: bool = False, kv_fp8: bool = False) -> bool:
+def _defer_pv(plan, dtype: torch.dtype, arch: int, softcap: bool = False,
+              kv_fp8: bool = False) -> bool:
     """Defer P.V by one tile in the search class (_kv_tiles_deferred) where its dots are wgmma:
     sm_90+, half precision (fp32 runs an FMA dot: nothing async to overlap), >= 64 rows per
     warpgroup (wgmma's M). (That loop scales after the row max: the scale is > 0, which
     kernels.paged_attention checks.) Not with a softcap (its tanh makes the loop issue-bound,
-    2400+ warp-instructions a tile, and the carried P spilled 56 bytes) nor a sliding window
-    (checked before the body-first order of _attend: ptxas serialised every wgmma, C7515;
-    not re-checked deferred since) nor fp8 pages (V is
+    2400+ warp-instructions a tile, and the carried P spilled 56 bytes) nor fp8 pages (V is
     converted in registers and copied to one shared buffer, so Triton waits for the P.V
     wgmma at once: nothing overlaps, and the carried P took 254-255 registers). The direct
     (decode) class keeps tile order: its 16-row tiles run mma.sync, and carrying P would
@@ -549,7 +555,7 @@ def _defer_pv(plan, dtype: torch.dtype, arch: int, window: bool = False,
     cfg = plan.cfg
     return (DEFER_PV and plan.search and arch >= 90 and dtype != torch.float32
             and cfg.block_m * 4 // cfg.num_warps >= 64
-            and not (window or softcap or kv_fp8))
+            and not (softcap or kv_fp8))
 
 
 # Configs tuned offline per GPU model (bench/tune_triton.py measures candidates on the device
@@ -845,7 +851,7 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         WINDOW=window > 0, SOFTCAP=use_softcap,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=fp8,
         PER_SLOT_SCALE=per_slot,
-        DEFER_PV=_defer_pv(plan, q.dtype, _arch(q.device), window > 0, use_softcap, fp8),
+        DEFER_PV=_defer_pv(plan, q.dtype, _arch(q.device), use_softcap, fp8),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         _merge_kernel[(B if plan.ws_by_seq else T, Hq)](

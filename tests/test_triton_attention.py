@@ -59,12 +59,15 @@ def test_all_prefill_no_context(dtype):
     _check([33, 17, 1, 50], [33, 17, 1, 50], hq=4, hkv=4, d=96, dtype=dtype)
 
 
-def test_deferred_pv_never_reads_past_a_sequence():
-    """The prefill tile defers P.V by one tile (_kv_tiles_deferred): its V loads use the
-    previous tile's key mask, and the first deferred P.V adds zeros without reading a page.
-    Every cache slot outside the sequences (partial last pages, unused blocks) holds NaN, so
-    any unmasked read of one poisons the output (0 * NaN = NaN)."""
-    b = make_batch([37, 20, 1], [53, 20, 40], num_q_heads=8, num_kv_heads=2, head_dim=64,
+@pytest.mark.parametrize("window", [None, 200])
+def test_deferred_pv_never_reads_past_a_sequence(window):
+    """The prefill tile's unmasked body defers P.V by one tile (_kv_tiles_deferred): the
+    first deferred P.V adds zeros without reading a page and the last is added before the
+    masked loops (with a window: body first, then the window edge). Contexts of 263 and 130
+    keys give each q block 2-4 body tiles. Every cache slot outside the sequences (partial
+    last pages, unused blocks) holds NaN, so any unmasked read of one poisons the output
+    (0 * NaN = NaN)."""
+    b = make_batch([37, 20, 1], [300, 150, 40], num_q_heads=8, num_kv_heads=2, head_dim=64,
                    block_size=16, dtype=torch.float64)
     # relabel so that block 0 (where a zero offset points) is one no sequence uses
     nblk = [-(-n // 16) for n in b["seq_lens"].tolist()]
@@ -80,15 +83,16 @@ def test_deferred_pv_never_reads_past_a_sequence():
         valid[b["block_table"][i, p // 16].long() * 16 + p % 16] = True
     for key in ("k_cache", "v_cache"):
         b[key].view(-1, 2, 64)[~valid] = float("nan")
-    plan = ta._plan(58, 3, 2, 64, torch.float16, 4, 37, 53, None, torch.device("cpu"))
+    plan = ta._plan(58, 3, 2, 64, torch.float16, 4, 37, 300, None, torch.device("cpu"))
     assert ta._defer_pv(plan, torch.float16, 90)            # the path under test runs
-    _check(None, None, batch=b, dtype=torch.float16, name="NaN outside the sequences")
+    _check(None, None, batch=b, dtype=torch.float16, window=window,
+           name=f"NaN outside the sequences, window {window}")
 
 
 def test_deferred_pv_only_on_wgmma_prefill_tiles():
     """P.V is deferred where the search-class dots are wgmma (sm_90, half precision, >= 64
-    rows per warpgroup), never for decode-only launches, fp32 (FMA dots), sm_80, a softcap,
-    a sliding window or fp8 pages (kernels/triton_attention.py _defer_pv says why)."""
+    rows per warpgroup), never for decode-only launches, fp32 (FMA dots), sm_80, a softcap
+    or fp8 pages (kernels/triton_attention.py _defer_pv says why)."""
     cpu = torch.device("cpu")
 
     def defer(dtype, max_q, arch=90, D=128, G=4, B=2):
@@ -100,7 +104,6 @@ def test_deferred_pv_only_on_wgmma_prefill_tiles():
     assert not defer(torch.bfloat16, 4096, arch=80)
     assert not defer(torch.bfloat16, 4096, D=256)           # 64x32 / 8 warps: 32 rows per WG
     plan = ta._plan(4096, 2, 8, 128, torch.bfloat16, 4, 4096, 4096, None, cpu)
-    assert not ta._defer_pv(plan, torch.bfloat16, 90, window=True)
     assert not ta._defer_pv(plan, torch.bfloat16, 90, softcap=True)
     assert not ta._defer_pv(plan, torch.bfloat16, 90, kv_fp8=True)
 
