@@ -305,12 +305,12 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
     v_head = v_ptr + kv_head_off
     # Tiles in three loops: the window edge, the fully visible body and the causal diagonal /
     # sequence end; only the body is unmasked. Online softmax takes tiles in any order, and
-    # the order matters to ptxas: with the masked window-edge loop first it serialised every
-    # wgmma of the kernel (C7515 "non wgmma instructions defining accumulator registers",
-    # each HGMMA followed by WARPGROUP.DEPBAR.LE gsb0, 0x0; every sliding-window variant), so
-    # window variants run the body first; without a window the deferred body comes second
-    # (first, it got block size 128 serialised instead; the head loop is empty there anyway:
-    # nothing masks the start of a causal row). Checked: 25 variants, bench/NOTES.md.
+    # the order matters to ptxas: with the masked window-edge loop before the body it
+    # serialised every wgmma of the kernel (C7515 "non wgmma instructions defining
+    # accumulator registers": each HGMMA followed by WARPGROUP.DEPBAR.LE gsb0, 0x0; every
+    # sliding-window variant), so wgmma-sized tiles with a window run the body first. Only
+    # there: without a window the head loop is empty for causal rows, and the body-first
+    # order cost decode tiles 6-10 registers and block size 128 a C7515 of its own.
     if DEFER_PV:
         # only the unmasked body defers P.V: carrying P through the masked loops as well cost
         # 16-64 bytes of spills at 255 registers (window, softcap, G=1, block 64, per-slot
@@ -337,7 +337,7 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
                                       softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
                                       vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
                                       DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
-    else:
+    elif WINDOW and BLOCK_M >= 64:
         acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c,
                                   seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
                                   softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
@@ -347,6 +347,17 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
                                   seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
                                   softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
                                   vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+    else:
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, False, WINDOW, SOFTCAP, EVEN_D,
                                   DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
     acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi,
                               seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
