@@ -186,9 +186,8 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_first, q, 
                        qk_scale, offs_n, offs_d, d_ok, EVEN_D: tl.constexpr,
                        DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr):
-    """_kv_tiles' unmasked body (tiles every row sees whole; no softcap, window or fp8 pages:
-    _defer_pv)
-    with P.V deferred by one tile (the prefill tile on wgmma, DEFER_PV): iteration
+    """_kv_tiles' unmasked body (tiles every row sees whole; no softcap or fp8 pages:
+    _defer_pv) with P.V deferred by one tile (the prefill tile on wgmma, DEFER_PV): iteration
     t issues S_t = Q K_t^T, waits for it, then issues tile t-1's O = alpha O + P V (async)
     and computes softmax(S_t) while that wgmma runs; O is next read after the following
     iteration's S wait. Triton's wgmma pipeliner keeps a dot in flight across an iteration
@@ -197,12 +196,13 @@ def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_first, q, 
     among tile t's MUFU.EX2 with their WARPGROUP.DEPBAR in the next iteration (bench/NOTES.md
     "Deferred P.V"). In the plain order the exp2 of a tile always waits for all its MMAs.
 
-    Carried between tiles: p_prev (fp32 probabilities of the previous tile), alpha_prev (its rescale), blk_prev (its block ids; V's rows are
-    recomputed from them in K's layout: carrying int64 row offsets instead cost 32 more
-    warp-instructions a tile in a second layout). t_first: the loop's first tile; before it
-    there is no previous tile: p_prev = 0 and V masked to 0 (memory past a sequence may hold
-    NaN). _flush_pv adds the last tile after the loop. No
-    loop-carried value is yielded unchanged: Triton does not pipeline such loops."""
+    Carried between tiles: p_prev (fp32 probabilities of the previous tile), alpha_prev (its
+    rescale), blk_prev (its block ids; V's rows are recomputed from them in K's layout:
+    carrying int64 row offsets instead cost 32 more warp-instructions a tile in a second
+    layout). t_first: the loop's first tile; before it there is no previous tile: p_prev = 0
+    and V masked to 0 (an offset before a page's start at block sizes >= 128). _flush_pv
+    adds the last tile after the loop. No loop-carried value is yielded unchanged: Triton
+    does not pipeline such loops."""
     blk = _page_ids(bt_row, base + t_lo * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
     for t in range(t_lo, t_hi):
         kstart = base + t * BLOCK_N
