@@ -7,7 +7,9 @@ predicted ceiling of one part of a launch. Every figure it yields is a predictio
       one copy group is in flight: copies and math alternate)
   compute-bound part: FLOPs / min(tensor-core peak (FP32 FMA without MMA) x SMs used / SMs,
       issue = SMs x min(4, warps/SM) x clock x FLOPs per warp-instruction); "no overlap":
-      tensor-core time at peak + MUFU time + issue time of the rest, added.
+      tensor-core time at peak + MUFU time + issue time of the rest, added, less only the
+      overlap the SASS shows (overlap_credit: work a warp issues while its own wgmma group
+      is pending, before the WARPGROUP.DEPBAR that retires it).
 """
 from __future__ import annotations
 
@@ -37,6 +39,52 @@ def occupancy(regs: int, smem: int, warps: int, dev: dict) -> dict:
     limit = min((by_regs, "regs"), (by_smem, "smem"), (by_warps, "warps"),
                 (dev["ctas_sm"], "ctas"))[1]
     return dict(ctas_per_sm=ctas, warps_per_sm=ctas * warps, limit=limit)
+
+
+def overlap_credit(events: list, warps: int, issue_sm: float, dev: dict) -> float:
+    """Seconds of a tile's tensor-core time that run under other work of the same warps, from
+    the loop body in issue order (bench/sass.py mma_events). wgmma is asynchronous: an HGMMA
+    starts the tensor cores and the warp goes on until a WARPGROUP.DEPBAR.LE gsb0, N makes it
+    wait for all but its N newest groups. So MUFU and other instructions issued while a group
+    is pending overlap that group's tensor time, up to that time (groups run in order, the
+    oldest first); a wait drops what is left of the groups it retires (the warp stalls for
+    them: no overlap). The body is walked twice and only the second pass counts, so groups
+    left pending at the back edge (issued late in one iteration, waited for in the next)
+    shadow the next iteration's work. Per-SM times as in predict_part's no-overlap bracket:
+    tensor FLOPs x warps at the SM's share of the peak, MUFU 16 lanes/clock, the rest at
+    issue_sm warp-instructions/s. What it does not credit: one warpgroup's math under the
+    other warpgroup's wgmma (the two interleave only as the schedulers allow), and work under
+    mma.sync (HMMA: not asynchronous)."""
+    tc_sm = dev["tc_tflops"] * 1e12 / dev["sms"]
+    clk = dev["clock_ghz"] * 1e9
+    pending, open_group, credit = [], False, 0.0
+    for lap in (0, 1):
+        for ev in events:
+            kind = ev[0]
+            if kind == "mma":
+                t = ev[1] * warps / tc_sm
+                if open_group:
+                    pending[-1] += t
+                else:
+                    pending.append(t)
+                    open_group = True
+            elif kind == "commit":
+                open_group = False
+            elif kind == "wait":
+                keep = ev[1] + (1 if open_group else 0)
+                pending = pending[len(pending) - keep:] if keep else []
+            else:
+                w = ev[1] * warps * (32 / (MUFU_PER_SM * clk) if kind == "mufu" else 1 / issue_sm)
+                while w > 0 and pending:
+                    c = min(pending[0], w)
+                    pending[0] -= c
+                    w -= c
+                    credit += c if lap else 0.0
+                    if pending[0] <= 0:
+                        pending.pop(0)
+                        if not pending:
+                            open_group = False
+    return credit
 
 
 def predict_part(nbytes: int, flops: int, loop: dict | None, kern: dict, dev: dict,
@@ -87,11 +135,16 @@ def predict_part(nbytes: int, flops: int, loop: dict | None, kern: dict, dev: di
             # No overlap at all (the other bracket): per tile an SM runs its tensor-core
             # work at peak, then its MUFU work (16 lanes/clock/SM), then issues the rest.
             clk = dev["clock_ghz"] * 1e9
-            t_mma = (loop["mma_flops_per_instr"] * loop["mma_instr"] * warps
-                     / (dev["tc_tflops"] * 1e12 / dev["sms"])) if mma else 0.0
+            # The loop's MMA FLOPs as issued (QK^T's HGMMA.64x64x16 and P.V's 64x128x16
+            # differ: max shape x count overstated the Triton prefill's tensor time by 1.5x)
+            mma_flops = loop.get("mma_flops", loop["mma_flops_per_instr"] * loop["mma_instr"])
+            t_mma = mma_flops * warps / (dev["tc_tflops"] * 1e12 / dev["sms"]) if mma else 0.0
             t_mufu = loop["mufu"] * warps * 32 / (MUFU_PER_SM * clk)
             t_rest = (cta_instr - (loop["mma_instr"] + loop["mufu"]) * warps) / (issue / sms)
-            r["flop_no_overlap_tflops"] = cta_flops / (t_mma + t_mufu + t_rest) * sms / 1e12
+            credit = overlap_credit(loop.get("mma_events") or [], warps, issue / sms, dev)
+            r["flop_overlap_credit"] = credit / max(t_mma, 1e-30)
+            r["flop_no_overlap_tflops"] = (cta_flops / (t_mma + t_mufu + t_rest - credit)
+                                           * sms / 1e12)
         r["flop_bound"] = min(caps, key=caps.get)
         if flops / fl > t:
             t, bound = flops / fl, r["flop_bound"]

@@ -627,6 +627,15 @@ def _archs_devices(archs):
     return [(name, d) for name, d in DEVICES.items() if d["arch"] in archs]
 
 
+def _slim(facts: dict) -> dict:
+    """Kernel facts for the JSON: the loops' mma_events (the model's input, ~100 entries per
+    wgmma loop) left out; their effect is each row's flop_overlap_credit."""
+    if "kv_loops" not in facts:
+        return facts
+    return dict(facts, kv_loops=[{k: v for k, v in lp.items() if k != "mma_events"}
+                                 for lp in facts["kv_loops"]])
+
+
 def _kern(facts: dict, warps: int, grid: int, smem: int) -> dict:
     per_cta = smem + facts.get("static_smem", 0) + (RESERVED_SMEM if facts["arch"] < 90 else 0)
     return dict(facts, warps=warps, grid=grid, smem=max(0, per_cta - RESERVED_SMEM))
@@ -716,8 +725,8 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
                 if units:
                     rows.append(dict(row, backend="cuda", **_cuda_row(x, arch, dev, rec, rec_err,
                                                                       cuda_facts)))
-    kernels_out = [dict(backend="triton", key=k[0], **v) for k, v in tri_facts.items()]
-    kernels_out += [dict(backend="cuda", **v) for v in cuda_facts.values()]
+    kernels_out = [dict(backend="triton", key=k[0], **_slim(v)) for k, v in tri_facts.items()]
+    kernels_out += [dict(backend="cuda", **_slim(v)) for v in cuda_facts.values()]
     def git(*a):
         return subprocess.run(["git", "-C", str(root), *a], capture_output=True,
                               text=True).stdout.strip()
@@ -818,6 +827,15 @@ def invariants(rep: dict) -> dict:
             [f"{r['launch']} {r['dtype']} sm_{r['arch']} {c}: {r[c + '_loop']['groups_in_flight'] - 1}"
              for r in kv for c in ("decode", "prefill")
              if c + "_loop" in r and r[c + "_loop"]["groups_in_flight"] < 2], len(kv))
+        if be == "triton":
+            # ptxas C7515 ("wgmma.mma_async instructions are serialized"): every HGMMA its own
+            # commit group, each waited for at once; no overlap and the tensor pipe drains
+            wg = [(k, lp) for k in half if k["arch"] >= 90 for lp in k.get("kv_loops", [])
+                  if lp.get("mma", {}).get("wgmma", 0) > 1]
+            add("wgmma_not_serialised", be,
+                [f"{_short(k['kernel'])} sm_{k['arch']} loop {lp['start']}: "
+                 f"{lp['wgmma_groups']} groups for {lp['mma']['wgmma']} HGMMA"
+                 for k, lp in wg if lp.get("wgmma_groups", 0) >= lp["mma"]["wgmma"]], len(wg))
         dec = [r for r in mine if r["kind"] == "decode" and r["device"] == "H100"
                and max(1, r["bytes"]) and r["launch"].startswith("decode")
                and int(re.search(r"B=(\d+)", r["launch"]).group(1)) >= 64]

@@ -5,6 +5,8 @@ A back-edge branch closes a loop; inner loops count times their trip count when 
 is an immediate (a runtime bound counts once: instruction counts are lower bounds). The K/V
 loop is a loop that copies K/V (LDGSTS / UTMALDG; plain wide LDG only if no loop copies
 asynchronously) and computes (MMA / FFMA), with no such loop inside it.
+A K/V loop with wgmma (HGMMA) and no inner loop also yields `mma_events`, its body in issue
+order for the model's overlap credit (bench/kernel_model.py overlap_credit).
 """
 from __future__ import annotations
 
@@ -191,9 +193,12 @@ def _loop_stats(ins, lp: Loop) -> dict:
             st["ffma"] += 1
         elif op.startswith("HFMA2") and not op.startswith("HFMA2.MMA"):   # .MMA: a move
             st["flops"] += 128
+            st["hfma2"] += 1
         elif op.startswith("MUFU"):
             st["mufu"] += 1
         kind = _mma_kind(op)
+        if kind == "wgmma" and "gsb0" in args:
+            st["wgmma_groups"] += 1           # commits: one per HGMMA = ptxas serialised them
         if kind:
             st[f"mma:{kind}"] += 1
             st["flops"] += mma_flops(op)
@@ -220,6 +225,35 @@ def _loop_stats(ins, lp: Loop) -> dict:
     out.setdefault("runtime_trips", 0)
     out.setdefault("mma_flops_per_instr", 0)
     return out
+
+
+def mma_events(ins, lp: Loop) -> list[list]:
+    """lp's body in issue order, runs of one kind merged: ["mma", FLOPs per warp] (an HGMMA;
+    it starts the tensor cores), ["commit"] (an HGMMA carrying gsb0 closes its group),
+    ["wait", N] (WARPGROUP.DEPBAR.LE gsb0, N: the warp stalls until <= N groups are
+    pending), ["mufu", n], ["issue", n] (every other instruction). Only for loops with
+    HGMMA and no inner loop (else []): wgmma is the one MMA that runs while the warp goes on."""
+    if lp.children:
+        return []
+    out = []
+    for addr, pred, op, args in ins:
+        if not lp.start <= addr <= lp.end or op == "NOP":
+            continue
+        if op.startswith("HGMMA"):
+            ev = [["mma", mma_flops(op)]] + ([["commit"]] if "gsb0" in args else [])
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            m = re.search(r"gsb0,\s*(0x[0-9a-f]+|\d+)", args)
+            ev = [["wait", int(m.group(1), 0) if m else 0]]
+        elif op.startswith("MUFU"):
+            ev = [["mufu", 1]]
+        else:
+            ev = [["issue", 1]]
+        for e in ev:
+            if out and e[0] in ("issue", "mufu") and out[-1][0] == e[0]:
+                out[-1][1] += 1
+            else:
+                out.append(e)
+    return out if any(e[0] == "mma" for e in out) else []
 
 
 def _all_loops(loops):
@@ -257,7 +291,10 @@ def sass_facts(ins) -> dict:
                           ffma=s.get("ffma", 0), mufu=s.get("mufu", 0),
                           mma_instr=sum(mma.values()), depbar_waits=s["waits"],
                           groups_in_flight=in_flight, prefetched_bytes=prefetch,
-                          runtime_trips=s["runtime_trips"]))
+                          runtime_trips=s["runtime_trips"],
+                          mma_flops=s.get("flops", 0) - 64 * s.get("ffma", 0)
+                          - 128 * s.get("hfma2", 0), wgmma_groups=s.get("wgmma_groups", 0),
+                          mma_events=mma_events(ins, lp)))
     total = [x for x in ins if x[2] != "NOP"]
     whole = dict(instr=len(total),
                  copy_bytes=sum(32 * _width(op) for _, _, op, _ in total if op.startswith("LDG")),

@@ -181,6 +181,74 @@ def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_le
 
 
 @triton.jit
+def _kv_tiles_deferred(acc, m_i, l_i, p_prev, alpha_prev, blk_prev, t_first, q, k_head, v_head,
+                       bt_row, base, t_lo, t_hi, seq_len, n_pages, stride_kb, stride_ks,
+                       qk_scale, offs_n, offs_d, d_ok, EVEN_D: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
+    """_kv_tiles' unmasked body (tiles every row sees whole; no softcap or fp8 pages:
+    _defer_pv) with P.V deferred by one tile (the prefill tile on wgmma, DEFER_PV): iteration
+    t issues S_t = Q K_t^T, waits for it, then issues tile t-1's O = alpha O + P V (async)
+    and computes softmax(S_t) while that wgmma runs; O is next read after the following
+    iteration's S wait. Triton's wgmma pipeliner keeps a dot in flight across an iteration
+    only if its result from iteration i-1 is first used after the loop's first
+    warp_group_dot_wait {pendings = 0} (here: S's), and in SASS the P.V HGMMAs of tile t-1 sit
+    among tile t's MUFU.EX2 with their WARPGROUP.DEPBAR in the next iteration (bench/NOTES.md
+    "Deferred P.V"). In the plain order the exp2 of a tile always waits for all its MMAs.
+
+    Carried between tiles: p_prev (fp32 probabilities of the previous tile), alpha_prev (its
+    rescale), blk_prev (its block ids; V's rows are recomputed from them in K's layout:
+    carrying int64 row offsets instead cost 32 more warp-instructions a tile in a second
+    layout). t_first: the loop's first tile; before it there is no previous tile: p_prev = 0
+    and V masked to 0 (an offset before a page's start at block sizes >= 128). _flush_pv
+    adds the last tile after the loop. No loop-carried value is yielded unchanged: Triton
+    does not pipeline such loops."""
+    blk = _page_ids(bt_row, base + t_lo * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
+    for t in range(t_lo, t_hi):
+        kstart = base + t * BLOCK_N
+        kv_off = blk.to(tl.int64) * stride_kb + _in_page(kstart, offs_n, stride_ks, BLOCK_N,
+                                                          BLOCK_SIZE)
+        blk_cur = blk
+        blk = _page_ids(bt_row, kstart + BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
+        k = _load_2d(k_head + kv_off[:, None] + offs_d[None, :], None, d_ok, False,
+                     not EVEN_D)                    # rows unchecked: body tiles are whole
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        # tile t-1's P.V, issued before this tile's softmax so the two overlap (body tiles
+        # are whole; before the first there is none: masked, zeros)
+        voff = blk_prev.to(tl.int64) * stride_kb + _in_page(kstart - BLOCK_N, offs_n,
+                                                            stride_ks, BLOCK_N, BLOCK_SIZE)
+        v = _load_2d(v_head + voff[:, None] + offs_d[None, :], (offs_n * 0 + t) > t_first,
+                     d_ok, True, not EVEN_D)
+        acc = tl.dot(p_prev.to(v.dtype), v, acc * alpha_prev[:, None],
+                     input_precision=DOT_PREC)
+        # the scale after the row max (max(s) x scale = max(s x scale) for a scale > 0,
+        # rounding is monotonic) and fused into exp2's argument: one FFMA per score instead
+        # of an FMUL and an FADD (474 -> 444 warp-instructions per 128x64 tile)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # fully masked row: no NaN
+        alpha_prev = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
+        l_i = l_i * alpha_prev + tl.sum(p, 1)
+        p_prev = p
+        blk_prev = tl.maximum(blk_cur, 0)   # ids >= 0: a copy Triton cannot fold (a yielded
+        m_i = m_new                         # block argument would stop the pipeliner)
+    return acc, m_i, l_i, p_prev, alpha_prev, blk_prev
+
+
+@triton.jit
+def _flush_pv(acc, p_prev, alpha_prev, blk_prev, t_first, t_end, base, seq_len, v_head,
+              stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The deferred P.V of the last tile, t_end - 1 (zeros if no tile was visited)."""
+    kstart = base + (t_end - 1) * BLOCK_N
+    voff = blk_prev.to(tl.int64) * stride_kb + _in_page(kstart, offs_n, stride_ks, BLOCK_N,
+                                                        BLOCK_SIZE)
+    v_ok = (kstart + offs_n < seq_len) & (t_end > t_first)
+    v = _load_2d(v_head + voff[:, None] + offs_d[None, :], v_ok, d_ok, True, not EVEN_D)
+    return tl.dot(p_prev.to(v.dtype), v, acc * alpha_prev[:, None], input_precision=DOT_PREC)
+
+
+@triton.jit
 def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_start, q_len,
             seq_len, kvh, split, num_splits, ws_row0, ws_rows, num_q_heads, group, q_per_block,
             qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
@@ -188,7 +256,8 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr,
             TO_WS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-            DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr):
+            DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr,
+            DEFER_PV: tl.constexpr):
     """One q block (q_per_block tokens from tok0, x G heads) of one sequence, one KV head,
     one split of its KV tiles. TO_WS: write the normalised partial output + lse to workspace
     row ws_row0 + token (of ws_rows per split); else write the output."""
@@ -234,22 +303,67 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
     kv_head_off = kvh.to(tl.int64) * stride_kh
     k_head = k_ptr + kv_head_off
     v_head = v_ptr + kv_head_off
-    # window edge (masked), fully visible body (no mask), causal diagonal / sequence end
-    acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a, seq_len,
-                              n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
-                              True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
-                              KV_FP8, PER_SLOT_SCALE)
-    acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c, seq_len,
-                              n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
-                              False, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
-                              KV_FP8, PER_SLOT_SCALE)
-    acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi, seq_len,
-                              n_pages, qpos, stride_kb, stride_ks, qk_scale, softcap, window,
-                              offs_n, offs_d, d_ok, ks_ptr + kvh, vs_ptr + kvh, num_kv_heads,
-                              True, WINDOW, SOFTCAP, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE,
-                              KV_FP8, PER_SLOT_SCALE)
+    # Tiles in three loops: the window edge, the fully visible body and the causal diagonal /
+    # sequence end; only the body is unmasked. Online softmax takes tiles in any order, and
+    # the order matters to ptxas: with the masked window-edge loop before the body it
+    # serialised every wgmma of the kernel (C7515 "non wgmma instructions defining
+    # accumulator registers": each HGMMA followed by WARPGROUP.DEPBAR.LE gsb0, 0x0; every
+    # sliding-window variant), so wgmma-sized tiles with a window run the body first. Only
+    # there: without a window the head loop is empty for causal rows, and the body-first
+    # order cost decode tiles 6-10 registers and block size 128 a C7515 of its own.
+    if DEFER_PV:
+        # only the unmasked body defers P.V: carrying P through the masked loops as well cost
+        # 16-64 bytes of spills at 255 registers (window, softcap, G=1, block 64, per-slot
+        # fp8); its last P.V is added before the masked loops that follow
+        if not WINDOW:
+            acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
+                                      seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                      softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                      vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                      DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+        p_prev = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        alpha_prev = tl.full([BLOCK_M], 1.0, tl.float32)
+        blk_prev = _page_ids(bt_row, base + a * BLOCK_N, n_pages, offs_n, BLOCK_N, BLOCK_SIZE)
+        acc, m_i, l_i, p_prev, alpha_prev, blk_prev = _kv_tiles_deferred(
+            acc, m_i, l_i, p_prev, alpha_prev, blk_prev, a, q, k_head, v_head, bt_row,
+            base, a, c, seq_len, n_pages, stride_kb, stride_ks, qk_scale, offs_n, offs_d,
+            d_ok, EVEN_D, DOT_PREC, BLOCK_N, BLOCK_SIZE)
+        acc = _flush_pv(acc, p_prev, alpha_prev, blk_prev, a, c, base, seq_len, v_head,
+                        stride_kb, stride_ks, offs_n, offs_d, d_ok, EVEN_D, DOT_PREC, BLOCK_N,
+                        BLOCK_SIZE)
+        if WINDOW:
+            acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
+                                      seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                      softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                      vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                      DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+    elif WINDOW and BLOCK_M >= 64:
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, False, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+    else:
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, a,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+        acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, a, c,
+                                  seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                                  softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                                  vs_ptr + kvh, num_kv_heads, False, WINDOW, SOFTCAP, EVEN_D,
+                                  DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
+    acc, m_i, l_i = _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, c, t_hi,
+                              seq_len, n_pages, qpos, stride_kb, stride_ks, qk_scale,
+                              softcap, window, offs_n, offs_d, d_ok, ks_ptr + kvh,
+                              vs_ptr + kvh, num_kv_heads, True, WINDOW, SOFTCAP, EVEN_D,
+                              DOT_PREC, BLOCK_N, BLOCK_SIZE, KV_FP8, PER_SLOT_SCALE)
 
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]          # rows with no key: 0
@@ -293,7 +407,7 @@ def _paged_attn_kernel(
         BLOCK_SIZE: tl.constexpr, EVEN_D: tl.constexpr, SEARCH: tl.constexpr,
         DIRECT: tl.constexpr, SPLIT: tl.constexpr, WS_BY_SEQ: tl.constexpr, Q_LOOP: tl.constexpr,
         WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-        KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr):
+        KV_FP8: tl.constexpr, PER_SLOT_SCALE: tl.constexpr, DEFER_PV: tl.constexpr):
     # 1-D grid, KV head fastest, so every head of one q block is dispatched together.
     pid = tl.program_id(0) // num_kv_heads
     kvh = tl.program_id(0) % num_kv_heads
@@ -327,7 +441,7 @@ def _paged_attn_kernel(
                     qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale,
                     HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_SIZE, EVEN_D, False, WINDOW,
-                    SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
+                    SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE, DEFER_PV)
     elif DIRECT:
         # Direct class (BLOCK_M_D rows): program b * splits + split for each sequence with
         # q_len < min_q (every sequence of a decode-only launch), found by index: no search,
@@ -356,7 +470,7 @@ def _paged_attn_kernel(
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
                             stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale, HEAD_DIM,
                             BLOCK_M_D, BLOCK_N_D, BLOCK_D, BLOCK_SIZE, EVEN_D, SPLIT, WINDOW,
-                            SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
+                            SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE, False)
             else:                     # one q block (decodes): the loop cost 44 registers
                 _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, 0,
                         q_start, q_len, seq_len, kvh, split, splits, ws_row0, ws_rows,
@@ -364,7 +478,7 @@ def _paged_attn_kernel(
                         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks,
                         stride_kh, ks_ptr, vs_ptr, num_kv_heads, out_scale, HEAD_DIM,
                         BLOCK_M_D, BLOCK_N_D, BLOCK_D, BLOCK_SIZE, EVEN_D, SPLIT, WINDOW,
-                        SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE)
+                        SOFTCAP, DOT_PREC, KV_FP8, PER_SLOT_SCALE, False)
 
 
 @triton.jit(do_not_specialize=["ws_rows", "num_splits", "min_q", "stride_ot", "stride_oh"],
@@ -435,6 +549,24 @@ _DECODE_MAX_Q = 16
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 512      # below this a split's fixed cost (q load, merge) dominates
 TWO_CLASSES = True            # False: mixed launches use one (prefill) tile class; for A/B timing
+DEFER_PV = True               # False: the prefill tile's P.V in tile order (no overlap); A/B timing
+
+
+def _defer_pv(plan, dtype: torch.dtype, arch: int, softcap: bool = False,
+              kv_fp8: bool = False) -> bool:
+    """Defer P.V by one tile in the search class (_kv_tiles_deferred) where its dots are wgmma:
+    sm_90+, half precision (fp32 runs an FMA dot: nothing async to overlap), >= 64 rows per
+    warpgroup (wgmma's M). (That loop scales after the row max: the scale is > 0, which
+    kernels.paged_attention checks.) Not with a softcap (its tanh makes the loop issue-bound,
+    2400+ warp-instructions a tile, and the carried P spilled 56 bytes) nor fp8 pages (V is
+    converted in registers and copied to one shared buffer, so Triton waits for the P.V
+    wgmma at once: nothing overlaps, and the carried P took 254-255 registers). The direct
+    (decode) class keeps tile order: its 16-row tiles run mma.sync, and carrying P would
+    cost registers a memory-bound loop does not repay."""
+    cfg = plan.cfg
+    return (DEFER_PV and plan.search and arch >= 90 and dtype != torch.float32
+            and cfg.block_m * 4 // cfg.num_warps >= 64
+            and not (softcap or kv_fp8))
 
 
 # Configs tuned offline per GPU model (bench/tune_triton.py measures candidates on the device
@@ -729,7 +861,9 @@ def _launch(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, scale
         Q_LOOP=plan.q_loop,
         WINDOW=window > 0, SOFTCAP=use_softcap,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=fp8,
-        PER_SLOT_SCALE=per_slot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PER_SLOT_SCALE=per_slot,
+        DEFER_PV=_defer_pv(plan, q.dtype, _arch(q.device), use_softcap, fp8),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         _merge_kernel[(B if plan.ws_by_seq else T, Hq)](
             out, ws_o, ws_lse, cu_seqlens_q, plan.ws_rows, Hq, splits, plan.min_q,

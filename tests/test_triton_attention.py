@@ -59,6 +59,55 @@ def test_all_prefill_no_context(dtype):
     _check([33, 17, 1, 50], [33, 17, 1, 50], hq=4, hkv=4, d=96, dtype=dtype)
 
 
+@pytest.mark.parametrize("window", [None, 200])
+def test_deferred_pv_never_reads_past_a_sequence(window):
+    """The prefill tile's unmasked body defers P.V by one tile (_kv_tiles_deferred): the
+    first deferred P.V adds zeros without reading a page and the last is added before the
+    masked loops (with a window: body first, then the window edge). Contexts of 263 and 130
+    keys give each q block 2-4 body tiles. Every cache slot outside the sequences (partial
+    last pages, unused blocks) holds NaN, so any unmasked read of one poisons the output
+    (0 * NaN = NaN)."""
+    b = make_batch([37, 20, 1], [300, 150, 40], num_q_heads=8, num_kv_heads=2, head_dim=64,
+                   block_size=16, dtype=torch.float64)
+    # relabel so that block 0 (where a zero offset points) is one no sequence uses
+    nblk = [-(-n // 16) for n in b["seq_lens"].tolist()]
+    used = {int(b["block_table"][i, j]) for i, n in enumerate(nblk) for j in range(n)}
+    u = min(set(range(b["k_cache"].shape[0])) - used)
+    t = b["block_table"]
+    b["block_table"] = torch.where(t == 0, u, torch.where(t == u, 0, t)).to(torch.int32)
+    for key in ("k_cache", "v_cache"):
+        b[key][[0, u]] = b[key][[u, 0]]
+    valid = torch.zeros(b["k_cache"].shape[0] * 16, dtype=torch.bool)
+    for i, n in enumerate(b["seq_lens"].tolist()):
+        p = torch.arange(n)
+        valid[b["block_table"][i, p // 16].long() * 16 + p % 16] = True
+    for key in ("k_cache", "v_cache"):
+        b[key].view(-1, 2, 64)[~valid] = float("nan")
+    plan = ta._plan(58, 3, 2, 64, torch.float16, 4, 37, 300, None, torch.device("cpu"))
+    assert ta._defer_pv(plan, torch.float16, 90)            # the path under test runs
+    _check(None, None, batch=b, dtype=torch.float16, window=window,
+           name=f"NaN outside the sequences, window {window}")
+
+
+def test_deferred_pv_only_on_wgmma_prefill_tiles():
+    """P.V is deferred where the search-class dots are wgmma (sm_90, half precision, >= 64
+    rows per warpgroup), never for decode-only launches, fp32 (FMA dots), sm_80, a softcap
+    or fp8 pages (kernels/triton_attention.py _defer_pv says why)."""
+    cpu = torch.device("cpu")
+
+    def defer(dtype, max_q, arch=90, D=128, G=4, B=2):
+        return ta._defer_pv(ta._plan(4096, B, 8, D, dtype, G, max_q, 4096, None, cpu),
+                            dtype, arch)
+    assert defer(torch.bfloat16, 4096) and defer(torch.float16, 17)
+    assert not defer(torch.bfloat16, 1) and not defer(torch.bfloat16, 16)   # decode-only
+    assert not defer(torch.float32, 4096)
+    assert not defer(torch.bfloat16, 4096, arch=80)
+    assert not defer(torch.bfloat16, 4096, D=256)           # 64x32 / 8 warps: 32 rows per WG
+    plan = ta._plan(4096, 2, 8, 128, torch.bfloat16, 4, 4096, 4096, None, cpu)
+    assert not ta._defer_pv(plan, torch.bfloat16, 90, softcap=True)
+    assert not ta._defer_pv(plan, torch.bfloat16, 90, kv_fp8=True)
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_kv_len_one(dtype):
     _check([1, 1], [1, 1], hq=4, hkv=1, d=64, dtype=dtype)
@@ -716,6 +765,21 @@ def test_tune_triton_quick_writes_a_loadable_table(tuned_table, tmp_path, monkey
     cfg = ta._config(32, torch.float16, 2, 1, 90, "interpreter")
     assert [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages] == stored[
         ta.tuned_key("decode", 32, 2, torch.float16)]["config"]
+
+
+def test_tune_triton_searches_deep_pipelines_and_16x32_decode_tiles():
+    """Issue 12: the tuner's full grid holds num_stages 4-6 for both classes (K/V copies stay
+    in flight num_stages - 1 deep once block ids are prefetched) and 16x32 decode tiles."""
+    from bench import tune_triton
+    dec = tune_triton.candidates("decode", 128, 4, False, ta._config(128, torch.bfloat16, 4, 1))
+    pre = tune_triton.candidates("prefill", 128, 4, False,
+                                 ta._config(128, torch.bfloat16, 4, 4096))
+    assert (16, 32) in {(c.block_m, c.block_n) for c in dec}
+    for cands in (dec, pre):
+        assert {4, 5, 6} <= {c.num_stages for c in cands}
+    assert {4, 5, 6} <= {c.num_stages for c in pre if (c.block_m, c.block_n) == (128, 64)}
+    assert all(ta._valid(c, cls, 4) for cls, cs in (("decode", dec), ("prefill", pre))
+               for c in cs)                              # the table would accept every winner
 
 
 # --------------------------------------------------------------------------- fp8 KV cache
