@@ -1,0 +1,235 @@
+// The tensor-core tile of paged_attention_kernel on sm_90a: wgmma.mma_async (csrc/wgmma.cuh)
+// in place of mma.sync + ldmatrix. Included by paged_attention.cu inside its namespace, after
+// copy_kv_chunk / LeanCfg (it reuses both); the kernel's tc branch calls wgmma_tile when
+// RAGGED_WGMMA (sm_90a, or the emulator's arch-90 build).
+//
+// Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
+// of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64), 2
+// cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
+// fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (A = Q, B = K, both K-major
+// in shared memory), then O += P V by NK / 16 wgmma m64n{D}k16 (A = P from registers: the
+// accumulator fragment of S is the A fragment of P, as with mma.sync; B = V, N-major with the
+// transpose bit: V is [key][d]). One wgmma instruction does the work of 16 HMMA.16816 (64 x N
+// x 16 against 16 x 8 x 16) and needs no ldmatrix: the report counts the loop's instructions
+// (bench/kernel_report.py), and the per-score softmax is what remains.
+// Shared memory: Q [D / 64 panels][64 rows][128 B], then 2 stages of K, V [D / 64][NK][128 B];
+// each panel row holds 64 values of a row's D with its 16-byte chunk c at c ^ (row % 8) (the
+// 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. The base is rounded up
+// to 1024 bytes of the shared window (the swizzle is on address bits): WgmmaCfg::SMEM has the
+// slack. wgmma runs on every warp of the warpgroup even with no rows (missing rows are zero Q
+// and fully masked scores), so the warpgroup collectives always see 128 threads.
+#pragma once
+// (wgmma.cuh is included by paged_attention.cu at file scope: this file is inside its namespace.)
+
+// Shared memory of the wgmma tile (the launch takes the max with the other tiles' needs).
+template <typename T, int DM>
+struct WgmmaCfg {
+  static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
+  static constexpr size_t SMEM =
+      1024 + static_cast<size_t>(kTcRows) * DM * sizeof(T) + 2 * 2 * NK * DM * sizeof(T);
+};
+
+struct TcArgs {
+  int b, q_start, ctx, row0, nrows, G, kvh, lo, hi, split, nsplit;
+};
+
+#if RAGGED_WGMMA
+template <typename T, int DM, bool FP8>
+__device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* smem_raw,
+                                           const TcArgs& a) {
+  using LC = LeanCfg<T, DM, true>;
+  constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, NK = LC::NK, DT = DM / 8;
+  static_assert(NK == WgmmaCfg<T, DM>::NK && sizeof(T) == 2 && DM % 64 == 0, "wgmma tile");
+  constexpr int QB = kTcRows * 128, KB = NK * 128;   // bytes of a Q panel, a K/V panel
+  constexpr int QBYTES = QB * (DM / 64), STAGE = 2 * KB * (DM / 64);
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sbase = (raw + 1023u) & ~1023u;
+  char* base = static_cast<char*>(smem_raw) + (sbase - raw);
+  // Byte offset of 16-byte chunk ch of row r in a swizzled [panels][rows][128 B] array.
+  auto off = [](int r, int ch, int rows) {
+    return (ch >> 3) * rows * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4);
+  };
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nt = a.hi > a.lo ? (a.hi - a.lo + NK - 1) / NK : 0;
+  const int G = a.G, kvh = a.kvh, hi = a.hi, nrows = a.nrows, row0 = a.row0, ctx = a.ctx;
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < kTcRows * NC; i += kThreads) {
+    const int r = i / NC, ch = i % NC;
+    const bool ok = r < nrows;
+    const int rr = row0 + (ok ? r : 0);
+    cp_async16(base + off(r, ch, kTcRows),
+               q + (a.q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h +
+                   ch * VEC, ok);
+  }
+  // K/V copies: the mma.sync tile's block walk (keys grp + j NG in tile order, chunk c).
+  const int grp = tid / NC, c = tid % NC;
+  const int bs = p.block_size;
+  const int head_c = kvh * DM + c * VEC;
+  const int tok_stride = p.num_kv_heads * DM;
+  const int32_t* bt = p.block_table + static_cast<int64_t>(a.b) * p.block_table_stride;
+  int wkey = a.lo + grp;
+  int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
+  int woff = wkey - wbi * bs;
+  auto page_of = [&](int bi) {
+    return static_cast<int64_t>(bt[bi]) * (static_cast<int64_t>(p.num_kv_heads) * DM * bs);
+  };
+  int64_t wpage = wkey < hi ? page_of(wbi) : 0;
+  auto load = [&](int stage) {
+    char* ks = base + QBYTES + stage * STAGE;
+#pragma unroll
+    for (int j = 0; j < LC::LOADS; ++j) {
+      const int k = grp + j * NG;
+      const bool valid = wkey < hi;
+      const int64_t src = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
+      const int so = off(k, c, NK);
+      copy_kv_chunk<T, FP8, VEC>(reinterpret_cast<T*>(ks + so),
+                                 reinterpret_cast<T*>(ks + STAGE / 2 + so), p, src, valid, bt,
+                                 wbi, woff, kvh);
+      wkey += NG;
+      woff += NG;
+      if (woff >= bs) {
+        woff -= bs;
+        ++wbi;
+        if (wkey < hi) wpage = page_of(wbi);
+      }
+    }
+  };
+  const int g = lane >> 2, t4 = lane & 3, wr0 = warp * 16;
+  const int rA = wr0 + g, rB = rA + 8;
+  const int qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;  // a missing row sees no key
+  const int qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
+  const bool warp_full = wr0 + 16 <= nrows;
+  const int qpos_lo = ctx + (row0 + min(wr0, nrows - 1)) / G;
+  const int qpos_hi = ctx + (row0 + min(wr0 + 15, nrows - 1)) / G;
+  const int window = p.sliding_window;
+  const bool has_cap = p.softcap > 0.f;
+  const float inv_cap = has_cap ? 1.f / p.softcap : 0.f;
+  const float sl2 = has_cap ? p.scale : p.scale * kLog2e;
+  float o[DM / 2];
+#pragma unroll
+  for (int j = 0; j < DM / 2; ++j) o[j] = 0.f;
+  float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;  // l: this lane's part
+  if (nt > 0) load(0);
+  cp_async_commit();  // Q and tile 0
+  int stage = 0;
+  for (int it = 0; it < nt; ++it) {
+    if (it + 1 < nt) load(stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
+    __syncthreads();
+    const uint32_t ks = sbase + QBYTES + stage * STAGE, vs = ks + STAGE / 2;
+    float s[NK / 2];  // S [64 x NK]: s[4n + j] is mma.sync's sc[n][j]
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DM / 16; ++kk)
+      wgmma_ss<T, NK, false>(s, gmma_desc(sbase + (kk >> 2) * QB + (kk & 3) * 32, 16, 1024),
+                             gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    // Masks only where needed (a partial last tile, the causal diagonal, a window edge,
+    // missing rows); scores unscaled until the exp2's FFMA, as in the mma.sync tile.
+    const int key0 = a.lo + it * NK, kmax = key0 + NK - 1;
+    float f = sl2;
+    if (has_cap) {
+#pragma unroll
+      for (int j = 0; j < NK / 2; ++j) s[j] = p.softcap * tanhf(s[j] * sl2 * inv_cap) * kLog2e;
+      f = 1.f;
+    }
+    const bool full = warp_full && kmax < hi && kmax <= qpos_lo &&
+                      (window <= 0 || key0 > qpos_hi - window);
+    if (!full) {
+#pragma unroll
+      for (int j = 0; j < NK / 2; ++j) {
+        const int key = key0 + 8 * (j >> 2) + 2 * t4 + (j & 1);
+        const int qp = (j & 2) ? qposB : qposA;
+        const bool ok = key < hi && key <= qp && (window <= 0 || key > qp - window);
+        if (!ok) s[j] = -INFINITY;
+      }
+    }
+    float mxA = -INFINITY, mxB = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < NK / 8; ++n) {
+      mxA = fmaxf(mxA, fmaxf(s[4 * n], s[4 * n + 1]));
+      mxB = fmaxf(mxB, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+    }
+#pragma unroll
+    for (int w = 1; w <= 2; w <<= 1) {
+      mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, w));
+      mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, w));
+    }
+    const float nA = fmaxf(mA, mxA * f), nB = fmaxf(mB, mxB * f);  // f > 0
+    const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
+    const float aA = fast_exp2(mA - uA), aB = fast_exp2(mB - uB);
+    mA = nA;
+    mB = nB;
+    float sA = 0.f, sB = 0.f;
+#pragma unroll
+    for (int n = 0; n < NK / 8; ++n) {
+      s[4 * n] = fast_exp2(fmaf(s[4 * n], f, -uA));
+      s[4 * n + 1] = fast_exp2(fmaf(s[4 * n + 1], f, -uA));
+      s[4 * n + 2] = fast_exp2(fmaf(s[4 * n + 2], f, -uB));
+      s[4 * n + 3] = fast_exp2(fmaf(s[4 * n + 3], f, -uB));
+      sA += s[4 * n] + s[4 * n + 1];
+      sB += s[4 * n + 2] + s[4 * n + 3];
+    }
+    lA = lA * aA + sA;
+    lB = lB * aB + sB;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[4 * d] *= aA; o[4 * d + 1] *= aA;
+      o[4 * d + 2] *= aB; o[4 * d + 3] *= aB;
+    }
+    uint32_t pa[NK / 16][4];
+#pragma unroll
+    for (int kt = 0; kt < NK / 16; ++kt) {
+      pa[kt][0] = pack2<T>(s[8 * kt], s[8 * kt + 1]);
+      pa[kt][1] = pack2<T>(s[8 * kt + 2], s[8 * kt + 3]);
+      pa[kt][2] = pack2<T>(s[8 * kt + 4], s[8 * kt + 5]);
+      pa[kt][3] = pack2<T>(s[8 * kt + 6], s[8 * kt + 7]);
+    }
+    wgmma_fence();  // O was rescaled and P written by ordinary instructions
+#pragma unroll
+    for (int kt = 0; kt < NK / 16; ++kt)  // 16 keys = 2 8-row groups of V (SBO 1024 apart)
+      wgmma_rs<T, DM, true>(o, pa[kt], gmma_desc(vs + kt * 2048, KB, 1024), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+  if (wr0 >= nrows) return;
+#pragma unroll
+  for (int w = 1; w <= 2; w <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, w);
+    lB += __shfl_xor_sync(0xffffffffu, lB, w);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = h ? rB : rA;
+    if (r >= nrows) continue;
+    const float l = h ? lB : lA, mm = h ? mB : mA;
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
+    const int rr = row0 + r;
+    const int64_t t = a.q_start + rr / G;
+    const int qh = kvh * G + rr % G;
+    if (a.nsplit == 1) {
+      T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) {
+        const float f2[2] = {o[4 * d + 2 * h] * inv, o[4 * d + 2 * h + 1] * inv};
+        store_f<T, 2>(out + 8 * d + 2 * t4, f2);
+      }
+    } else {
+      const int64_t row =
+          (static_cast<int64_t>(a.split) * p.num_tokens + t) * p.num_q_heads + qh;
+      float* po = p.partial_out + row * DM;
+#pragma unroll
+      for (int d = 0; d < DT; ++d)
+        *reinterpret_cast<float2*>(po + 8 * d + 2 * t4) =
+            make_float2(o[4 * d + 2 * h] * inv, o[4 * d + 2 * h + 1] * inv);
+      if (t4 == 0) p.partial_lse[row] = l > 0.f ? (mm + log2f(l)) / kLog2e : -INFINITY;
+    }
+  }
+}
+#endif  // RAGGED_WGMMA
