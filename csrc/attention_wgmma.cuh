@@ -25,8 +25,8 @@
 template <typename T, int DM>
 struct WgmmaCfg {
   static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
-  static constexpr size_t SMEM =
-      1024 + static_cast<size_t>(kTcRows) * DM * sizeof(T) + 2 * 2 * NK * DM * sizeof(T);
+  static constexpr size_t SMEM = 1024 + static_cast<size_t>(kTcRows) * DM * sizeof(T) +
+                                 2 * 2 * NK * DM * sizeof(T) + 64;  // + TcArgs (see the stash)
 };
 
 struct TcArgs {
@@ -50,6 +50,12 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
     return (ch >> 3) * rows * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4);
   };
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // The epilogue's indices wait in shared memory, not in registers over the loop: at D 128 the
+  // loop holds O (64) + S (16) + P (8) and sat at the 128-register cap of 4 CTAs/SM with 16
+  // bytes spilled until these were taken out.
+  TcArgs* stash = reinterpret_cast<TcArgs*>(base + QBYTES + 2 * STAGE);
+  static_assert(sizeof(TcArgs) <= 64, "stash");
+  if (tid == 0) *stash = a;
   const int nt = a.hi > a.lo ? (a.hi - a.lo + NK - 1) / NK : 0;
   const int G = a.G, kvh = a.kvh, hi = a.hi, nrows = a.nrows, row0 = a.row0, ctx = a.ctx;
   const T* q = static_cast<const T*>(p.q);
@@ -198,7 +204,9 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
     stage ^= 1;
   }
   cp_async_wait<0>();
-  if (wr0 >= nrows) return;
+  __syncthreads();  // the stash is visible (the loop's barriers may not have run: nt == 0)
+  const TcArgs e = *stash;
+  if (wr0 >= e.nrows) return;
 #pragma unroll
   for (int w = 1; w <= 2; w <<= 1) {
     lA += __shfl_xor_sync(0xffffffffu, lA, w);
@@ -207,13 +215,13 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = h ? rB : rA;
-    if (r >= nrows) continue;
+    if (r >= e.nrows) continue;
     const float l = h ? lB : lA, mm = h ? mB : mA;
     const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
-    const int rr = row0 + r;
-    const int64_t t = a.q_start + rr / G;
-    const int qh = kvh * G + rr % G;
-    if (a.nsplit == 1) {
+    const int rr = e.row0 + r;
+    const int64_t t = e.q_start + rr / e.G;
+    const int qh = e.kvh * e.G + rr % e.G;
+    if (e.nsplit == 1) {
       T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
 #pragma unroll
       for (int d = 0; d < DT; ++d) {
@@ -222,7 +230,7 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
       }
     } else {
       const int64_t row =
-          (static_cast<int64_t>(a.split) * p.num_tokens + t) * p.num_q_heads + qh;
+          (static_cast<int64_t>(e.split) * p.num_tokens + t) * p.num_q_heads + qh;
       float* po = p.partial_out + row * DM;
 #pragma unroll
       for (int d = 0; d < DT; ++d)
