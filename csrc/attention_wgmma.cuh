@@ -34,91 +34,65 @@ struct TcArgs {
 };
 
 #if RAGGED_WGMMA
+// The tile's state over its K/V loop (registers once inlined: every member function is
+// __forceinline__, the object a local of wgmma_tile).
 template <typename T, int DM, bool FP8>
-__device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* smem_raw,
-                                           const TcArgs& a) {
+struct WgmmaTile {
   using LC = LeanCfg<T, DM, true>;
-  constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, NK = LC::NK, DT = DM / 8;
+  static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, NK = LC::NK, DT = DM / 8;
+  static constexpr int QB = kTcRows * 128, KB = NK * 128;   // bytes of a Q panel, a K/V panel
+  static constexpr int QBYTES = QB * (DM / 64), STAGE = 2 * KB * (DM / 64);
   static_assert(NK == WgmmaCfg<T, DM>::NK && sizeof(T) == 2 && DM % 64 == 0, "wgmma tile");
-  constexpr int QB = kTcRows * 128, KB = NK * 128;   // bytes of a Q panel, a K/V panel
-  constexpr int QBYTES = QB * (DM / 64), STAGE = 2 * KB * (DM / 64);
-  const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t sbase = (raw + 1023u) & ~1023u;
-  char* base = static_cast<char*>(smem_raw) + (sbase - raw);
+
+  const PagedAttentionParams& p;
+  char* base;        // the 1024-aligned start (generic address), Q then the stages
+  uint32_t sbase;    // its shared-window address (descriptors)
+  const int32_t* bt;
+  int lo, hi, nt, t4, qposA, qposB, stage;
+  int wkey, wbi, woff;  // the block walk of this thread's next key (keys grp + j NG, tile order)
+  int64_t wpage;
+  float sl2, inv_cap;
+  float o[DM / 2];      // O [64 x DM] accumulators (wgmma fragment: o[4d + q] is mma's o[d][q])
+  float mA, mB, lA, lB; // running max (log2 units) and this lane's part of the sum, rows A/B
+
   // Byte offset of 16-byte chunk ch of row r in a swizzled [panels][rows][128 B] array.
-  auto off = [](int r, int ch, int rows) {
+  static __device__ __forceinline__ int off(int r, int ch, int rows) {
     return (ch >> 3) * rows * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4);
-  };
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // The epilogue's indices wait in shared memory, not in registers over the loop: at D 128 the
-  // loop holds O (64) + S (16) + P (8) and sat at the 128-register cap of 4 CTAs/SM with 16
-  // bytes spilled until these were taken out.
-  TcArgs* stash = reinterpret_cast<TcArgs*>(base + QBYTES + 2 * STAGE);
-  static_assert(sizeof(TcArgs) <= 64, "stash");
-  if (tid == 0) *stash = a;
-  const int nt = a.hi > a.lo ? (a.hi - a.lo + NK - 1) / NK : 0;
-  const int G = a.G, kvh = a.kvh, hi = a.hi, nrows = a.nrows, row0 = a.row0, ctx = a.ctx;
-  const T* q = static_cast<const T*>(p.q);
-  for (int i = tid; i < kTcRows * NC; i += kThreads) {
-    const int r = i / NC, ch = i % NC;
-    const bool ok = r < nrows;
-    const int rr = row0 + (ok ? r : 0);
-    cp_async16(base + off(r, ch, kTcRows),
-               q + (a.q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h +
-                   ch * VEC, ok);
   }
-  // K/V copies: the mma.sync tile's block walk (keys grp + j NG in tile order, chunk c).
-  const int grp = tid / NC, c = tid % NC;
-  const int bs = p.block_size;
-  const int head_c = kvh * DM + c * VEC;
-  const int tok_stride = p.num_kv_heads * DM;
-  const int32_t* bt = p.block_table + static_cast<int64_t>(a.b) * p.block_table_stride;
-  int wkey = a.lo + grp;
-  int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
-  int woff = wkey - wbi * bs;
-  auto page_of = [&](int bi) {
-    return static_cast<int64_t>(bt[bi]) * (static_cast<int64_t>(p.num_kv_heads) * DM * bs);
-  };
-  int64_t wpage = wkey < hi ? page_of(wbi) : 0;
-  auto load = [&](int stage) {
-    char* ks = base + QBYTES + stage * STAGE;
+  __device__ __forceinline__ int64_t page_of(int bi) const {
+    return static_cast<int64_t>(bt[bi]) *
+           (static_cast<int64_t>(p.num_kv_heads) * DM * p.block_size);
+  }
+  // K/V of the next tile into `st`: thread (grp, c) copies chunk c of keys grp + j NG, the
+  // mma.sync tile's walk (the block index stepped, never divided, in the loop).
+  __device__ __forceinline__ void load(int st) {
+    const int grp = threadIdx.x / NC, c = threadIdx.x % NC;
+    const int head_c = blockIdx.y * DM + c * VEC;   // < 2^24: Hkv <= 65535, D <= 256
+    char* ks = base + QBYTES + st * STAGE;
 #pragma unroll
     for (int j = 0; j < LC::LOADS; ++j) {
       const int k = grp + j * NG;
       const bool valid = wkey < hi;
-      const int64_t src = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
+      const int64_t src =
+          wpage + static_cast<int64_t>(woff) * (p.num_kv_heads * DM) + head_c;
       const int so = off(k, c, NK);
       copy_kv_chunk<T, FP8, VEC>(reinterpret_cast<T*>(ks + so),
                                  reinterpret_cast<T*>(ks + STAGE / 2 + so), p, src, valid, bt,
-                                 wbi, woff, kvh);
+                                 wbi, woff, blockIdx.y);
       wkey += NG;
       woff += NG;
-      if (woff >= bs) {
-        woff -= bs;
+      if (woff >= p.block_size) {
+        woff -= p.block_size;
         ++wbi;
         if (wkey < hi) wpage = page_of(wbi);
       }
     }
-  };
-  const int g = lane >> 2, t4 = lane & 3, wr0 = warp * 16;
-  const int rA = wr0 + g, rB = rA + 8;
-  const int qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;  // a missing row sees no key
-  const int qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
-  const bool warp_full = wr0 + 16 <= nrows;
-  const int qpos_lo = ctx + (row0 + min(wr0, nrows - 1)) / G;
-  const int qpos_hi = ctx + (row0 + min(wr0 + 15, nrows - 1)) / G;
-  const int window = p.sliding_window;
-  const bool has_cap = p.softcap > 0.f;
-  const float inv_cap = has_cap ? 1.f / p.softcap : 0.f;
-  const float sl2 = has_cap ? p.scale : p.scale * kLog2e;
-  float o[DM / 2];
-#pragma unroll
-  for (int j = 0; j < DM / 2; ++j) o[j] = 0.f;
-  float mA = -INFINITY, mB = -INFINITY, lA = 0.f, lB = 0.f;  // l: this lane's part
-  if (nt > 0) load(0);
-  cp_async_commit();  // Q and tile 0
-  int stage = 0;
-  for (int it = 0; it < nt; ++it) {
+  }
+  // One K/V tile: prefetch the next, S = Q K^T, online softmax, O += P V. MASK: apply the
+  // causal / window / `hi` / missing-row masks (the tiles the CTA does not see whole: the
+  // caller runs the others without); CAP: softcap.
+  template <bool MASK, bool CAP>
+  __device__ __forceinline__ void step(int it) {
     if (it + 1 < nt) load(stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -133,18 +107,15 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
                              gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024), kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
-    // Masks only where needed (a partial last tile, the causal diagonal, a window edge,
-    // missing rows); scores unscaled until the exp2's FFMA, as in the mma.sync tile.
-    const int key0 = a.lo + it * NK, kmax = key0 + NK - 1;
+    // Scores stay unscaled until the exp2's FFMA (x f), as in the mma.sync tile.
     float f = sl2;
-    if (has_cap) {
+    if constexpr (CAP) {
 #pragma unroll
       for (int j = 0; j < NK / 2; ++j) s[j] = p.softcap * tanhf(s[j] * sl2 * inv_cap) * kLog2e;
       f = 1.f;
     }
-    const bool full = warp_full && kmax < hi && kmax <= qpos_lo &&
-                      (window <= 0 || key0 > qpos_hi - window);
-    if (!full) {
+    if constexpr (MASK) {
+      const int key0 = lo + it * NK, window = p.sliding_window;
 #pragma unroll
       for (int j = 0; j < NK / 2; ++j) {
         const int key = key0 + 8 * (j >> 2) + 2 * t4 + (j & 1);
@@ -199,24 +170,103 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
     for (int kt = 0; kt < NK / 16; ++kt)  // 16 keys = 2 8-row groups of V (SBO 1024 apart)
       wgmma_rs<T, DM, true>(o, pa[kt], gmma_desc(vs + kt * 2048, KB, 1024), true);
     wgmma_commit();
-    wgmma_wait<0>();
-    __syncthreads();  // the next iteration's prefetch overwrites this stage
+    wgmma_wait<0>();  // O complete, and this stage's K/V no longer read ...
+    __syncthreads();  // ... by anyone: the next step's prefetch overwrites it
     stage ^= 1;
   }
+  // Tiles [0, t_lo) and [t_hi, nt) masked, [t_lo, t_hi) not. One masked loop serves both
+  // ends (the seg loop), so the loop body exists twice, not three times.
+  template <bool CAP>
+  __device__ __forceinline__ void run(int t_lo, int t_hi) {
+    int it = 0;
+    for (int seg = 0; seg < 2; ++seg) {
+      const int end = seg == 0 ? t_lo : nt;
+      for (; it < end; ++it) step<true, CAP>(it);
+      if (seg == 0)
+        for (; it < t_hi; ++it) step<false, CAP>(it);
+    }
+  }
+};
+
+template <typename T, int DM, bool FP8>
+__device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* smem_raw,
+                                           const TcArgs& a) {
+  using W = WgmmaTile<T, DM, FP8>;
+  constexpr int NC = W::NC, NK = W::NK, VEC = W::VEC;
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sbase = (raw + 1023u) & ~1023u;
+  char* base = static_cast<char*>(smem_raw) + (sbase - raw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // The epilogue's indices wait in shared memory, not in registers over the loop: at D 128 the
+  // loop holds O (64) + S (16) + P (8) and sat at the 128-register cap of 4 CTAs/SM with 16
+  // bytes spilled until these were taken out.
+  TcArgs* stash = reinterpret_cast<TcArgs*>(base + W::QBYTES + 2 * W::STAGE);
+  static_assert(sizeof(TcArgs) <= 64, "stash");
+  if (tid == 0) *stash = a;
+  const int G = a.G, nrows = a.nrows, row0 = a.row0, ctx = a.ctx;
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < kTcRows * NC; i += kThreads) {
+    const int r = i / NC, ch = i % NC;
+    const bool ok = r < nrows;
+    const int rr = row0 + (ok ? r : 0);
+    cp_async16(base + W::off(r, ch, kTcRows),
+               q + (a.q_start + rr / G) * p.q_stride_t + (a.kvh * G + rr % G) * p.q_stride_h +
+                   ch * VEC, ok);
+  }
+  W x{p, base, sbase, p.block_table + static_cast<int64_t>(a.b) * p.block_table_stride};
+  x.lo = a.lo;
+  x.hi = a.hi;
+  x.nt = a.hi > a.lo ? (a.hi - a.lo + NK - 1) / NK : 0;
+  x.t4 = lane & 3;
+  const int rA = warp * 16 + (lane >> 2), rB = rA + 8;
+  x.qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;  // a missing row sees no key
+  x.qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
+  x.stage = 0;
+  x.wkey = a.lo + tid / NC;
+  x.wbi = p.block_shift >= 0 ? x.wkey >> p.block_shift : x.wkey / p.block_size;
+  x.woff = x.wkey - x.wbi * p.block_size;
+  x.wpage = x.wkey < a.hi ? x.page_of(x.wbi) : 0;
+  const bool has_cap = p.softcap > 0.f;
+  x.inv_cap = has_cap ? 1.f / p.softcap : 0.f;
+  x.sl2 = has_cap ? p.scale : p.scale * kLog2e;
+#pragma unroll
+  for (int j = 0; j < DM / 2; ++j) x.o[j] = 0.f;
+  x.mA = x.mB = -INFINITY;
+  x.lA = x.lB = 0.f;
+  // Tiles every row of the CTA sees whole (no mask): kmax < hi and kmax <= the first row's
+  // position (causal), key0 > the last row's position - window; none with missing rows.
+  int t_lo = 0, t_hi = 0;
+  if (nrows == kTcRows) {
+    const int qmin = ctx + row0 / G, qmax = ctx + (row0 + nrows - 1) / G;
+    const int X = min(qmin + 1, a.hi) - a.lo;        // keys [lo, lo + X) precede both bounds
+    t_hi = X > 0 ? X / NK : 0;
+    if (p.sliding_window > 0) {
+      const int Y = qmax - p.sliding_window - a.lo + 1;  // first key offset the window allows
+      t_lo = Y > 0 ? (Y + NK - 1) / NK : 0;
+    }
+    t_lo = min(t_lo, x.nt);
+    t_hi = min(max(t_hi, t_lo), x.nt);
+  }
+  if (x.nt > 0) x.load(0);
+  cp_async_commit();  // Q and tile 0
+  if (has_cap) x.template run<true>(t_lo, t_hi);
+  else x.template run<false>(t_lo, t_hi);
   cp_async_wait<0>();
   __syncthreads();  // the stash is visible (the loop's barriers may not have run: nt == 0)
   const TcArgs e = *stash;
-  if (wr0 >= e.nrows) return;
+  if (warp * 16 >= e.nrows) return;
+  float lA = x.lA, lB = x.lB;
 #pragma unroll
   for (int w = 1; w <= 2; w <<= 1) {
     lA += __shfl_xor_sync(0xffffffffu, lA, w);
     lB += __shfl_xor_sync(0xffffffffu, lB, w);
   }
+  const int t4 = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = h ? rB : rA;
     if (r >= e.nrows) continue;
-    const float l = h ? lB : lA, mm = h ? mB : mA;
+    const float l = h ? lB : lA, mm = h ? x.mB : x.mA;
     const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
     const int rr = e.row0 + r;
     const int64_t t = e.q_start + rr / e.G;
@@ -224,8 +274,8 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
     if (e.nsplit == 1) {
       T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
 #pragma unroll
-      for (int d = 0; d < DT; ++d) {
-        const float f2[2] = {o[4 * d + 2 * h] * inv, o[4 * d + 2 * h + 1] * inv};
+      for (int d = 0; d < W::DT; ++d) {
+        const float f2[2] = {x.o[4 * d + 2 * h] * inv, x.o[4 * d + 2 * h + 1] * inv};
         store_f<T, 2>(out + 8 * d + 2 * t4, f2);
       }
     } else {
@@ -233,9 +283,9 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
           (static_cast<int64_t>(e.split) * p.num_tokens + t) * p.num_q_heads + qh;
       float* po = p.partial_out + row * DM;
 #pragma unroll
-      for (int d = 0; d < DT; ++d)
+      for (int d = 0; d < W::DT; ++d)
         *reinterpret_cast<float2*>(po + 8 * d + 2 * t4) =
-            make_float2(o[4 * d + 2 * h] * inv, o[4 * d + 2 * h + 1] * inv);
+            make_float2(x.o[4 * d + 2 * h] * inv, x.o[4 * d + 2 * h + 1] * inv);
       if (t4 == 0) p.partial_lse[row] = l > 0.f ? (mm + log2f(l)) / kLog2e : -INFINITY;
     }
   }
