@@ -87,8 +87,10 @@ def predict_part(nbytes: int, flops: int, loop: dict | None, kern: dict, dev: di
             # No overlap at all (the other bracket): per tile an SM runs its tensor-core
             # work at peak, then its MUFU work (16 lanes/clock/SM), then issues the rest.
             clk = dev["clock_ghz"] * 1e9
-            t_mma = (loop["mma_flops_per_instr"] * loop["mma_instr"] * warps
-                     / (dev["tc_tflops"] * 1e12 / dev["sms"])) if mma else 0.0
+            # The loop's summed MMA FLOPs where known: max-per-instr x count overstates a loop
+            # of mixed shapes (wgmma m64n32 QK^T + m64n128 PV: 2.5x at D 128).
+            mflops = loop.get("mma_flops") or loop["mma_flops_per_instr"] * loop["mma_instr"]
+            t_mma = (mflops * warps / (dev["tc_tflops"] * 1e12 / dev["sms"])) if mma else 0.0
             t_mufu = loop["mufu"] * warps * 32 / (MUFU_PER_SM * clk)
             t_rest = (cta_instr - (loop["mma_instr"] + loop["mufu"]) * warps) / (issue / sms)
             r["flop_no_overlap_tflops"] = cta_flops / (t_mma + t_mufu + t_rest) * sms / 1e12
