@@ -107,6 +107,7 @@ struct WgmmaTile {
                              gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024), kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
+    wgmma_pin(s);
     // Scores stay unscaled until the exp2's FFMA (x f), as in the mma.sync tile.
     float f = sl2;
     if constexpr (CAP) {
@@ -171,6 +172,7 @@ struct WgmmaTile {
       wgmma_rs<T, DM, true>(o, pa[kt], gmma_desc(vs + kt * 2048, KB, 1024), true);
     wgmma_commit();
     wgmma_wait<0>();  // O complete, and this stage's K/V no longer read ...
+    wgmma_pin(o);     // (P's registers: ptxas tracks HGMMA's A operands until the wait)
     __syncthreads();  // ... by anyone: the next step's prefetch overwrites it
     stage ^= 1;
   }

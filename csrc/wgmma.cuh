@@ -77,6 +77,18 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
+// Pins N registers for the compiler (no code): after a wgmma_wait, the accumulators' uses
+// stay after it. NVVM knows nothing of wgmma's asynchrony and may move an ordinary use of a
+// wgmma's output above the (volatile) wait: a read of an in-flight accumulator
+// (CUTLASS: warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void wgmma_pin(float (&r)[N]) {
+#if !defined(RAGGED_EMU)
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+
 // Shared memory written by the generic proxy (cp.async, st.shared) visible to the async proxy
 // (wgmma operand reads): after the writes land, before the barrier that precedes the wgmma.
 __device__ __forceinline__ void fence_proxy_async() {
