@@ -15,18 +15,21 @@
 // Shared memory: Q [D / 64 panels][64 rows][128 B], then 2 stages of K, V [D / 64][NK][128 B];
 // each panel row holds 64 values of a row's D with its 16-byte chunk c at c ^ (row % 8) (the
 // 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. The base is rounded up
-// to 1024 bytes of the shared window (the swizzle is on address bits): WgmmaCfg::SMEM has the
-// slack. wgmma runs on every warp of the warpgroup even with no rows (missing rows are zero Q
+// to 1024 bytes of the shared window (the swizzle is on address bits): see WgmmaCfg. wgmma runs on every warp of the warpgroup even with no rows (missing rows are zero Q
 // and fully masked scores), so the warpgroup collectives always see 128 threads.
 #pragma once
 // (wgmma.cuh is included by paged_attention.cu at file scope: this file is inside its namespace.)
 
-// Shared memory of the wgmma tile (the launch takes the max with the other tiles' needs).
+// Shared memory of the wgmma tile: 16 B of stash (the epilogue's indices, see wgmma_tile),
+// then Q and 2 stages from the next 1024-byte boundary: dynamic shared memory is 16-byte
+// aligned, so stash + padding take 16..1024 bytes. The launch takes the max with the lean
+// tile's 49792 B: 50176 B at D 128, so 2 CTAs/SM still fit sm_86/89's 100 KB (2 x (50176 +
+// 1 KB reserved) = 100 KB exactly), 3 sm_80's 164 KB, 4 sm_90's 228 KB.
 template <typename T, int DM>
 struct WgmmaCfg {
   static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
-  static constexpr size_t SMEM = 1024 + static_cast<size_t>(kTcRows) * DM * sizeof(T) +
-                                 2 * 2 * NK * DM * sizeof(T) + 64;  // + TcArgs (see the stash)
+  static constexpr uint32_t TILES = kTcRows * DM * sizeof(T) + 2 * 2 * NK * DM * sizeof(T);
+  static constexpr size_t SMEM = TILES + 1024;
 };
 
 struct TcArgs {
@@ -196,15 +199,21 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   using W = WgmmaTile<T, DM, FP8>;
   constexpr int NC = W::NC, NK = W::NK, VEC = W::VEC;
   const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t sbase = (raw + 1023u) & ~1023u;
+  const uint32_t sbase = (raw + 16 + 1023u) & ~1023u;  // >= 16 B below it for the stash
   char* base = static_cast<char*>(smem_raw) + (sbase - raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // The epilogue's indices wait in shared memory, not in registers over the loop: at D 128 the
-  // loop holds O (64) + S (16) + P (8) and sat at the 128-register cap of 4 CTAs/SM with 16
-  // bytes spilled until these were taken out.
-  TcArgs* stash = reinterpret_cast<TcArgs*>(base + W::QBYTES + 2 * W::STAGE);
-  static_assert(sizeof(TcArgs) <= 64, "stash");
-  if (tid == 0) *stash = a;
+#if defined(RAGGED_EMU)  // the host's sizing (WgmmaCfg::SMEM), checked where it costs nothing
+  if (sbase - raw + WgmmaCfg<T, DM>::TILES > dynamic_smem_bytes())
+    device_trap("wgmma tile: dynamic shared memory below WgmmaCfg::SMEM");
+#endif
+  // The epilogue's indices wait in shared memory (16 B just below the tiles), not in registers
+  // over the loop: at D 128 the loop holds O (64) + S (16) + P (8) and sat at the 128-register
+  // cap of 4 CTAs/SM with 16 bytes spilled until these were taken out. kvh < 2^16 (grid.y),
+  // nrows <= 64, split < kMaxSplits = 128.
+  int4* stash = reinterpret_cast<int4*>(base - 16);
+  if (tid == 0)
+    *stash = make_int4(a.q_start, a.row0, a.G,
+                       a.kvh | a.nrows << 16 | a.split << 23 | (a.nsplit == 1) << 30);
   const int G = a.G, nrows = a.nrows, row0 = a.row0, ctx = a.ctx;
   const T* q = static_cast<const T*>(p.q);
   for (int i = tid; i < kTcRows * NC; i += kThreads) {
@@ -255,8 +264,11 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   else x.template run<false>(t_lo, t_hi);
   cp_async_wait<0>();
   __syncthreads();  // the stash is visible (the loop's barriers may not have run: nt == 0)
-  const TcArgs e = *stash;
-  if (warp * 16 >= e.nrows) return;
+  const int4 e = *stash;
+  const int e_q_start = e.x, e_row0 = e.y, e_G = e.z, e_kvh = e.w & 0xffff;
+  const int e_nrows = e.w >> 16 & 0x7f, e_split = e.w >> 23 & 0x7f;
+  const bool e_one = e.w >> 30 & 1;
+  if (warp * 16 >= e_nrows) return;
   float lA = x.lA, lB = x.lB;
 #pragma unroll
   for (int w = 1; w <= 2; w <<= 1) {
@@ -267,13 +279,13 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = h ? rB : rA;
-    if (r >= e.nrows) continue;
+    if (r >= e_nrows) continue;
     const float l = h ? lB : lA, mm = h ? x.mB : x.mA;
     const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
-    const int rr = e.row0 + r;
-    const int64_t t = e.q_start + rr / e.G;
-    const int qh = e.kvh * e.G + rr % e.G;
-    if (e.nsplit == 1) {
+    const int rr = e_row0 + r;
+    const int64_t t = e_q_start + rr / e_G;
+    const int qh = e_kvh * e_G + rr % e_G;
+    if (e_one) {
       T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
 #pragma unroll
       for (int d = 0; d < W::DT; ++d) {
@@ -282,7 +294,7 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
       }
     } else {
       const int64_t row =
-          (static_cast<int64_t>(e.split) * p.num_tokens + t) * p.num_q_heads + qh;
+          (static_cast<int64_t>(e_split) * p.num_tokens + t) * p.num_q_heads + qh;
       float* po = p.partial_out + row * DM;
 #pragma unroll
       for (int d = 0; d < W::DT; ++d)

@@ -319,7 +319,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
     if (tc) {
 #if RAGGED_WGMMA
       wgmma_tile<T, DM, FP8>(p, smem_raw, TcArgs{b, q_start, ctx, row0, nrows, G, kvh, lo, hi,
-                                                 split, plan.n});
+                                                 split, plan.n});  // sm_90a: wgmma
       return;
 #endif
       // FA2-style tile on mma.sync.m16n8k16 (fp32 accumulate): warp w owns rows 16w..16w+15;

@@ -39,6 +39,27 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 #endif
 }
 
+// The launch's dynamic shared memory in bytes (%dynamic_smem_size).
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+#if defined(RAGGED_EMU)
+  return static_cast<uint32_t>(emu_dyn_smem_size);
+#else
+  uint32_t r;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+#endif
+}
+
+// A launch the host sized wrong: stop the kernel (a launch error), never compute garbage.
+__device__ __forceinline__ void device_trap(const char* why) {
+#if defined(RAGGED_EMU)
+  emu_abort_thread(why);
+#else
+  (void)why;
+  asm volatile("trap;");
+#endif
+}
+
 // Descriptor of a 128B-swizzled operand at shared address `addr` (PTX ISA "Matrix Descriptor
 // Format": bits 0-13 start >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51 base offset, 62-63
 // swizzle mode, 1 = 128B). K-major: LBO unused (1), SBO = 8-row group stride. MN-major: LBO =

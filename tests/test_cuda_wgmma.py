@@ -78,15 +78,18 @@ def _run(emu, case):
                      generator=torch.Generator().manual_seed(1))
     bl = cast(b64, dtype)
     kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
+    ops = emu.wgmma_ops()
     got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
                               num_kv_splits=splits, arch=90, **kw)
     return (got, ref.paged_attention(*attn_args(b64), **kw),
-            ref.paged_attention(*attn_args(bl), **kw))
+            ref.paged_attention(*attn_args(bl), **kw), emu.wgmma_ops() - ops)
 
 
 @pytest.mark.parametrize("case", range(len(WGMMA_CASES)))
 def test_emulated_wgmma_attention(emu, case):
-    got, want, torch_low = _run(emu, WGMMA_CASES[case])
+    got, want, torch_low, ops = _run(emu, WGMMA_CASES[case])
+    print(f"wgmma case {case}: {ops} wgmma ops")
+    assert ops > 0    # the tensor-core rows took the wgmma tile, not the mma.sync fallback
     assert_close(got, want, torch_low, name=f"wgmma case {case}")
 
 
@@ -94,7 +97,7 @@ def test_emulated_wgmma_attention(emu, case):
 # build: there the tensor-core rows take the wgmma tile; the other tiles are the same code.
 @pytest.mark.parametrize("case", [0, 2, 11, 12, 13, 14, 15, 17])
 def test_emulated_paged_attention_sm90(emu, case):
-    got, want, torch_low = _run(emu, EMU_CASES[case])
+    got, want, torch_low, _ = _run(emu, EMU_CASES[case])
     assert_close(got, want, torch_low, name=f"sm90 emulated case {case}")
 
 
@@ -109,7 +112,9 @@ def test_emulated_wgmma_attention_fp8(emu, case):
     bl = cast(b64, dtype)
     kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap,
               k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    ops = emu.wgmma_ops()
     got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
                               num_kv_splits=splits, arch=90, **kw)
+    assert emu.wgmma_ops() > ops
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name=f"wgmma fp8 {case}")

@@ -164,6 +164,13 @@ def wgmma_test(a, b, c, n, mode, mutate=0):
     return d
 
 
+def wgmma_ops(arch=90) -> int:
+    """warpgroup wgmma.mma_async operations the emulator has run since it loaded."""
+    fn = build(arch).emu_wgmma_ops
+    fn.restype = ctypes.c_ulonglong
+    return int(fn())
+
+
 def shfl_test(mode):
     """One warp shuffles (shim.cpp): 0 full warp, 1 a lane exited, 2 half warp with its mask,
     3 a source lane outside the mask. Returns the 32 results (NaN where none written)."""
