@@ -135,10 +135,10 @@ def predict_part(nbytes: int, flops: int, loop: dict | None, kern: dict, dev: di
             # No overlap at all (the other bracket): per tile an SM runs its tensor-core
             # work at peak, then its MUFU work (16 lanes/clock/SM), then issues the rest.
             clk = dev["clock_ghz"] * 1e9
-            # The loop's MMA FLOPs as issued (QK^T's HGMMA.64x64x16 and P.V's 64x128x16
-            # differ: max shape x count overstated the Triton prefill's tensor time by 1.5x)
-            mma_flops = loop.get("mma_flops", loop["mma_flops_per_instr"] * loop["mma_instr"])
-            t_mma = mma_flops * warps / (dev["tc_tflops"] * 1e12 / dev["sms"]) if mma else 0.0
+            # The loop's summed MMA FLOPs where known: max-per-instr x count overstates a loop
+            # of mixed shapes (wgmma m64n32 QK^T + m64n128 PV: 2.5x at D 128).
+            mflops = loop.get("mma_flops") or loop["mma_flops_per_instr"] * loop["mma_instr"]
+            t_mma = (mflops * warps / (dev["tc_tflops"] * 1e12 / dev["sms"])) if mma else 0.0
             t_mufu = loop["mufu"] * warps * 32 / (MUFU_PER_SM * clk)
             t_rest = (cta_instr - (loop["mma_instr"] + loop["mufu"]) * warps) / (issue / sms)
             credit = overlap_credit(loop.get("mma_events") or [], warps, issue / sms, dev)

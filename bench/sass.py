@@ -202,6 +202,7 @@ def _loop_stats(ins, lp: Loop) -> dict:
         if kind:
             st[f"mma:{kind}"] += 1
             st["flops"] += mma_flops(op)
+            st["mma_flops"] += mma_flops(op)   # the sum: a loop may mix shapes (QK^T vs PV)
             st["mma_flops_per_instr"] = max(st["mma_flops_per_instr"], mma_flops(op))
         if op.startswith("DEPBAR"):
             m = re.search(r"SB0,\s*0x([0-9a-f]+)|SB0,\s*(\d+)", args)
@@ -288,12 +289,12 @@ def sass_facts(ins) -> dict:
                           copy_bytes=s.get("copy_bytes", 0), tma=s.get("tma", 0),
                           flops=s.get("flops", 0), mma=mma,
                           mma_flops_per_instr=s["mma_flops_per_instr"],
+                          mma_flops=s.get("mma_flops", 0),
                           ffma=s.get("ffma", 0), mufu=s.get("mufu", 0),
                           mma_instr=sum(mma.values()), depbar_waits=s["waits"],
                           groups_in_flight=in_flight, prefetched_bytes=prefetch,
                           runtime_trips=s["runtime_trips"],
-                          mma_flops=s.get("flops", 0) - 64 * s.get("ffma", 0)
-                          - 128 * s.get("hfma2", 0), wgmma_groups=s.get("wgmma_groups", 0),
+                          wgmma_groups=s.get("wgmma_groups", 0),
                           mma_events=mma_events(ins, lp)))
     total = [x for x in ins if x[2] != "NOP"]
     whole = dict(instr=len(total),

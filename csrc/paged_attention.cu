@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "wgmma.cuh"
 
 namespace ragged {
 namespace {
@@ -242,6 +243,8 @@ struct MinBlocks {
 #endif
 };
 
+#include "attention_wgmma.cuh"  // sm_90a's tensor-core tile (wgmma); uses the helpers above
+
 // FP8: the cache holds e4m3 codes (p.kv_fp8). The lean and tensor-core tiles dequantise each
 // chunk into their T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps
 // e4m3 bytes in shared memory and scales scores / probabilities (see its K/V copy).
@@ -314,6 +317,11 @@ paged_attention_kernel(const PagedAttentionParams p) {
 
   if constexpr (TC_OK) {
     if (tc) {
+#if RAGGED_WGMMA
+      wgmma_tile<T, DM, FP8>(p, smem_raw, TcArgs{b, q_start, ctx, row0, nrows, G, kvh, lo, hi,
+                                                 split, plan.n});  // sm_90a: wgmma
+      return;
+#endif
       // FA2-style tile on mma.sync.m16n8k16 (fp32 accumulate): warp w owns rows 16w..16w+15;
       // S = Q K^T and O += P V with P kept in registers (the C fragment of S is the A fragment
       // of P), online softmax per row in fp32. Shared memory: Q [64][DM] and 2 stages of K/V
@@ -1057,9 +1065,11 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM
-                     : FP8                       ? C::smem_fp8(p.head_dim)
-                                                 : C::smem(p.head_dim);
+  size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM
+               : FP8                       ? C::smem_fp8(p.head_dim)
+                                           : C::smem(p.head_dim);
+  if constexpr (LeanCfg<T, DM, EXACT>::OK && sizeof(T) == 2 && DM <= 128)  // the TC tiles
+    smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;  // sm_90a's wgmma tile
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8>;
   if (smem > 48 * 1024) {
     const cudaError_t e =

@@ -23,7 +23,7 @@ XFAIL = {
     "no_spills_half[triton]": None,
     "no_spills_half[cuda]": None,
     "prefill_tensor_cores[triton]": None,
-    "prefill_tensor_cores[cuda]": "issue 13: CUDA prefill runs mma.sync (HMMA) on sm_90a too; no wgmma path yet",
+    "prefill_tensor_cores[cuda]": None,
     "copy_in_flight[triton]": None,
     "copy_in_flight[cuda]": None,
     "decode_85pct_hbm_h100[triton]": None,

@@ -25,6 +25,21 @@
 // - ldmatrix .x1/.x2/.x4 (.trans) and mma.sync.m16n8k16 (f16/bf16 in, f32 accumulate) with
 //   the PTX ISA fragment layouts (lane l: group g = l / 4, t = l % 4). mma accumulates in fp32
 //   in k order; the hardware's internal accumulation order/rounding may differ by an ulp.
+// - wgmma (sm_90a; csrc/wgmma.cuh) with the PTX ISA semantics: wgmma.mma_async
+//   .m64nNk16 (f16/bf16 in, f32 accumulate) is a collective of the 128 threads of a
+//   warpgroup (all must arrive, with the same shape, flags and descriptors); A from
+//   registers or shared memory, B from shared memory, both read through the decoded matrix
+//   descriptor (start, LBO, SBO, swizzle none/32B/64B/128B applied to the shared-window
+//   address bits, as the hardware does: a pattern off its 1024-byte boundary reads wrong
+//   elements). Dynamic shared memory sits at shared address 0x300, 0x3d0 or 0x400 of the
+//   window (launches take them in turn: a kernel must align its swizzled tiles itself). The issuing thread's
+//   accumulators read NaN until a wgmma.wait_group retires its group; a wgmma chained on the
+//   accumulators of an in-flight one (same shape) accumulates onto its result. Shared memory
+//   an in-flight wgmma reads must not change before the wait (checked at the first and the
+//   last thread's wait: launch error). A wgmma without a wgmma.fence by the thread since
+//   its last wait_group (or its start) fails: the model's stand-in for "registers touched
+//   since" (conservative). Not modelled: the generic->async proxy fence (fence.proxy.async is a no-op here), A
+//   registers changed while in flight, negative imm-scale, base offset != 0 (fails).
 // - Blocks of a grid run one after another in a seeded shuffled order (a fresh order per
 //   launch; set RAGGED_EMU_SEED to reproduce). Dynamic shared memory is poisoned (0xff) before
 //   each block; `__shared__` is `static` (one block at a time).
@@ -89,11 +104,16 @@ inline void emu_fail(const std::string& why) {
 // ------------------------------------------------------------------ fibers and the scheduler
 enum EmuState { kRunnable, kAtBarrier, kAtWarp, kExited };
 struct EmuCopy { void* dst; unsigned char data[16]; };
+struct EmuWgOp;  // one wgmma.mma_async of a warpgroup (below)
+struct EmuWgPend { std::shared_ptr<EmuWgOp> op; float* acc; int nacc; };
 struct EmuThread {
   ucontext_t ctx;
   EmuState state = kExited;
   std::vector<EmuCopy> open;               // issued, not committed
   std::deque<std::vector<EmuCopy>> groups; // committed, not yet waited for
+  std::vector<EmuWgPend> wg_open;                // wgmma issued, not committed
+  std::deque<std::vector<EmuWgPend>> wg_groups;  // committed wgmma groups, not waited for
+  bool wg_fenced = false;                        // wgmma.fence since the last wait_group
 };
 struct EmuWarp {  // one pending collective at a time
   unsigned mask = 0, arrived = 0;
@@ -105,6 +125,8 @@ struct EmuWarp {  // one pending collective at a time
 inline ucontext_t emu_sched_ctx;
 inline std::vector<EmuThread> emu_threads;
 inline std::vector<EmuWarp> emu_warps;
+struct EmuWarpgroup;
+inline std::vector<EmuWarpgroup> emu_wgs;
 inline std::vector<std::unique_ptr<char[]>> emu_stacks;
 constexpr size_t kEmuStack = 256 * 1024;
 inline std::function<void()> emu_body;
@@ -322,6 +344,193 @@ inline void emu_mma_16816(float* d, const uint32_t* a, const uint32_t* b, const 
   std::memcpy(d, o, 16);
 }
 
+
+// ------------------------------------------------------------------ wgmma (sm_90a)
+// Shared-window address of dynamic shared memory, per launch in turn 0x300, 0x3d0, 0x400 (a
+// kernel's own 1024-byte alignment of swizzled tiles is exercised with 256, 48 and 0 bytes of
+// padding; the hardware only promises 16-byte alignment).
+inline uint32_t kEmuSmemBase = 0x300;
+inline size_t emu_dyn_smem_size = 0;
+inline void emu_abort_thread(const std::string& why) {
+  char buf[300];
+  std::snprintf(buf, sizeof buf, "%s (block %u,%u thread %d)", why.c_str(), emu_bid.x,
+                emu_bid.y, emu_cur());
+  emu_fail(buf);
+  emu_aborted = true;
+  emu_threads[emu_cur()].state = kExited;
+  swapcontext(&emu_threads[emu_cur()].ctx, &emu_sched_ctx);  // never resumed
+}
+inline uint32_t emu_smem_addr(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(emu_dyn_smem);
+  if (a < b || a >= b + emu_dyn_smem_size)
+    emu_abort_thread("shared address of a pointer outside dynamic shared memory");
+  return kEmuSmemBase + static_cast<uint32_t>(a - b);
+}
+inline const uint16_t* emu_smem16(uint32_t addr) {
+  if (addr < kEmuSmemBase || addr + 2 > kEmuSmemBase + emu_dyn_smem_size || addr % 2)
+    emu_abort_thread("wgmma: operand address outside dynamic shared memory");
+  return reinterpret_cast<const uint16_t*>(static_cast<char*>(emu_dyn_smem) + (addr - kEmuSmemBase));
+}
+struct EmuDesc { uint32_t start, lbo, sbo; int base, swz; };
+inline EmuDesc emu_desc(uint64_t d) {
+  return {static_cast<uint32_t>(d & 0x3fff) << 4, static_cast<uint32_t>(d >> 16 & 0x3fff) << 4,
+          static_cast<uint32_t>(d >> 32 & 0x3fff) << 4, static_cast<int>(d >> 49 & 7),
+          static_cast<int>(d >> 62 & 3)};
+}
+// Shared address of element (mn, k) of a 16-bit operand (PTX ISA "Canonical Layouts", T = 8
+// elements per 16 bytes; W = swizzle bytes):
+//   K-major  none: ((8,m),(T,2k)):((1T,SBO),(1,LBO))   swizzled: ((8,m),(T,2k)):((W/16 T,SBO),(1,T))
+//   MN-major none: ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) swizzled: ((T,W/16,m),(8,k)):((1,T,LBO),(W/16 T,SBO))
+// then Swizzle<log2(W/16),4,3> on the address: bits 4.. ^= bits 7.. (128B: 3 bits).
+inline uint32_t emu_desc_addr(const EmuDesc& d, int mn, int k, bool mn_major) {
+  const int W = d.swz == 1 ? 128 : d.swz == 2 ? 64 : d.swz == 3 ? 32 : 0;
+  uint32_t off;
+  if (!mn_major)
+    off = W ? (mn % 8) * W + (mn / 8) * d.sbo + (k / 8) * 16 + (k % 8) * 2
+            : (mn % 8) * 16 + (mn / 8) * d.sbo + (k / 8) * d.lbo + (k % 8) * 2;
+  else
+    off = W ? (mn % (W / 2)) * 2 + (mn / (W / 2)) * d.lbo + (k % 8) * W + (k / 8) * d.sbo
+            : (mn % 8) * 2 + (mn / 8) * d.sbo + (k % 8) * 16 + (k / 8) * d.lbo;
+  uint32_t a = d.start + off;
+  if (W) {
+    const uint32_t bits = d.swz == 1 ? 7 : d.swz == 2 ? 3 : 1;
+    a ^= (a >> 7 & bits) << 4;
+  }
+  return a;
+}
+struct EmuWgOp {
+  int nacc = 0;
+  std::vector<float> res;  // [128][nacc]: each thread's accumulators after the op
+  std::vector<std::pair<const uint16_t*, uint16_t>> reads;  // shared memory read, at issue
+  int retired = 0;  // threads whose wait_group retired it
+};
+struct EmuWgIn { uint64_t da = 0, db = 0; uint32_t a[4] = {}; std::vector<float> c; };
+struct EmuWarpgroup {
+  int arrived = 0;
+  std::string op;
+  EmuWgIn in[128];
+  std::shared_ptr<EmuWgOp> out;
+};
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: d (N/2 floats a thread) = A B + (scale_d ?
+// d : 0). a == nullptr: A from shared memory (descriptor da, M-major if trans_a), else the
+// four A registers; B (descriptor db, N-major if trans_b).
+inline unsigned long long emu_wgmma_count = 0;  // warpgroup wgmma ops executed (tests read it)
+inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t db, bool scale_d,
+                      bool trans_a, bool trans_b, bool bf16) {
+  const int t = emu_cur(), w = t / 128, i = t % 128, nacc = n / 2;
+  EmuThread& th = emu_threads[t];
+  if (static_cast<int>(emu_threads.size()) < 128 * (w + 1))
+    emu_abort_thread("wgmma: the block has no whole warpgroup for this thread");
+  for (int j = 0; j < 128; ++j)
+    if (emu_threads[128 * w + j].state == kExited)
+      emu_abort_thread("wgmma: a thread of the warpgroup has exited (all 128 must arrive)");
+  if (!th.wg_fenced)
+    emu_abort_thread("wgmma.mma_async without a wgmma.fence since the thread's last "
+                     "wgmma.wait_group (registers touched since)");
+  if (n % 8 || n < 8 || n > 256) emu_abort_thread("wgmma: N must be a multiple of 8 in 8..256");
+  char key[160];
+  std::snprintf(key, sizeof key, "m64n%dk16 %s %s ta%d tb%d sd%d", n, a ? "RS" : "SS",
+                bf16 ? "bf16" : "f16", trans_a, trans_b, scale_d);
+  EmuWarpgroup& g = emu_wgs[w];
+  if (g.arrived == 0) g.op = key;
+  else if (g.op != key)
+    emu_abort_thread(std::string("wgmma: threads of the warpgroup disagree (") + g.op + " vs " +
+                     key + ")");
+  EmuWgIn& in = g.in[i];
+  in.da = da;
+  in.db = db;
+  for (int r = 0; r < 4; ++r) in.a[r] = a ? a[r] : 0;
+  in.c.assign(nacc, 0.f);
+  if (scale_d) {  // chained onto an in-flight wgmma with these accumulators: its result
+    const EmuWgPend* prev = nullptr;
+    for (auto it = th.wg_open.rbegin(); it != th.wg_open.rend() && !prev; ++it)
+      if (it->acc == d) prev = &*it;
+    for (auto gi = th.wg_groups.rbegin(); gi != th.wg_groups.rend() && !prev; ++gi)
+      for (auto it = gi->rbegin(); it != gi->rend() && !prev; ++it)
+        if (it->acc == d) prev = &*it;
+    if (prev && prev->nacc != nacc)
+      emu_abort_thread("wgmma: accumulators chained across different shapes");
+    for (int j = 0; j < nacc; ++j) in.c[j] = prev ? prev->op->res[i * nacc + j] : d[j];
+  }
+  for (int j = 0; j < nacc; ++j) d[j] = NAN;  // undefined until wgmma.wait_group
+  if (++g.arrived == 128) {
+    g.arrived = 0;
+    for (int j = 1; j < 128; ++j)
+      if (g.in[j].da != g.in[0].da || g.in[j].db != g.in[0].db)
+        emu_abort_thread("wgmma: matrix descriptors differ across the warpgroup");
+    auto op = std::make_shared<EmuWgOp>();
+    op->nacc = nacc;
+    op->res.assign(128 * nacc, 0.f);
+    std::vector<float> A(64 * 16), B(16 * n);
+    auto rd = [&](const EmuDesc& ds, int mn, int k, bool mnm) {
+      if (ds.base != 0) emu_abort_thread("wgmma: descriptor base offset != 0 (not modelled)");
+      const uint16_t* p = emu_smem16(emu_desc_addr(ds, mn, k, mnm));
+      op->reads.emplace_back(p, *p);
+      return emu_b16_to_f(*p, bf16);
+    };
+    if (a == nullptr) {
+      const EmuDesc ds = emu_desc(g.in[0].da);
+      for (int m = 0; m < 64; ++m)
+        for (int k = 0; k < 16; ++k) A[m * 16 + k] = rd(ds, m, k, trans_a);
+    } else {
+      for (int j = 0; j < 128; ++j) {
+        const int row = 16 * (j / 32) + (j % 32) / 4, col = 2 * (j % 4);
+        for (int r = 0; r < 4; ++r)
+          for (int e = 0; e < 2; ++e)
+            A[(row + 8 * (r & 1)) * 16 + col + 8 * (r >> 1) + e] =
+                emu_b16_to_f(g.in[j].a[r] >> 16 * e & 0xffff, bf16);
+      }
+    }
+    const EmuDesc dsb = emu_desc(g.in[0].db);
+    for (int k = 0; k < 16; ++k)
+      for (int c = 0; c < n; ++c) B[k * n + c] = rd(dsb, c, k, trans_b);
+    for (int j = 0; j < 128; ++j) {
+      const int row0 = 16 * (j / 32) + (j % 32) / 4, col0 = 2 * (j % 4);
+      for (int q = 0; q < nacc; ++q) {
+        const int row = row0 + 8 * (q % 4 / 2), col = 8 * (q / 4) + col0 + q % 2;
+        float s = g.in[j].c[q];
+        for (int k = 0; k < 16; ++k) s = std::fma(A[row * 16 + k], B[k * n + col], s);
+        op->res[j * nacc + q] = s;
+      }
+    }
+    g.out = op;
+    ++emu_wgmma_count;
+    for (int j = 0; j < 128; ++j)
+      if (j != i) emu_threads[128 * w + j].state = kRunnable;
+  } else {
+    th.state = kAtWarp;
+    emu_yield();
+  }
+  th.wg_open.push_back({g.out, d, nacc});
+}
+inline void emu_wgmma_fence() { emu_threads[emu_cur()].wg_fenced = true; }
+inline void emu_wgmma_commit() {
+  EmuThread& th = emu_threads[emu_cur()];
+  th.wg_groups.push_back(std::move(th.wg_open));
+  th.wg_open.clear();
+}
+inline void emu_wgmma_wait(int n) {
+  EmuThread& th = emu_threads[emu_cur()];
+  while (static_cast<int>(th.wg_groups.size()) > n) {
+    for (const EmuWgPend& pd : th.wg_groups.front()) {
+      // Its reads must still hold at the first and the last thread's wait: a write before
+      // the writer's own wait is caught either way (both, not every wait: ~4x the op's cost).
+      const int r = ++pd.op->retired;
+      if (r == 1 || r == 128)
+        for (const auto& [p, v] : pd.op->reads)
+          if (*p != v)
+            emu_abort_thread("wgmma: shared memory an in-flight wgmma.mma_async reads was "
+                             "overwritten before its wgmma.wait_group");
+      std::memcpy(pd.acc, pd.op->res.data() + (emu_cur() % 128) * pd.nacc,
+                  sizeof(float) * pd.nacc);
+    }
+    th.wg_groups.pop_front();
+  }
+  th.wg_fenced = false;
+}
+inline void emu_fence_proxy_async() {}
+
 // ------------------------------------------------------------------ launches
 // Launch-configuration errors a GPU would report: grid/block limits, and dynamic shared
 // memory over 48 KB without cudaFuncSetAttribute(MaxDynamicSharedMemorySize) for that kernel.
@@ -353,6 +562,7 @@ inline void emu_fiber_entry() {
 inline void emu_run_block(int nthr, const std::vector<int>& order) {
   emu_threads.assign(nthr, EmuThread());
   emu_warps.assign(nthr / 32, EmuWarp());
+  emu_wgs.assign((nthr + 127) / 128, EmuWarpgroup());
   while (static_cast<int>(emu_stacks.size()) < nthr)
     emu_stacks.emplace_back(new char[kEmuStack]);
   for (int t = 0; t < nthr; ++t) {
@@ -422,6 +632,8 @@ void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A...
   }
   if (emu_error != cudaSuccess) return;  // an earlier launch failed: skip, keep its error
   emu_bdim = b; emu_gdim = g;
+  emu_dyn_smem_size = smem;
+  kEmuSmemBase = emu_launch_count % 3 == 0 ? 0x300 : emu_launch_count % 3 == 1 ? 0x3d0 : 0x400;
   std::vector<char> buf(smem + 64);
   void* base = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 15) & ~uintptr_t(15));
   emu_body = [&] { k(args...); };

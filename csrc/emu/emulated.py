@@ -48,14 +48,17 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def build() -> ctypes.CDLL:
+def build(arch: int = 80) -> ctypes.CDLL:
+    if arch not in (80, 90):
+        raise ValueError(f"arch must be 80 or 90, got {arch}")
     files = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h"))
     files += [CSRC / "emu" / "emu.h", CSRC / "emu" / "shim.cpp", pathlib.Path(__file__)]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
-    out = CSRC.parent / "build" / f"emu-{digest}"
+    tag = "emu" if arch == 80 else "emu90"
+    out = CSRC.parent / "build" / f"{tag}-{digest}"
     lib = out / "libragged_emu.so"
     if not lib.exists():
-        for stale in out.parent.glob("emu-*"):     # builds of older sources
+        for stale in out.parent.glob(f"{tag}-*"):     # builds of older sources
             shutil.rmtree(stale, ignore_errors=True)
         src = out / "src"
         src.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,8 @@ def build() -> ctypes.CDLL:
         shutil.copy(CSRC / "emu" / "emu.h", out / "emu.h")
         shutil.copy(CSRC / "emu" / "shim.cpp", out / "shim.cpp")
         tmp = out / "lib.tmp.so"
-        subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w",
+        defs = ["-DRAGGED_EMU_SM90=1"] if arch == 90 else []
+        subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", *defs,
                         f"-I{cuda_include()}", f"-I{out}", *tus, str(out / "shim.cpp"), "-o",
                         str(tmp)], check=True, capture_output=True, text=True)
         tmp.rename(lib)
@@ -89,16 +93,17 @@ _SIGS = {"emu_paged_attention": [_i, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I, _P,
          "emu_rotary": [_i, _P, _P, _I, _I, _P, _I, _I, _P, _P, _P, _I] + [_i] * 7,
          "emu_silu": [_i, _P, _P, _I, _I, _i, _i],
          "emu_mma_test": [_i, _i, _P, _P, _P, _P],
+         "emu_wgmma_test": [_i, _i, _i, _P, _P, _P, _P],
          "emu_shfl_test": [_i, _P],
          "emu_cp_async_test": [_P, _P]}
 
 
-def _call(name, *args):
-    fn = getattr(build(), name)
+def _call(name, *args, arch=80):
+    fn = getattr(build(arch), name)
     fn.argtypes = _SIGS[name]
     rc = fn(*args)
     if rc != 0:
-        msg = build().emu_last_message
+        msg = build(arch).emu_last_message
         msg.restype = ctypes.c_char_p
         raise RuntimeError(f"{name}: cudaError {rc} {msg().decode()}")
 
@@ -110,9 +115,9 @@ def _nan(shape, dtype):
 
 def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, scale,
                     max_seqlen_q, num_kv_splits=1, sliding_window=None, softcap=None, out=None,
-                    k_scale=None, v_scale=None):
+                    k_scale=None, v_scale=None, arch=80):
     """fp8 (float8_e4m3fn) caches take k_scale/v_scale: float32 [num_blocks, block_size,
-    Hkv] tensors (per slot) or floats (per tensor)."""
+    Hkv] tensors (per slot) or floats (per tensor). arch 90: the sm_90a build (wgmma tile)."""
     import torch
     T, Hq, D = q.shape
     fp8 = k_cache.dtype == torch.float8_e4m3fn
@@ -129,7 +134,7 @@ def paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
           k_scale.data_ptr() if fp8 and per_slot else None,
           v_scale.data_ptr() if fp8 and per_slot else None,
           float(k_scale) if fp8 and not per_slot else 1.0,
-          float(v_scale) if fp8 and not per_slot else 1.0)
+          float(v_scale) if fp8 and not per_slot else 1.0, arch=arch)
     return out
 
 
@@ -142,6 +147,28 @@ def mma_test(a, b, c, mode):
     _call("emu_mma_test", _DT[str(a.dtype)], mode, a.data_ptr(), b.data_ptr(), c.data_ptr(),
           d.data_ptr())
     return d
+
+
+def wgmma_test(a, b, c, n, mode, mutate=0):
+    """D = A B + C through one emulated wgmma.mma_async.m64nNk16 (shim.cpp, one warpgroup):
+    a = A [64, 16], b = B [16, n] (n 32/64/128), c = C [64, n] fp32; operands copied into
+    128B-swizzled shared memory by the test kernel. mode 0: A and B from shared memory, B
+    K-major; 1: A from registers, B N-major (transpose bit); 2: A from shared memory, B
+    N-major. mutate 1: no wgmma.fence; 2: read D before wait_group (returns the NaN it sees);
+    3: overwrite B's shared memory before the wait."""
+    import torch
+    d = _nan((64, n), torch.float32)
+    a, b, c = a.contiguous(), b.contiguous(), c.contiguous()
+    _call("emu_wgmma_test", _DT[str(a.dtype)], n, mode | mutate << 4, a.data_ptr(), b.data_ptr(),
+          c.data_ptr(), d.data_ptr(), arch=90)
+    return d
+
+
+def wgmma_ops(arch=90) -> int:
+    """warpgroup wgmma.mma_async operations the emulator has run since it loaded."""
+    fn = build(arch).emu_wgmma_ops
+    fn.restype = ctypes.c_ulonglong
+    return int(fn())
 
 
 def shfl_test(mode):

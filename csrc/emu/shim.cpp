@@ -2,6 +2,7 @@
 // Each fills the params struct of ragged_kernels.h and runs the real launcher.
 #include "emu.h"
 #include "src/cuda_utils.cuh"
+#include "src/wgmma.cuh"
 
 using namespace ragged;
 
@@ -29,6 +30,69 @@ __global__ void mma_test_kernel(MmaTestParams p) {
   mma_16816<T>(d, a, b);
   p.d[g * 8 + 2 * t] = d[0]; p.d[g * 8 + 2 * t + 1] = d[1];
   p.d[(g + 8) * 8 + 2 * t] = d[2]; p.d[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+// One warpgroup: D = A B + C through one wgmma.mma_async.m64nNk16, operands stored the way
+// the attention tile stores them (128B swizzle: 16-byte chunk c of a 128-byte row r at c ^
+// (r % 8), 1024-byte aligned groups), written here by their own formula, not the emulator's
+// descriptor decode. mode & 3: 0 SS with B K-major (B^T rows, A and B at k offset 16 of
+// their rows: start + 32 bytes), 1 RS with B N-major, 2 SS with B N-major, 3 SS K-major
+// twice, chained without a wait, the first with scale-d 0 (D = 2 A B). mode >> 4: 1 no fence,
+// 2 D read before the wait, 3 B overwritten before the wait.
+struct WgmmaTestParams { int mode; const void* a; const void* b; const float* c; float* d; };
+template <typename T, int N>
+__global__ void wgmma_test_kernel(WgmmaTestParams p) {
+  const int tid = threadIdx.x, mode = p.mode & 15, mut = p.mode >> 4;
+  char* raw = static_cast<char*>(emu_dyn_smem);
+  char* base = raw + (((smem_u32(raw) + 1023u) & ~1023u) - smem_u32(raw));
+  char* As = base;                // 64 rows x 128 B
+  char* Bs = base + 8192;         // K-major: N rows x 128 B; N-major: [N / 64][16 rows][128 B]
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  const bool kmaj = mode == 0 || mode == 3;
+  auto kchunk = [](int r, int byte) { return r * 128 + (((byte >> 4) ^ (r & 7)) << 4) + (byte & 15); };
+  for (int i = tid; i < 64 * 16; i += 128) {
+    const int r = i / 16, k = i % 16;
+    *reinterpret_cast<T*>(As + kchunk(r, 32 + 2 * k)) = a[i];
+  }
+  for (int i = tid; i < 16 * N; i += 128) {
+    const int k = i / N, n = i % N;
+    if (kmaj) *reinterpret_cast<T*>(Bs + kchunk(n, 32 + 2 * k)) = b[i];
+    else *reinterpret_cast<T*>(Bs + (n / 64) * 2048 + kchunk(k, 2 * (n % 64))) = b[i];
+  }
+  __syncthreads();
+  const int w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+  float d[N / 2];
+  for (int j = 0; j < N / 2; ++j)
+    d[j] = p.c[(16 * w + g + 8 * (j % 4 / 2)) * N + 8 * (j / 4) + 2 * t + j % 2];
+  const uint64_t da = gmma_desc(smem_u32(As) + 32, 16, 1024);
+  const uint64_t dbk = gmma_desc(smem_u32(Bs) + 32, 16, 1024);
+  const uint64_t dbn = gmma_desc(smem_u32(Bs), 2048, 1024);
+  if (mut != 1) wgmma_fence();
+  if (mode == 0) wgmma_ss<T, N, false>(d, da, dbk, true);
+  if (mode == 2) wgmma_ss<T, N, true>(d, da, dbn, true);
+  if (mode == 3) {
+    wgmma_ss<T, N, false>(d, da, dbk, false);
+    wgmma_ss<T, N, false>(d, da, dbk, true);
+  }
+  if (mode == 1) {
+    uint32_t ar[4];
+    for (int r = 0; r < 4; ++r) {
+      const int row = 16 * w + g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+      ar[r] = pack2<T>(to_f<T>(a[row * 16 + col]), to_f<T>(a[row * 16 + col + 1]));
+    }
+    wgmma_rs<T, N, true>(d, ar, dbn, true);
+  }
+  wgmma_commit();
+  if (mut == 3 && tid == 0) Bs[40] ^= 1;
+  if (mut == 2) {
+    for (int j = 0; j < N / 2; ++j)
+      p.d[(16 * w + g + 8 * (j % 4 / 2)) * N + 8 * (j / 4) + 2 * t + j % 2] = d[j];
+    return;
+  }
+  wgmma_wait<0>();
+  for (int j = 0; j < N / 2; ++j)
+    p.d[(16 * w + g + 8 * (j % 4 / 2)) * N + 8 * (j / 4) + 2 * t + j % 2] = d[j];
 }
 
 // A warp collective with a lane missing (the lane exits first): must fail the launch.
@@ -72,11 +136,30 @@ int emu_cp_async_test(const float* src, float* out) {
 
 const char* emu_last_message() { return emu_message.c_str(); }
 
+unsigned long long emu_wgmma_ops() { return emu_wgmma_count; }  // since the library loaded
+
 int emu_mma_test(int dtype, int mode, const void* a, const void* b, const float* c, float* d) {
   MmaTestParams p{mode, a, b, c, d};
   emu_message.clear();
   if (dtype == 1) emu_launch(mma_test_kernel<__nv_bfloat16>, dim3(1), dim3(32), 0, nullptr, p);
   else emu_launch(mma_test_kernel<__half>, dim3(1), dim3(32), 0, nullptr, p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int emu_wgmma_test(int dtype, int n, int mode, const void* a, const void* b, const float* c,
+                   float* d) {
+  WgmmaTestParams p{mode, a, b, c, d};
+  emu_message.clear();
+  const size_t smem = 1024 + 8192 + 16384;
+#define RAGGED_WG_TEST(N)                                                                  \
+  if (n == N) {                                                                            \
+    auto k = dtype == 1 ? wgmma_test_kernel<__nv_bfloat16, N> : wgmma_test_kernel<__half, N>; \
+    emu_launch(k, dim3(1), dim3(128), smem, nullptr, p);                                   \
+  }
+  RAGGED_WG_TEST(32)
+  RAGGED_WG_TEST(64)
+  RAGGED_WG_TEST(128)
+#undef RAGGED_WG_TEST
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -1,0 +1,311 @@
+// The tensor-core tile of paged_attention_kernel on sm_90a: wgmma.mma_async (csrc/wgmma.cuh)
+// in place of mma.sync + ldmatrix. Included by paged_attention.cu inside its namespace, after
+// copy_kv_chunk / LeanCfg (it reuses both); the kernel's tc branch calls wgmma_tile when
+// RAGGED_WGMMA (sm_90a, or the emulator's arch-90 build).
+//
+// Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
+// of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64), 2
+// cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
+// fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (A = Q, B = K, both K-major
+// in shared memory), then O += P V by NK / 16 wgmma m64n{D}k16 (A = P from registers: the
+// accumulator fragment of S is the A fragment of P, as with mma.sync; B = V, N-major with the
+// transpose bit: V is [key][d]). One wgmma instruction does the work of 16 HMMA.16816 (64 x N
+// x 16 against 16 x 8 x 16) and needs no ldmatrix: the report counts the loop's instructions
+// (bench/kernel_report.py), and the per-score softmax is what remains.
+// Shared memory: Q [D / 64 panels][64 rows][128 B], then 2 stages of K, V [D / 64][NK][128 B];
+// each panel row holds 64 values of a row's D with its 16-byte chunk c at c ^ (row % 8) (the
+// 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. The base is rounded up
+// to 1024 bytes of the shared window (the swizzle is on address bits): see WgmmaCfg. wgmma
+// runs on every warp of the warpgroup even with no rows (missing rows are zero Q and fully
+// masked scores), so the warpgroup collectives always see 128 threads.
+// Tiles every row of the CTA sees whole run a loop without the mask code, softcap has its own
+// loops (run): the prefill loop the report reads is 514 warp-instructions a tile against the
+// mma.sync tile's 1086 (predicted H100 prefill 2k: 303-536 TFLOP/s against 171-259).
+#pragma once
+// (wgmma.cuh is included by paged_attention.cu at file scope: this file is inside its namespace.)
+
+// Shared memory of the wgmma tile: 16 B of stash (the epilogue's indices, see wgmma_tile),
+// then Q and 2 stages from the next 1024-byte boundary: dynamic shared memory is 16-byte
+// aligned, so stash + padding take 16..1024 bytes. The launch takes the max with the lean
+// tile's 49792 B: 50176 B at D 128, so 2 CTAs/SM still fit sm_86/89's 100 KB (2 x (50176 +
+// 1 KB reserved) = 100 KB exactly), 3 sm_80's 164 KB, 4 sm_90's 228 KB.
+template <typename T, int DM>
+struct WgmmaCfg {
+  static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
+  static constexpr uint32_t TILES = kTcRows * DM * sizeof(T) + 2 * 2 * NK * DM * sizeof(T);
+  static constexpr size_t SMEM = TILES + 1024;
+};
+
+struct TcArgs {
+  int b, q_start, ctx, row0, nrows, G, kvh, lo, hi, split, nsplit;
+};
+
+#if RAGGED_WGMMA
+// The tile's state over its K/V loop (registers once inlined: every member function is
+// __forceinline__, the object a local of wgmma_tile).
+template <typename T, int DM, bool FP8>
+struct WgmmaTile {
+  using LC = LeanCfg<T, DM, true>;
+  static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, NK = LC::NK, DT = DM / 8;
+  static constexpr int QB = kTcRows * 128, KB = NK * 128;   // bytes of a Q panel, a K/V panel
+  static constexpr int QBYTES = QB * (DM / 64), STAGE = 2 * KB * (DM / 64);
+  static_assert(NK == WgmmaCfg<T, DM>::NK && sizeof(T) == 2 && DM % 64 == 0, "wgmma tile");
+
+  const PagedAttentionParams& p;
+  char* base;        // the 1024-aligned start (generic address), Q then the stages
+  uint32_t sbase;    // its shared-window address (descriptors)
+  const int32_t* bt;
+  int lo, hi, nt, t4, qposA, qposB, stage;
+  int wkey, wbi, woff;  // the block walk of this thread's next key (keys grp + j NG, tile order)
+  int64_t wpage;
+  float sl2, inv_cap;
+  float o[DM / 2];      // O [64 x DM] accumulators (wgmma fragment: o[4d + q] is mma's o[d][q])
+  float mA, mB, lA, lB; // running max (log2 units) and this lane's part of the sum, rows A/B
+
+  // Byte offset of 16-byte chunk ch of row r in a swizzled [panels][rows][128 B] array.
+  static __device__ __forceinline__ int off(int r, int ch, int rows) {
+    return (ch >> 3) * rows * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4);
+  }
+  __device__ __forceinline__ int64_t page_of(int bi) const {
+    return static_cast<int64_t>(bt[bi]) *
+           (static_cast<int64_t>(p.num_kv_heads) * DM * p.block_size);
+  }
+  // K/V of the next tile into `st`: thread (grp, c) copies chunk c of keys grp + j NG, the
+  // mma.sync tile's walk (the block index stepped, never divided, in the loop).
+  __device__ __forceinline__ void load(int st) {
+    const int grp = threadIdx.x / NC, c = threadIdx.x % NC;
+    const int head_c = blockIdx.y * DM + c * VEC;   // < 2^24: Hkv <= 65535, D <= 256
+    char* ks = base + QBYTES + st * STAGE;
+#pragma unroll
+    for (int j = 0; j < LC::LOADS; ++j) {
+      const int k = grp + j * NG;
+      const bool valid = wkey < hi;
+      const int64_t src =
+          wpage + static_cast<int64_t>(woff) * (p.num_kv_heads * DM) + head_c;
+      const int so = off(k, c, NK);
+      copy_kv_chunk<T, FP8, VEC>(reinterpret_cast<T*>(ks + so),
+                                 reinterpret_cast<T*>(ks + STAGE / 2 + so), p, src, valid, bt,
+                                 wbi, woff, blockIdx.y);
+      wkey += NG;
+      woff += NG;
+      if (woff >= p.block_size) {
+        woff -= p.block_size;
+        ++wbi;
+        if (wkey < hi) wpage = page_of(wbi);
+      }
+    }
+  }
+  // One K/V tile: prefetch the next, S = Q K^T, online softmax, O += P V. MASK: apply the
+  // causal / window / `hi` / missing-row masks (the tiles the CTA does not see whole: the
+  // caller runs the others without); CAP: softcap.
+  template <bool MASK, bool CAP>
+  __device__ __forceinline__ void step(int it) {
+    if (it + 1 < nt) load(stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
+    __syncthreads();
+    const uint32_t ks = sbase + QBYTES + stage * STAGE, vs = ks + STAGE / 2;
+    float s[NK / 2];  // S [64 x NK]: s[4n + j] is mma.sync's sc[n][j]
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DM / 16; ++kk)
+      wgmma_ss<T, NK, false>(s, gmma_desc(sbase + (kk >> 2) * QB + (kk & 3) * 32, 16, 1024),
+                             gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_pin(s);
+    // Scores stay unscaled until the exp2's FFMA (x f), as in the mma.sync tile.
+    float f = sl2;
+    if constexpr (CAP) {
+#pragma unroll
+      for (int j = 0; j < NK / 2; ++j) s[j] = p.softcap * tanhf(s[j] * sl2 * inv_cap) * kLog2e;
+      f = 1.f;
+    }
+    if constexpr (MASK) {
+      const int key0 = lo + it * NK, window = p.sliding_window;
+#pragma unroll
+      for (int j = 0; j < NK / 2; ++j) {
+        const int key = key0 + 8 * (j >> 2) + 2 * t4 + (j & 1);
+        const int qp = (j & 2) ? qposB : qposA;
+        const bool ok = key < hi && key <= qp && (window <= 0 || key > qp - window);
+        if (!ok) s[j] = -INFINITY;
+      }
+    }
+    float mxA = -INFINITY, mxB = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < NK / 8; ++n) {
+      mxA = fmaxf(mxA, fmaxf(s[4 * n], s[4 * n + 1]));
+      mxB = fmaxf(mxB, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+    }
+#pragma unroll
+    for (int w = 1; w <= 2; w <<= 1) {
+      mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, w));
+      mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, w));
+    }
+    const float nA = fmaxf(mA, mxA * f), nB = fmaxf(mB, mxB * f);  // f > 0
+    const float uA = nA == -INFINITY ? 0.f : nA, uB = nB == -INFINITY ? 0.f : nB;
+    const float aA = fast_exp2(mA - uA), aB = fast_exp2(mB - uB);
+    mA = nA;
+    mB = nB;
+    float sA = 0.f, sB = 0.f;
+#pragma unroll
+    for (int n = 0; n < NK / 8; ++n) {
+      s[4 * n] = fast_exp2(fmaf(s[4 * n], f, -uA));
+      s[4 * n + 1] = fast_exp2(fmaf(s[4 * n + 1], f, -uA));
+      s[4 * n + 2] = fast_exp2(fmaf(s[4 * n + 2], f, -uB));
+      s[4 * n + 3] = fast_exp2(fmaf(s[4 * n + 3], f, -uB));
+      sA += s[4 * n] + s[4 * n + 1];
+      sB += s[4 * n + 2] + s[4 * n + 3];
+    }
+    lA = lA * aA + sA;
+    lB = lB * aB + sB;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[4 * d] *= aA; o[4 * d + 1] *= aA;
+      o[4 * d + 2] *= aB; o[4 * d + 3] *= aB;
+    }
+    uint32_t pa[NK / 16][4];
+#pragma unroll
+    for (int kt = 0; kt < NK / 16; ++kt) {
+      pa[kt][0] = pack2<T>(s[8 * kt], s[8 * kt + 1]);
+      pa[kt][1] = pack2<T>(s[8 * kt + 2], s[8 * kt + 3]);
+      pa[kt][2] = pack2<T>(s[8 * kt + 4], s[8 * kt + 5]);
+      pa[kt][3] = pack2<T>(s[8 * kt + 6], s[8 * kt + 7]);
+    }
+    wgmma_fence();  // O was rescaled and P written by ordinary instructions
+#pragma unroll
+    for (int kt = 0; kt < NK / 16; ++kt)  // 16 keys = 2 8-row groups of V (SBO 1024 apart)
+      wgmma_rs<T, DM, true>(o, pa[kt], gmma_desc(vs + kt * 2048, KB, 1024), true);
+    wgmma_commit();
+    wgmma_wait<0>();  // O complete, and this stage's K/V no longer read ...
+    wgmma_pin(o);     // (P's registers: ptxas tracks HGMMA's A operands until the wait)
+    __syncthreads();  // ... by anyone: the next step's prefetch overwrites it
+    stage ^= 1;
+  }
+  // Tiles [0, t_lo) and [t_hi, nt) masked, [t_lo, t_hi) not. One masked loop serves both
+  // ends (the seg loop), so the loop body exists twice, not three times.
+  template <bool CAP>
+  __device__ __forceinline__ void run(int t_lo, int t_hi) {
+    int it = 0;
+    for (int seg = 0; seg < 2; ++seg) {
+      const int end = seg == 0 ? t_lo : nt;
+      for (; it < end; ++it) step<true, CAP>(it);
+      if (seg == 0)
+        for (; it < t_hi; ++it) step<false, CAP>(it);
+    }
+  }
+};
+
+template <typename T, int DM, bool FP8>
+__device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* smem_raw,
+                                           const TcArgs& a) {
+  using W = WgmmaTile<T, DM, FP8>;
+  constexpr int NC = W::NC, NK = W::NK, VEC = W::VEC;
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sbase = (raw + 16 + 1023u) & ~1023u;  // >= 16 B below it for the stash
+  char* base = static_cast<char*>(smem_raw) + (sbase - raw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+#if defined(RAGGED_EMU)  // the host's sizing (WgmmaCfg::SMEM), checked where it costs nothing
+  if (sbase - raw + WgmmaCfg<T, DM>::TILES > dynamic_smem_bytes())
+    device_trap("wgmma tile: dynamic shared memory below WgmmaCfg::SMEM");
+#endif
+  // The epilogue's indices wait in shared memory (16 B just below the tiles), not in registers
+  // over the loop: at D 128 the loop holds O (64) + S (16) + P (8) and sat at the 128-register
+  // cap of 4 CTAs/SM with 16 bytes spilled until these were taken out. kvh < 2^16 (grid.y),
+  // nrows <= 64, split < kMaxSplits = 128.
+  int4* stash = reinterpret_cast<int4*>(base - 16);
+  if (tid == 0)
+    *stash = make_int4(a.q_start, a.row0, a.G,
+                       a.kvh | a.nrows << 16 | a.split << 23 | (a.nsplit == 1) << 30);
+  const int G = a.G, nrows = a.nrows, row0 = a.row0, ctx = a.ctx;
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < kTcRows * NC; i += kThreads) {
+    const int r = i / NC, ch = i % NC;
+    const bool ok = r < nrows;
+    const int rr = row0 + (ok ? r : 0);
+    cp_async16(base + W::off(r, ch, kTcRows),
+               q + (a.q_start + rr / G) * p.q_stride_t + (a.kvh * G + rr % G) * p.q_stride_h +
+                   ch * VEC, ok);
+  }
+  W x{p, base, sbase, p.block_table + static_cast<int64_t>(a.b) * p.block_table_stride};
+  x.lo = a.lo;
+  x.hi = a.hi;
+  x.nt = a.hi > a.lo ? (a.hi - a.lo + NK - 1) / NK : 0;
+  x.t4 = lane & 3;
+  const int rA = warp * 16 + (lane >> 2), rB = rA + 8;
+  x.qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;  // a missing row sees no key
+  x.qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
+  x.stage = 0;
+  x.wkey = a.lo + tid / NC;
+  x.wbi = p.block_shift >= 0 ? x.wkey >> p.block_shift : x.wkey / p.block_size;
+  x.woff = x.wkey - x.wbi * p.block_size;
+  x.wpage = x.wkey < a.hi ? x.page_of(x.wbi) : 0;
+  const bool has_cap = p.softcap > 0.f;
+  x.inv_cap = has_cap ? 1.f / p.softcap : 0.f;
+  x.sl2 = has_cap ? p.scale : p.scale * kLog2e;
+#pragma unroll
+  for (int j = 0; j < DM / 2; ++j) x.o[j] = 0.f;
+  x.mA = x.mB = -INFINITY;
+  x.lA = x.lB = 0.f;
+  // Tiles every row of the CTA sees whole (no mask): kmax < hi and kmax <= the first row's
+  // position (causal), key0 > the last row's position - window; none with missing rows.
+  int t_lo = 0, t_hi = 0;
+  if (nrows == kTcRows) {
+    const int qmin = ctx + row0 / G, qmax = ctx + (row0 + nrows - 1) / G;
+    const int X = min(qmin + 1, a.hi) - a.lo;        // keys [lo, lo + X) precede both bounds
+    t_hi = X > 0 ? X / NK : 0;
+    if (p.sliding_window > 0) {
+      const int Y = qmax - p.sliding_window - a.lo + 1;  // first key offset the window allows
+      t_lo = Y > 0 ? (Y + NK - 1) / NK : 0;
+    }
+    t_lo = min(t_lo, x.nt);
+    t_hi = min(max(t_hi, t_lo), x.nt);
+  }
+  if (x.nt > 0) x.load(0);
+  cp_async_commit();  // Q and tile 0
+  if (has_cap) x.template run<true>(t_lo, t_hi);
+  else x.template run<false>(t_lo, t_hi);
+  cp_async_wait<0>();
+  __syncthreads();  // the stash is visible (the loop's barriers may not have run: nt == 0)
+  const int4 e = *stash;
+  const int e_q_start = e.x, e_row0 = e.y, e_G = e.z, e_kvh = e.w & 0xffff;
+  const int e_nrows = e.w >> 16 & 0x7f, e_split = e.w >> 23 & 0x7f;
+  const bool e_one = e.w >> 30 & 1;
+  if (warp * 16 >= e_nrows) return;
+  float lA = x.lA, lB = x.lB;
+#pragma unroll
+  for (int w = 1; w <= 2; w <<= 1) {
+    lA += __shfl_xor_sync(0xffffffffu, lA, w);
+    lB += __shfl_xor_sync(0xffffffffu, lB, w);
+  }
+  const int t4 = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = h ? rB : rA;
+    if (r >= e_nrows) continue;
+    const float l = h ? lB : lA, mm = h ? x.mB : x.mA;
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
+    const int rr = e_row0 + r;
+    const int64_t t = e_q_start + rr / e_G;
+    const int qh = e_kvh * e_G + rr % e_G;
+    if (e_one) {
+      T* out = static_cast<T*>(p.out) + t * p.out_stride_t + qh * p.out_stride_h;
+#pragma unroll
+      for (int d = 0; d < W::DT; ++d) {
+        const float f2[2] = {x.o[4 * d + 2 * h] * inv, x.o[4 * d + 2 * h + 1] * inv};
+        store_f<T, 2>(out + 8 * d + 2 * t4, f2);
+      }
+    } else {
+      const int64_t row =
+          (static_cast<int64_t>(e_split) * p.num_tokens + t) * p.num_q_heads + qh;
+      float* po = p.partial_out + row * DM;
+#pragma unroll
+      for (int d = 0; d < W::DT; ++d)
+        *reinterpret_cast<float2*>(po + 8 * d + 2 * t4) =
+            make_float2(x.o[4 * d + 2 * h] * inv, x.o[4 * d + 2 * h + 1] * inv);
+      if (t4 == 0) p.partial_lse[row] = l > 0.f ? (mm + log2f(l)) / kLog2e : -INFINITY;
+    }
+  }
+}
+#endif  // RAGGED_WGMMA

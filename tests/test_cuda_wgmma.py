@@ -1,0 +1,120 @@
+"""The sm_90a tensor-core tile (csrc/attention_wgmma.cuh: wgmma.mma_async) on CPU, through the
+emulator's arch-90 build (csrc/emu/emulated.py build(arch=90), RAGGED_EMU_SM90): the wgmma
+model alone against torch matmul, then attention through the wgmma tile against
+kernels/reference.py (tests/tolerance.py). The default (arch 80) build, mma.sync, is tested by
+tests/test_cuda_ops.py; both builds run the same kernel source, only the tc branch differs.
+A cold arch-90 emulator build takes ~30 s (g++, cached under build/emu90-*).
+"""
+import pytest
+import torch
+
+from kernels import reference as ref
+from tests.attention_cases import attn_args, cast, make_batch, quantize_cache
+from tests.test_cuda_ops import EMU_CASES, FP8_EMU_CASES, _emulated
+from tests.tolerance import assert_close
+
+
+@pytest.fixture(scope="module")
+def emu():
+    mod = _emulated()
+    mod.build(90)
+    return mod
+
+
+# ---- the model alone: one warpgroup, one wgmma (shim.cpp wgmma_test_kernel)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [32, 64, 128])
+def test_emulated_wgmma_gemm(emu, dtype, n):
+    # SS with B K-major, RS with B N-major (transpose bit), SS with B N-major, and a chained
+    # pair (scale-d 0 then 1, no wait between): a wrong fragment map, descriptor stride or
+    # swizzle permutes elements and fails by O(1).
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(64, 16, generator=g).to(dtype)
+    B = torch.randn(16, n, generator=g).to(dtype)
+    C = torch.randn(64, n, generator=g)
+    ab = A.double() @ B.double()
+    for mode, want in ((0, ab + C.double()), (1, ab + C.double()), (2, ab + C.double()),
+                       (3, 2 * ab)):
+        d = emu.wgmma_test(A, B, C, n, mode)
+        err = (d.double() - want).abs().max().item()
+        print(f"wgmma n={n} mode {mode}: max err {err:.2e}")
+        assert err <= 4 * 2.0 ** -23 * want.abs().max().item() * 16, f"mode {mode}"
+
+
+def test_emulated_wgmma_async_rules(emu):
+    # What the model must refuse: a wgmma with no wgmma.fence, shared memory an in-flight
+    # wgmma reads overwritten before wgmma.wait_group; and the accumulators read before the
+    # wait hold NaN.
+    A, B, C = torch.randn(64, 16).half(), torch.randn(16, 64).half(), torch.randn(64, 64)
+    with pytest.raises(RuntimeError, match="without a wgmma.fence"):
+        emu.wgmma_test(A, B, C, 64, 0, mutate=1)
+    assert emu.wgmma_test(A, B, C, 64, 0, mutate=2).isnan().all()
+    with pytest.raises(RuntimeError, match="overwritten before its wgmma.wait_group"):
+        emu.wgmma_test(A, B, C, 64, 0, mutate=3)
+
+
+# ---- attention through the wgmma tile (q_len x G > 16 rows, 16-bit q, D 64 / 128)
+WGMMA_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
+    # G 1, D 64: a full 64-row CTA (unmasked tiles) + a 6-row one, cached context
+    ([70, 1], [200, 50], 2, 2, 64, 16, torch.float16, 1, None, None),
+    # G 4, D 128, bf16, split-KV, a decode and a short spec-verify query beside the chunk
+    ([40, 1, 3], [300, 90, 20], 8, 2, 128, 16, torch.bfloat16, 2, None, None),
+    # G 5, D 64, block size 48 (division walk), a window (masked tiles at both ends), 3 splits
+    ([30, 1], [260, 70], 10, 2, 64, 48, torch.float16, 3, 50, None),
+    # G 8, D 128, block size 64, softcap
+    ([17, 2], [150, 40], 16, 2, 128, 64, torch.float16, 1, None, 5.0),
+    # G 4, D 128, block size 32, window + softcap, bf16, 2 splits
+    ([33], [333], 8, 2, 128, 32, torch.bfloat16, 2, 40, 3.0),
+    # mixed batch: chunks among decodes and empty sequences (searched layout), G 4, D 64
+    ([37, 1, 0, 1, 1, 21, 0, 1], [100, 150, 0, 1, 260, 60, 3, 33], 8, 2, 64, 16,
+     torch.float16, 3, None, None),
+]
+
+
+def _run(emu, case):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = case
+    b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                     block_size=bs, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(1))
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
+    ops = emu.wgmma_ops()
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, arch=90, **kw)
+    return (got, ref.paged_attention(*attn_args(b64), **kw),
+            ref.paged_attention(*attn_args(bl), **kw), emu.wgmma_ops() - ops)
+
+
+@pytest.mark.parametrize("case", range(len(WGMMA_CASES)))
+def test_emulated_wgmma_attention(emu, case):
+    got, want, torch_low, ops = _run(emu, WGMMA_CASES[case])
+    print(f"wgmma case {case}: {ops} wgmma ops")
+    assert ops > 0    # the tensor-core rows took the wgmma tile, not the mma.sync fallback
+    assert_close(got, want, torch_low, name=f"wgmma case {case}")
+
+
+# The sm_80 suite's cases with a tensor-core CTA (and a few without), through the arch-90
+# build: there the tensor-core rows take the wgmma tile; the other tiles are the same code.
+@pytest.mark.parametrize("case", [0, 2, 11, 12, 13, 14, 15, 17])
+def test_emulated_paged_attention_sm90(emu, case):
+    got, want, torch_low, _ = _run(emu, EMU_CASES[case])
+    assert_close(got, want, torch_low, name=f"sm90 emulated case {case}")
+
+
+# fp8 caches: the wgmma tile dequantises at the copy like the mma.sync tile (copy_kv_chunk)
+@pytest.mark.parametrize("case", [0, 1, 5])   # the FP8_EMU_CASES with a tensor-core chunk
+def test_emulated_wgmma_attention_fp8(emu, case):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = FP8_EMU_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    b64 = quantize_cache(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
+                                    head_dim=d, block_size=bs, dtype=torch.float64,
+                                    generator=g), "per_slot")
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap,
+              k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    ops = emu.wgmma_ops()
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, arch=90, **kw)
+    assert emu.wgmma_ops() > ops
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"wgmma fp8 {case}")
