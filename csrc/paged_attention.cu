@@ -188,18 +188,66 @@ constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma
 template <typename T, int DM, bool EXACT>
 struct LeanCfg {
   static constexpr int VEC = 16 / sizeof(T);
-  static constexpr int NC = DM / VEC;                    // lanes per group
-  static constexpr bool OK = EXACT && DM % VEC == 0 && (NC == 8 || NC == 16 || NC == 32);
+  static constexpr int NCH = DM / VEC;                   // 16-byte chunks of a K/V row
+  // Strided (16-bit D 80 / 96: 10 / 12 chunks, no power-of-two lane count): 16 lanes a group,
+  // lane l owns the element pairs l + 16 j (j < NP) and, for D 80, element 32 NP + l, so all
+  // 16 lanes compute (5 / 6 elements each). Padding to 16 lanes of 8 elements instead would
+  // issue D 128's ~3000 warp-instructions per tile for 10 / 12 KB (3.4 / 4.1 B/instr, 37 / 25 %
+  // of the FMAs on zeros); this way the FMAs and converts scale with D. The copy keeps the
+  // chunk layout (lanes >= NCH copy nothing), rows padded by 16 bytes: without it the two
+  // groups of a warp, 4 keys apart, read the same banks (4 x 160 / 192 B = 0 mod 128 B).
+  static constexpr bool STRIDED = EXACT && sizeof(T) == 2 && (DM == 80 || DM == 96);
+  static constexpr int NC = STRIDED ? 16 : NCH;          // lanes per group
+  static constexpr bool OK = EXACT && DM % VEC == 0 &&
+                             (STRIDED || NC == 8 || NC == 16 || NC == 32);
   static constexpr int NG = kThreads / NC;               // groups
-  static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));  // keys/tile
+  static constexpr int NK = STRIDED ? 4 * NG                           // keys/tile
+                                    : kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
   static_assert(!OK || NK == 4 * NG, "4 keys per group per sub-tile");
+  static constexpr int E = STRIDED ? DM / 16 : VEC;      // elements of Q / K / V / acc a lane
+  static constexpr int NP = DM / 32;                     // strided: element pairs a lane
+  static constexpr int KP = STRIDED ? DM + VEC : DM;     // K/V row pitch in the tile
   static constexpr int LOADS = NK * NC / kThreads;      // 16-byte K (and V) copies per thread
   static constexpr int NEND = 16 / NC > 1 ? 16 / NC : 1; // scores per lane after the reduce
-  // Layout: K/V [kStages][K, V][NK][DM] | per-group P [NG][16] + alpha [NG][4] fp32; after
-  // stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32 for the merge.
-  static constexpr size_t SMEM = static_cast<size_t>(kStages) * kTileBytes + NG * 20 * 4;
-  static_assert(NG * 4 * (DM + 2) * 4 <= kStages * kTileBytes, "merge area fits the stages");
+  static constexpr int TILE = 2 * NK * KP * static_cast<int>(sizeof(T));  // bytes a stage
+  // Layout: K/V [kStages][K, V][NK][KP] | per-group P [NG][16] + alpha [NG][4] fp32; after
+  // the loop the stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32.
+  static constexpr size_t SMEM = static_cast<size_t>(kStages) * TILE + NG * 20 * 4;
+  static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE, "merge area fits the stages");
 };
+
+// Elements e = 0..E-1 of lane gl of a lean group (Q, K, V rows alike; see LeanCfg): chunk
+// layout, 16-byte chunk gl; strided, pairs gl + 16 j then element 32 NP + gl (D 80).
+template <typename LC, typename T>
+__device__ __forceinline__ void lean_load(const T* row, int gl, float (&f)[LC::E]) {
+  if constexpr (!LC::STRIDED) {
+    load_f<T, LC::VEC>(row + gl * LC::VEC, f);
+  } else {
+#pragma unroll
+    for (int j = 0; j < LC::NP; ++j) {
+      const Pack<T, 2> pk = *reinterpret_cast<const Pack<T, 2>*>(row + 2 * (gl + 16 * j));
+      f[2 * j] = to_f<T>(pk.v[0]);
+      f[2 * j + 1] = to_f<T>(pk.v[1]);
+    }
+    if constexpr (LC::E > 2 * LC::NP) f[2 * LC::NP] = to_f<T>(row[32 * LC::NP + gl]);
+  }
+}
+
+// The same elements of an fp32 row (the merge area), stored.
+template <typename LC>
+__device__ __forceinline__ void lean_store(float* row, int gl, const float (&f)[LC::E]) {
+  if constexpr (!LC::STRIDED) {
+#pragma unroll
+    for (int e = 0; e < LC::VEC; e += 4)
+      *reinterpret_cast<float4*>(row + gl * LC::VEC + e) =
+          make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < LC::NP; ++j)
+      *reinterpret_cast<float2*>(row + 2 * (gl + 16 * j)) = make_float2(f[2 * j], f[2 * j + 1]);
+    if constexpr (LC::E > 2 * LC::NP) row[32 * LC::NP + gl] = f[2 * LC::NP];
+  }
+}
 
 // Sum N per-lane partials over the L lanes of a group while spreading the results: at the
 // end lane l holds NEND = max(N / L, 1) sums, value index j + NEND * ((l % L) >> log2(L / N))
@@ -233,10 +281,12 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // loop) pushed the lean/TC kernels past 128 registers: 12-32 B spilled at D 64/128/256 in
 // fp16/bf16; sized for 3 CTAs (<= 168 registers) there instead, no spills (occupancy 4 -> 3
 // CTAs/SM for fp8 only; predicted cost unmeasured).
+// The strided D 80 / 96 tiles (30.6 / 36.6 KB) fit 4 on sm_80 too: sized for 4 there.
 template <typename T, int DM, bool EXACT, bool FP8>
 struct MinBlocks {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  static constexpr int value = LeanCfg<T, DM, EXACT>::OK ? 3 : 4;
+  static constexpr int value =
+      LeanCfg<T, DM, EXACT>::OK && 4 * (LeanCfg<T, DM, EXACT>::SMEM + 1024) > 164 * 1024 ? 3 : 4;
 #else
   static constexpr int value = LeanCfg<T, DM, EXACT>::OK && FP8 ? 3 : 4;
 #endif
@@ -289,7 +339,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
   // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  constexpr bool TC_OK = LC::OK && sizeof(T) == 2 && DM <= 128;  // DM 256: O needs 128 regs
+  // DM 256: O needs 128 regs; DM 80 / 96 (strided lean layout): no mma k-tiling of D yet.
+  constexpr bool TC_OK = LC::OK && !LC::STRIDED && sizeof(T) == 2 && DM <= 128;
   const bool tc = TC_OK && total_rows > kRows;
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -535,9 +586,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
   }
   if constexpr (LC::OK) {
     constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
+    constexpr int LE = LC::E, KP = LC::KP, NCH = LC::NCH;
     const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
-    T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][DM]
-    float* sc = reinterpret_cast<float*>(st + kStages * 2 * LNK * DM);  // [NG][20]
+    T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][KP]
+    float* sc = reinterpret_cast<float*>(st + kStages * 2 * LNK * KP);  // [NG][20]
     const int grp = tid / LNC, c = tid % LNC, glane = tid % LNC;
     const int nrg = nrows <= 4 ? 1 : nrows <= 8 ? 2 : 4;  // row groups that exist
     const int rg = grp % nrg, kg = grp / nrg, nkg = NG / nrg;
@@ -545,19 +597,19 @@ paged_attention_kernel(const PagedAttentionParams p) {
     // Q rows rg*4 + i of chunk c in registers, pre-scaled (by log2 e too: exp2 below).
     const float qscale = has_cap ? p.scale : p.scale * kLog2e;
     const T* q = static_cast<const T*>(p.q);
-    float qr[4][LVEC];
+    float qr[4][LE];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = rg * 4 + i;
       if (r < nrows) {
         const int rr = row0 + r;
-        load_f<T, LVEC>(q + (q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h +
-                            c * LVEC, qr[i]);
+        lean_load<LC>(q + (q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h,
+                      glane, qr[i]);
 #pragma unroll
-        for (int e = 0; e < LVEC; ++e) qr[i][e] *= qscale;
+        for (int e = 0; e < LE; ++e) qr[i][e] *= qscale;
       } else {
 #pragma unroll
-        for (int e = 0; e < LVEC; ++e) qr[i][e] = 0.f;
+        for (int e = 0; e < LE; ++e) qr[i][e] = 0.f;
       }
     }
     // The (row, key) of this lane's reduced scores are fixed: value index i * 4 + kk, all NEND
@@ -583,14 +635,15 @@ paged_attention_kernel(const PagedAttentionParams p) {
     int woff = wkey - wbi * bs;
     int64_t wpage = wkey < hi ? static_cast<int64_t>(bt[wbi]) * blk_stride : 0;
     auto load = [&](int stage) {
-      T* ks = st + stage * 2 * LNK * DM;
+      T* ks = st + stage * 2 * LNK * KP;
 #pragma unroll
       for (int j = 0; j < LC::LOADS; ++j) {
         const int k = grp + j * NG;
         const bool valid = wkey < hi;
         const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-        copy_kv_chunk<T, FP8, LVEC>(ks + k * DM + c * LVEC, ks + (LNK + k) * DM + c * LVEC, p,
-                                    off, valid, bt, wbi, woff, kvh);
+        if (!LC::STRIDED || c < NCH)  // strided: lanes past the row's chunks copy nothing
+          copy_kv_chunk<T, FP8, LVEC>(ks + k * KP + c * LVEC, ks + (LNK + k) * KP + c * LVEC, p,
+                                      off, valid, bt, wbi, woff, kvh);
         wkey += NG;
         woff += NG;
         if (woff >= bs) {
@@ -600,12 +653,12 @@ paged_attention_kernel(const PagedAttentionParams p) {
         }
       }
     };
-    float acc[4][LVEC];
+    float acc[4][LE];
     float m = -INFINITY, l = 0.f;  // running max (log2 units) and sum of row my_i
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int e = 0; e < LVEC; ++e) acc[i][e] = 0.f;
+      for (int e = 0; e < LE; ++e) acc[i][e] = 0.f;
     float* gs = sc + grp * 20;  // P [key kk][row i], then alpha [row i]
 #pragma unroll
     for (int s0 = 0; s0 < kStages - 1; ++s0) {
@@ -623,21 +676,21 @@ paged_attention_kernel(const PagedAttentionParams p) {
         if (nxt < nt) load(ns);
         cp_async_commit();
       }
-      const T* Ks = st + stage * 2 * LNK * DM;
-      const T* Vs = Ks + LNK * DM;
+      const T* Ks = st + stage * 2 * LNK * KP;
+      const T* Vs = Ks + LNK * KP;
       const int key0 = lo + it * LNK;
       for (int sub = 0; sub < nrg; ++sub) {
         const int kb = (sub * nkg + kg) * 4;  // first key of this group's sub-tile
         float sv[16];                          // [row i][key kk] partial dots of chunk c
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          float kf[LVEC];
-          load_f<T, LVEC>(Ks + (kb + kk) * DM + c * LVEC, kf);
+          float kf[LE];
+          lean_load<LC>(Ks + (kb + kk) * KP, glane, kf);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             float d = 0.f;
 #pragma unroll
-            for (int e = 0; e < LVEC; ++e) d = fmaf(qr[i][e], kf[e], d);
+            for (int e = 0; e < LE; ++e) d = fmaf(qr[i][e], kf[e], d);
             sv[i * 4 + kk] = d;
           }
         }
@@ -683,17 +736,17 @@ paged_attention_kernel(const PagedAttentionParams p) {
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int e = 0; e < LVEC; ++e) acc[i][e] *= al[i];
+          for (int e = 0; e < LE; ++e) acc[i][e] *= al[i];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           const float4 p4 = *reinterpret_cast<const float4*>(gs + kk * 4);
           const float pr[4] = {p4.x, p4.y, p4.z, p4.w};
-          float vf[LVEC];
-          load_f<T, LVEC>(Vs + (kb + kk) * DM + c * LVEC, vf);
+          float vf[LE];
+          lean_load<LC>(Vs + (kb + kk) * KP, glane, vf);
 #pragma unroll
           for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int e = 0; e < LVEC; ++e) acc[i][e] = fmaf(pr[i], vf[e], acc[i][e]);
+            for (int e = 0; e < LE; ++e) acc[i][e] = fmaf(pr[i], vf[e], acc[i][e]);
         }
       }
       if (++stage == kStages) stage = 0;
@@ -708,15 +761,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
       lb[grp * 4 + my_i] = l;
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int e = 0; e < LVEC; e += 4)
-        *reinterpret_cast<float4*>(ob + (grp * 4 + i) * DM + c * LVEC + e) =
-            make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
-    }
+    for (int i = 0; i < 4; ++i) lean_store<LC>(ob + (grp * 4 + i) * DM, glane, acc[i]);
     __syncthreads();
-    for (int item = tid; item < nrows * LNC; item += kThreads) {
-      const int r = item / LNC, cc = item % LNC, rgi = r / 4, i = r % 4;
+    for (int item = tid; item < nrows * NCH; item += kThreads) {
+      const int r = item / NCH, cc = item % NCH, rgi = r / 4, i = r % 4;
       float mx = -INFINITY;
       for (int k2 = 0; k2 < nkg; ++k2) mx = fmaxf(mx, mb[(k2 * nrg + rgi) * 4 + i]);
       const float m_use = mx == -INFINITY ? 0.f : mx;

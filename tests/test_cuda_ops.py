@@ -391,6 +391,62 @@ def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d):
                      ref.paged_attention(*attn_args(bl), **kw), name=f"fp8 poisoned {splits}")
 
 
+# Head dims 80 / 96 in 16-bit types: the strided lean tile (16 lanes a group, 5 / 6 elements a
+# lane, 10 / 12 chunk copies a key; paged_attention.cu LeanCfg). Decodes at G 1/4/5/8, block
+# sizes 16 and 48, splits, windows, a softcap; spec-verify q_len 2-16 at G 1/4/8 (8-128 rows:
+# 1, 2 and 4 row groups); prefill rows of D 80/96 run this tile too (no tensor-core tile
+# there). fp32 q stays on the generic tile (20 / 24 chunks of 4 floats do not fit 16 lanes).
+STRIDED_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
+    ([1, 1, 3, 1], [70, 1, 40, 200], 2, 2, 80, 16, torch.bfloat16, 2, None, None),       # G 1
+    ([1, 2, 1], [150, 33, 90], 8, 2, 80, 48, torch.float16, 3, 20, None),                # G 4
+    ([1, 4, 1], [61, 30, 130], 10, 2, 96, 16, torch.bfloat16, 1, None, 5.0),             # G 5
+    ([1, 1, 3], [100, 250, 20], 16, 2, 96, 48, torch.float16, 4, None, None),            # G 8
+    ([2, 7, 16, 1], [40, 90, 60, 33], 2, 2, 96, 16, torch.float16, 2, None, None),      # spec G 1
+    ([2, 5, 16], [50, 64, 100], 8, 2, 80, 16, torch.bfloat16, 2, 30, None),             # spec G 4
+    ([3, 9, 16], [30, 70, 48], 8, 1, 96, 48, torch.float16, 2, None, None),             # spec G 8
+    ([21, 1], [60, 80], 8, 2, 80, 16, torch.float16, 2, None, None),      # a prefill chunk
+    ([1, 3], [90, 20], 8, 2, 80, 16, torch.float32, 2, None, None),       # fp32: generic tile
+]
+
+
+@pytest.mark.parametrize("case", range(len(STRIDED_CASES)))
+def test_emulated_paged_attention_d80_d96(emu, case):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = STRIDED_CASES[case]
+    g = torch.Generator().manual_seed(100 + case)
+    b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                     block_size=bs, dtype=torch.float64, generator=g)
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, **kw)
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"strided case {case}")
+
+
+STRIDED_FP8_CASES = [  # as STRIDED_CASES; fp8 caches with per-slot or per-tensor scales
+    ([1, 4, 1], [130, 40, 70], 8, 2, 80, 16, torch.bfloat16, 3, None, None),
+    ([1, 16, 1], [60, 50, 100], 10, 2, 96, 48, torch.float16, 2, 25, None),
+    ([2, 1], [40, 90], 8, 2, 80, 16, torch.float32, 2, None, None),      # fp32 q: generic tile
+]
+
+
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+@pytest.mark.parametrize("case", range(len(STRIDED_FP8_CASES)))
+def test_emulated_paged_attention_d80_d96_fp8(emu, case, mode):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = STRIDED_FP8_CASES[case]
+    g = torch.Generator().manual_seed(200 + case)
+    b64 = quantize_cache(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
+                                    head_dim=d, block_size=bs, dtype=torch.float64,
+                                    generator=g), mode)
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap,
+              k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, **kw)
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"strided fp8 {mode} {case}")
+
+
 # ---- the emulator's own model of the GPU (csrc/emu/emu.h), checked on tiny kernels in shim.cpp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_mma_fragment_layouts(emu, dtype):
