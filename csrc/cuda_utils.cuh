@@ -109,6 +109,20 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 #endif
 }
 
+// 4-byte variant (cp.async.ca: .cg takes 16 bytes only), for per-key scales.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+#if defined(RAGGED_EMU)
+  emu_cp_async(smem, gmem, valid, 4);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(n)
+               : "memory");
+#else
+  *reinterpret_cast<uint32_t*>(smem) = valid ? *reinterpret_cast<const uint32_t*>(gmem) : 0u;
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(RAGGED_EMU)
   emu_cp_async_commit();

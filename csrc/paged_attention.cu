@@ -214,6 +214,20 @@ struct LeanCfg {
   // the loop the stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32.
   static constexpr size_t SMEM = static_cast<size_t>(kStages) * TILE + NG * 20 * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE, "merge area fits the stages");
+  // fp8 caches, lean tile: a stage holds e4m3 codes [K, V][NK][KP8] (16-byte cp.async, 16
+  // codes a copy) then the keys' scales fp32 [K, V][NK] (4-byte cp.async, per slot); codes
+  // convert at use. KP8: strided D 96 rows padded by 16 bytes (4 x 96 = 0 mod 128: the two
+  // groups of a warp on the same banks), D 80's 4 x 80 = 64 mod 128 needs none.
+  static constexpr int KP8 = STRIDED && DM % 32 == 0 ? DM + 16 : DM;
+  static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
+  static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE8, "merge area fits the fp8 stages");
+  // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
+  // no mma k-tiling of D) keeps 16-bit tiles, fp8 ones dequantised at the copy: its SMEM.
+  static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
+  static constexpr size_t smem(bool fp8) {
+    const size_t s8 = static_cast<size_t>(kStages) * TILE8 + NG * 20 * 4;
+    return !fp8 ? SMEM : TC && SMEM > s8 ? SMEM : s8;
+  }
 };
 
 // Elements e = 0..E-1 of lane gl of a lean group (Q, K, V rows alike; see LeanCfg): chunk
@@ -230,6 +244,25 @@ __device__ __forceinline__ void lean_load(const T* row, int gl, float (&f)[LC::E
       f[2 * j + 1] = to_f<T>(pk.v[1]);
     }
     if constexpr (LC::E > 2 * LC::NP) f[2 * LC::NP] = to_f<T>(row[32 * LC::NP + gl]);
+  }
+}
+
+// The same elements of a row of e4m3 codes (fp8 caches), as floats (exact; unscaled).
+template <typename LC>
+__device__ __forceinline__ void lean_load8(const uint8_t* row, int gl, float (&f)[LC::E]) {
+  if constexpr (!LC::STRIDED) {
+    load_fp8<LC::VEC>(row + gl * LC::VEC, f);
+  } else {
+#pragma unroll
+    for (int j = 0; j < LC::NP; ++j) {
+      float two[2];
+      load_fp8<2>(row + 2 * (gl + 16 * j), two);
+      f[2 * j] = two[0];
+      f[2 * j + 1] = two[1];
+    }
+    if constexpr (LC::E > 2 * LC::NP)
+      f[2 * LC::NP] = __half2float(__half(__nv_cvt_fp8_to_halfraw(
+          static_cast<__nv_fp8_storage_t>(row[32 * LC::NP + gl]), __NV_E4M3)));
   }
 }
 
@@ -286,7 +319,8 @@ template <typename T, int DM, bool EXACT, bool FP8>
 struct MinBlocks {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   static constexpr int value =
-      LeanCfg<T, DM, EXACT>::OK && 4 * (LeanCfg<T, DM, EXACT>::SMEM + 1024) > 164 * 1024 ? 3 : 4;
+      LeanCfg<T, DM, EXACT>::OK && 4 * (LeanCfg<T, DM, EXACT>::smem(FP8) + 1024) > 164 * 1024
+          ? 3 : 4;
 #else
   static constexpr int value = LeanCfg<T, DM, EXACT>::OK && FP8 ? 3 : 4;
 #endif
@@ -339,8 +373,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
   // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  // DM 256: O needs 128 regs; DM 80 / 96 (strided lean layout): no mma k-tiling of D yet.
-  constexpr bool TC_OK = LC::OK && !LC::STRIDED && sizeof(T) == 2 && DM <= 128;
+  constexpr bool TC_OK = LC::TC;  // see LeanCfg
   const bool tc = TC_OK && total_rows > kRows;
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -586,16 +619,21 @@ paged_attention_kernel(const PagedAttentionParams p) {
   }
   if constexpr (LC::OK) {
     constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
-    constexpr int LE = LC::E, KP = LC::KP, NCH = LC::NCH;
+    constexpr int LE = LC::E, KP = LC::KP, NCH = LC::NCH, KP8 = LC::KP8, NCH8 = DM / 16;
     const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
-    T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][KP]
-    float* sc = reinterpret_cast<float*>(st + kStages * 2 * LNK * KP);  // [NG][20]
+    // Stages of [K, V][LNK][KP] T (fp8: LC::TILE8 bytes, see LeanCfg), then [NG][20] fp32.
+    constexpr int STAGE_BYTES = FP8 ? LC::TILE8 : LC::TILE;
+    char* sm = reinterpret_cast<char*>(smem_raw);
+    float* sc = reinterpret_cast<float*>(sm + kStages * STAGE_BYTES);  // [NG][20]
+    const bool per_slot = FP8 && p.k_scale != nullptr;  // fp8: scales per slot, else floats
     const int grp = tid / LNC, c = tid % LNC, glane = tid % LNC;
     const int nrg = nrows <= 4 ? 1 : nrows <= 8 ? 2 : 4;  // row groups that exist
     const int rg = grp % nrg, kg = grp / nrg, nkg = NG / nrg;
     const bool has_cap = p.softcap > 0.f;
     // Q rows rg*4 + i of chunk c in registers, pre-scaled (by log2 e too: exp2 below).
-    const float qscale = has_cap ? p.scale : p.scale * kLog2e;
+    // fp8 per-tensor: the K scale folds in here, the V scale into P (per slot: from the tile).
+    float qscale = has_cap ? p.scale : p.scale * kLog2e;
+    if (FP8 && !per_slot) qscale *= p.k_scale_f;
     const T* q = static_cast<const T*>(p.q);
     float qr[4][LE];
 #pragma unroll
@@ -625,7 +663,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
     const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
     const int64_t blk_stride = tok_stride * bs;
     const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
-    const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * LVEC;
+    // This lane's chunk: 16-byte chunk c of a K/V row (fp8: 16 codes, lanes >= NCH8 copy the
+    // per-slot scales instead: lane NCH8 K's, NCH8 + 1 V's; NC >= NCH8 + 2 at every D).
+    const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * (FP8 ? 16 : LVEC);
+    const float* scale_src = c == NCH8 ? p.k_scale : p.v_scale;
     // This thread copies keys lo + grp + j NG (j = 0, 1, ...) in tile order, chunk c of K and
     // of V from one page offset. Consecutive keys are NG <= 16 <= block_size apart, so the
     // block index is walked (at most one step a key) instead of divided: one division (or
@@ -633,23 +674,42 @@ paged_attention_kernel(const PagedAttentionParams p) {
     int wkey = lo + grp;
     int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
     int woff = wkey - wbi * bs;
-    int64_t wpage = wkey < hi ? static_cast<int64_t>(bt[wbi]) * blk_stride : 0;
+    int wblk = wkey < hi ? bt[wbi] : 0;  // fp8 per-slot scales: (block * bs + off) * Hkv + h
+    int64_t wpage = static_cast<int64_t>(wblk) * blk_stride;
     auto load = [&](int stage) {
-      T* ks = st + stage * 2 * LNK * KP;
+      char* sb = sm + stage * STAGE_BYTES;
 #pragma unroll
       for (int j = 0; j < LC::LOADS; ++j) {
         const int k = grp + j * NG;
         const bool valid = wkey < hi;
         const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-        if (!LC::STRIDED || c < NCH)  // strided: lanes past the row's chunks copy nothing
-          copy_kv_chunk<T, FP8, LVEC>(ks + k * KP + c * LVEC, ks + (LNK + k) * KP + c * LVEC, p,
-                                      off, valid, bt, wbi, woff, kvh);
+        if constexpr (!FP8) {
+          T* ks = reinterpret_cast<T*>(sb);
+          if (!LC::STRIDED || c < NCH)  // strided: lanes past the row's chunks copy nothing
+            copy_kv_chunk<T, false, LVEC>(ks + k * KP + c * LVEC, ks + (LNK + k) * KP + c * LVEC,
+                                          p, off, valid, bt, wbi, woff, kvh);
+        } else {
+          const uint8_t* kc8 = static_cast<const uint8_t*>(p.k_cache);
+          const uint8_t* vc8 = static_cast<const uint8_t*>(p.v_cache);
+          if (c < NCH8) {
+            cp_async16(sb + k * KP8 + c * 16, kc8 + (valid ? off : 0), valid);
+            cp_async16(sb + (LNK + k) * KP8 + c * 16, vc8 + (valid ? off : 0), valid);
+          } else if (per_slot && c < NCH8 + 2) {
+            const int64_t si =
+                (static_cast<int64_t>(wblk) * bs + woff) * p.num_kv_heads + kvh;
+            float* sd = reinterpret_cast<float*>(sb + 2 * LNK * KP8) + (c - NCH8) * LNK + k;
+            cp_async4(sd, scale_src + (valid ? si : 0), valid);
+          }
+        }
         wkey += NG;
         woff += NG;
         if (woff >= bs) {
           woff -= bs;
           ++wbi;
-          if (wkey < hi) wpage = static_cast<int64_t>(bt[wbi]) * blk_stride;
+          if (wkey < hi) {
+            wblk = bt[wbi];
+            wpage = static_cast<int64_t>(wblk) * blk_stride;
+          }
         }
       }
     };
@@ -676,8 +736,13 @@ paged_attention_kernel(const PagedAttentionParams p) {
         if (nxt < nt) load(ns);
         cp_async_commit();
       }
-      const T* Ks = st + stage * 2 * LNK * KP;
+      const char* sb = sm + stage * STAGE_BYTES;
+      const T* Ks = reinterpret_cast<const T*>(sb);              // 16-bit / fp32 caches
       const T* Vs = Ks + LNK * KP;
+      const uint8_t* K8 = reinterpret_cast<const uint8_t*>(sb);  // fp8: codes, then scales
+      const uint8_t* V8 = K8 + LNK * KP8;
+      const float* ksc = reinterpret_cast<const float*>(V8 + LNK * KP8);
+      const float* vsc = ksc + LNK;
       const int key0 = lo + it * LNK;
       for (int sub = 0; sub < nrg; ++sub) {
         const int kb = (sub * nkg + kg) * 4;  // first key of this group's sub-tile
@@ -685,7 +750,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           float kf[LE];
-          lean_load<LC>(Ks + (kb + kk) * KP, glane, kf);
+          if constexpr (FP8) lean_load8<LC>(K8 + (kb + kk) * KP8, glane, kf);
+          else lean_load<LC>(Ks + (kb + kk) * KP, glane, kf);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             float d = 0.f;
@@ -701,6 +767,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
         for (int j = 0; j < NEND; ++j) {
           const int key = key0 + kb + (idx0 + j) % 4;
           float s = sv[j];
+          if (per_slot) s *= ksc[kb + (idx0 + j) % 4];  // the key's scale, before the softcap
           if (has_cap) s = p.softcap * tanhf(s * inv_cap) * kLog2e;
           const bool ok = my_row && key < hi && key <= my_qpos &&
                           (window <= 0 || key > my_qpos - window);
@@ -727,7 +794,11 @@ paged_attention_kernel(const PagedAttentionParams p) {
         __syncwarp();  // every lane of the group has read the previous sub-tile's P
         if (my_writer) {
 #pragma unroll
-          for (int j = 0; j < NEND; ++j) gs[((idx0 + j) % 4) * 4 + my_i] = sv[j];
+          for (int j = 0; j < NEND; ++j) {
+            float pv = sv[j];  // fp8: P x the key's V scale (l sums the unscaled P)
+            if constexpr (FP8) pv *= per_slot ? vsc[kb + (idx0 + j) % 4] : p.v_scale_f;
+            gs[((idx0 + j) % 4) * 4 + my_i] = pv;
+          }
           if ((idx0 % 4) == 0) gs[16 + my_i] = alpha;
         }
         __syncwarp();
@@ -742,7 +813,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
           const float4 p4 = *reinterpret_cast<const float4*>(gs + kk * 4);
           const float pr[4] = {p4.x, p4.y, p4.z, p4.w};
           float vf[LE];
-          lean_load<LC>(Vs + (kb + kk) * KP, glane, vf);
+          if constexpr (FP8) lean_load8<LC>(V8 + (kb + kk) * KP8, glane, vf);
+          else lean_load<LC>(Vs + (kb + kk) * KP, glane, vf);
 #pragma unroll
           for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -1105,7 +1177,7 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM
+  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8)
                      : FP8                       ? C::smem_fp8(p.head_dim)
                                                  : C::smem(p.head_dim);
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8>;
