@@ -611,13 +611,14 @@ def cuda_launches(rec: CudaRecorder, x: Launch, dev: dict) -> list[dict]:
     import torch
     cuda_ops = importlib.import_module("kernels.cuda_ops")
     t = attention_inputs(x)
-    saved = cuda_ops._sm_count
+    saved = cuda_ops._sm_count, cuda_ops._sm_arch
     cuda_ops._sm_count = lambda device: dev["sms"]
+    cuda_ops._sm_arch = lambda device: (divmod(dev["arch"], 10), dev["smem_sm"])
     try:
         S = cuda_ops.default_num_kv_splits(t["q"], t["k_cache"], len(x.q_lens), max(x.q_lens),
                                            max(x.kv_lens))
     finally:
-        cuda_ops._sm_count = saved
+        cuda_ops._sm_count, cuda_ops._sm_arch = saved
     T, B = sum(x.q_lens), len(x.q_lens)
     width = t["block_table"].shape[1]
     del torch

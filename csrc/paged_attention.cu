@@ -214,9 +214,9 @@ struct LeanCfg {
   // the loop the stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32.
   static constexpr size_t SMEM = static_cast<size_t>(kStages) * TILE + NG * 20 * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE, "merge area fits the stages");
-  // fp8 caches, lean tile: a stage holds e4m3 codes [K, V][NK][KP8] (16-byte cp.async, 16
-  // codes a copy) then the keys' scales fp32 [K, V][NK] (4-byte cp.async, per slot); codes
-  // convert at use. KP8: strided D 96 rows padded by 16 bytes (4 x 96 = 0 mod 128: the two
+  // fp8 caches, lean tile: a stage holds e4m3 codes [K, V][NK][KP8] (cp.async of VEC codes,
+  // the T copy's layout at half / quarter the bytes: every lane copies, as in 16-bit) then
+  // the keys' scales fp32 [K, V][NK] (4-byte cp.async, per slot); codes convert at use. KP8: strided D 96 rows padded by 16 bytes (4 x 96 = 0 mod 128: the two
   // groups of a warp on the same banks), D 80's 4 x 80 = 64 mod 128 needs none.
   static constexpr int KP8 = STRIDED && DM % 32 == 0 ? DM + 16 : DM;
   static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
@@ -224,9 +224,9 @@ struct LeanCfg {
   // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
   // no mma k-tiling of D) keeps 16-bit tiles, fp8 ones dequantised at the copy: its SMEM.
   static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
-  static constexpr size_t smem(bool fp8) {
+  static constexpr size_t smem(bool fp8, bool tcp) {
     const size_t s8 = static_cast<size_t>(kStages) * TILE8 + NG * 20 * 4;
-    return !fp8 ? SMEM : TC && SMEM > s8 ? SMEM : s8;
+    return !fp8 ? SMEM : TC && tcp && SMEM > s8 ? SMEM : s8;
   }
 };
 
@@ -309,28 +309,30 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // shared memory (LeanCfg::SMEM): 4 CTAs fit sm_90's 228 KB (<= 128 registers), but sm_80's
 // 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
 // forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
-// registers) costs nothing.
-// fp8 caches (FP8) on sm_90: the dequantising copy (scale index + conversion in the load
-// loop) pushed the lean/TC kernels past 128 registers: 12-32 B spilled at D 64/128/256 in
-// fp16/bf16; sized for 3 CTAs (<= 168 registers) there instead, no spills (occupancy 4 -> 3
-// CTAs/SM for fp8 only; predicted cost unmeasured).
-// The strided D 80 / 96 tiles (30.6 / 36.6 KB) fit 4 on sm_80 too: sized for 4 there.
-template <typename T, int DM, bool EXACT, bool FP8>
+// registers) costs nothing. The strided D 80 / 96 tiles (30.6 / 36.6 KB, 110-116 registers)
+// fit 4 on sm_80 too. fp8 lean tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but
+// 4 spilled 16-24 bytes at D 64/128/256 there: 3.
+// fp8 caches on sm_90 (TCP: the kernel has the tensor-core tile): at D 128 the tensor-core
+// tile's dequantising copy (scale index + conversion in the load loop) needs > 128 registers
+// (24 B spilled at 4 CTAs/SM): sized for 3 there. Launches with no tensor-core row (every
+// sequence's q_len x G <= 16: decodes, short spec-verify) take the TCP = false instantiation
+// instead: the lean tile alone, 126 registers, 4 CTAs/SM. fp8 D 64 / 80 / 96 / 256: 115-127
+// registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
 struct MinBlocks {
+  using LC = LeanCfg<T, DM, EXACT>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  static constexpr int value =
-      LeanCfg<T, DM, EXACT>::OK && 4 * (LeanCfg<T, DM, EXACT>::smem(FP8) + 1024) > 164 * 1024
-          ? 3 : 4;
+  static constexpr int value = LC::OK && !LC::STRIDED ? 3 : 4;
 #else
-  static constexpr int value = LeanCfg<T, DM, EXACT>::OK && FP8 ? 3 : 4;
+  static constexpr int value = FP8 && TCP && LC::TC && DM == 128 ? 3 : 4;
 #endif
 };
 
 // FP8: the cache holds e4m3 codes (p.kv_fp8). The lean and tensor-core tiles dequantise each
 // chunk into their T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps
 // e4m3 bytes in shared memory and scales scores / probabilities (see its K/V copy).
-template <typename T, int DM, bool EXACT, bool FP8>
-__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8>::value))
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
+__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8, TCP>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
   using LC = LeanCfg<T, DM, EXACT>;
@@ -373,7 +375,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
   // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  constexpr bool TC_OK = LC::TC;  // see LeanCfg
+  constexpr bool TC_OK = LC::TC && TCP;  // see LeanCfg; TCP: compiled in (MinBlocks)
   const bool tc = TC_OK && total_rows > kRows;
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -619,7 +621,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
   }
   if constexpr (LC::OK) {
     constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
-    constexpr int LE = LC::E, KP = LC::KP, NCH = LC::NCH, KP8 = LC::KP8, NCH8 = DM / 16;
+    constexpr int LE = LC::E, KP = LC::KP, NCH = LC::NCH, KP8 = LC::KP8;
     const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
     // Stages of [K, V][LNK][KP] T (fp8: LC::TILE8 bytes, see LeanCfg), then [NG][20] fp32.
     constexpr int STAGE_BYTES = FP8 ? LC::TILE8 : LC::TILE;
@@ -663,10 +665,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
     const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
     const int64_t blk_stride = tok_stride * bs;
     const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
-    // This lane's chunk: 16-byte chunk c of a K/V row (fp8: 16 codes, lanes >= NCH8 copy the
-    // per-slot scales instead: lane NCH8 K's, NCH8 + 1 V's; NC >= NCH8 + 2 at every D).
-    const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * (FP8 ? 16 : LVEC);
-    const float* scale_src = c == NCH8 ? p.k_scale : p.v_scale;
+    // This lane's chunk c of a K/V row: LVEC elements (16 bytes; fp8: LVEC codes). fp8 per
+    // slot: lane 0 of a group also copies the key's K scale, lane 1 its V scale.
+    const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * LVEC;
+    const float* scale_src = c == 0 ? p.k_scale : p.v_scale;
     // This thread copies keys lo + grp + j NG (j = 0, 1, ...) in tile order, chunk c of K and
     // of V from one page offset. Consecutive keys are NG <= 16 <= block_size apart, so the
     // block index is walked (at most one step a key) instead of divided: one division (or
@@ -691,14 +693,15 @@ paged_attention_kernel(const PagedAttentionParams p) {
         } else {
           const uint8_t* kc8 = static_cast<const uint8_t*>(p.k_cache);
           const uint8_t* vc8 = static_cast<const uint8_t*>(p.v_cache);
-          if (c < NCH8) {
-            cp_async16(sb + k * KP8 + c * 16, kc8 + (valid ? off : 0), valid);
-            cp_async16(sb + (LNK + k) * KP8 + c * 16, vc8 + (valid ? off : 0), valid);
-          } else if (per_slot && c < NCH8 + 2) {
+          if (!LC::STRIDED || c < NCH) {
+            cp_async_ca<LVEC>(sb + k * KP8 + c * LVEC, kc8 + (valid ? off : 0), valid);
+            cp_async_ca<LVEC>(sb + (LNK + k) * KP8 + c * LVEC, vc8 + (valid ? off : 0), valid);
+          }
+          if (per_slot && c < 2) {
             const int64_t si =
                 (static_cast<int64_t>(wblk) * bs + woff) * p.num_kv_heads + kvh;
-            float* sd = reinterpret_cast<float*>(sb + 2 * LNK * KP8) + (c - NCH8) * LNK + k;
-            cp_async4(sd, scale_src + (valid ? si : 0), valid);
+            float* sd = reinterpret_cast<float*>(sb + 2 * LNK * KP8) + c * LNK + k;
+            cp_async_ca<4>(sd, scale_src + (valid ? si : 0), valid);
           }
         }
         wkey += NG;
@@ -1164,7 +1167,7 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
-template <typename T, int DM, bool EXACT, bool FP8>
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
   const int G = p.num_q_heads / p.num_kv_heads;
@@ -1177,10 +1180,10 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8)
+  const size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8, TCP)
                      : FP8                       ? C::smem_fp8(p.head_dim)
                                                  : C::smem(p.head_dim);
-  auto kernel = paged_attention_kernel<T, DM, EXACT, FP8>;
+  auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1205,18 +1208,23 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
 
 template <typename T, bool FP8>
 cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
+  // fp8 at D 128 with no tensor-core row (max_seqlen_q x G <= kRows): the lean-only kernel,
+  // 4 CTAs/SM instead of 3 (MinBlocks). The other dims need no second instantiation.
+  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * (p.num_q_heads / p.num_kv_heads);
   switch (p.head_dim) {
-    case 64: return launch<T, 64, true, FP8>(p, stream);
-    case 80: return launch<T, 80, true, FP8>(p, stream);
-    case 96: return launch<T, 96, true, FP8>(p, stream);
-    case 128: return launch<T, 128, true, FP8>(p, stream);
-    case 256: return launch<T, 256, true, FP8>(p, stream);
+    case 64: return launch<T, 64, true, FP8, true>(p, stream);
+    case 80: return launch<T, 80, true, FP8, true>(p, stream);
+    case 96: return launch<T, 96, true, FP8, true>(p, stream);
+    case 128:
+      if (FP8 && rows <= kRows) return launch<T, 128, true, FP8, !FP8>(p, stream);
+      return launch<T, 128, true, FP8, true>(p, stream);
+    case 256: return launch<T, 256, true, FP8, true>(p, stream);
     default: break;
   }
   if (!paged_attention_head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;
-  if (p.head_dim <= 64) return launch<T, 64, false, FP8>(p, stream);
-  if (p.head_dim <= 128) return launch<T, 128, false, FP8>(p, stream);
-  return launch<T, 256, false, FP8>(p, stream);
+  if (p.head_dim <= 64) return launch<T, 64, false, FP8, true>(p, stream);
+  if (p.head_dim <= 128) return launch<T, 128, false, FP8, true>(p, stream);
+  return launch<T, 256, false, FP8, true>(p, stream);
 }
 
 }  // namespace

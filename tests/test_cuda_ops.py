@@ -169,6 +169,7 @@ def test_split_count_bound_names_num_kv_splits():
 
 def test_default_num_kv_splits(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_ops, "_sm_arch", lambda device: ((9, 0), 228 * 1024))
     q = torch.empty(1, 32, 128, device="meta")
     kc = torch.empty(1, 16, 8, 128, device="meta")
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 100) == 1          # short: no split
@@ -181,6 +182,26 @@ def test_default_num_kv_splits(monkeypatch):
     assert cuda_ops.default_num_kv_splits(q, kc, 256, 1, 4096) == 1       # busy batch
     q = torch.empty(65536, 32, 128, device="meta")                        # (synthetic: 1 GiB
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 65536) == 1        # a split) workspace cap
+
+
+def test_ctas_per_sm_mirrors_the_kernels():
+    # paged_attention.cu's MinBlocks and LeanCfg shared memory: what one wave of splits is
+    # sized by (registers and spills: the kernel report checks the compiled kernels).
+    H100, A100, L40 = ((9, 0), 228 << 10), ((8, 0), 164 << 10), ((8, 9), 100 << 10)
+    c = cuda_ops._ctas_per_sm
+    assert c(*H100, 128, 2, False, 4) == 4 and c(*A100, 128, 2, False, 4) == 3
+    assert c(*L40, 128, 2, False, 4) == 2                  # 49.8 KB tiles in 100 KB
+    assert c(*H100, 128, 2, True, 16) == 4                 # fp8 decode: lean-only kernel
+    assert c(*H100, 128, 2, True, 17) == 3                 # fp8 with tensor-core rows
+    assert c(*H100, 64, 2, True, 64) == 4 and c(*A100, 256, 2, True, 4) == 3
+    assert c(*H100, 80, 2, False, 4) == 4 and c(*A100, 96, 2, True, 4) == 4   # strided tiles
+    kc8 = torch.empty(1, 16, 8, 128, device="meta", dtype=torch.float8_e4m3fn)
+    q = torch.empty(1, 32, 128, device="meta", dtype=torch.bfloat16)
+    import unittest.mock as mock
+    with mock.patch.object(cuda_ops, "_sm_count", lambda device: 132), \
+            mock.patch.object(cuda_ops, "_sm_arch", lambda device: H100):
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 1, 32768) == 66     # 4 x 132 / 8
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 17, 32768) == 50    # 3 x 132 / 8
 
 
 # --------------------------------------------------------------------------- emulated kernels
@@ -423,10 +444,15 @@ def test_emulated_paged_attention_d80_d96(emu, case):
                  ref.paged_attention(*attn_args(bl), **kw), name=f"strided case {case}")
 
 
-STRIDED_FP8_CASES = [  # as STRIDED_CASES; fp8 caches with per-slot or per-tensor scales
+# fp8 caches in the lean tile (e4m3 codes staged by cp.async, converted at use, scales on the
+# scores / P) at D 80 / 96 and the D 128 lean-only kernel; per-slot or per-tensor scales.
+STRIDED_FP8_CASES = [  # as STRIDED_CASES
     ([1, 4, 1], [130, 40, 70], 8, 2, 80, 16, torch.bfloat16, 3, None, None),
     ([1, 16, 1], [60, 50, 100], 10, 2, 96, 48, torch.float16, 2, 25, None),
     ([2, 1], [40, 90], 8, 2, 80, 16, torch.float32, 2, None, None),      # fp32 q: generic tile
+    # D 128 with q_len x G <= 16 everywhere: the lean-only fp8 kernel (no tensor-core tile)
+    ([1, 4, 1], [300, 50, 90], 8, 2, 128, 16, torch.bfloat16, 3, None, None),
+    ([1, 2], [77, 40], 16, 2, 64, 48, torch.float16, 2, 30, 4.0),        # D 64, G 8, softcap
 ]
 
 
