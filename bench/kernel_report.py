@@ -185,10 +185,19 @@ def launch_set(quick: bool) -> list[Launch]:
     return out
 
 
-def launch_cost(x: Launch) -> dict:
-    """Bytes that must move and FLOPs, split into the decode-class part (q_len <= 16,
-    memory bound) and the prefill-class part (q_len > 16): bench.kernels' accounting (each
-    input read once, each output written once; causal FLOPs 4 D Hq x visible keys)."""
+def _prefill_class(x: Launch, q: int, backend: str | None) -> bool:
+    """Whether a sequence of q new tokens runs the kernel's prefill-class tile: q_len > 16
+    (Triton); CUDA picks by rows q_len x G (paged_attention.cu: tensor cores above kLeanRows =
+    8 rows in 16-bit types, above 16 for fp8 caches; fp32 has no tensor-core tile)."""
+    if backend != "cuda":
+        return q > 16
+    return q * (x.hq // x.hkv) > (16 if x.kv == "fp8" or x.dtype == "fp32" else 8)
+
+
+def launch_cost(x: Launch, backend: str | None = None) -> dict:
+    """Bytes that must move and FLOPs, split into the decode-class part (memory bound) and the
+    prefill-class part (_prefill_class): bench.kernels' accounting (each input read once, each
+    output written once; causal FLOPs 4 D Hq x visible keys)."""
     e = ELEM[x.dtype]
     if x.op:
         T, hq, hkv, d = x.q_lens[0], x.hq, x.hkv, x.d
@@ -203,7 +212,7 @@ def launch_cost(x: Launch) -> dict:
     # fp8 caches: 1-byte codes + a float32 K and V scale per (key, KV head), as read
     ekv, esc = (1, 8) if x.kv == "fp8" else (e, 0)
     for q, k in zip(x.q_lens, x.kv_lens):
-        p = parts["decode" if q <= 16 else "prefill"]
+        p = parts["prefill" if _prefill_class(x, q, backend) else "decode"]
         lo = max(0, k - q - x.window + 1) if x.window else 0
         vis = sum(k - q + i + 1 - (max(0, k - q + i - x.window + 1) if x.window else 0)
                   for i in range(q))
@@ -215,7 +224,7 @@ def launch_cost(x: Launch) -> dict:
 # =========================================================================== model
 def predict(x: Launch, kern: dict, dev: dict) -> dict:
     """Predicted time, GB/s, TFLOP/s and % of the device's peaks for one launch."""
-    cost = launch_cost(x)
+    cost = launch_cost(x, "cuda" if "unit" in kern else "triton")
     out = dict(parts={})
     t = t_slow = 0.0
     for cls in ("decode", "prefill"):
@@ -810,7 +819,7 @@ def _summary(x: Launch, kerns: list[dict], dev: dict) -> dict:
         out["ttgir_async_wait_nums"] = k["ttgir_copy_loop_waits"]
     for cls in ("decode", "prefill"):
         lp = pick_loop(k, cls) if not x.op else None
-        if lp and launch_cost(x)[cls] != (0, 0):
+        if lp and launch_cost(x, "cuda" if "unit" in k else "triton")[cls] != (0, 0):
             out[f"{cls}_loop"] = dict(
                 instr_per_warp=lp["instr"], cta_instr=lp["instr"] * k["warps"],
                 kv_bytes=lp["copy_bytes"] * k["warps"],

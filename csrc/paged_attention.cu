@@ -100,17 +100,30 @@ struct AttnCfg {
 };
 
 // N e4m3 codes (N * 1 bytes, N-byte aligned) -> float, two at a time (cvt.f16x2.e4m3x2 on
-// sm_89+, cuda_fp8.h's exact software path elsewhere and on the emulator's host).
+// sm_89+, cuda_fp8.h's exact software path elsewhere and on the emulator's host). Read as
+// 32-bit words (16-bit for N = 2) whose halves feed the cvt directly: assembling the pairs
+// from bytes cost ~80 LOP3s per warp per lean fp8 tile on sm_90a.
+__device__ __forceinline__ float2 fp8x2_to_float2(uint32_t two) {
+  return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(
+      static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3)));
+}
 template <int N>
 __device__ __forceinline__ void load_fp8(const uint8_t* p, float (&f)[N]) {
-  const Pack<uint8_t, N> pk = *reinterpret_cast<const Pack<uint8_t, N>*>(p);
+  static_assert(N == 2 || N % 4 == 0, "pairs or whole 32-bit words of codes");
+  if constexpr (N == 2) {
+    const float2 x = fp8x2_to_float2(*reinterpret_cast<const uint16_t*>(p));
+    f[0] = x.x;
+    f[1] = x.y;
+  } else {
+    const Pack<uint32_t, N / 4> pk = *reinterpret_cast<const Pack<uint32_t, N / 4>*>(p);
 #pragma unroll
-  for (int i = 0; i < N; i += 2) {
-    const __nv_fp8x2_storage_t two = static_cast<__nv_fp8x2_storage_t>(
-        pk.v[i] | static_cast<unsigned>(pk.v[i + 1]) << 8);
-    const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3)));
-    f[i] = x.x;
-    f[i + 1] = x.y;
+    for (int w = 0; w < N / 4; ++w) {
+      const float2 lo = fp8x2_to_float2(pk.v[w]), hi = fp8x2_to_float2(pk.v[w] >> 16);
+      f[4 * w] = lo.x;
+      f[4 * w + 1] = lo.y;
+      f[4 * w + 2] = hi.x;
+      f[4 * w + 3] = hi.y;
+    }
   }
 }
 
@@ -184,6 +197,15 @@ constexpr int kStages = 3;     // cp.async tiles in flight: 2 while one is compu
 constexpr int kTileBytes = 16 * 1024;  // K + V bytes per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma M tile)
+// Sequences of 9-16 rows (spec-verify q_len x G, e.g. 4 x 4) take the tensor-core tile, its
+// warp 0 alone computing (one 16-row mma M tile over every key; warps 1-3 only copy): on the
+// lean tile they run 4 row groups, 4x the FMAs a key (predicted 44 % of H100 HBM, issue-bound,
+// for spec-verify q=4 B=64 ctx=2048); one warp's ~1100 instructions (64 HMMA) per 16 KB tile
+// keep it memory-bound even when the 4 CTAs' computing warps share a scheduler (predicted
+// 3.9 TB/s issue ceiling). <= 8 rows stay lean (at most 2 row groups: 97 % / 88 % predicted).
+// fp8 caches keep <= 16 rows on the lean tile: its copy is asynchronous (the tensor-core
+// tile's dequantising copy is not), and those launches then run the lean-only kernel.
+constexpr int kLeanRows = 8;
 
 template <typename T, int DM, bool EXACT>
 struct LeanCfg {
@@ -372,11 +394,11 @@ paged_attention_kernel(const PagedAttentionParams p) {
   const int64_t row0_64 = static_cast<int64_t>(rtile) * kRows;
   if (row0_64 >= total_rows) return;            // q_len 0, or a tile past this sequence
   const int row0 = static_cast<int>(row0_64);
-  // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
-  // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
+  // Tile class of this CTA: tensor cores for the sequences with more than kLeanRows rows in
+  // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
   constexpr bool TC_OK = LC::TC && TCP;  // see LeanCfg; TCP: compiled in (MinBlocks)
-  const bool tc = TC_OK && total_rows > kRows;
+  const bool tc = TC_OK && total_rows > (FP8 ? kRows : kLeanRows);
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
   const int nrows = total_rows - row0_64 < tile_rows ? static_cast<int>(total_rows - row0_64)

@@ -473,6 +473,31 @@ def test_emulated_paged_attention_d80_d96_fp8(emu, case, mode):
                  ref.paged_attention(*attn_args(bl), **kw), name=f"strided fp8 {mode} {case}")
 
 
+# Spec-verify queries (q_len 2-16) at G 1 / 4 / 8: up to 8 rows stay on the lean tile, 9-16
+# rows take the tensor-core tile with only warp 0 computing (paged_attention.cu kLeanRows),
+# longer ones its usual 64-row CTAs. Splits, windows, a softcap; D 64 and 128.
+SPEC_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
+    ([2, 9, 12, 16, 8], [30, 77, 140, 60, 9], 2, 2, 64, 16, torch.float16, 2, None, None),   # G 1
+    ([3, 4, 2, 1], [120, 35, 64, 200], 8, 2, 128, 16, torch.bfloat16, 3, 40, None),          # G 4
+    ([2, 16, 1, 5], [70, 90, 50, 33], 16, 2, 64, 48, torch.bfloat16, 2, None, 5.0),          # G 8
+    ([4, 3], [260, 100], 8, 1, 128, 32, torch.float16, 4, None, None),     # G 8, 24-32 rows
+]
+
+
+@pytest.mark.parametrize("case", range(len(SPEC_CASES)))
+def test_emulated_paged_attention_spec_verify(emu, case):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = SPEC_CASES[case]
+    g = torch.Generator().manual_seed(300 + case)
+    b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                     block_size=bs, dtype=torch.float64, generator=g)
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, **kw)
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"spec-verify case {case}")
+
+
 # ---- the emulator's own model of the GPU (csrc/emu/emu.h), checked on tiny kernels in shim.cpp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_mma_fragment_layouts(emu, dtype):
