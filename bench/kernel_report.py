@@ -108,7 +108,8 @@ class Launch:
 
     @property
     def key(self) -> str:
-        return f"{self.model} {self.name} {self.dtype} bs={self.bs}{' ' + self.kv if self.kv else ''}"
+        kv = f" {self.kv}" if self.kv else ""
+        return f"{self.model} {self.name} {self.dtype} bs={self.bs}{kv}"
 
 
 MODELS = {"llama3-8b": (32, 8, 128, 0), "qwen3-0.6b": (16, 8, 128, 0),

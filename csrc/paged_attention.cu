@@ -4,15 +4,16 @@
 // head of the GQA group) pair, so in decode every query head of the group shares each K/V
 // tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
 // picks its tile class (one launch serves a mixed batch):
-// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 16 rows: prefill chunks,
-//   longer spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix from XOR-swizzled
-//   shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q tile takes the
-//   third stage's space).
-// - lean CUDA-core tile (D 64/128/256 in 16-bit types, 64/128 in fp32, <= 16 rows: decodes,
-//   short spec-verify): Q in registers, 3 cp.async stages of 16 KB, one page offset per key
-//   shared by K and V, the lanes of a group spanning D (see LeanCfg).
-// - the generic tile (other head dims: 80, 96, run-time ones): the first version of this
-//   kernel, kept for coverage; scores/softmax/PV through shared memory, 2 stages.
+// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 8 rows (> 16 with an fp8
+//   cache): prefill chunks, spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix
+//   from XOR-swizzled shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q
+//   tile takes the third stage's space); 9-16-row sequences use its warp 0 only (kLeanRows).
+// - lean CUDA-core tile (D 64/80/96/128/256 in 16-bit types, 64/128 in fp32, the other rows:
+//   decodes, short spec-verify; D 80/96 every row): Q in registers, 3 cp.async stages of
+//   16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at use), one page offset
+//   per key shared by K and V, the lanes of a group spanning D (see LeanCfg).
+// - the generic tile (other head dims: run-time ones, 80/96 in fp32): the first version of
+//   this kernel, kept for coverage; scores/softmax/PV through shared memory, 2 stages.
 // Split-KV: each sequence picks its own split count on the device (plan_splits, bounded by the
 // host's num_kv_splits <= kMaxSplits, which sizes the grid). A sequence with one split writes
 // `out` directly; otherwise each split writes a normalised fp32 partial and its log-sum-exp,
@@ -157,7 +158,8 @@ __device__ __forceinline__ void dequant_store(T* dst, const uint8_t* src, float 
 }
 
 // One 16-byte chunk (N = 16 / sizeof(T) elements) of a key's K and of its V into the lean /
-// tensor-core tiles' T layout. 16-bit/fp32 caches: two cp.async copies. fp8 caches: N e4m3
+// tensor-core tiles' T layout. 16-bit/fp32 caches: two cp.async copies. fp8 caches (only the
+// tensor-core tile now; the lean tile stages codes by cp.async, see LeanCfg::TILE8): N e4m3
 // codes each, dequantised (code x the key's scale, in fp32, rounded to T: what the reference
 // does in q's dtype) and stored, so the tiles' math runs unchanged. `bi`, `boff`: the key's
 // block-table index and offset in its block (read only when valid).
@@ -187,8 +189,9 @@ __device__ __forceinline__ void copy_kv_chunk(T* ks, T* vs, const PagedAttention
   }
 }
 
-// The lean decode-class tile (head dims 64/128/256 in 16-bit types, 64/128 in fp32; any
+// The lean decode-class tile (head dims 64/80/96/128/256 in 16-bit types, 64/128 in fp32; any
 // rows <= kRows): K/V tiles of 16 KB, kStages deep; thread (grp, c) owns 16-byte chunk c of D
+// (D 80/96: 16 lanes of 5/6 strided elements, see LeanCfg)
 // (NC lanes per group, one warp or part of one) and, within a tile, 4 keys per sub-tile. Groups
 // are split into NRG row groups of 4 rows (only the groups that exist: 1 for G <= 4) times
 // NG / NRG key groups. Each group keeps its own online-softmax state for its keys (no block
@@ -238,8 +241,12 @@ struct LeanCfg {
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE, "merge area fits the stages");
   // fp8 caches, lean tile: a stage holds e4m3 codes [K, V][NK][KP8] (cp.async of VEC codes,
   // the T copy's layout at half / quarter the bytes: every lane copies, as in 16-bit) then
-  // the keys' scales fp32 [K, V][NK] (4-byte cp.async, per slot); codes convert at use. KP8: strided D 96 rows padded by 16 bytes (4 x 96 = 0 mod 128: the two
-  // groups of a warp on the same banks), D 80's 4 x 80 = 64 mod 128 needs none.
+  // the keys' scales fp32 [K, V][NK] (4-byte cp.async, per slot); codes convert at use, the
+  // scales multiply the scores (K) and P (V). Synchronous dequantising loads here left no copy
+  // in flight: 5180 warp-instructions per 8 KB tile, predicted 31 % of H100 HBM at B=256 x 2k
+  // (1.6x the bf16 time); this way 3600, 69 % (0.73x; the e4m3 -> f32 converts are most of
+  // the difference to bf16's 3044). KP8: strided D 96 rows padded by 16 bytes (4 x 96 = 0 mod
+  // 128: the two groups of a warp on the same banks), D 80's 4 x 80 = 64 mod 128 needs none.
   static constexpr int KP8 = STRIDED && DM % 32 == 0 ? DM + 16 : DM;
   static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE8, "merge area fits the fp8 stages");
@@ -350,9 +357,10 @@ struct MinBlocks {
 #endif
 };
 
-// FP8: the cache holds e4m3 codes (p.kv_fp8). The lean and tensor-core tiles dequantise each
-// chunk into their T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps
-// e4m3 bytes in shared memory and scales scores / probabilities (see its K/V copy).
+// FP8: the cache holds e4m3 codes (p.kv_fp8). The lean tile stages codes and per-slot scales by
+// cp.async and converts at use (LeanCfg::TILE8); the tensor-core tile dequantises each chunk
+// into its T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps e4m3
+// bytes in shared memory and scales scores / probabilities (see its K/V copy).
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
 __global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8, TCP>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
