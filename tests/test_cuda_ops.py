@@ -104,6 +104,7 @@ def test_wrappers_compile_fullgraph(ext, monkeypatch):
     # AOT autograd functionalises the in-place schemas; meta tensors run the fake kernels.
     # Regression: an lru_cache'd extension check made Dynamo trace into register_fake.
     monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_ops, "_sm_arch", lambda device: ((9, 0), 228 * 1024))
     e = lambda *s, dtype=torch.float16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
     i32, i64 = torch.int32, torch.int64
 
