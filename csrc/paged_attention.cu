@@ -276,22 +276,56 @@ __device__ __forceinline__ void lean_load(const T* row, int gl, float (&f)[LC::E
   }
 }
 
-// The same elements of a row of e4m3 codes (fp8 caches), as floats (exact; unscaled).
+// e4m3 codes for the lean tile, as floats / kFp8Unit (exact). Where the GPU has no e4m3
+// conversion (sm_80/86: cuda_fp8.h's software path, ~86 warp-instructions a code pair in
+// the lean fp8 loop: 13948 per tile on sm_80, predicted 2.9x the bf16 time) the code's bits
+// are moved into an fp16 by integer ops: sign -> bit 15, exponent and mantissa -> bits 13-7,
+// i.e. the exponent rebiased from 7 to 15 without adding: value / 256, subnormals and zero
+// included (NaN codes 0x7f / 0xff read as +-480 / 256: the quantiser saturates, never writes
+// them). The tile folds kFp8Unit into the Q scale (K) and P (V). The emulator takes this path
+// too, so the CPU tests check it; sm_89+ converts in hardware (cvt.f16x2.e4m3x2, unit 1).
+#if defined(RAGGED_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890)
+#define RAGGED_FP8_BITS 1
+constexpr float kFp8Unit = 256.f;
+#else
+constexpr float kFp8Unit = 1.f;
+#endif
+
+// Two codes (the low 16 bits of `two`) -> floats / kFp8Unit.
+__device__ __forceinline__ float2 fp8x2_unit(uint32_t two) {
+#ifdef RAGGED_FP8_BITS
+  const uint32_t y = (two & 0xffu) | ((two & 0xff00u) << 8);  // codes at bits 0 and 16
+  const uint32_t h = ((y & 0x007f007fu) << 7) | ((y & 0x00800080u) << 8);
+  __half2 hh;
+  memcpy(&hh, &h, 4);
+  return __half22float2(hh);
+#else
+  return fp8x2_to_float2(two);
+#endif
+}
+
+// The same elements of a row of e4m3 codes (fp8 caches), as floats / kFp8Unit (exact).
 template <typename LC>
 __device__ __forceinline__ void lean_load8(const uint8_t* row, int gl, float (&f)[LC::E]) {
   if constexpr (!LC::STRIDED) {
-    load_fp8<LC::VEC>(row + gl * LC::VEC, f);
+    const Pack<uint32_t, LC::VEC / 4> pk =
+        *reinterpret_cast<const Pack<uint32_t, LC::VEC / 4>*>(row + gl * LC::VEC);
+#pragma unroll
+    for (int w = 0; w < LC::VEC / 4; ++w) {
+      const float2 lo = fp8x2_unit(pk.v[w]), hi = fp8x2_unit(pk.v[w] >> 16);
+      f[4 * w] = lo.x;
+      f[4 * w + 1] = lo.y;
+      f[4 * w + 2] = hi.x;
+      f[4 * w + 3] = hi.y;
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < LC::NP; ++j) {
-      float two[2];
-      load_fp8<2>(row + 2 * (gl + 16 * j), two);
-      f[2 * j] = two[0];
-      f[2 * j + 1] = two[1];
+      const float2 x = fp8x2_unit(*reinterpret_cast<const uint16_t*>(row + 2 * (gl + 16 * j)));
+      f[2 * j] = x.x;
+      f[2 * j + 1] = x.y;
     }
-    if constexpr (LC::E > 2 * LC::NP)
-      f[2 * LC::NP] = __half2float(__half(__nv_cvt_fp8_to_halfraw(
-          static_cast<__nv_fp8_storage_t>(row[32 * LC::NP + gl]), __NV_E4M3)));
+    if constexpr (LC::E > 2 * LC::NP) f[2 * LC::NP] = fp8x2_unit(row[32 * LC::NP + gl]).x;
   }
 }
 
@@ -665,7 +699,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
     // Q rows rg*4 + i of chunk c in registers, pre-scaled (by log2 e too: exp2 below).
     // fp8 per-tensor: the K scale folds in here, the V scale into P (per slot: from the tile).
     float qscale = has_cap ? p.scale : p.scale * kLog2e;
-    if (FP8 && !per_slot) qscale *= p.k_scale_f;
+    if (FP8) qscale *= per_slot ? kFp8Unit : kFp8Unit * p.k_scale_f;  // see lean_load8
     const T* q = static_cast<const T*>(p.q);
     float qr[4][LE];
 #pragma unroll
@@ -829,7 +863,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
 #pragma unroll
           for (int j = 0; j < NEND; ++j) {
             float pv = sv[j];  // fp8: P x the key's V scale (l sums the unscaled P)
-            if constexpr (FP8) pv *= per_slot ? vsc[kb + (idx0 + j) % 4] : p.v_scale_f;
+            if constexpr (FP8) pv *= kFp8Unit * (per_slot ? vsc[kb + (idx0 + j) % 4] : p.v_scale_f);
             gs[((idx0 + j) % 4) * 4 + my_i] = pv;
           }
           if ((idx0 % 4) == 0) gs[16 + my_i] = alpha;
