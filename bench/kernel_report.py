@@ -96,6 +96,7 @@ class Launch:
     window: int = 0
     op: str = ""              # "" attention, else an op name (tokens = q_lens[0])
     op_dims: tuple = ()       # (hidden,) / (intermediate,)
+    kv: str = ""              # "" K/V in `dtype`, "fp8": e4m3 cache + per-slot fp32 scales
 
     @property
     def kind(self) -> str:
@@ -107,7 +108,8 @@ class Launch:
 
     @property
     def key(self) -> str:
-        return f"{self.model} {self.name} {self.dtype} bs={self.bs}"
+        kv = f" {self.kv}" if self.kv else ""
+        return f"{self.model} {self.name} {self.dtype} bs={self.bs}{kv}"
 
 
 MODELS = {"llama3-8b": (32, 8, 128, 0), "qwen3-0.6b": (16, 8, 128, 0),
@@ -115,8 +117,20 @@ MODELS = {"llama3-8b": (32, 8, 128, 0), "qwen3-0.6b": (16, 8, 128, 0),
 GROUPS = {"G1": (8, 8), "G5": (40, 8), "G8": (64, 8)}   # other GQA groups at D = 128
 
 
-def _attn(name, model, hq, hkv, d, dt, bs, q, k, window=0):
-    return Launch(name, model, hq, hkv, d, dt, bs, tuple(q), tuple(k), window)
+def _attn(name, model, hq, hkv, d, dt, bs, q, k, window=0, kv=""):
+    return Launch(name, model, hq, hkv, d, dt, bs, tuple(q), tuple(k), window, kv=kv)
+
+
+def _fp8_set():
+    """fp8 (e4m3, per-slot scales) caches, bf16 q: issue 14's decode target (B >= 64 x >= 2k
+    at <= 0.6x the bf16 time) and spec-verify, at D 128 and at the strided head dims 80 / 96."""
+    out = []
+    for model, d in (("llama3-8b", 128), ("hd80", 80), ("hd96", 96)):
+        out.append(_attn("decode B=256 ctx=2048 fp8", model, 32, 8, d, "bf16", 16, [1] * 256,
+                         [2048] * 256, kv="fp8"))
+    out.append(_attn("spec-verify q=4 B=64 ctx=2048 fp8", "llama3-8b", 32, 8, 128, "bf16", 16,
+                     [4] * 64, [2048] * 64, kv="fp8"))
+    return out
 
 
 def _attention_set(model, hq, hkv, d, dt, bs, window, quick):
@@ -163,15 +177,28 @@ def launch_set(quick: bool) -> list[Launch]:
     for d in (64, 80, 96, 256):       # other head dims: the compile / spill coverage of the
         out += [x for x in _attention_set(f"hd{d}", 32, 8, d, "bf16", 16, 0, True)  # old check
                 if x.kind != "prefill"]
+    for d in (80, 96):                # the strided lean tile's spec-verify rows
+        out.append(_attn("spec-verify q=4 B=64 ctx=2048", f"hd{d}", 32, 8, d, "bf16", 16,
+                         [4] * 64, [2048] * 64))
+    out += _fp8_set()
     for dt in HALF:
         out += _op_set("llama3-8b", dt)
     return out
 
 
-def launch_cost(x: Launch) -> dict:
-    """Bytes that must move and FLOPs, split into the decode-class part (q_len <= 16,
-    memory bound) and the prefill-class part (q_len > 16): bench.kernels' accounting (each
-    input read once, each output written once; causal FLOPs 4 D Hq x visible keys)."""
+def _prefill_class(x: Launch, q: int, backend: str | None) -> bool:
+    """Whether a sequence of q new tokens runs the kernel's prefill-class tile: q_len > 16
+    (Triton); CUDA picks by rows q_len x G (paged_attention.cu: tensor cores above kLeanRows =
+    8 rows in 16-bit types, above 16 for fp8 caches; fp32 has no tensor-core tile)."""
+    if backend != "cuda":
+        return q > 16
+    return q * (x.hq // x.hkv) > (16 if x.kv == "fp8" or x.dtype == "fp32" else 8)
+
+
+def launch_cost(x: Launch, backend: str | None = None) -> dict:
+    """Bytes that must move and FLOPs, split into the decode-class part (memory bound) and the
+    prefill-class part (_prefill_class): bench.kernels' accounting (each input read once, each
+    output written once; causal FLOPs 4 D Hq x visible keys)."""
     e = ELEM[x.dtype]
     if x.op:
         T, hq, hkv, d = x.q_lens[0], x.hq, x.hkv, x.d
@@ -183,12 +210,14 @@ def launch_cost(x: Launch) -> dict:
              "silu_and_mul": 3 * T * x.op_dims[0] * e if x.op_dims else 0}[x.op]
         return dict(decode=(n, 0), prefill=(0, 0))
     parts = {"decode": [0, 0], "prefill": [0, 0]}
+    # fp8 caches: 1-byte codes + a float32 K and V scale per (key, KV head), as read
+    ekv, esc = (1, 8) if x.kv == "fp8" else (e, 0)
     for q, k in zip(x.q_lens, x.kv_lens):
-        p = parts["decode" if q <= 16 else "prefill"]
+        p = parts["prefill" if _prefill_class(x, q, backend) else "decode"]
         lo = max(0, k - q - x.window + 1) if x.window else 0
         vis = sum(k - q + i + 1 - (max(0, k - q + i - x.window + 1) if x.window else 0)
                   for i in range(q))
-        p[0] += (2 * (k - lo) * x.hkv * x.d + 2 * q * x.hq * x.d) * e
+        p[0] += (k - lo) * x.hkv * (2 * x.d * ekv + esc) + 2 * q * x.hq * x.d * e
         p[1] += 4 * x.d * x.hq * vis
     return {k: tuple(v) for k, v in parts.items()}
 
@@ -196,7 +225,7 @@ def launch_cost(x: Launch) -> dict:
 # =========================================================================== model
 def predict(x: Launch, kern: dict, dev: dict) -> dict:
     """Predicted time, GB/s, TFLOP/s and % of the device's peaks for one launch."""
-    cost = launch_cost(x)
+    cost = launch_cost(x, "cuda" if "unit" in kern else "triton")
     out = dict(parts={})
     t = t_slow = 0.0
     for cls in ("decode", "prefill"):
@@ -380,11 +409,15 @@ def attention_inputs(x: Launch):
     T, B = sum(x.q_lens), len(x.q_lens)
     width = -(-max(x.kv_lens) // x.bs)
     cu = torch.tensor([0, *itertools_acc(x.q_lens)], dtype=torch.int32)
+    kdt = torch.float8_e4m3fn if x.kv == "fp8" else dt
+    scales = {}
+    if x.kv == "fp8":
+        scales = dict(k_scale=torch.empty(4, x.bs, x.hkv), v_scale=torch.empty(4, x.bs, x.hkv))
     return dict(q=torch.empty(T, x.hq, x.d, dtype=dt),
-                k_cache=torch.empty(4, x.bs, x.hkv, x.d, dtype=dt),
-                v_cache=torch.empty(4, x.bs, x.hkv, x.d, dtype=dt),
+                k_cache=torch.empty(4, x.bs, x.hkv, x.d, dtype=kdt),
+                v_cache=torch.empty(4, x.bs, x.hkv, x.d, dtype=kdt),
                 block_table=torch.zeros(B, width, dtype=torch.int32), cu_seqlens_q=cu,
-                seq_lens=torch.tensor(x.kv_lens, dtype=torch.int32))
+                seq_lens=torch.tensor(x.kv_lens, dtype=torch.int32), scales=scales)
 
 
 def itertools_acc(xs):
@@ -430,7 +463,7 @@ def triton_launch_jobs(x: Launch, dev: dict) -> list[tuple]:
         def call(f):
             f(t["q"], t["k_cache"], t["v_cache"], t["block_table"], t["cu_seqlens_q"],
               t["seq_lens"], scale=x.d ** -0.5, max_seqlen_q=max(x.q_lens),
-              max_seqlen_k=max(x.kv_lens), sliding_window=x.window or None)
+              max_seqlen_k=max(x.kv_lens), sliding_window=x.window or None, **t["scales"])
     return [triton_job(*c) for c in record_triton(op, call, dev)]
 
 
@@ -588,19 +621,22 @@ def cuda_launches(rec: CudaRecorder, x: Launch, dev: dict) -> list[dict]:
     import torch
     cuda_ops = importlib.import_module("kernels.cuda_ops")
     t = attention_inputs(x)
-    saved = cuda_ops._sm_count
+    saved = cuda_ops._sm_count, cuda_ops._sm_arch
     cuda_ops._sm_count = lambda device: dev["sms"]
+    cuda_ops._sm_arch = lambda device: (divmod(dev["arch"], 10), dev["smem_sm"])
     try:
         S = cuda_ops.default_num_kv_splits(t["q"], t["k_cache"], len(x.q_lens), max(x.q_lens),
                                            max(x.kv_lens))
     finally:
-        cuda_ops._sm_count = saved
+        cuda_ops._sm_count, cuda_ops._sm_arch = saved
     T, B = sum(x.q_lens), len(x.q_lens)
     width = t["block_table"].shape[1]
     del torch
-    return rec.record("emu_paged_attention", e, P, x.hq * x.d, x.d, P, x.hq * x.d, x.d, P, P,
-                      P, width, P, P, P, P, B, T, x.hq, x.hkv, x.d, x.bs, max(x.q_lens), S,
-                      x.window, x.d ** -0.5, 0.0)
+    args = (e, P, x.hq * x.d, x.d, P, x.hq * x.d, x.d, P, P, P, width, P, P, P, P, B, T, x.hq,
+            x.hkv, x.d, x.bs, max(x.q_lens), S, x.window, x.d ** -0.5, 0.0)
+    if x.kv == "fp8":             # per-slot scales (fake addresses: nothing is read)
+        return rec.record("emu_paged_attention_fp8", *args, 1, P, P, 1.0, 1.0)
+    return rec.record("emu_paged_attention", *args)
 
 
 # =========================================================================== the report
@@ -716,8 +752,9 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
     for x in launches:
         for arch in archs:
             for dname, dev in _archs_devices([arch]):
-                row = dict(launch=x.name, model=x.model, kind=x.kind, dtype=x.dtype, bs=x.bs,
-                           hq=x.hq, hkv=x.hkv, d=x.d, window=x.window, arch=arch, device=dname,
+                row = dict(launch=x.name, model=x.model, kind=x.kind, dtype=x.dtype,
+                           kv=x.kv or "auto", bs=x.bs, hq=x.hq, hkv=x.hkv, d=x.d,
+                           window=x.window, arch=arch, device=dname,
                            bytes=sum(v[0] for v in launch_cost(x).values()),
                            flops=sum(v[1] for v in launch_cost(x).values()))
                 rows.append(dict(row, backend="triton", **_triton_row(x, arch, dev, per_launch,
@@ -792,7 +829,7 @@ def _summary(x: Launch, kerns: list[dict], dev: dict) -> dict:
         out["ttgir_async_wait_nums"] = k["ttgir_copy_loop_waits"]
     for cls in ("decode", "prefill"):
         lp = pick_loop(k, cls) if not x.op else None
-        if lp and launch_cost(x)[cls] != (0, 0):
+        if lp and launch_cost(x, "cuda" if "unit" in k else "triton")[cls] != (0, 0):
             out[f"{cls}_loop"] = dict(
                 instr_per_warp=lp["instr"], cta_instr=lp["instr"] * k["warps"],
                 kv_bytes=lp["copy_bytes"] * k["warps"],

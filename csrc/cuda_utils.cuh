@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "ragged_kernels.h"
 
@@ -106,6 +107,25 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 #else
   *reinterpret_cast<uint4*>(smem) =
       valid ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+// 4- or 8-byte variant (cp.async.ca: .cg takes 16 bytes only): fp8 chunks of 4 / 8 codes and
+// per-key scales. Same zero-fill and emulation as cp_async16.
+template <int N>
+__device__ __forceinline__ void cp_async_ca(void* smem, const void* gmem, bool valid) {
+  static_assert(N == 4 || N == 8, "cp.async.ca of 4 or 8 bytes");
+#if defined(RAGGED_EMU)
+  emu_cp_async(smem, gmem, valid, N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? N : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gmem), "n"(N),
+               "r"(n)
+               : "memory");
+#else
+  using W = std::conditional_t<N == 8, uint2, uint32_t>;
+  *reinterpret_cast<W*>(smem) = valid ? *reinterpret_cast<const W*>(gmem) : W{};
 #endif
 }
 

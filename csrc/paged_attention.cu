@@ -4,15 +4,16 @@
 // head of the GQA group) pair, so in decode every query head of the group shares each K/V
 // tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
 // picks its tile class (one launch serves a mixed batch):
-// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 16 rows: prefill chunks,
-//   longer spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix from XOR-swizzled
-//   shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q tile takes the
-//   third stage's space).
-// - lean CUDA-core tile (D 64/128/256 in 16-bit types, 64/128 in fp32, <= 16 rows: decodes,
-//   short spec-verify): Q in registers, 3 cp.async stages of 16 KB, one page offset per key
-//   shared by K and V, the lanes of a group spanning D (see LeanCfg).
-// - the generic tile (other head dims: 80, 96, run-time ones): the first version of this
-//   kernel, kept for coverage; scores/softmax/PV through shared memory, 2 stages.
+// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 8 rows (> 16 with an fp8
+//   cache): prefill chunks, spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix
+//   from XOR-swizzled shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q
+//   tile takes the third stage's space); 9-16-row sequences use its warp 0 only (kLeanRows).
+// - lean CUDA-core tile (D 64/80/96/128/256 in 16-bit types, 64/128 in fp32, the other rows:
+//   decodes, short spec-verify; D 80/96 every row): Q in registers, 3 cp.async stages of
+//   16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at use), one page offset
+//   per key shared by K and V, the lanes of a group spanning D (see LeanCfg).
+// - the generic tile (other head dims: run-time ones, 80/96 in fp32): the first version of
+//   this kernel, kept for coverage; scores/softmax/PV through shared memory, 2 stages.
 // Split-KV: each sequence picks its own split count on the device (plan_splits, bounded by the
 // host's num_kv_splits <= kMaxSplits, which sizes the grid). A sequence with one split writes
 // `out` directly; otherwise each split writes a normalised fp32 partial and its log-sum-exp,
@@ -101,17 +102,30 @@ struct AttnCfg {
 };
 
 // N e4m3 codes (N * 1 bytes, N-byte aligned) -> float, two at a time (cvt.f16x2.e4m3x2 on
-// sm_89+, cuda_fp8.h's exact software path elsewhere and on the emulator's host).
+// sm_89+, cuda_fp8.h's exact software path elsewhere and on the emulator's host). Read as
+// 32-bit words (16-bit for N = 2) whose halves feed the cvt directly: assembling the pairs
+// from bytes cost ~80 LOP3s per warp per lean fp8 tile on sm_90a.
+__device__ __forceinline__ float2 fp8x2_to_float2(uint32_t two) {
+  return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(
+      static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3)));
+}
 template <int N>
 __device__ __forceinline__ void load_fp8(const uint8_t* p, float (&f)[N]) {
-  const Pack<uint8_t, N> pk = *reinterpret_cast<const Pack<uint8_t, N>*>(p);
+  static_assert(N == 2 || N % 4 == 0, "pairs or whole 32-bit words of codes");
+  if constexpr (N == 2) {
+    const float2 x = fp8x2_to_float2(*reinterpret_cast<const uint16_t*>(p));
+    f[0] = x.x;
+    f[1] = x.y;
+  } else {
+    const Pack<uint32_t, N / 4> pk = *reinterpret_cast<const Pack<uint32_t, N / 4>*>(p);
 #pragma unroll
-  for (int i = 0; i < N; i += 2) {
-    const __nv_fp8x2_storage_t two = static_cast<__nv_fp8x2_storage_t>(
-        pk.v[i] | static_cast<unsigned>(pk.v[i + 1]) << 8);
-    const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(two, __NV_E4M3)));
-    f[i] = x.x;
-    f[i + 1] = x.y;
+    for (int w = 0; w < N / 4; ++w) {
+      const float2 lo = fp8x2_to_float2(pk.v[w]), hi = fp8x2_to_float2(pk.v[w] >> 16);
+      f[4 * w] = lo.x;
+      f[4 * w + 1] = lo.y;
+      f[4 * w + 2] = hi.x;
+      f[4 * w + 3] = hi.y;
+    }
   }
 }
 
@@ -145,7 +159,8 @@ __device__ __forceinline__ void dequant_store(T* dst, const uint8_t* src, float 
 }
 
 // One 16-byte chunk (N = 16 / sizeof(T) elements) of a key's K and of its V into the lean /
-// tensor-core tiles' T layout. 16-bit/fp32 caches: two cp.async copies. fp8 caches: N e4m3
+// tensor-core tiles' T layout. 16-bit/fp32 caches: two cp.async copies. fp8 caches (only the
+// tensor-core tile now; the lean tile stages codes by cp.async, see LeanCfg::TILE8): N e4m3
 // codes each, dequantised (code x the key's scale, in fp32, rounded to T: what the reference
 // does in q's dtype) and stored, so the tiles' math runs unchanged. `bi`, `boff`: the key's
 // block-table index and offset in its block (read only when valid).
@@ -175,8 +190,9 @@ __device__ __forceinline__ void copy_kv_chunk(T* ks, T* vs, const PagedAttention
   }
 }
 
-// The lean decode-class tile (head dims 64/128/256 in 16-bit types, 64/128 in fp32; any
+// The lean decode-class tile (head dims 64/80/96/128/256 in 16-bit types, 64/128 in fp32; any
 // rows <= kRows): K/V tiles of 16 KB, kStages deep; thread (grp, c) owns 16-byte chunk c of D
+// (D 80/96: 16 lanes of 5/6 strided elements, see LeanCfg)
 // (NC lanes per group, one warp or part of one) and, within a tile, 4 keys per sub-tile. Groups
 // are split into NRG row groups of 4 rows (only the groups that exist: 1 for G <= 4) times
 // NG / NRG key groups. Each group keeps its own online-softmax state for its keys (no block
@@ -185,22 +201,151 @@ constexpr int kStages = 3;     // cp.async tiles in flight: 2 while one is compu
 constexpr int kTileBytes = 16 * 1024;  // K + V bytes per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma M tile)
+// Sequences of 9-16 rows (spec-verify q_len x G, e.g. 4 x 4) take the tensor-core tile, its
+// warp 0 alone computing (one 16-row mma M tile over every key; warps 1-3 only copy): on the
+// lean tile they run 4 row groups, 4x the FMAs a key (predicted 44 % of H100 HBM, issue-bound,
+// for spec-verify q=4 B=64 ctx=2048); one warp's ~1100 instructions (64 HMMA) per 16 KB tile
+// keep it memory-bound even when the 4 CTAs' computing warps share a scheduler (predicted
+// 3.9 TB/s issue ceiling). <= 8 rows stay lean (at most 2 row groups: 97 % / 88 % predicted).
+// fp8 caches keep <= 16 rows on the lean tile: its copy is asynchronous (the tensor-core
+// tile's dequantising copy is not), and those launches then run the lean-only kernel.
+constexpr int kLeanRows = 8;
 
 template <typename T, int DM, bool EXACT>
 struct LeanCfg {
   static constexpr int VEC = 16 / sizeof(T);
-  static constexpr int NC = DM / VEC;                    // lanes per group
-  static constexpr bool OK = EXACT && DM % VEC == 0 && (NC == 8 || NC == 16 || NC == 32);
+  static constexpr int NCH = DM / VEC;                   // 16-byte chunks of a K/V row
+  // Strided (16-bit D 80 / 96: 10 / 12 chunks, no power-of-two lane count): 16 lanes a group,
+  // lane l owns the element pairs l + 16 j (j < NP) and, for D 80, element 32 NP + l, so all
+  // 16 lanes compute (5 / 6 elements each). Padding to 16 lanes of 8 elements instead would
+  // issue D 128's ~3000 warp-instructions per tile for 10 / 12 KB (3.4 / 4.1 B/instr, 37 / 25 %
+  // of the FMAs on zeros); this way the FMAs and converts scale with D. The copy keeps the
+  // chunk layout (lanes >= NCH copy nothing), rows padded by 16 bytes: without it the two
+  // groups of a warp, 4 keys apart, read the same banks (4 x 160 / 192 B = 0 mod 128 B).
+  static constexpr bool STRIDED = EXACT && sizeof(T) == 2 && (DM == 80 || DM == 96);
+  static constexpr int NC = STRIDED ? 16 : NCH;          // lanes per group
+  static constexpr bool OK = EXACT && DM % VEC == 0 &&
+                             (STRIDED || NC == 8 || NC == 16 || NC == 32);
   static constexpr int NG = kThreads / NC;               // groups
-  static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));  // keys/tile
+  static constexpr int NK = STRIDED ? 4 * NG                           // keys/tile
+                                    : kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
   static_assert(!OK || NK == 4 * NG, "4 keys per group per sub-tile");
+  static constexpr int E = STRIDED ? DM / 16 : VEC;      // elements of Q / K / V / acc a lane
+  static constexpr int NP = DM / 32;                     // strided: element pairs a lane
+  static constexpr int KP = STRIDED ? DM + VEC : DM;     // K/V row pitch in the tile
   static constexpr int LOADS = NK * NC / kThreads;      // 16-byte K (and V) copies per thread
   static constexpr int NEND = 16 / NC > 1 ? 16 / NC : 1; // scores per lane after the reduce
-  // Layout: K/V [kStages][K, V][NK][DM] | per-group P [NG][16] + alpha [NG][4] fp32; after
-  // stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32 for the merge.
-  static constexpr size_t SMEM = static_cast<size_t>(kStages) * kTileBytes + NG * 20 * 4;
-  static_assert(NG * 4 * (DM + 2) * 4 <= kStages * kTileBytes, "merge area fits the stages");
+  static constexpr int TILE = 2 * NK * KP * static_cast<int>(sizeof(T));  // bytes a stage
+  // Layout: K/V [kStages][K, V][NK][KP] | per-group P [NG][16] + alpha [NG][4] fp32; after
+  // the loop the stage area holds the per-group m, l [NG][4] and acc [NG][4][DM] fp32.
+  static constexpr size_t SMEM = static_cast<size_t>(kStages) * TILE + NG * 20 * 4;
+  static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE, "merge area fits the stages");
+  // fp8 caches, lean tile: a stage holds e4m3 codes [K, V][NK][KP8] (cp.async of VEC codes,
+  // the T copy's layout at half / quarter the bytes: every lane copies, as in 16-bit) then
+  // the keys' scales fp32 [K, V][NK] (4-byte cp.async, per slot); codes convert at use, the
+  // scales multiply the scores (K) and P (V). Synchronous dequantising loads here left no copy
+  // in flight: 5180 warp-instructions per 8 KB tile, predicted 31 % of H100 HBM at B=256 x 2k
+  // (1.6x the bf16 time); this way 3600, 69 % (0.73x; the e4m3 -> f32 converts are most of
+  // the difference to bf16's 3044). KP8: strided D 96 rows padded by 16 bytes (4 x 96 = 0 mod
+  // 128: the two groups of a warp on the same banks), D 80's 4 x 80 = 64 mod 128 needs none.
+  static constexpr int KP8 = STRIDED && DM % 32 == 0 ? DM + 16 : DM;
+  static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
+  static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE8, "merge area fits the fp8 stages");
+  // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
+  // no mma k-tiling of D) keeps 16-bit tiles, fp8 ones dequantised at the copy: its SMEM.
+  static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
+  static constexpr size_t smem(bool fp8, bool tcp) {
+    const size_t s8 = static_cast<size_t>(kStages) * TILE8 + NG * 20 * 4;
+    return !fp8 ? SMEM : TC && tcp && SMEM > s8 ? SMEM : s8;
+  }
 };
+
+// Elements e = 0..E-1 of lane gl of a lean group (Q, K, V rows alike; see LeanCfg): chunk
+// layout, 16-byte chunk gl; strided, pairs gl + 16 j then element 32 NP + gl (D 80).
+template <typename LC, typename T>
+__device__ __forceinline__ void lean_load(const T* row, int gl, float (&f)[LC::E]) {
+  if constexpr (!LC::STRIDED) {
+    load_f<T, LC::VEC>(row + gl * LC::VEC, f);
+  } else {
+#pragma unroll
+    for (int j = 0; j < LC::NP; ++j) {
+      const Pack<T, 2> pk = *reinterpret_cast<const Pack<T, 2>*>(row + 2 * (gl + 16 * j));
+      f[2 * j] = to_f<T>(pk.v[0]);
+      f[2 * j + 1] = to_f<T>(pk.v[1]);
+    }
+    if constexpr (LC::E > 2 * LC::NP) f[2 * LC::NP] = to_f<T>(row[32 * LC::NP + gl]);
+  }
+}
+
+// e4m3 codes for the lean tile, as floats / kFp8Unit (exact). Where the GPU has no e4m3
+// conversion (sm_80/86: cuda_fp8.h's software path, ~86 warp-instructions a code pair in
+// the lean fp8 loop: 13948 per tile on sm_80, predicted 2.9x the bf16 time; this way 4208,
+// 0.89x, 53 % of A100 HBM) the code's bits
+// are moved into an fp16 by integer ops: sign -> bit 15, exponent and mantissa -> bits 13-7,
+// i.e. the exponent rebiased from 7 to 15 without adding: value / 256, subnormals and zero
+// included (NaN codes 0x7f / 0xff read as +-480 / 256: the quantiser saturates, never writes
+// them). The tile folds kFp8Unit into the Q scale (K) and P (V). The emulator takes this path
+// too, so the CPU tests check it; sm_89+ converts in hardware (cvt.f16x2.e4m3x2, unit 1).
+#if defined(RAGGED_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890)
+#define RAGGED_FP8_BITS 1
+constexpr float kFp8Unit = 256.f;
+#else
+constexpr float kFp8Unit = 1.f;
+#endif
+
+// Two codes (the low 16 bits of `two`) -> floats / kFp8Unit.
+__device__ __forceinline__ float2 fp8x2_unit(uint32_t two) {
+#ifdef RAGGED_FP8_BITS
+  const uint32_t y = (two & 0xffu) | ((two & 0xff00u) << 8);  // codes at bits 0 and 16
+  const uint32_t h = ((y & 0x007f007fu) << 7) | ((y & 0x00800080u) << 8);
+  __half2 hh;
+  memcpy(&hh, &h, 4);
+  return __half22float2(hh);
+#else
+  return fp8x2_to_float2(two);
+#endif
+}
+
+// The same elements of a row of e4m3 codes (fp8 caches), as floats / kFp8Unit (exact).
+template <typename LC>
+__device__ __forceinline__ void lean_load8(const uint8_t* row, int gl, float (&f)[LC::E]) {
+  if constexpr (!LC::STRIDED) {
+    const Pack<uint32_t, LC::VEC / 4> pk =
+        *reinterpret_cast<const Pack<uint32_t, LC::VEC / 4>*>(row + gl * LC::VEC);
+#pragma unroll
+    for (int w = 0; w < LC::VEC / 4; ++w) {
+      const float2 lo = fp8x2_unit(pk.v[w]), hi = fp8x2_unit(pk.v[w] >> 16);
+      f[4 * w] = lo.x;
+      f[4 * w + 1] = lo.y;
+      f[4 * w + 2] = hi.x;
+      f[4 * w + 3] = hi.y;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < LC::NP; ++j) {
+      const float2 x = fp8x2_unit(*reinterpret_cast<const uint16_t*>(row + 2 * (gl + 16 * j)));
+      f[2 * j] = x.x;
+      f[2 * j + 1] = x.y;
+    }
+    if constexpr (LC::E > 2 * LC::NP) f[2 * LC::NP] = fp8x2_unit(row[32 * LC::NP + gl]).x;
+  }
+}
+
+// The same elements of an fp32 row (the merge area), stored.
+template <typename LC>
+__device__ __forceinline__ void lean_store(float* row, int gl, const float (&f)[LC::E]) {
+  if constexpr (!LC::STRIDED) {
+#pragma unroll
+    for (int e = 0; e < LC::VEC; e += 4)
+      *reinterpret_cast<float4*>(row + gl * LC::VEC + e) =
+          make_float4(f[e], f[e + 1], f[e + 2], f[e + 3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < LC::NP; ++j)
+      *reinterpret_cast<float2*>(row + 2 * (gl + 16 * j)) = make_float2(f[2 * j], f[2 * j + 1]);
+    if constexpr (LC::E > 2 * LC::NP) row[32 * LC::NP + gl] = f[2 * LC::NP];
+  }
+}
 
 // Sum N per-lane partials over the L lanes of a group while spreading the results: at the
 // end lane l holds NEND = max(N / L, 1) sums, value index j + NEND * ((l % L) >> log2(L / N))
@@ -229,27 +374,33 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // shared memory (LeanCfg::SMEM): 4 CTAs fit sm_90's 228 KB (<= 128 registers), but sm_80's
 // 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
 // forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
-// registers) costs nothing.
-// fp8 caches (FP8) on sm_90: the dequantising copy (scale index + conversion in the load
-// loop) pushed the lean/TC kernels past 128 registers: 12-32 B spilled at D 64/128/256 in
-// fp16/bf16; sized for 3 CTAs (<= 168 registers) there instead, no spills (occupancy 4 -> 3
-// CTAs/SM for fp8 only; predicted cost unmeasured).
-template <typename T, int DM, bool EXACT, bool FP8>
+// registers) costs nothing. The strided D 80 / 96 tiles (30.6 / 36.6 KB, 110-116 registers)
+// fit 4 on sm_80 too. fp8 lean tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but
+// 4 spilled 16-24 bytes at D 64/128/256 there: 3.
+// fp8 caches on sm_90 (TCP: the kernel has the tensor-core tile): at D 128 the tensor-core
+// tile's dequantising copy (scale index + conversion in the load loop) needs > 128 registers
+// (24 B spilled at 4 CTAs/SM): sized for 3 there. Launches with no tensor-core row (every
+// sequence's q_len x G <= 16: decodes, short spec-verify) take the TCP = false instantiation
+// instead: the lean tile alone, 126 registers, 4 CTAs/SM. fp8 D 64 / 80 / 96 / 256: 115-127
+// registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
 struct MinBlocks {
+  using LC = LeanCfg<T, DM, EXACT>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  static constexpr int value = LeanCfg<T, DM, EXACT>::OK ? 3 : 4;
+  static constexpr int value = LC::OK && !LC::STRIDED ? 3 : 4;
 #else
-  static constexpr int value = LeanCfg<T, DM, EXACT>::OK && FP8 ? 3 : 4;
+  static constexpr int value = FP8 && TCP && LC::TC && DM == 128 ? 3 : 4;
 #endif
 };
 
 #include "attention_wgmma.cuh"  // sm_90a's tensor-core tile (wgmma); uses the helpers above
 
-// FP8: the cache holds e4m3 codes (p.kv_fp8). The lean and tensor-core tiles dequantise each
-// chunk into their T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps
-// e4m3 bytes in shared memory and scales scores / probabilities (see its K/V copy).
-template <typename T, int DM, bool EXACT, bool FP8>
-__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8>::value))
+// FP8: the cache holds e4m3 codes (p.kv_fp8). The lean tile stages codes and per-slot scales by
+// cp.async and converts at use (LeanCfg::TILE8); the tensor-core tile dequantises each chunk
+// into its T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps e4m3
+// bytes in shared memory and scales scores / probabilities (see its K/V copy).
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
+__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8, TCP>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
   using LC = LeanCfg<T, DM, EXACT>;
@@ -289,11 +440,11 @@ paged_attention_kernel(const PagedAttentionParams p) {
   const int64_t row0_64 = static_cast<int64_t>(rtile) * kRows;
   if (row0_64 >= total_rows) return;            // q_len 0, or a tile past this sequence
   const int row0 = static_cast<int>(row0_64);
-  // Tile class of this CTA: tensor cores for the sequences with more than kRows rows in 16-bit
-  // types (prefill chunks, longer spec-verify queries), 64 rows a CTA (the CTA of every 4th
+  // Tile class of this CTA: tensor cores for the sequences with more than kLeanRows rows in
+  // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  constexpr bool TC_OK = LC::OK && sizeof(T) == 2 && DM <= 128;  // DM 256: O needs 128 regs
-  const bool tc = TC_OK && total_rows > kRows;
+  constexpr bool TC_OK = LC::TC && TCP;  // see LeanCfg; TCP: compiled in (MinBlocks)
+  const bool tc = TC_OK && total_rows > (FP8 ? kRows : kLeanRows);
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
   const int nrows = total_rows - row0_64 < tile_rows ? static_cast<int>(total_rows - row0_64)
@@ -543,29 +694,35 @@ paged_attention_kernel(const PagedAttentionParams p) {
   }
   if constexpr (LC::OK) {
     constexpr int LVEC = LC::VEC, LNC = LC::NC, NG = LC::NG, LNK = LC::NK, NEND = LC::NEND;
+    constexpr int LE = LC::E, KP = LC::KP, NCH = LC::NCH, KP8 = LC::KP8;
     const int nt = hi > lo ? (hi - lo + LNK - 1) / LNK : 0;
-    T* st = reinterpret_cast<T*>(smem_raw);                          // [kStages][2][LNK][DM]
-    float* sc = reinterpret_cast<float*>(st + kStages * 2 * LNK * DM);  // [NG][20]
+    // Stages of [K, V][LNK][KP] T (fp8: LC::TILE8 bytes, see LeanCfg), then [NG][20] fp32.
+    constexpr int STAGE_BYTES = FP8 ? LC::TILE8 : LC::TILE;
+    char* sm = reinterpret_cast<char*>(smem_raw);
+    float* sc = reinterpret_cast<float*>(sm + kStages * STAGE_BYTES);  // [NG][20]
+    const bool per_slot = FP8 && p.k_scale != nullptr;  // fp8: scales per slot, else floats
     const int grp = tid / LNC, c = tid % LNC, glane = tid % LNC;
     const int nrg = nrows <= 4 ? 1 : nrows <= 8 ? 2 : 4;  // row groups that exist
     const int rg = grp % nrg, kg = grp / nrg, nkg = NG / nrg;
     const bool has_cap = p.softcap > 0.f;
     // Q rows rg*4 + i of chunk c in registers, pre-scaled (by log2 e too: exp2 below).
-    const float qscale = has_cap ? p.scale : p.scale * kLog2e;
+    // fp8 per-tensor: the K scale folds in here, the V scale into P (per slot: from the tile).
+    float qscale = has_cap ? p.scale : p.scale * kLog2e;
+    if (FP8) qscale *= per_slot ? kFp8Unit : kFp8Unit * p.k_scale_f;  // see lean_load8
     const T* q = static_cast<const T*>(p.q);
-    float qr[4][LVEC];
+    float qr[4][LE];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = rg * 4 + i;
       if (r < nrows) {
         const int rr = row0 + r;
-        load_f<T, LVEC>(q + (q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h +
-                            c * LVEC, qr[i]);
+        lean_load<LC>(q + (q_start + rr / G) * p.q_stride_t + (kvh * G + rr % G) * p.q_stride_h,
+                      glane, qr[i]);
 #pragma unroll
-        for (int e = 0; e < LVEC; ++e) qr[i][e] *= qscale;
+        for (int e = 0; e < LE; ++e) qr[i][e] *= qscale;
       } else {
 #pragma unroll
-        for (int e = 0; e < LVEC; ++e) qr[i][e] = 0.f;
+        for (int e = 0; e < LE; ++e) qr[i][e] = 0.f;
       }
     }
     // The (row, key) of this lane's reduced scores are fixed: value index i * 4 + kk, all NEND
@@ -581,7 +738,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
     const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * DM;
     const int64_t blk_stride = tok_stride * bs;
     const int32_t* bt = p.block_table + static_cast<int64_t>(b) * p.block_table_stride;
+    // This lane's chunk c of a K/V row: LVEC elements (16 bytes; fp8: LVEC codes). fp8 per
+    // slot: lane 0 of a group also copies the key's K scale, lane 1 its V scale.
     const int64_t head_c = static_cast<int64_t>(kvh) * DM + c * LVEC;
+    const float* scale_src = c == 0 ? p.k_scale : p.v_scale;
     // This thread copies keys lo + grp + j NG (j = 0, 1, ...) in tile order, chunk c of K and
     // of V from one page offset. Consecutive keys are NG <= 16 <= block_size apart, so the
     // block index is walked (at most one step a key) instead of divided: one division (or
@@ -589,31 +749,52 @@ paged_attention_kernel(const PagedAttentionParams p) {
     int wkey = lo + grp;
     int wbi = p.block_shift >= 0 ? wkey >> p.block_shift : wkey / bs;
     int woff = wkey - wbi * bs;
-    int64_t wpage = wkey < hi ? static_cast<int64_t>(bt[wbi]) * blk_stride : 0;
+    int wblk = wkey < hi ? bt[wbi] : 0;  // fp8 per-slot scales: (block * bs + off) * Hkv + h
+    int64_t wpage = static_cast<int64_t>(wblk) * blk_stride;
     auto load = [&](int stage) {
-      T* ks = st + stage * 2 * LNK * DM;
+      char* sb = sm + stage * STAGE_BYTES;
 #pragma unroll
       for (int j = 0; j < LC::LOADS; ++j) {
         const int k = grp + j * NG;
         const bool valid = wkey < hi;
         const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-        copy_kv_chunk<T, FP8, LVEC>(ks + k * DM + c * LVEC, ks + (LNK + k) * DM + c * LVEC, p,
-                                    off, valid, bt, wbi, woff, kvh);
+        if constexpr (!FP8) {
+          T* ks = reinterpret_cast<T*>(sb);
+          if (!LC::STRIDED || c < NCH)  // strided: lanes past the row's chunks copy nothing
+            copy_kv_chunk<T, false, LVEC>(ks + k * KP + c * LVEC, ks + (LNK + k) * KP + c * LVEC,
+                                          p, off, valid, bt, wbi, woff, kvh);
+        } else {
+          const uint8_t* kc8 = static_cast<const uint8_t*>(p.k_cache);
+          const uint8_t* vc8 = static_cast<const uint8_t*>(p.v_cache);
+          if (!LC::STRIDED || c < NCH) {
+            cp_async_ca<LVEC>(sb + k * KP8 + c * LVEC, kc8 + (valid ? off : 0), valid);
+            cp_async_ca<LVEC>(sb + (LNK + k) * KP8 + c * LVEC, vc8 + (valid ? off : 0), valid);
+          }
+          if (per_slot && c < 2) {
+            const int64_t si =
+                (static_cast<int64_t>(wblk) * bs + woff) * p.num_kv_heads + kvh;
+            float* sd = reinterpret_cast<float*>(sb + 2 * LNK * KP8) + c * LNK + k;
+            cp_async_ca<4>(sd, scale_src + (valid ? si : 0), valid);
+          }
+        }
         wkey += NG;
         woff += NG;
         if (woff >= bs) {
           woff -= bs;
           ++wbi;
-          if (wkey < hi) wpage = static_cast<int64_t>(bt[wbi]) * blk_stride;
+          if (wkey < hi) {
+            wblk = bt[wbi];
+            wpage = static_cast<int64_t>(wblk) * blk_stride;
+          }
         }
       }
     };
-    float acc[4][LVEC];
+    float acc[4][LE];
     float m = -INFINITY, l = 0.f;  // running max (log2 units) and sum of row my_i
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int e = 0; e < LVEC; ++e) acc[i][e] = 0.f;
+      for (int e = 0; e < LE; ++e) acc[i][e] = 0.f;
     float* gs = sc + grp * 20;  // P [key kk][row i], then alpha [row i]
 #pragma unroll
     for (int s0 = 0; s0 < kStages - 1; ++s0) {
@@ -631,21 +812,27 @@ paged_attention_kernel(const PagedAttentionParams p) {
         if (nxt < nt) load(ns);
         cp_async_commit();
       }
-      const T* Ks = st + stage * 2 * LNK * DM;
-      const T* Vs = Ks + LNK * DM;
+      const char* sb = sm + stage * STAGE_BYTES;
+      const T* Ks = reinterpret_cast<const T*>(sb);              // 16-bit / fp32 caches
+      const T* Vs = Ks + LNK * KP;
+      const uint8_t* K8 = reinterpret_cast<const uint8_t*>(sb);  // fp8: codes, then scales
+      const uint8_t* V8 = K8 + LNK * KP8;
+      const float* ksc = reinterpret_cast<const float*>(V8 + LNK * KP8);
+      const float* vsc = ksc + LNK;
       const int key0 = lo + it * LNK;
       for (int sub = 0; sub < nrg; ++sub) {
         const int kb = (sub * nkg + kg) * 4;  // first key of this group's sub-tile
         float sv[16];                          // [row i][key kk] partial dots of chunk c
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          float kf[LVEC];
-          load_f<T, LVEC>(Ks + (kb + kk) * DM + c * LVEC, kf);
+          float kf[LE];
+          if constexpr (FP8) lean_load8<LC>(K8 + (kb + kk) * KP8, glane, kf);
+          else lean_load<LC>(Ks + (kb + kk) * KP, glane, kf);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             float d = 0.f;
 #pragma unroll
-            for (int e = 0; e < LVEC; ++e) d = fmaf(qr[i][e], kf[e], d);
+            for (int e = 0; e < LE; ++e) d = fmaf(qr[i][e], kf[e], d);
             sv[i * 4 + kk] = d;
           }
         }
@@ -656,6 +843,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
         for (int j = 0; j < NEND; ++j) {
           const int key = key0 + kb + (idx0 + j) % 4;
           float s = sv[j];
+          if (per_slot) s *= ksc[kb + (idx0 + j) % 4];  // the key's scale, before the softcap
           if (has_cap) s = p.softcap * tanhf(s * inv_cap) * kLog2e;
           const bool ok = my_row && key < hi && key <= my_qpos &&
                           (window <= 0 || key > my_qpos - window);
@@ -682,7 +870,11 @@ paged_attention_kernel(const PagedAttentionParams p) {
         __syncwarp();  // every lane of the group has read the previous sub-tile's P
         if (my_writer) {
 #pragma unroll
-          for (int j = 0; j < NEND; ++j) gs[((idx0 + j) % 4) * 4 + my_i] = sv[j];
+          for (int j = 0; j < NEND; ++j) {
+            float pv = sv[j];  // fp8: P x the key's V scale (l sums the unscaled P)
+            if constexpr (FP8) pv *= kFp8Unit * (per_slot ? vsc[kb + (idx0 + j) % 4] : p.v_scale_f);
+            gs[((idx0 + j) % 4) * 4 + my_i] = pv;
+          }
           if ((idx0 % 4) == 0) gs[16 + my_i] = alpha;
         }
         __syncwarp();
@@ -691,17 +883,18 @@ paged_attention_kernel(const PagedAttentionParams p) {
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int e = 0; e < LVEC; ++e) acc[i][e] *= al[i];
+          for (int e = 0; e < LE; ++e) acc[i][e] *= al[i];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           const float4 p4 = *reinterpret_cast<const float4*>(gs + kk * 4);
           const float pr[4] = {p4.x, p4.y, p4.z, p4.w};
-          float vf[LVEC];
-          load_f<T, LVEC>(Vs + (kb + kk) * DM + c * LVEC, vf);
+          float vf[LE];
+          if constexpr (FP8) lean_load8<LC>(V8 + (kb + kk) * KP8, glane, vf);
+          else lean_load<LC>(Vs + (kb + kk) * KP, glane, vf);
 #pragma unroll
           for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int e = 0; e < LVEC; ++e) acc[i][e] = fmaf(pr[i], vf[e], acc[i][e]);
+            for (int e = 0; e < LE; ++e) acc[i][e] = fmaf(pr[i], vf[e], acc[i][e]);
         }
       }
       if (++stage == kStages) stage = 0;
@@ -716,15 +909,10 @@ paged_attention_kernel(const PagedAttentionParams p) {
       lb[grp * 4 + my_i] = l;
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int e = 0; e < LVEC; e += 4)
-        *reinterpret_cast<float4*>(ob + (grp * 4 + i) * DM + c * LVEC + e) =
-            make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
-    }
+    for (int i = 0; i < 4; ++i) lean_store<LC>(ob + (grp * 4 + i) * DM, glane, acc[i]);
     __syncthreads();
-    for (int item = tid; item < nrows * LNC; item += kThreads) {
-      const int r = item / LNC, cc = item % LNC, rgi = r / 4, i = r % 4;
+    for (int item = tid; item < nrows * NCH; item += kThreads) {
+      const int r = item / NCH, cc = item % NCH, rgi = r / 4, i = r % 4;
       float mx = -INFINITY;
       for (int k2 = 0; k2 < nkg; ++k2) mx = fmaxf(mx, mb[(k2 * nrg + rgi) * 4 + i]);
       const float m_use = mx == -INFINITY ? 0.f : mx;
@@ -1052,7 +1240,7 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
-template <typename T, int DM, bool EXACT, bool FP8>
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
   const int G = p.num_q_heads / p.num_kv_heads;
@@ -1065,12 +1253,12 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t gx = (q.tiles_per_seq > 0 ? uniform : searched) * p.num_kv_splits;
   if (rows > 0x7fffffffLL - kRows || gx > 0x7fffffffLL || p.num_kv_heads > 65535)
     return cudaErrorInvalidConfiguration;
-  size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::SMEM
+  size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8, TCP)
                : FP8                       ? C::smem_fp8(p.head_dim)
                                            : C::smem(p.head_dim);
-  if constexpr (LeanCfg<T, DM, EXACT>::OK && sizeof(T) == 2 && DM <= 128)  // the TC tiles
-    smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;  // sm_90a's wgmma tile
-  auto kernel = paged_attention_kernel<T, DM, EXACT, FP8>;
+  if constexpr (LeanCfg<T, DM, EXACT>::TC && TCP)  // the TC tiles: sm_90a's wgmma tile
+    smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
+  auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1095,18 +1283,23 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
 
 template <typename T, bool FP8>
 cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
+  // fp8 at D 128 with no tensor-core row (max_seqlen_q x G <= kRows): the lean-only kernel,
+  // 4 CTAs/SM instead of 3 (MinBlocks). The other dims need no second instantiation.
+  const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * (p.num_q_heads / p.num_kv_heads);
   switch (p.head_dim) {
-    case 64: return launch<T, 64, true, FP8>(p, stream);
-    case 80: return launch<T, 80, true, FP8>(p, stream);
-    case 96: return launch<T, 96, true, FP8>(p, stream);
-    case 128: return launch<T, 128, true, FP8>(p, stream);
-    case 256: return launch<T, 256, true, FP8>(p, stream);
+    case 64: return launch<T, 64, true, FP8, true>(p, stream);
+    case 80: return launch<T, 80, true, FP8, true>(p, stream);
+    case 96: return launch<T, 96, true, FP8, true>(p, stream);
+    case 128:
+      if (FP8 && rows <= kRows) return launch<T, 128, true, FP8, !FP8>(p, stream);
+      return launch<T, 128, true, FP8, true>(p, stream);
+    case 256: return launch<T, 256, true, FP8, true>(p, stream);
     default: break;
   }
   if (!paged_attention_head_dim_supported(p.head_dim)) return cudaErrorInvalidValue;
-  if (p.head_dim <= 64) return launch<T, 64, false, FP8>(p, stream);
-  if (p.head_dim <= 128) return launch<T, 128, false, FP8>(p, stream);
-  return launch<T, 256, false, FP8>(p, stream);
+  if (p.head_dim <= 64) return launch<T, 64, false, FP8, true>(p, stream);
+  if (p.head_dim <= 128) return launch<T, 128, false, FP8, true>(p, stream);
+  return launch<T, 256, false, FP8, true>(p, stream);
 }
 
 }  // namespace

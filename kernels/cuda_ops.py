@@ -14,8 +14,6 @@ import torch
 
 MAX_KV_SPLITS = 128                  # = kMaxSplits in paged_attention.cu (the merge's bound)
 _SPLIT_MIN_KEYS = 128                # keep in step with kSplitMinKeys in paged_attention.cu
-_CTAS_PER_SM = 4                     # resident attention CTAs an SM holds (registers <= 128,
-                                     # 49.5 KB shared memory: paged_attention.cu's LeanCfg)
 _WORKSPACE_BYTES = 256 << 20         # cap of the fp32 split-KV partials [S, T, Hq, D]
 
 
@@ -85,6 +83,7 @@ def _ops():
 
 
 _SM_COUNT: dict[int, int] = {}  # device index -> SMs (a dict, traceable, unlike lru_cache)
+_SM_ARCH: dict[int, tuple] = {}  # device index -> ((major, minor), shared memory bytes per SM)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -95,11 +94,53 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
+def _sm_arch(device: torch.device) -> tuple:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    a = _SM_ARCH.get(index)
+    if a is None:
+        pr = torch.cuda.get_device_properties(index)
+        cap = (pr.major, pr.minor)
+        smem = getattr(pr, "shared_memory_per_multiprocessor", 0) or (
+            228 if cap >= (9, 0) else 164 if cap == (8, 0) else 100) * 1024
+        a = _SM_ARCH[index] = (cap, smem)
+    return a
+
+
+def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: int) -> int:
+    """Resident attention CTAs per SM of the instantiation a launch runs: min of its register
+    budget (paged_attention.cu MinBlocks, which this mirrors) and of its shared memory (LeanCfg
+    / AttnCfg sizes + 1 KB reserved per CTA). rows = max_seqlen_q x G (<= 16: no tensor-core
+    row; fp8 D 128 then runs its lean-only kernel)."""
+    vec = 16 // elem
+    strided = elem == 2 and d in (80, 96)
+    nc = 16 if strided else d // vec
+    lean = strided or (d in (64, 128, 256) and nc in (8, 16, 32))
+    if lean:
+        ng = 128 // nc
+        nk = 4 * ng if strided else 16384 // (2 * d * elem)
+        smem = 3 * 2 * nk * (d + vec if strided else d) * elem + ng * 80
+        tc = not strided and elem == 2 and d <= 128 and (rows > 16 or d != 128)
+        if fp8:
+            kp8 = d + 16 if strided and d % 32 == 0 else d
+            s8 = 3 * (2 * nk * kp8 + 8 * nk) + ng * 80
+            smem = smem if tc and smem > s8 else s8
+        if cap >= (9, 0):
+            regs = 3 if fp8 and tc and d == 128 else 4
+        else:
+            regs = 4 if strided else 3
+    else:                        # the generic tile (AttnCfg); 4 = its register floor
+        nk = 32 if d * elem <= 256 else 16
+        base = 4 * (16 * d + 16 * nk + 64)
+        smem = base + (4 * nk * (d + 16) + 16 * nk if fp8 else 4 * nk * (d + vec) * elem)
+        regs = 4
+    return max(1, min(regs, smem_sm // (smem + 1024)))
+
+
 def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seqlen_k: int) -> int:
     """Host-side upper bound of the split-KV factor; each sequence picks its own count on the
     device from its length (so short sequences in a mixed batch are not split). Aim: about
-    one wave of resident CTAs (SMs x _CTAS_PER_SM); no split below _SPLIT_MIN_KEYS keys; the
-    fp32 workspace stays capped."""
+    one wave of resident CTAs (SMs x the launch's CTAs/SM, _ctas_per_sm); no split below
+    _SPLIT_MIN_KEYS keys; the fp32 workspace stays capped."""
     if max_seqlen_k <= _SPLIT_MIN_KEYS:
         return 1
     T, Hq, D = q.shape
@@ -110,7 +151,10 @@ def default_num_kv_splits(q, k_cache, num_seqs: int, max_seqlen_q: int, max_seql
     row_tiles = min(num_seqs * -(-max_seqlen_q * G // 16), T * G // 16 + num_seqs)
     ctas = max(1, Hkv * row_tiles)
     sms = _sm_count(q.device)
-    splits = min(MAX_KV_SPLITS, -(-_CTAS_PER_SM * sms // ctas),
+    cap, smem_sm = _sm_arch(q.device)
+    per_sm = _ctas_per_sm(cap, smem_sm, D, q.element_size(),
+                          k_cache.dtype == torch.float8_e4m3fn, max_seqlen_q * G)
+    splits = min(MAX_KV_SPLITS, -(-per_sm * sms // ctas),
                  -(-max_seqlen_k // _SPLIT_MIN_KEYS))
     splits = min(splits, max(1, _WORKSPACE_BYTES // max(1, T * Hq * D * 4)))
     return max(1, splits)

@@ -92,7 +92,8 @@ def test_attention_softcap_and_scale(dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("q_len", [2, 4, 7, 16])
 def test_attention_spec_verify(dtype, q_len):
-    # Llama-3 heads: q_len x 4 rows = 8..64 (lean tiles of 2 / 4 row groups, tensor cores > 16)
+    # Llama-3 heads: q_len x 4 rows = 8..64 (lean tile <= 8 rows, tensor cores above: 9-16 rows
+    # on warp 0 alone, paged_attention.cu kLeanRows)
     _check_attn([q_len] * 5 + [1], [q_len + 9, 700, 2048, q_len, 77, 900], hq=32, hkv=8,
                 d=128, dtype=dtype)
 
@@ -407,9 +408,11 @@ def test_compile_fullgraph_inductor():
 
 
 # --------------------------------------------------------------------------- fp8 KV cache
-# fp8 (float8_e4m3fn) caches: the lean and tensor-core tiles dequantise each K/V chunk at its
-# copy into shared memory, the generic tile keeps e4m3 in shared memory (scores x k scale,
-# probabilities x v scale); checked on the same codes as the reference.
+# fp8 (float8_e4m3fn) caches: the lean tile stages e4m3 codes by cp.async and converts at use,
+# the tensor-core tile dequantises each K/V chunk at its copy into shared memory, the generic
+# tile keeps e4m3 in shared memory (lean and generic: scores x k scale, probabilities x v
+# scale); checked on the same codes as the reference. All-decode D 128 launches run the
+# lean-only kernel (no tensor-core tile compiled in).
 FP8_MODES = ["per_slot", "per_tensor"]
 
 
@@ -435,6 +438,18 @@ def test_attention_fp8_group_sizes_and_head_dims(mode, group, d):
     dtype = GPU_DTYPES[(group + d // 16) % 3]
     _check_attn([20, 1, 3, 1], [450, 300, 3, 17], hq=2 * group, hkv=2, d=d, dtype=dtype,
                 fp8=mode)
+
+
+@pytest.mark.parametrize("fp8", [None] + FP8_MODES)
+@pytest.mark.parametrize("d", [80, 96])
+@pytest.mark.parametrize("bs", [16, 48])
+def test_attention_strided_lean_tile_d80_d96(fp8, d, bs):
+    # the strided lean tile (16 lanes of 5 / 6 elements) at Llama-like heads: decodes, spec-
+    # verify up to 16 rows, split-KV, a window; fp32 q stays on the generic tile
+    for dtype in GPU_DTYPES:
+        _check_attn([1] * 30 + [4, 2], [1 + (97 * i) % 3000 for i in range(32)], hq=32, hkv=8,
+                    d=d, bs=bs, dtype=dtype, splits=None if bs == 16 else 6,
+                    window=None if bs == 16 else 500, fp8=fp8)
 
 
 @pytest.mark.parametrize("mode", FP8_MODES)

@@ -104,6 +104,7 @@ def test_wrappers_compile_fullgraph(ext, monkeypatch):
     # AOT autograd functionalises the in-place schemas; meta tensors run the fake kernels.
     # Regression: an lru_cache'd extension check made Dynamo trace into register_fake.
     monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_ops, "_sm_arch", lambda device: ((9, 0), 228 * 1024))
     e = lambda *s, dtype=torch.float16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
     i32, i64 = torch.int32, torch.int64
 
@@ -169,6 +170,7 @@ def test_split_count_bound_names_num_kv_splits():
 
 def test_default_num_kv_splits(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_ops, "_sm_arch", lambda device: ((9, 0), 228 * 1024))
     q = torch.empty(1, 32, 128, device="meta")
     kc = torch.empty(1, 16, 8, 128, device="meta")
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 100) == 1          # short: no split
@@ -181,6 +183,26 @@ def test_default_num_kv_splits(monkeypatch):
     assert cuda_ops.default_num_kv_splits(q, kc, 256, 1, 4096) == 1       # busy batch
     q = torch.empty(65536, 32, 128, device="meta")                        # (synthetic: 1 GiB
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 65536) == 1        # a split) workspace cap
+
+
+def test_ctas_per_sm_mirrors_the_kernels():
+    # paged_attention.cu's MinBlocks and LeanCfg shared memory: what one wave of splits is
+    # sized by (registers and spills: the kernel report checks the compiled kernels).
+    H100, A100, L40 = ((9, 0), 228 << 10), ((8, 0), 164 << 10), ((8, 9), 100 << 10)
+    c = cuda_ops._ctas_per_sm
+    assert c(*H100, 128, 2, False, 4) == 4 and c(*A100, 128, 2, False, 4) == 3
+    assert c(*L40, 128, 2, False, 4) == 2                  # 49.8 KB tiles in 100 KB
+    assert c(*H100, 128, 2, True, 16) == 4                 # fp8 decode: lean-only kernel
+    assert c(*H100, 128, 2, True, 17) == 3                 # fp8 with tensor-core rows
+    assert c(*H100, 64, 2, True, 64) == 4 and c(*A100, 256, 2, True, 4) == 3
+    assert c(*H100, 80, 2, False, 4) == 4 and c(*A100, 96, 2, True, 4) == 4   # strided tiles
+    kc8 = torch.empty(1, 16, 8, 128, device="meta", dtype=torch.float8_e4m3fn)
+    q = torch.empty(1, 32, 128, device="meta", dtype=torch.bfloat16)
+    import unittest.mock as mock
+    with mock.patch.object(cuda_ops, "_sm_count", lambda device: 132), \
+            mock.patch.object(cuda_ops, "_sm_arch", lambda device: H100):
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 1, 32768) == 66     # 4 x 132 / 8
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 17, 32768) == 50    # 3 x 132 / 8
 
 
 # --------------------------------------------------------------------------- emulated kernels
@@ -389,6 +411,92 @@ def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d):
         assert not got.isnan().any()
         assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                      ref.paged_attention(*attn_args(bl), **kw), name=f"fp8 poisoned {splits}")
+
+
+# Head dims 80 / 96 in 16-bit types: the strided lean tile (16 lanes a group, 5 / 6 elements a
+# lane, 10 / 12 chunk copies a key; paged_attention.cu LeanCfg). Decodes at G 1/4/5/8, block
+# sizes 16 and 48, splits, windows, a softcap; spec-verify q_len 2-16 at G 1/4/8 (8-128 rows:
+# 1, 2 and 4 row groups); prefill rows of D 80/96 run this tile too (no tensor-core tile
+# there). fp32 q stays on the generic tile (20 / 24 chunks of 4 floats do not fit 16 lanes).
+STRIDED_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
+    ([1, 1, 3, 1], [70, 1, 40, 200], 2, 2, 80, 16, torch.bfloat16, 2, None, None),       # G 1
+    ([1, 2, 1], [150, 33, 90], 8, 2, 80, 48, torch.float16, 3, 20, None),                # G 4
+    ([1, 4, 1], [61, 30, 130], 10, 2, 96, 16, torch.bfloat16, 1, None, 5.0),             # G 5
+    ([1, 1, 3], [100, 250, 20], 16, 2, 96, 48, torch.float16, 4, None, None),            # G 8
+    ([2, 7, 16, 1], [40, 90, 60, 33], 2, 2, 96, 16, torch.float16, 2, None, None),      # spec G 1
+    ([2, 5, 16], [50, 64, 100], 8, 2, 80, 16, torch.bfloat16, 2, 30, None),             # spec G 4
+    ([3, 9, 16], [30, 70, 48], 8, 1, 96, 48, torch.float16, 2, None, None),             # spec G 8
+    ([21, 1], [60, 80], 8, 2, 80, 16, torch.float16, 2, None, None),      # a prefill chunk
+    ([1, 3], [90, 20], 8, 2, 80, 16, torch.float32, 2, None, None),       # fp32: generic tile
+]
+
+
+@pytest.mark.parametrize("case", range(len(STRIDED_CASES)))
+def test_emulated_paged_attention_d80_d96(emu, case):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = STRIDED_CASES[case]
+    g = torch.Generator().manual_seed(100 + case)
+    b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                     block_size=bs, dtype=torch.float64, generator=g)
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, **kw)
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"strided case {case}")
+
+
+# fp8 caches in the lean tile (e4m3 codes staged by cp.async, converted at use, scales on the
+# scores / P) at D 80 / 96 and the D 128 lean-only kernel; per-slot or per-tensor scales.
+STRIDED_FP8_CASES = [  # as STRIDED_CASES
+    ([1, 4, 1], [130, 40, 70], 8, 2, 80, 16, torch.bfloat16, 3, None, None),
+    ([1, 16, 1], [60, 50, 100], 10, 2, 96, 48, torch.float16, 2, 25, None),
+    ([2, 1], [40, 90], 8, 2, 80, 16, torch.float32, 2, None, None),      # fp32 q: generic tile
+    # D 128 with q_len x G <= 16 everywhere: the lean-only fp8 kernel (no tensor-core tile)
+    ([1, 4, 1], [300, 50, 90], 8, 2, 128, 16, torch.bfloat16, 3, None, None),
+    ([1, 2], [77, 40], 16, 2, 64, 48, torch.float16, 2, 30, 4.0),        # D 64, G 8, softcap
+]
+
+
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+@pytest.mark.parametrize("case", range(len(STRIDED_FP8_CASES)))
+def test_emulated_paged_attention_d80_d96_fp8(emu, case, mode):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = STRIDED_FP8_CASES[case]
+    g = torch.Generator().manual_seed(200 + case)
+    b64 = quantize_cache(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
+                                    head_dim=d, block_size=bs, dtype=torch.float64,
+                                    generator=g), mode)
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap,
+              k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, **kw)
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"strided fp8 {mode} {case}")
+
+
+# Spec-verify queries (q_len 2-16) at G 1 / 4 / 8: up to 8 rows stay on the lean tile, 9-16
+# rows take the tensor-core tile with only warp 0 computing (paged_attention.cu kLeanRows),
+# longer ones its usual 64-row CTAs. Splits, windows, a softcap; D 64 and 128.
+SPEC_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
+    ([2, 9, 12, 16, 8], [30, 77, 140, 60, 9], 2, 2, 64, 16, torch.float16, 2, None, None),   # G 1
+    ([3, 4, 2, 1], [120, 35, 64, 200], 8, 2, 128, 16, torch.bfloat16, 3, 40, None),          # G 4
+    ([2, 16, 1, 5], [70, 90, 50, 33], 16, 2, 64, 48, torch.bfloat16, 2, None, 5.0),          # G 8
+    ([4, 3], [260, 100], 8, 1, 128, 32, torch.float16, 4, None, None),     # G 8, 24-32 rows
+]
+
+
+@pytest.mark.parametrize("case", range(len(SPEC_CASES)))
+def test_emulated_paged_attention_spec_verify(emu, case):
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = SPEC_CASES[case]
+    g = torch.Generator().manual_seed(300 + case)
+    b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                     block_size=bs, dtype=torch.float64, generator=g)
+    bl = cast(b64, dtype)
+    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
+                              num_kv_splits=splits, **kw)
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name=f"spec-verify case {case}")
 
 
 # ---- the emulator's own model of the GPU (csrc/emu/emu.h), checked on tiny kernels in shim.cpp

@@ -17,7 +17,7 @@
 //   lanes of their mask; they fail (launch error) if the caller is not in the mask, a source
 //   lane is not in the mask, a mask lane has exited (a partial warp), or the lanes disagree on
 //   the mask or the operation. mma.sync/ldmatrix require the full warp, as the PTX ISA does.
-// - cp.async (16 B): queued per thread with its destination poisoned (0xff bytes, NaN in
+// - cp.async (16 B, 4 B): queued per thread with its destination poisoned (0xff bytes, NaN in
 //   fp16/bf16/fp32) at issue; commit_group closes a group; wait_group<N> applies the oldest
 //   committed groups until N remain; copies not yet committed are never applied by a wait.
 //   Reading a stage before its wait (or before the barrier after the other threads' waits)
@@ -103,7 +103,7 @@ inline void emu_fail(const std::string& why) {
 
 // ------------------------------------------------------------------ fibers and the scheduler
 enum EmuState { kRunnable, kAtBarrier, kAtWarp, kExited };
-struct EmuCopy { void* dst; unsigned char data[16]; };
+struct EmuCopy { void* dst; unsigned char data[16]; int n; };
 struct EmuWgOp;  // one wgmma.mma_async of a warpgroup (below)
 struct EmuWgPend { std::shared_ptr<EmuWgOp> op; float* acc; int nacc; };
 struct EmuThread {
@@ -227,13 +227,19 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 }
 
 // ------------------------------------------------------------------ cp.async
-inline void emu_cp_async16(void* dst, const void* src, bool valid) {
+inline void emu_cp_async(void* dst, const void* src, bool valid, int n) {
   EmuCopy c;
   c.dst = dst;
-  if (valid) std::memcpy(c.data, src, 16);
-  else std::memset(c.data, 0, 16);
-  std::memset(dst, 0xff, 16);  // undefined until the wait: NaN for every float type
+  c.n = n;
+  if (reinterpret_cast<uintptr_t>(dst) % n || (valid && reinterpret_cast<uintptr_t>(src) % n))
+    emu_fail("cp.async: address not aligned to the copy size");
+  if (valid) std::memcpy(c.data, src, n);
+  else std::memset(c.data, 0, n);
+  std::memset(dst, 0xff, n);  // undefined until the wait: NaN for every float type
   emu_threads[emu_cur()].open.push_back(c);
+}
+inline void emu_cp_async16(void* dst, const void* src, bool valid) {
+  emu_cp_async(dst, src, valid, 16);
 }
 inline void emu_cp_async_commit() {
   EmuThread& th = emu_threads[emu_cur()];
@@ -243,7 +249,7 @@ inline void emu_cp_async_commit() {
 inline void emu_cp_async_wait(int n) {
   EmuThread& th = emu_threads[emu_cur()];
   while (static_cast<int>(th.groups.size()) > n) {
-    for (const EmuCopy& c : th.groups.front()) std::memcpy(c.dst, c.data, 16);
+    for (const EmuCopy& c : th.groups.front()) std::memcpy(c.dst, c.data, c.n);
     th.groups.pop_front();
   }
 }
