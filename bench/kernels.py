@@ -125,6 +125,21 @@ def paged_fn(c, backend, out=None):
                                            backend=backend, **fp8)
 
 
+def nodefer_fn(c):
+    """The Triton prefill with P.V in tile order (kernels.triton_attention.DEFER_PV False):
+    the deferred loop's A/B, timed in the same run (its variant compiles in the warm-up)."""
+    from kernels import triton_attention as ta
+    f = paged_fn(c, "triton")
+
+    def call():
+        ta.DEFER_PV = False
+        try:
+            return f()
+        finally:
+            ta.DEFER_PV = True
+    return call
+
+
 def split_fn(dec, pre, backend, out):
     """The mixed batch as two launches (decodes, then the chunk) writing one output."""
     n = dec["q"].shape[0]
@@ -356,7 +371,12 @@ def attention_sweeps(rows, p, backends, ctx, flex, fp8=True):
             del c
             _free(dev)
     for n in p["prefill"]:
-        run("prefill", f"prefill {n}", attention_case([n], [n], dtype=dt, device=dev, **h))
+        c = attention_case([n], [n], dtype=dt, device=dev, **h)
+        impls = attention_impls(c, backends, dev, flex)
+        if "triton" in backends and torch.device(dev).type == "cuda":
+            impls.append(("triton-nodefer", nodefer_fn(c)))
+        run("prefill", f"prefill {n}", c, impls)
+        del c
         _free(dev)
     chunk, nd, L = p["mixed"]
     c = attention_case([1] * nd + [chunk], [L] * nd + [chunk], dtype=dt, device=dev, **h)
