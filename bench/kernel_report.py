@@ -30,7 +30,9 @@ Model (every figure it yields is labelled "predicted"; ceilings, not estimates o
       issue = SMs_used x min(4, warps/SM) x clock x (K/V bytes / warp-instruction),
       in-flight = SMs_used x CTAs/SM x copy groups in flight x tile bytes / latency)
   compute-bound part (prefill):  FLOPs / min(peak x SMs_used / SMs (tensor cores if the loop
-      has MMA, else FP32 FMA), issue = SMs_used x min(4, warps/SM) x clock x FLOPs/warp-instr)
+      has MMA, else FP32 FMA), issue = SMs_used x min(4, warps/SM) x clock x FLOPs/warp-instr,
+      smem = SMs_used x 128 B/clk x clock x FLOPs / smem bytes (wgmma SS/RS operands + LDS/
+      STS/LDSM/STSM/LDGSTS bytes per tile))
   A launch is its kernel's decode-class loop for the decode rows plus its prefill-class loop
   (most FLOPs per iteration) for the prefill rows; the two times add (no overlap credited).
   Per part the slower of the byte and the FLOP term counts. The split-KV merge launch is not
@@ -38,8 +40,8 @@ Model (every figure it yields is labelled "predicted"; ceilings, not estimates o
 Modules: bench/sass.py (SASS facts), bench/kernel_model.py (devices, occupancy, the model of
 one part), bench/jit_sim.py (the JIT-compile simulation), this file (launch set, recording,
 compiling, the report). Device figures (kernel_model.DEVICES): H100 SXM 3.35 TB/s, H200
-4.8 TB/s, both 989 TFLOP/s dense bf16 (datasheet), 132 SMs, 1.98 GHz max SM clock (issue
-terms), 4 warp-instructions/clock/SM, 67 TFLOP/s FP32 FMA; A100-80GB 2.04 TB/s, 312 TFLOP/s, 108 SMs, 1.41 GHz. Loaded DRAM
+4.8 TB/s, both 989 TFLOP/s dense bf16 (datasheet), 132 SMs, 1.83 GHz (the clock that peak
+implies; every per-clock term uses it), 4 warp-instructions/clock/SM, 128 B/clk/SM shared memory, 67 TFLOP/s FP32 FMA; A100-80GB 2.04 TB/s, 312 TFLOP/s, 108 SMs, 1.41 GHz. Loaded DRAM
 latency 700 ns (an assumption: public pointer-chase figures are ~500-600 ns idle; it only
 enters the in-flight term, the one to calibrate against measurements).
 """
@@ -502,11 +504,12 @@ def compile_cuda(csrc: str, unit: str, arch: int) -> dict:
     names = demangle(list(facts))
     res = {}
     for mangled, f in facts.items():
-        own = ptxas.get(mangled, {})
-        # a note naming no kernel of the unit (a device function, or none) goes to all of them
-        f.update(kernel=_clean(names[mangled]), symbol=mangled, arch=arch, unit=unit,
-                 ptxas_notes=own.get("notes", []) + ptxas.get("", {}).get("notes", []),
-                 ptxas_spill_bytes=own.get("spill_bytes", 0))
+        f.update(kernel=_clean(names[mangled]), symbol=mangled, arch=arch, unit=unit)
+        if mangled in ptxas:     # else no ptxas_notes: the invariant reports "no ptxas log"
+            # a note naming no kernel of the unit (a device function, or none) goes to all
+            f.update(ptxas_notes=ptxas[mangled]["notes"] + [
+                n for k, v in ptxas.items() if k not in facts for n in v["notes"]],
+                ptxas_spill_bytes=ptxas[mangled]["spill_bytes"])
         res[f["kernel"]] = f
     return res
 
