@@ -20,9 +20,10 @@ import math
 
 # clock_ghz is the clock every per-clock rate (issue, MUFU, smem) runs at, and it must be the
 # one the peak figures imply: 989 TFLOP/s dense bf16 = 132 SMs x 4096 FLOP/clk (4 tensor
-# cores x 512 FMA) x 1.83 GHz (the H100 whitepaper's peaks are at that boost clock; 1.98 GHz
-# is the max boost, which a tensor-bound kernel does not hold). H200: same chip and peak,
-# 1.83 GHz likewise. A100: 312 TFLOP/s = 108 x 2048 FLOP/clk x 1.41 GHz, consistent already.
+# cores x 512 FMA) x 1.83 GHz. 1.98 GHz is the H100 SXM's max boost clock; using it for
+# issue / MUFU while the tensor term runs at the datasheet peak made those terms ~8%
+# optimistic against it (review F1). Whether a loaded GPU holds 1.83 is not measured here.
+# H200: same SM count and 989 TFLOP/s peak, so 1.83 GHz likewise. A100: 312 TFLOP/s = 108 x 2048 FLOP/clk x 1.41 GHz, consistent already.
 DEVICES = {
     "H100": dict(arch=90, sms=132, clock_ghz=1.83, hbm_gbs=3350.0, tc_tflops=989.0,
                  fma_tflops=67.0, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
