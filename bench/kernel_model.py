@@ -9,17 +9,26 @@ predicted ceiling of one part of a launch. Every figure it yields is a predictio
       issue = SMs x min(4, warps/SM) x clock x FLOPs per warp-instruction); "no overlap":
       tensor-core time at peak + MUFU time + issue time of the rest, added, less only the
       overlap the SASS shows (overlap_credit: work a warp issues while its own wgmma group
-      is pending, before the WARPGROUP.DEPBAR that retires it).
+      is pending, before the WARPGROUP.DEPBAR that retires it). Shared memory: a tile's
+      smem bytes (wgmma SS/RS operand reads + LDS/STS/LDSM/STSM/LDGSTS bytes, bench/sass.py)
+      at SMEM_B_PER_CLK per SM cap the ceiling ("smem") and, in the no-overlap bracket, the
+      tensor term is max(tensor time, smem time).
 """
 from __future__ import annotations
 
 import math
 
+# clock_ghz is the clock every per-clock rate (issue, MUFU, smem) runs at, and it must be the
+# one the peak figures imply: 989 TFLOP/s dense bf16 = 132 SMs x 4096 FLOP/clk (4 tensor
+# cores x 512 FMA) x 1.83 GHz. 1.98 GHz is the H100 SXM's max boost clock; using it for
+# issue / MUFU while the tensor term runs at the datasheet peak made those terms ~8%
+# optimistic against it (review F1). Whether a loaded GPU holds 1.83 is not measured here.
+# H200: same SM count and 989 TFLOP/s peak, so 1.83 GHz likewise. A100: 312 TFLOP/s = 108 x 2048 FLOP/clk x 1.41 GHz, consistent already.
 DEVICES = {
-    "H100": dict(arch=90, sms=132, clock_ghz=1.98, hbm_gbs=3350.0, tc_tflops=989.0,
+    "H100": dict(arch=90, sms=132, clock_ghz=1.83, hbm_gbs=3350.0, tc_tflops=989.0,
                  fma_tflops=67.0, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
                  latency_ns=700.0),
-    "H200": dict(arch=90, sms=132, clock_ghz=1.98, hbm_gbs=4800.0, tc_tflops=989.0,
+    "H200": dict(arch=90, sms=132, clock_ghz=1.83, hbm_gbs=4800.0, tc_tflops=989.0,
                  fma_tflops=67.0, smem_sm=228 * 1024, regs_sm=65536, warps_sm=64, ctas_sm=32,
                  latency_ns=700.0),
     "A100": dict(arch=80, sms=108, clock_ghz=1.41, hbm_gbs=2039.0, tc_tflops=312.0,
@@ -28,6 +37,10 @@ DEVICES = {
 }
 MUFU_PER_SM = 16              # exp2 / rcp lanes per clock per SM (sm_80, sm_90)
 ISSUE_PER_SM = 4              # warp schedulers per SM, one warp-instruction per clock each
+# Shared memory: 32 banks x 4 bytes per clock per SM (CUDA C++ Programming Guide, shared
+# memory of compute capability 5.x, which 8.x / 9.0 refer to). The usual H100 figure, not
+# measured here; whether wgmma's descriptor reads have a wider path is not documented.
+SMEM_B_PER_CLK = 128
 RESERVED_SMEM = 1024          # per CTA, taken by the driver on sm_80 / sm_90
 
 def occupancy(regs: int, smem: int, warps: int, dev: dict) -> dict:
@@ -128,6 +141,13 @@ def predict_part(nbytes: int, flops: int, loop: dict | None, kern: dict, dev: di
         caps = {"tensor" if mma else "fma": peak}
         if cta_flops:
             caps["issue"] = issue * cta_flops / cta_instr
+        # Shared memory per CTA tile: wgmma operands read from smem (SS: A and B, RS: B) and
+        # the loads / stores / cp.async destinations the SASS shows, at 128 B/clk per SM.
+        smem_bw = SMEM_B_PER_CLK * dev["clock_ghz"] * 1e9
+        cta_smem = (src.get("smem_operand_bytes", 0) + src.get("smem_copy_bytes", 0)) * warps
+        r["cta_smem_bytes_per_iter"] = cta_smem
+        if cta_flops and cta_smem:
+            caps["smem"] = smem_bw * sms * cta_flops / cta_smem
         fl = min(caps.values())
         r["flop_ceiling_tflops"] = fl / 1e12
         r["flop_caps_tflops"] = {k: v / 1e12 for k, v in caps.items()}
@@ -139,6 +159,12 @@ def predict_part(nbytes: int, flops: int, loop: dict | None, kern: dict, dev: di
             # of mixed shapes (wgmma m64n32 QK^T + m64n128 PV: 2.5x at D 128).
             mflops = loop.get("mma_flops") or loop["mma_flops_per_instr"] * loop["mma_instr"]
             t_mma = (mflops * warps / (dev["tc_tflops"] * 1e12 / dev["sms"])) if mma else 0.0
+            # The tensor cores cannot run faster than their operands (and the tile's copies)
+            # move through shared memory: the tensor term is the slower of the two.
+            # (MMA loops only: an FMA loop's smem reads are part of its issue term.)
+            t_smem = cta_smem / smem_bw if mma else 0.0
+            r["flop_smem_over_tensor"] = t_smem / t_mma if t_mma else None
+            t_mma = max(t_mma, t_smem)
             t_mufu = loop["mufu"] * warps * 32 / (MUFU_PER_SM * clk)
             t_rest = (cta_instr - (loop["mma_instr"] + loop["mufu"]) * warps) / (issue / sms)
             credit = overlap_credit(loop.get("mma_events") or [], warps, issue / sms, dev)

@@ -30,7 +30,9 @@ Model (every figure it yields is labelled "predicted"; ceilings, not estimates o
       issue = SMs_used x min(4, warps/SM) x clock x (K/V bytes / warp-instruction),
       in-flight = SMs_used x CTAs/SM x copy groups in flight x tile bytes / latency)
   compute-bound part (prefill):  FLOPs / min(peak x SMs_used / SMs (tensor cores if the loop
-      has MMA, else FP32 FMA), issue = SMs_used x min(4, warps/SM) x clock x FLOPs/warp-instr)
+      has MMA, else FP32 FMA), issue = SMs_used x min(4, warps/SM) x clock x FLOPs/warp-instr,
+      smem = SMs_used x 128 B/clk x clock x FLOPs / smem bytes (wgmma SS/RS operands + LDS/
+      STS/LDSM/STSM/LDGSTS bytes per tile))
   A launch is its kernel's decode-class loop for the decode rows plus its prefill-class loop
   (most FLOPs per iteration) for the prefill rows; the two times add (no overlap credited).
   Per part the slower of the byte and the FLOP term counts. The split-KV merge launch is not
@@ -38,8 +40,8 @@ Model (every figure it yields is labelled "predicted"; ceilings, not estimates o
 Modules: bench/sass.py (SASS facts), bench/kernel_model.py (devices, occupancy, the model of
 one part), bench/jit_sim.py (the JIT-compile simulation), this file (launch set, recording,
 compiling, the report). Device figures (kernel_model.DEVICES): H100 SXM 3.35 TB/s, H200
-4.8 TB/s, both 989 TFLOP/s dense bf16 (datasheet), 132 SMs, 1.98 GHz max SM clock (issue
-terms), 4 warp-instructions/clock/SM, 67 TFLOP/s FP32 FMA; A100-80GB 2.04 TB/s, 312 TFLOP/s, 108 SMs, 1.41 GHz. Loaded DRAM
+4.8 TB/s, both 989 TFLOP/s dense bf16 (datasheet), 132 SMs, 1.83 GHz (the clock that peak
+implies; every per-clock term uses it), 4 warp-instructions/clock/SM, 128 B/clk/SM shared memory, 67 TFLOP/s FP32 FMA; A100-80GB 2.04 TB/s, 312 TFLOP/s, 108 SMs, 1.41 GHz. Loaded DRAM
 latency 700 ns (an assumption: public pointer-chase figures are ~500-600 ns idle; it only
 enters the in-flight term, the one to calibrate against measurements).
 """
@@ -75,6 +77,10 @@ CACHE = Path(os.environ.get("RAGGED_REPORT_CACHE",
                             / "ragged-kernel-report"))
 NVCC = os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc")
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]   # setup.py's
+# ptxas's per-function resource lines and its (Cxxxx) notes, e.g. C7515 "wgmma.mma_async
+# instructions are serialized": an info line, invisible without -v. It does not change the
+# cubin, so it stays out of the cache digest; the log is cached next to the cubin.
+PTXAS_VERBOSE = ["-Xptxas", "-v"]
 
 ELEM = {"fp16": 2, "bf16": 2, "fp32": 4}
 HALF = ("fp16", "bf16")
@@ -482,20 +488,59 @@ def compile_cuda(csrc: str, unit: str, arch: int) -> dict:
     sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     digest = _sources_digest(csrc, f"{unit} {sm} {NVCC_FLAGS}")
     out = CACHE / f"cubin-{digest}" / f"{unit}.{sm}.cubin"
-    if not out.exists():
+    log = out.with_suffix(".ptxas.log")
+    if not (out.exists() and log.exists()):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".tmp{os.getpid()}")
-        subprocess.run([NVCC, "-cubin", f"-arch={sm}", *NVCC_FLAGS, f"-I{csrc}",
-                        str(csrc / f"{unit}.cu"), "-o", str(tmp)], check=True,
-                       capture_output=True, text=True)
+        res = subprocess.run([NVCC, "-cubin", f"-arch={sm}", *NVCC_FLAGS, *PTXAS_VERBOSE,
+                              f"-I{csrc}", str(csrc / f"{unit}.cu"), "-o", str(tmp)],
+                             check=True, capture_output=True, text=True)
+        tmp_log = log.with_suffix(f".tmp{os.getpid()}")
+        tmp_log.write_text(res.stdout + res.stderr)
+        tmp_log.rename(log)
         tmp.rename(out)
     facts = cubin_facts(out.read_bytes())
+    ptxas = parse_ptxas(log.read_text())
     names = demangle(list(facts))
     res = {}
     for mangled, f in facts.items():
         f.update(kernel=_clean(names[mangled]), symbol=mangled, arch=arch, unit=unit)
+        if mangled in ptxas:     # else no ptxas_notes: the invariant reports "no ptxas log"
+            # a note naming no kernel of the unit (a device function, or none) goes to all
+            f.update(ptxas_notes=ptxas[mangled]["notes"] + [
+                n for k, v in ptxas.items() if k not in facts for n in v["notes"]],
+                ptxas_spill_bytes=ptxas[mangled]["spill_bytes"])
         res[f["kernel"]] = f
     return res
+
+
+_PTXAS_NOTE = re.compile(r"ptxas\s+(info|warning|error)\s*:\s*\((C\d{4})\)\s*(.*)")
+_PTXAS_IN_FN = re.compile(r"in (?:the )?function '([^']+)'")
+
+
+def parse_ptxas(log: str) -> dict[str, dict]:
+    """{mangled function: dict(notes=["C7515 info: ...", ...], spill_bytes=stores + loads)}
+    from `ptxas -v` output. A (Cxxxx) note belongs to the function it names ("in the
+    function '...'"), else to the entry being compiled, else to "" (the whole unit)."""
+    out, cur = {}, ""
+    for line in log.splitlines():
+        m = re.search(r"(?:Compiling entry function|Function properties for) '?([^'\s]+)'?",
+                      line)
+        if m:
+            cur = m.group(1)
+            out.setdefault(cur, dict(notes=[], spill_bytes=0))
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            out[cur]["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+            continue
+        m = _PTXAS_NOTE.search(line)
+        if m:
+            fn = _PTXAS_IN_FN.search(m.group(3))
+            key = fn.group(1) if fn else cur
+            out.setdefault(key, dict(notes=[], spill_bytes=0))["notes"].append(
+                f"{m.group(2)} {m.group(1)}: {m.group(3)[:300]}")
+    return out
 
 
 _RECORDER = r"""
@@ -825,6 +870,9 @@ def _summary(x: Launch, kerns: list[dict], dev: dict) -> dict:
                warps=k["warps"], grid=k["grid"], ctas_per_sm=occ["ctas_per_sm"],
                occupancy_limit=occ["limit"], mma_kinds=k.get("mma_kinds", []),
                all_spill_bytes=sum(q["stack"] + q["local"] for q in kerns))
+    notes = sorted({n for q in kerns for n in q.get("ptxas_notes", [])})
+    if notes or any("ptxas_notes" in q for q in kerns):
+        out["ptxas_notes"] = notes            # (Cxxxx) lines of ptxas -v: CUDA only
     if k.get("ttgir_copy_loop_waits") is not None:
         out["ttgir_async_wait_nums"] = k["ttgir_copy_loop_waits"]
     for cls in ("decode", "prefill"):
@@ -836,6 +884,9 @@ def _summary(x: Launch, kerns: list[dict], dev: dict) -> dict:
                 bytes_per_instr=round(lp["copy_bytes"] / max(1, lp["instr"]), 2),
                 mma=lp["mma"], flops_per_mma_instr=lp["mma_flops_per_instr"],
                 groups_in_flight=lp["groups_in_flight"], depbar_waits=lp["depbar_waits"],
+                wgmma_ss=lp.get("wgmma_ss", 0), wgmma_rs=lp.get("wgmma_rs", 0),
+                smem_bytes=(lp.get("smem_operand_bytes", 0)
+                            + lp.get("smem_copy_bytes", 0)) * k["warps"],
                 runtime_trip_loops=lp["runtime_trips"])
     out.update(_predict_kernels(x, kerns, dev))
     return out
@@ -864,15 +915,25 @@ def invariants(rep: dict) -> dict:
             [f"{r['launch']} {r['dtype']} sm_{r['arch']} {c}: {r[c + '_loop']['groups_in_flight'] - 1}"
              for r in kv for c in ("decode", "prefill")
              if c + "_loop" in r and r[c + "_loop"]["groups_in_flight"] < 2], len(kv))
-        if be == "triton":
-            # ptxas C7515 ("wgmma.mma_async instructions are serialized"): every HGMMA its own
-            # commit group, each waited for at once; no overlap and the tensor pipe drains
-            wg = [(k, lp) for k in half if k["arch"] >= 90 for lp in k.get("kv_loops", [])
-                  if lp.get("mma", {}).get("wgmma", 0) > 1]
-            add("wgmma_not_serialised", be,
-                [f"{_short(k['kernel'])} sm_{k['arch']} loop {lp['start']}: "
-                 f"{lp['wgmma_groups']} groups for {lp['mma']['wgmma']} HGMMA"
-                 for k, lp in wg if lp.get("wgmma_groups", 0) >= lp["mma"]["wgmma"]], len(wg))
+        # ptxas C7515 ("wgmma.mma_async instructions are serialized"), seen in the SASS:
+        # every HGMMA its own commit group, each waited for at once; no overlap and the
+        # tensor pipe drains. CUDA also: no (C75xx) note in its ptxas -v log (Triton's
+        # ptxas log is not kept by triton.compile, so its check is the SASS rule only).
+        wg = [(k, lp) for k in half if k["arch"] >= 90 for lp in k.get("kv_loops", [])
+              if lp.get("mma", {}).get("wgmma", 0) > 1]
+        bad = [f"{_short(k['kernel'])} sm_{k['arch']} loop {lp['start']}: "
+               f"{lp['wgmma_groups']} groups for {lp['mma']['wgmma']} HGMMA"
+               for k, lp in wg if lp.get("wgmma_groups", 0) >= lp["mma"]["wgmma"]]
+        n = len(wg)
+        if be == "cuda":
+            noted = [k for k in half if k["arch"] >= 90 and "wgmma" in k.get("mma_kinds", [])]
+            n += len(noted)
+            for k in noted:
+                c75 = [x for x in k.get("ptxas_notes", []) if x.startswith("C75")]
+                if c75 or "ptxas_notes" not in k:
+                    bad.append(f"{_short(k['kernel'])} sm_{k['arch']}: "
+                               + ("; ".join(c75) if c75 else "no ptxas log"))
+        add("wgmma_not_serialised", be, bad, n)
         dec = [r for r in mine if r["kind"] == "decode" and r["device"] == "H100"
                and max(1, r["bytes"]) and r["launch"].startswith("decode")
                and int(re.search(r"B=(\d+)", r["launch"]).group(1)) >= 64]

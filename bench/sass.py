@@ -7,6 +7,9 @@ loop is a loop that copies K/V (LDGSTS / UTMALDG; plain wide LDG only if no loop
 asynchronously) and computes (MMA / FFMA), with no such loop inside it.
 A K/V loop with wgmma (HGMMA) and no inner loop also yields `mma_events`, its body in issue
 order for the model's overlap credit (bench/kernel_model.py overlap_credit).
+Per K/V loop also the shared-memory traffic the model's smem term charges: wgmma operand
+bytes (SS: A and B descriptors, RS: B only; wgmma_smem_bytes) and copy / load / store bytes
+(LDS, STS, LDSM, STSM, LDGSTS destinations; smem_copy_bytes).
 """
 from __future__ import annotations
 
@@ -60,6 +63,51 @@ def mma_flops(op: str) -> int:
     if op.startswith(("HGMMA", "QGMMA", "IGMMA")) and s:
         m, n, k = map(int, s.groups())
         return 2 * m * n * k // 4
+    return 0
+
+
+# Dense wgmma's K step is 32 bytes of every input type (k16 x 2 B f16/bf16, k32 x 1 B e4m3 /
+# s8, k8 x 4 B tf32), so an operand tile of R rows is 32 R bytes.
+_WGMMA_K_BYTES = 32
+
+
+def wgmma_form(op: str, args: str) -> str | None:
+    """"ss" (A and B from shared memory: the first source is a `gdesc[..]` descriptor), "rs"
+    (A in registers, only B a descriptor), None for anything else. SASS: `HGMMA.64x32x16.F32
+    R24, gdesc[UR4], R24` (SS) vs `HGMMA.64x128x16.F32.BF16 R24, R120, gdesc[UR8].tnspB,
+    R24` (RS)."""
+    if _mma_kind(op) != "wgmma":
+        return None
+    a = [x.strip() for x in args.split(",")]
+    if len(a) > 1 and a[1].startswith("gdesc"):
+        return "ss"
+    if len(a) > 2 and a[2].startswith("gdesc"):
+        return "rs"
+    return None
+
+
+def wgmma_smem_bytes(op: str, args: str) -> int:
+    """Shared-memory operand bytes one warp's issue of a wgmma reads, a quarter of the
+    warpgroup instruction's (as mma_flops): SS reads A (64 x 32 B) and B (N x 32 B), RS only
+    B. B counted once per instruction (shared by the 4 warps), not per warp."""
+    form, s = wgmma_form(op, args), _MMA_SHAPE.search(op)
+    if form is None or not s:
+        return 0
+    m, n, _ = map(int, s.groups())
+    return _WGMMA_K_BYTES * ((m if form == "ss" else 0) + n) // 4
+
+
+def smem_copy_bytes(op: str) -> int:
+    """Shared-memory bytes a warp's instruction moves, counted from SASS: LDS / STS (32 lanes
+    x width), LDSM / STSM (ldmatrix / stmatrix: 128 B per 8x8 16-bit matrix, .4 = 4 of
+    them), LDGSTS (cp.async: its destination, 32 lanes x width). Not counted: TMA (UTMALDG:
+    the tile size is in the descriptor, not the SASS), atomics, and inactive lanes (every
+    lane is assumed active)."""
+    if op.startswith(("LDSM", "STSM")):
+        m = re.search(r"\.(\d)$", op)
+        return 128 * (int(m.group(1)) if m else 1)
+    if op.startswith(("LDS", "STS", "LDGSTS")) and not op.startswith(("LDSM", "STSM")):
+        return 32 * _width(op)
     return 0
 
 
@@ -196,6 +244,11 @@ def _loop_stats(ins, lp: Loop) -> dict:
             st["hfma2"] += 1
         elif op.startswith("MUFU"):
             st["mufu"] += 1
+        st["smem_copy_bytes"] += smem_copy_bytes(op)
+        form = wgmma_form(op, args)
+        if form:
+            st[f"wgmma_{form}"] += 1
+            st["smem_operand_bytes"] += wgmma_smem_bytes(op, args)
         kind = _mma_kind(op)
         if kind == "wgmma" and "gsb0" in args:
             st["wgmma_groups"] += 1           # commits: one per HGMMA = ptxas serialised them
@@ -295,6 +348,9 @@ def sass_facts(ins) -> dict:
                           groups_in_flight=in_flight, prefetched_bytes=prefetch,
                           runtime_trips=s["runtime_trips"],
                           wgmma_groups=s.get("wgmma_groups", 0),
+                          wgmma_ss=s.get("wgmma_ss", 0), wgmma_rs=s.get("wgmma_rs", 0),
+                          smem_operand_bytes=s.get("smem_operand_bytes", 0),
+                          smem_copy_bytes=s.get("smem_copy_bytes", 0),
                           mma_events=mma_events(ins, lp)))
     total = [x for x in ins if x[2] != "NOP"]
     whole = dict(instr=len(total),

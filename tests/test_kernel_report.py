@@ -30,6 +30,7 @@ XFAIL = {
     "decode_85pct_hbm_h100[cuda]": None,
     "jit_warm[triton]": None,
     "wgmma_not_serialised[triton]": None,
+    "wgmma_not_serialised[cuda]": None,
 }
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,12 +182,13 @@ def test_model_picks_the_binding_ceiling():
     lean = km.predict_part(10 ** 9, 0, _loop(instr=100), kern, dev)        # 82 B/instr
     assert lean["mem_bound"] == "hbm" and lean["mem_ceiling_gbs"] == pytest.approx(3350)
     fat = km.predict_part(10 ** 9, 0, _loop(instr=8000), kern, dev)        # 1 B/instr
-    issue = 132 * 4 * 1.98e9 * 8192 / 8000 / 1e9
+    clk = dev["clock_ghz"] * 1e9
+    issue = 132 * 4 * clk * 8192 / 8000 / 1e9
     assert fat["mem_bound"] == "issue" and fat["mem_ceiling_gbs"] == pytest.approx(issue)
     # one group in flight, one CTA of one warp per SM: latency + own issue time per tile
     k1 = dict(warps=1, grid=132, regs=255, smem=200 * 1024)
     one = km.predict_part(10 ** 9, 0, _loop(instr=100, groups_in_flight=1), k1, dev)
-    period = 700e-9 + 100 / 1.98e9
+    period = 700e-9 + 100 / clk
     assert one["mem_bound"] == "in-flight"
     assert one["mem_ceiling_gbs"] == pytest.approx(132 * 8192 / period / 1e9)
     mma = _loop(instr=1000, flops=10 ** 7, mma={"wgmma": 10}, mma_flops_per_instr=10 ** 6,
@@ -194,6 +196,130 @@ def test_model_picks_the_binding_ceiling():
     comp = km.predict_part(0, 10 ** 12, mma, kern, dev)
     assert comp["flop_bound"] == "tensor" and comp["flop_ceiling_tflops"] == pytest.approx(989)
     assert comp["flop_no_overlap_tflops"] < comp["flop_ceiling_tflops"]
+
+
+def test_wgmma_operand_forms_and_smem_bytes():
+    # SS: the first source is a descriptor (A and B in smem); RS: A in registers, B a descriptor
+    ss = ("HGMMA.64x32x16.F32.BF16", "R24, gdesc[UR4], R24")
+    rs = ("HGMMA.64x128x16.F32.BF16", "R24, R120, gdesc[UR8].tnspB, R24, gsb0")
+    assert sass.wgmma_form(*ss) == "ss" and sass.wgmma_form(*rs) == "rs"
+    assert sass.wgmma_form("HMMA.16816.F32.BF16", "R8, R12, R16, R8") is None
+    # per warp, a quarter of the warpgroup's: SS A 64x16x2 = 2 KB + B 32x16x2 = 1 KB; RS B only
+    assert 4 * sass.wgmma_smem_bytes(*ss) == 2048 + 1024
+    assert 4 * sass.wgmma_smem_bytes(*rs) == 128 * 16 * 2
+    assert [sass.smem_copy_bytes(op) for op in (
+        "LDSM.16.M88.4", "LDSM.16.MT88.2", "STSM.16.M88", "LDS.128", "STS", "LDS.U16",
+        "LDGSTS.E.BYPASS.128", "LDG.E.128", "UTMALDG.2D")] == [
+        512, 256, 128, 512, 128, 64, 512, 0, 0]
+    lp = _wgmma_loop(False)               # 2 SS 64x64 (QK^T), 2 RS 64x128 (P.V), 1 LDGSTS.128
+    assert (lp["wgmma_ss"], lp["wgmma_rs"]) == (2, 2)
+    assert lp["smem_operand_bytes"] == 2 * 32 * (64 + 64) // 4 + 2 * 32 * 128 // 4 == 4096
+    assert lp["smem_copy_bytes"] == 512
+
+
+def test_smem_cap_and_no_overlap_bracket():
+    # one CTA tile of 4 warps: 1 MFLOP on tensor cores, 54272 B through shared memory (the CUDA
+    # D128 wgmma tile's counts), 400 warp-instructions. Hand-computed at 1.83 GHz, 128 B/clk:
+    # smem cap = 132 x 128 x 1.83e9 B/s x 1048576 / 54272 FLOP/B = 597.39 TFLOP/s (< 989 tensor,
+    # < 2533 issue); no overlap = tensor time max(139.95 ns at peak, 231.69 ns smem) + the
+    # other 360 instructions at 4 x 1.83e9/s (49.18 ns): 1048576 / 280.87 ns x 132 = 492.79
+    dev = km.DEVICES["H100"]
+    assert dev["clock_ghz"] == 1.83 and km.SMEM_B_PER_CLK == 128
+    kern = dict(warps=4, grid=132 * 4 * 10, regs=64, smem=0)
+    loop = _loop(instr=100, flops=262144, mma={"wgmma": 10}, mma_flops=262144,
+                 mma_flops_per_instr=32768, mma_instr=10, smem_operand_bytes=8192,
+                 smem_copy_bytes=5376, mma_events=[])
+    p = km.predict_part(0, 10 ** 12, loop, kern, dev)
+    assert p["flop_bound"] == "smem"
+    assert p["flop_ceiling_tflops"] == pytest.approx(597.39, rel=1e-4)
+    assert p["flop_no_overlap_tflops"] == pytest.approx(492.79, rel=1e-4)
+    assert p["flop_smem_over_tensor"] == pytest.approx(231.69 / 139.95, rel=1e-3)
+    # all operands in registers and no copies: no smem term at all, tensor-bound again
+    q = km.predict_part(0, 10 ** 12, dict(loop, smem_operand_bytes=0, smem_copy_bytes=0),
+                        kern, dev)
+    assert "smem" not in q["flop_caps_tflops"] and q["flop_bound"] == "tensor"
+    assert q["flop_no_overlap_tflops"] == pytest.approx(1048576 / (139.95e-9 + 49.18e-9)
+                                                        * 132 / 1e12, rel=1e-4)
+
+
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized \
+due to non wgmma instructions defining accumulator registers of a wgmma between start and end \
+of the pipeline stage in the function '_Z3wgmv'
+ptxas info    : Compiling entry function '_Z3wgmv' for 'sm_90a'
+ptxas info    : Function properties for _Z3wgmv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers
+ptxas info    : Compiling entry function '_Z5cleanv' for 'sm_90a'
+ptxas info    : Function properties for _Z5cleanv
+    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers
+"""
+
+
+def _wgmma_kernel(name, notes):
+    lp = dict(start="0x100", mma={"wgmma": 10}, wgmma_groups=2)
+    k = dict(backend="cuda", kernel=f"void {name}<__nv_bfloat16, 128>", arch=90, stack=0,
+             local=0, mma_kinds=["wgmma"], kv_loops=[lp])
+    return k if notes is None else dict(k, ptxas_notes=notes)
+
+
+def test_ptxas_notes_flag_serialised_wgmma():
+    p = kr.parse_ptxas(PTXAS_LOG)
+    (note,) = p["_Z3wgmv"]["notes"]
+    assert note.startswith("C7515 info: Potential Performance Loss") and "_Z3wgmv" in note
+    assert p["_Z5cleanv"] == dict(notes=[], spill_bytes=12)
+    inv = lambda ks: kr.invariants(dict(rows=[], kernels=ks))["wgmma_not_serialised[cuda]"]  # noqa: E731
+    assert inv([_wgmma_kernel("clean", [])])["ok"]
+    bad = inv([_wgmma_kernel("clean", []), _wgmma_kernel("ser", p["_Z3wgmv"]["notes"])])
+    assert not bad["ok"] and bad["checked"] == 4 and "C7515" in bad["failing"][0]
+    # no ptxas log parsed at all fails too: the check must not pass by not looking
+    assert inv([_wgmma_kernel("nolog", None)])["failing"] == [
+        "nolog<__nv_bfloat16, 128> sm_90: no ptxas log"]
+    # the SASS rule still applies: one commit group per HGMMA
+    ser = _wgmma_kernel("clean", [])
+    ser["kv_loops"][0]["wgmma_groups"] = 10
+    assert not inv([ser])["ok"]
+
+
+# the real ptxas: a wgmma whose accumulator a mov redefines between two mma_async of one group
+SERIAL_PTX = """.version 8.4
+.target sm_90a
+.address_size 64
+.visible .entry ser_kernel(.param .u64 p)
+{
+.reg .f32 %d<4>;
+.reg .b64 %da, %db;
+.reg .pred %sd;
+.reg .u64 %rp;
+ld.param.u64 %rp, [p];
+mov.b64 %da, 0;
+mov.b64 %db, 0;
+setp.ne.u64 %sd, %rp, 0;
+mov.f32 %d0, 0f00000000; mov.f32 %d1, 0f00000000; mov.f32 %d2, 0f00000000; mov.f32 %d3, 0f00000000;
+wgmma.fence.sync.aligned;
+wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%d0, %d1, %d2, %d3}, %da, %db, %sd, 1, 1, 0, 0;
+mov.f32 %d0, 0f3F800000;
+wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%d0, %d1, %d2, %d3}, %da, %db, %sd, 1, 1, 0, 0;
+wgmma.commit_group.sync.aligned;
+wgmma.wait_group.sync.aligned 0;
+st.global.f32 [%rp], %d0;
+st.global.f32 [%rp+4], %d1;
+ret;
+}
+"""
+
+
+def test_real_ptxas_serialisation_note_is_parsed(tmp_path):
+    ptxas = Path(kr.NVCC).parent / "ptxas"
+    src = tmp_path / "ser.ptx"
+    src.write_text(SERIAL_PTX)
+    res = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(src), "-o",
+                          str(tmp_path / "ser.cubin")], capture_output=True, text=True,
+                         timeout=60, check=True)
+    notes = kr.parse_ptxas(res.stdout + res.stderr)["ser_kernel"]["notes"]
+    assert any(n.startswith("C75") and "serialized" in n for n in notes), notes
 
 
 def test_launch_cost_matches_bench_kernels():
