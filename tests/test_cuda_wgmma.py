@@ -53,6 +53,20 @@ def test_emulated_wgmma_async_rules(emu):
         emu.wgmma_test(A, B, C, 64, 0, mutate=3)
 
 
+def test_emulated_wgmma_proxy_fence(emu):
+    # Operands stored by st.shared (generic proxy) reach wgmma (async proxy) only through each
+    # writer's fence.proxy.async before the barrier: one thread of 128 without it must fail
+    # (the GPU may feed wgmma stale bytes), SS and RS alike; with every fence the same launch
+    # passes (test_emulated_wgmma_gemm). The attention tile's cp.async path: deleting its
+    # fence fails test_emulated_wgmma_attention (checked by hand, see the emu.h header).
+    A, B, C = torch.randn(64, 16).half(), torch.randn(16, 64).half(), torch.randn(64, 64)
+    for mode in (0, 1):
+        with pytest.raises(RuntimeError, match="without fence.proxy.async after its generic"):
+            emu.wgmma_test(A, B, C, 64, mode, mutate=4)
+    d = emu.wgmma_test(A, B, C, 64, 0)
+    assert (d.double() - (A.double() @ B.double() + C.double())).abs().max() < 1e-3
+
+
 # ---- attention through the wgmma tile (q_len x G > 16 rows, 16-bit q, D 64 / 128)
 WGMMA_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
     # G 1, D 64: a full 64-row CTA (unmasked tiles) + a 6-row one, cached context
