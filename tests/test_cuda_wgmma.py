@@ -67,6 +67,17 @@ def test_emulated_wgmma_proxy_fence(emu):
     assert (d.double() - (A.double() @ B.double() + C.double())).abs().max() < 1e-3
 
 
+def test_emulated_wgmma_register_hazards(emu):
+    # The A registers (RS) and accumulators belong to the in-flight wgmma until its wait:
+    # one thread's store to either must fail (undefined on a GPU), chained or not.
+    A, B, C = torch.randn(64, 16).half(), torch.randn(16, 64).half(), torch.randn(64, 64)
+    with pytest.raises(RuntimeError, match="A registers of an in-flight"):
+        emu.wgmma_test(A, B, C, 64, 1, mutate=5)
+    for mode in (0, 3):
+        with pytest.raises(RuntimeError, match="accumulators of an in-flight"):
+            emu.wgmma_test(A, B, C, 64, mode, mutate=6)
+
+
 # ---- attention through the wgmma tile (q_len x G > 16 rows, 16-bit q, D 64 / 128)
 WGMMA_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
     # G 1, D 64: a full 64-row CTA (unmasked tiles) + a 6-row one, cached context

@@ -42,8 +42,16 @@
 //   generic proxy (st.shared reported by emu_generic_write, a cp.async when its wait_group
 //   applies it) is dirty per 16-byte granule until that thread's fence.proxy.async (the ISA:
 //   the fence orders the executing thread's own writes; the barrier after it carries them to
-//   the warpgroup); a wgmma reading a dirty granule fails. Not modelled: A registers changed
-//   while in flight, negative imm-scale, base offset != 0 (fails).
+//   the warpgroup); a wgmma reading a dirty granule fails. Register operands in flight: the
+//   accumulators hold a NaN with a payload from issue to the wait that retires the op (or the
+//   last op chained on them), A registers (RS) their issue values; a store to either before
+//   that wait fails there (the A array must outlive the wait, as the tile's does). Conservative
+//   like the fence rule: C++ variables are not PTX registers (ptxas may rename a reused A
+//   array), but a kernel that keeps them untouched until the wait needs no such luck. Not caught: a write that leaves the bits as they were (arithmetic
+//   on the NaN keeps its payload: `o *= a` on in-flight accumulators computes on NaN, which the
+//   wait then overwrites: harmless here, undefined on a GPU), a write between wgmma.fence and the mma
+//   (C++ has no register view; the sm_90a PTX scan of review F3 covers it), negative
+//   imm-scale, base offset != 0 (fails).
 // - Blocks of a grid run one after another in a seeded shuffled order (a fresh order per
 //   launch; set RAGGED_EMU_SEED to reproduce). Dynamic shared memory is poisoned (0xff) before
 //   each block; `__shared__` is `static` (one block at a time).
@@ -109,7 +117,16 @@ inline void emu_fail(const std::string& why) {
 enum EmuState { kRunnable, kAtBarrier, kAtWarp, kExited };
 struct EmuCopy { void* dst; unsigned char data[16]; int n; };
 struct EmuWgOp;  // one wgmma.mma_async of a warpgroup (below)
-struct EmuWgPend { std::shared_ptr<EmuWgOp> op; float* acc; int nacc; };
+struct EmuWgPend {
+  std::shared_ptr<EmuWgOp> op;
+  float* acc;
+  int nacc;
+  const uint32_t* a;  // RS: the A registers, which must hold a_val until the wait
+  uint32_t a_val[4];
+};
+// In-flight accumulators hold this NaN (a quiet NaN with a payload): a plain store to one
+// before its wait_group shows as another bit pattern at the wait.
+constexpr uint32_t kEmuWgPoison = 0x7fc0deadu;
 struct EmuThread {
   ucontext_t ctx;
   EmuState state = kExited;
@@ -496,7 +513,7 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
       emu_abort_thread("wgmma: accumulators chained across different shapes");
     for (int j = 0; j < nacc; ++j) in.c[j] = prev ? prev->op->res[i * nacc + j] : d[j];
   }
-  for (int j = 0; j < nacc; ++j) d[j] = NAN;  // undefined until wgmma.wait_group
+  for (int j = 0; j < nacc; ++j) std::memcpy(&d[j], &kEmuWgPoison, 4);  // NaN until the wait
   if (++g.arrived == 128) {
     g.arrived = 0;
     for (int j = 1; j < 128; ++j)
@@ -553,7 +570,9 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
     th.state = kAtWarp;
     emu_yield();
   }
-  th.wg_open.push_back({g.out, d, nacc});
+  EmuWgPend pd{g.out, d, nacc, a, {}};
+  if (a) std::memcpy(pd.a_val, a, sizeof pd.a_val);
+  th.wg_open.push_back(pd);
 }
 inline void emu_wgmma_fence() { emu_threads[emu_cur()].wg_fenced = true; }
 inline void emu_wgmma_commit() {
@@ -573,8 +592,25 @@ inline void emu_wgmma_wait(int n) {
           if (*p != v)
             emu_abort_thread("wgmma: shared memory an in-flight wgmma.mma_async reads was "
                              "overwritten before its wgmma.wait_group");
+      // Registers the op owns until now (PTX ISA wgmma.mma_async: accessing the accumulator
+      // or A registers before the wait that retires it is undefined): a store to them shows.
+      if (pd.a && std::memcmp(pd.a, pd.a_val, sizeof pd.a_val) != 0)
+        emu_abort_thread("wgmma: A registers of an in-flight wgmma.mma_async written before "
+                         "its wgmma.wait_group");
+      for (int j = 0; j < pd.nacc; ++j)
+        if (std::memcmp(&pd.acc[j], &kEmuWgPoison, 4) != 0)
+          emu_abort_thread("wgmma: accumulators of an in-flight wgmma.mma_async written "
+                           "before its wgmma.wait_group");
       std::memcpy(pd.acc, pd.op->res.data() + (emu_cur() % 128) * pd.nacc,
                   sizeof(float) * pd.nacc);
+      // A later op chained on these accumulators is still in flight: they stay undefined.
+      bool later = false;
+      for (size_t gi = 0; gi < th.wg_groups.size() && !later; ++gi)
+        for (const EmuWgPend& q : th.wg_groups[gi])
+          if (q.acc == pd.acc && (gi > 0 || &q > &pd)) later = true;
+      for (const EmuWgPend& q : th.wg_open) later = later || q.acc == pd.acc;
+      if (later)
+        for (int j = 0; j < pd.nacc; ++j) std::memcpy(&pd.acc[j], &kEmuWgPoison, 4);
     }
     th.wg_groups.pop_front();
   }

@@ -39,7 +39,8 @@ __global__ void mma_test_kernel(MmaTestParams p) {
 // their rows: start + 32 bytes), 1 RS with B N-major, 2 SS with B N-major, 3 SS K-major
 // twice, chained without a wait, the first with scale-d 0 (D = 2 A B). mode >> 4: 1 no fence,
 // 2 D read before the wait, 3 B overwritten before the wait, 4 thread 5 skips its
-// fence.proxy.async after its stores.
+// fence.proxy.async after its stores, 5 thread 7 writes an A register (RS) before the wait,
+// 6 thread 9 writes an accumulator before the wait.
 struct WgmmaTestParams { int mode; const void* a; const void* b; const float* c; float* d; };
 template <typename T, int N>
 __global__ void wgmma_test_kernel(WgmmaTestParams p) {
@@ -82,14 +83,16 @@ __global__ void wgmma_test_kernel(WgmmaTestParams p) {
     wgmma_ss<T, N, false>(d, da, dbk, false);
     wgmma_ss<T, N, false>(d, da, dbk, true);
   }
+  uint32_t ar[4];  // (lives until the wait: the in-flight op owns it)
   if (mode == 1) {
-    uint32_t ar[4];
     for (int r = 0; r < 4; ++r) {
       const int row = 16 * w + g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
       ar[r] = pack2<T>(to_f<T>(a[row * 16 + col]), to_f<T>(a[row * 16 + col + 1]));
     }
     wgmma_rs<T, N, true>(d, ar, dbn, true);
+    if (mut == 5 && tid == 7) ar[2] ^= 1u;  // A registers written while the op is in flight
   }
+  if (mut == 6 && tid == 9) d[3] = 0.f;     // an accumulator written while in flight
   wgmma_commit();
   if (mut == 3 && tid == 0) Bs[40] ^= 1;
   if (mut == 2) {
