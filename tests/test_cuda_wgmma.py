@@ -126,10 +126,18 @@ def test_emulated_paged_attention_sm90(emu, case):
     assert_close(got, want, torch_low, name=f"sm90 emulated case {case}")
 
 
-# fp8 caches: the wgmma tile dequantises at the copy like the mma.sync tile (copy_kv_chunk)
-@pytest.mark.parametrize("case", [0, 1, 5])   # the FP8_EMU_CASES with a tensor-core chunk
+# fp8 caches: the wgmma tile dequantises at the copy like the mma.sync tile (copy_kv_chunk).
+# The FP8_EMU_CASES with a tensor-core chunk (0, 1, 5) see 1 K/V tile each; these two see 5-10,
+# so the pipeline's steady state (plain dequantising stores into the stage the next step's
+# wgmma reads, fenced by that step's fence.proxy.async) runs too.
+FP8_WGMMA_CASES = [FP8_EMU_CASES[0], FP8_EMU_CASES[1], FP8_EMU_CASES[5],
+                   ([70, 1], [300, 50], 2, 2, 128, 16, torch.float16, 1, None, None),
+                   ([40, 2], [400, 30], 8, 2, 64, 48, torch.bfloat16, 1, 200, None)]
+
+
+@pytest.mark.parametrize("case", range(len(FP8_WGMMA_CASES)))
 def test_emulated_wgmma_attention_fp8(emu, case):
-    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = FP8_EMU_CASES[case]
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = FP8_WGMMA_CASES[case]
     g = torch.Generator().manual_seed(case)
     b64 = quantize_cache(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
                                     head_dim=d, block_size=bs, dtype=torch.float64,
