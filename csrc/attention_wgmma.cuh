@@ -107,6 +107,8 @@ struct WgmmaTile {
     __syncthreads();
     const uint32_t ks = sbase + QBYTES + stage * STAGE, vs = ks + STAGE / 2;
     float s[NK / 2];  // S [64 x NK]: s[4n + j] is mma.sync's sc[n][j]
+    wgmma_pin(s);     // (CUTLASS pins the chain's accumulators before its fence; S has no
+                      // definition before it, the first wgmma ignores its old value)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < DM / 16; ++kk)
@@ -173,6 +175,9 @@ struct WgmmaTile {
       pa[kt][2] = pack2<T>(s[8 * kt + 4], s[8 * kt + 5]);
       pa[kt][3] = pack2<T>(s[8 * kt + 6], s[8 * kt + 7]);
     }
+#pragma unroll
+    for (int kt = 0; kt < NK / 16; ++kt) wgmma_pin(pa[kt]);
+    wgmma_pin(o);   // the rescale and the packs above the fence (CUTLASS warpgroup_fence_operand)
     wgmma_fence();  // O was rescaled and P written by ordinary instructions
 #pragma unroll
     for (int kt = 0; kt < NK / 16; ++kt)  // 16 keys = 2 8-row groups of V (SBO 1024 apart)

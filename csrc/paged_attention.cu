@@ -156,6 +156,9 @@ __device__ __forceinline__ void dequant_store(T* dst, const uint8_t* src, float 
     out.v[i + 1] = from_f<T>(x.y * scale);
   }
   *reinterpret_cast<Pack<T, N>*>(dst) = out;
+#if defined(RAGGED_EMU)
+  emu_generic_write(dst, sizeof out);  // a generic-proxy store: wgmma needs fence.proxy.async
+#endif
 }
 
 // One 16-byte chunk (N = 16 / sizeof(T) elements) of a key's K and of its V into the lean /

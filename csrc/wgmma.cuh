@@ -102,11 +102,22 @@ __device__ __forceinline__ void wgmma_wait() {
 // stay after it. NVVM knows nothing of wgmma's asynchrony and may move an ordinary use of a
 // wgmma's output above the (volatile) wait: a read of an in-flight accumulator
 // (CUTLASS: warpgroup_fence_operand).
+// Also before each wgmma_fence, on the accumulators and the A registers the wgmma reads: the
+// ordinary instructions that define them (O's rescale, P's packs) stay above the fence. Sunk
+// below it, they would write wgmma operand registers between wgmma.fence and the mma, which
+// the ISA leaves undefined and ptxas answers by serialising the pipeline (C7515).
 template <int N>
 __device__ __forceinline__ void wgmma_pin(float (&r)[N]) {
 #if !defined(RAGGED_EMU)
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_pin(uint32_t (&r)[N]) {
+#if !defined(RAGGED_EMU)
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 #endif
 }
 

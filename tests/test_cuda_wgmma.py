@@ -53,6 +53,31 @@ def test_emulated_wgmma_async_rules(emu):
         emu.wgmma_test(A, B, C, 64, 0, mutate=3)
 
 
+def test_emulated_wgmma_proxy_fence(emu):
+    # Operands stored by st.shared (generic proxy) reach wgmma (async proxy) only through each
+    # writer's fence.proxy.async before the barrier: one thread of 128 without it must fail
+    # (the GPU may feed wgmma stale bytes), SS and RS alike; with every fence the same launch
+    # passes (test_emulated_wgmma_gemm). The attention tile's cp.async path: deleting its
+    # fence fails test_emulated_wgmma_attention (checked by hand, see the emu.h header).
+    A, B, C = torch.randn(64, 16).half(), torch.randn(16, 64).half(), torch.randn(64, 64)
+    for mode in (0, 1):
+        with pytest.raises(RuntimeError, match="without fence.proxy.async after its generic"):
+            emu.wgmma_test(A, B, C, 64, mode, mutate=4)
+    d = emu.wgmma_test(A, B, C, 64, 0)
+    assert (d.double() - (A.double() @ B.double() + C.double())).abs().max() < 1e-3
+
+
+def test_emulated_wgmma_register_hazards(emu):
+    # The A registers (RS) and accumulators belong to the in-flight wgmma until its wait:
+    # one thread's store to either must fail (undefined on a GPU), chained or not.
+    A, B, C = torch.randn(64, 16).half(), torch.randn(16, 64).half(), torch.randn(64, 64)
+    with pytest.raises(RuntimeError, match="A registers of an in-flight"):
+        emu.wgmma_test(A, B, C, 64, 1, mutate=5)
+    for mode in (0, 3):
+        with pytest.raises(RuntimeError, match="accumulators of an in-flight"):
+            emu.wgmma_test(A, B, C, 64, mode, mutate=6)
+
+
 # ---- attention through the wgmma tile (q_len x G > 16 rows, 16-bit q, D 64 / 128)
 WGMMA_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
     # G 1, D 64: a full 64-row CTA (unmasked tiles) + a 6-row one, cached context
@@ -101,10 +126,18 @@ def test_emulated_paged_attention_sm90(emu, case):
     assert_close(got, want, torch_low, name=f"sm90 emulated case {case}")
 
 
-# fp8 caches: the wgmma tile dequantises at the copy like the mma.sync tile (copy_kv_chunk)
-@pytest.mark.parametrize("case", [0, 1, 5])   # the FP8_EMU_CASES with a tensor-core chunk
+# fp8 caches: the wgmma tile dequantises at the copy like the mma.sync tile (copy_kv_chunk).
+# The FP8_EMU_CASES with a tensor-core chunk (0, 1, 5) see 1 K/V tile each; these two see 5-10,
+# so the pipeline's steady state (plain dequantising stores into the stage the next step's
+# wgmma reads, fenced by that step's fence.proxy.async) runs too.
+FP8_WGMMA_CASES = [FP8_EMU_CASES[0], FP8_EMU_CASES[1], FP8_EMU_CASES[5],
+                   ([70, 1], [300, 50], 2, 2, 128, 16, torch.float16, 1, None, None),
+                   ([40, 2], [400, 30], 8, 2, 64, 48, torch.bfloat16, 1, 200, None)]
+
+
+@pytest.mark.parametrize("case", range(len(FP8_WGMMA_CASES)))
 def test_emulated_wgmma_attention_fp8(emu, case):
-    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = FP8_EMU_CASES[case]
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = FP8_WGMMA_CASES[case]
     g = torch.Generator().manual_seed(case)
     b64 = quantize_cache(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
                                     head_dim=d, block_size=bs, dtype=torch.float64,

@@ -38,8 +38,20 @@
 //   an in-flight wgmma reads must not change before the wait (checked at the first and the
 //   last thread's wait: launch error). A wgmma without a wgmma.fence by the thread since
 //   its last wait_group (or its start) fails: the model's stand-in for "registers touched
-//   since" (conservative). Not modelled: the generic->async proxy fence (fence.proxy.async is a no-op here), A
-//   registers changed while in flight, negative imm-scale, base offset != 0 (fails).
+//   since" (conservative). The generic->async proxy fence: shared memory a thread wrote in the
+//   generic proxy (st.shared reported by emu_generic_write, a cp.async when its wait_group
+//   applies it) is dirty per 16-byte granule until that thread's fence.proxy.async (the ISA:
+//   the fence orders the executing thread's own writes; the barrier after it carries them to
+//   the warpgroup); a wgmma reading a dirty granule fails. Register operands in flight: the
+//   accumulators hold a NaN with a payload from issue to the wait that retires the op (or the
+//   last op chained on them), A registers (RS) their issue values; a store to either before
+//   that wait fails there (the A array must outlive the wait, as the tile's does). Conservative
+//   like the fence rule: C++ variables are not PTX registers (ptxas may rename a reused A
+//   array), but a kernel that keeps them untouched until the wait needs no such luck. Not caught: a write that leaves the bits as they were (arithmetic
+//   on the NaN keeps its payload: `o *= a` on in-flight accumulators computes on NaN, which the
+//   wait then overwrites: harmless here, undefined on a GPU), a write between wgmma.fence and the mma
+//   (C++ has no register view; the sm_90a PTX scan of review F3 covers it), negative
+//   imm-scale, base offset != 0 (fails).
 // - Blocks of a grid run one after another in a seeded shuffled order (a fresh order per
 //   launch; set RAGGED_EMU_SEED to reproduce). Dynamic shared memory is poisoned (0xff) before
 //   each block; `__shared__` is `static` (one block at a time).
@@ -105,7 +117,16 @@ inline void emu_fail(const std::string& why) {
 enum EmuState { kRunnable, kAtBarrier, kAtWarp, kExited };
 struct EmuCopy { void* dst; unsigned char data[16]; int n; };
 struct EmuWgOp;  // one wgmma.mma_async of a warpgroup (below)
-struct EmuWgPend { std::shared_ptr<EmuWgOp> op; float* acc; int nacc; };
+struct EmuWgPend {
+  std::shared_ptr<EmuWgOp> op;
+  float* acc;
+  int nacc;
+  const uint32_t* a;  // RS: the A registers, which must hold a_val until the wait
+  uint32_t a_val[4];
+};
+// In-flight accumulators hold this NaN (a quiet NaN with a payload): a plain store to one
+// before its wait_group shows as another bit pattern at the wait.
+constexpr uint32_t kEmuWgPoison = 0x7fc0deadu;
 struct EmuThread {
   ucontext_t ctx;
   EmuState state = kExited;
@@ -114,6 +135,7 @@ struct EmuThread {
   std::vector<EmuWgPend> wg_open;                // wgmma issued, not committed
   std::deque<std::vector<EmuWgPend>> wg_groups;  // committed wgmma groups, not waited for
   bool wg_fenced = false;                        // wgmma.fence since the last wait_group
+  std::vector<int> gen_dirty;  // granules of dynamic smem it wrote since its fence.proxy.async
 };
 struct EmuWarp {  // one pending collective at a time
   unsigned mask = 0, arrived = 0;
@@ -246,10 +268,14 @@ inline void emu_cp_async_commit() {
   th.groups.push_back(std::move(th.open));
   th.open.clear();
 }
+inline void emu_generic_write(const void* p, size_t n);  // (below: the proxy model)
 inline void emu_cp_async_wait(int n) {
   EmuThread& th = emu_threads[emu_cur()];
   while (static_cast<int>(th.groups.size()) > n) {
-    for (const EmuCopy& c : th.groups.front()) std::memcpy(c.dst, c.data, c.n);
+    for (const EmuCopy& c : th.groups.front()) {
+      std::memcpy(c.dst, c.data, c.n);
+      emu_generic_write(c.dst, c.n);  // cp.async (non-bulk) writes in the generic proxy
+    }
     th.groups.pop_front();
   }
 }
@@ -377,6 +403,34 @@ inline const uint16_t* emu_smem16(uint32_t addr) {
     emu_abort_thread("wgmma: operand address outside dynamic shared memory");
   return reinterpret_cast<const uint16_t*>(static_cast<char*>(emu_dyn_smem) + (addr - kEmuSmemBase));
 }
+// The generic -> async proxy rule (PTX ISA, wgmma.fence: "An async proxy fence must be used to
+// establish an ordering between prior writes to shared memory matrices and subsequent reads of
+// the same matrices in a wgmma.mma_async instruction"; cp.async (non-bulk) and st.shared
+// write in the generic proxy, wgmma reads in the async proxy). fence.proxy.async orders the
+// executing thread's own prior accesses; another thread's wgmma sees them through the barrier
+// that follows (the scheduler's usual barrier semantics). So: each 16-byte granule of dynamic
+// shared memory remembers the thread whose generic write (a plain store reported through
+// emu_generic_write, or a cp.async applied at its wait_group) has not been fenced yet; that
+// thread's fence.proxy.async clears its granules; a wgmma that reads a granule still dirty
+// fails. The last writer of a granule owns it (the kernels write whole 16-byte chunks).
+inline std::vector<int> emu_gen_owner;  // per granule: 0 clean, else writer thread + 1
+inline void emu_generic_write(const void* p, size_t n) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(emu_dyn_smem);
+  if (n == 0 || a < b || a + n > b + emu_dyn_smem_size) return;  // global / static __shared__
+  const int t = emu_cur();
+  for (size_t g = (a - b) / 16; g <= (a + n - 1 - b) / 16; ++g) {
+    if (emu_gen_owner[g] == t + 1) continue;
+    emu_gen_owner[g] = t + 1;
+    emu_threads[t].gen_dirty.push_back(static_cast<int>(g));
+  }
+}
+inline void emu_fence_proxy_async() {
+  const int t = emu_cur();
+  for (int g : emu_threads[t].gen_dirty)
+    if (emu_gen_owner[g] == t + 1) emu_gen_owner[g] = 0;
+  emu_threads[t].gen_dirty.clear();
+}
+
 struct EmuDesc { uint32_t start, lbo, sbo; int base, swz; };
 inline EmuDesc emu_desc(uint64_t d) {
   return {static_cast<uint32_t>(d & 0x3fff) << 4, static_cast<uint32_t>(d >> 16 & 0x3fff) << 4,
@@ -459,7 +513,7 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
       emu_abort_thread("wgmma: accumulators chained across different shapes");
     for (int j = 0; j < nacc; ++j) in.c[j] = prev ? prev->op->res[i * nacc + j] : d[j];
   }
-  for (int j = 0; j < nacc; ++j) d[j] = NAN;  // undefined until wgmma.wait_group
+  for (int j = 0; j < nacc; ++j) std::memcpy(&d[j], &kEmuWgPoison, 4);  // NaN until the wait
   if (++g.arrived == 128) {
     g.arrived = 0;
     for (int j = 1; j < 128; ++j)
@@ -472,6 +526,14 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
     auto rd = [&](const EmuDesc& ds, int mn, int k, bool mnm) {
       if (ds.base != 0) emu_abort_thread("wgmma: descriptor base offset != 0 (not modelled)");
       const uint16_t* p = emu_smem16(emu_desc_addr(ds, mn, k, mnm));
+      const size_t gi = (reinterpret_cast<const char*>(p) - static_cast<char*>(emu_dyn_smem)) / 16;
+      if (emu_gen_owner[gi] != 0) {
+        char why[200];
+        std::snprintf(why, sizeof why, "wgmma: shared memory read by wgmma without "
+                      "fence.proxy.async after its generic write (byte %zu, thread %d)",
+                      gi * 16, emu_gen_owner[gi] - 1);
+        emu_abort_thread(why);
+      }
       op->reads.emplace_back(p, *p);
       return emu_b16_to_f(*p, bf16);
     };
@@ -508,7 +570,9 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
     th.state = kAtWarp;
     emu_yield();
   }
-  th.wg_open.push_back({g.out, d, nacc});
+  EmuWgPend pd{g.out, d, nacc, a, {}};
+  if (a) std::memcpy(pd.a_val, a, sizeof pd.a_val);
+  th.wg_open.push_back(pd);
 }
 inline void emu_wgmma_fence() { emu_threads[emu_cur()].wg_fenced = true; }
 inline void emu_wgmma_commit() {
@@ -528,15 +592,30 @@ inline void emu_wgmma_wait(int n) {
           if (*p != v)
             emu_abort_thread("wgmma: shared memory an in-flight wgmma.mma_async reads was "
                              "overwritten before its wgmma.wait_group");
+      // Registers the op owns until now (PTX ISA wgmma.mma_async: accessing the accumulator
+      // or A registers before the wait that retires it is undefined): a store to them shows.
+      if (pd.a && std::memcmp(pd.a, pd.a_val, sizeof pd.a_val) != 0)
+        emu_abort_thread("wgmma: A registers of an in-flight wgmma.mma_async written before "
+                         "its wgmma.wait_group");
+      for (int j = 0; j < pd.nacc; ++j)
+        if (std::memcmp(&pd.acc[j], &kEmuWgPoison, 4) != 0)
+          emu_abort_thread("wgmma: accumulators of an in-flight wgmma.mma_async written "
+                           "before its wgmma.wait_group");
       std::memcpy(pd.acc, pd.op->res.data() + (emu_cur() % 128) * pd.nacc,
                   sizeof(float) * pd.nacc);
+      // A later op chained on these accumulators is still in flight: they stay undefined.
+      bool later = false;
+      for (size_t gi = 0; gi < th.wg_groups.size() && !later; ++gi)
+        for (const EmuWgPend& q : th.wg_groups[gi])
+          if (q.acc == pd.acc && (gi > 0 || &q > &pd)) later = true;
+      for (const EmuWgPend& q : th.wg_open) later = later || q.acc == pd.acc;
+      if (later)
+        for (int j = 0; j < pd.nacc; ++j) std::memcpy(&pd.acc[j], &kEmuWgPoison, 4);
     }
     th.wg_groups.pop_front();
   }
   th.wg_fenced = false;
 }
-inline void emu_fence_proxy_async() {}
-
 // ------------------------------------------------------------------ launches
 // Launch-configuration errors a GPU would report: grid/block limits, and dynamic shared
 // memory over 48 KB without cudaFuncSetAttribute(MaxDynamicSharedMemorySize) for that kernel.
@@ -653,6 +732,7 @@ void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A...
   for (const uint3& blk : blocks) {
     // poison smem: the kernels must not rely on zero-initialised shared memory
     std::memset(buf.data(), 0xff, buf.size());
+    emu_gen_owner.assign((smem + 15) / 16, 0);
     emu_dyn_smem = base;
     emu_bid = blk;
     // warps in a shuffled order, the lanes of each in a shuffled order

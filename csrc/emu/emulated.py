@@ -155,7 +155,9 @@ def wgmma_test(a, b, c, n, mode, mutate=0):
     128B-swizzled shared memory by the test kernel. mode 0: A and B from shared memory, B
     K-major; 1: A from registers, B N-major (transpose bit); 2: A from shared memory, B
     N-major. mutate 1: no wgmma.fence; 2: read D before wait_group (returns the NaN it sees);
-    3: overwrite B's shared memory before the wait."""
+    3: overwrite B's shared memory before the wait; 4: one thread skips fence.proxy.async
+    after its shared-memory stores; 5 (RS): one thread writes an A register before the wait;
+    6: one thread writes an accumulator before the wait."""
     import torch
     d = _nan((64, n), torch.float32)
     a, b, c = a.contiguous(), b.contiguous(), c.contiguous()

@@ -38,7 +38,9 @@ __global__ void mma_test_kernel(MmaTestParams p) {
 // descriptor decode. mode & 3: 0 SS with B K-major (B^T rows, A and B at k offset 16 of
 // their rows: start + 32 bytes), 1 RS with B N-major, 2 SS with B N-major, 3 SS K-major
 // twice, chained without a wait, the first with scale-d 0 (D = 2 A B). mode >> 4: 1 no fence,
-// 2 D read before the wait, 3 B overwritten before the wait.
+// 2 D read before the wait, 3 B overwritten before the wait, 4 thread 5 skips its
+// fence.proxy.async after its stores, 5 thread 7 writes an A register (RS) before the wait,
+// 6 thread 9 writes an accumulator before the wait.
 struct WgmmaTestParams { int mode; const void* a; const void* b; const float* c; float* d; };
 template <typename T, int N>
 __global__ void wgmma_test_kernel(WgmmaTestParams p) {
@@ -51,15 +53,21 @@ __global__ void wgmma_test_kernel(WgmmaTestParams p) {
   const T* b = static_cast<const T*>(p.b);
   const bool kmaj = mode == 0 || mode == 3;
   auto kchunk = [](int r, int byte) { return r * 128 + (((byte >> 4) ^ (r & 7)) << 4) + (byte & 15); };
+  auto st = [](char* dst, T v) {  // st.shared: a generic-proxy write (emu.h's proxy model)
+    *reinterpret_cast<T*>(dst) = v;
+    emu_generic_write(dst, sizeof(T));
+  };
   for (int i = tid; i < 64 * 16; i += 128) {
     const int r = i / 16, k = i % 16;
-    *reinterpret_cast<T*>(As + kchunk(r, 32 + 2 * k)) = a[i];
+    st(As + kchunk(r, 32 + 2 * k), a[i]);
   }
   for (int i = tid; i < 16 * N; i += 128) {
     const int k = i / N, n = i % N;
-    if (kmaj) *reinterpret_cast<T*>(Bs + kchunk(n, 32 + 2 * k)) = b[i];
-    else *reinterpret_cast<T*>(Bs + (n / 64) * 2048 + kchunk(k, 2 * (n % 64))) = b[i];
+    if (kmaj) st(Bs + kchunk(n, 32 + 2 * k), b[i]);
+    else st(Bs + (n / 64) * 2048 + kchunk(k, 2 * (n % 64)), b[i]);
   }
+  // mutate 4: no fence.proxy.async (only thread 5's writes: one thread's missing fence fails)
+  if (mut != 4 || tid != 5) fence_proxy_async();
   __syncthreads();
   const int w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
   float d[N / 2];
@@ -75,14 +83,16 @@ __global__ void wgmma_test_kernel(WgmmaTestParams p) {
     wgmma_ss<T, N, false>(d, da, dbk, false);
     wgmma_ss<T, N, false>(d, da, dbk, true);
   }
+  uint32_t ar[4];  // (lives until the wait: the in-flight op owns it)
   if (mode == 1) {
-    uint32_t ar[4];
     for (int r = 0; r < 4; ++r) {
       const int row = 16 * w + g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
       ar[r] = pack2<T>(to_f<T>(a[row * 16 + col]), to_f<T>(a[row * 16 + col + 1]));
     }
     wgmma_rs<T, N, true>(d, ar, dbn, true);
+    if (mut == 5 && tid == 7) ar[2] ^= 1u;  // A registers written while the op is in flight
   }
+  if (mut == 6 && tid == 9) d[3] = 0.f;     // an accumulator written while in flight
   wgmma_commit();
   if (mut == 3 && tid == 0) Bs[40] ^= 1;
   if (mut == 2) {
