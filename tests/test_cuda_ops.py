@@ -263,17 +263,23 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
 # bf16 d=256 (case 6) 50 KB, fp32 d=192 in the 256 bucket (case 10) 62 KB.
 
 
-@pytest.mark.parametrize("case", range(len(EMU_CASES)))
-def test_emulated_paged_attention(emu, case):
-    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = EMU_CASES[case]
+def check_emulated_case(emu, case, name, generator=None):
+    """One row of a case table (q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window,
+    softcap) through the emulated kernel against the fp64 reference."""
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = case
     b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                     block_size=bs, dtype=torch.float64)
+                     block_size=bs, dtype=torch.float64, generator=generator)
     bl = cast(b64, dtype)
     kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
     got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
                               num_kv_splits=splits, **kw)
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
-                 ref.paged_attention(*attn_args(bl), **kw), name=f"emulated case {case}")
+                 ref.paged_attention(*attn_args(bl), **kw), name=name)
+
+
+@pytest.mark.parametrize("case", range(len(EMU_CASES)))
+def test_emulated_paged_attention(emu, case):
+    check_emulated_case(emu, EMU_CASES[case], f"emulated case {case}")
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -433,16 +439,8 @@ STRIDED_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, win
 
 @pytest.mark.parametrize("case", range(len(STRIDED_CASES)))
 def test_emulated_paged_attention_d80_d96(emu, case):
-    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = STRIDED_CASES[case]
-    g = torch.Generator().manual_seed(100 + case)
-    b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                     block_size=bs, dtype=torch.float64, generator=g)
-    bl = cast(b64, dtype)
-    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
-    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
-                              num_kv_splits=splits, **kw)
-    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
-                 ref.paged_attention(*attn_args(bl), **kw), name=f"strided case {case}")
+    check_emulated_case(emu, STRIDED_CASES[case], f"strided case {case}",
+                        torch.Generator().manual_seed(100 + case))
 
 
 # fp8 caches in the lean tile (e4m3 codes staged by cp.async, converted at use, scales on the
@@ -487,16 +485,8 @@ SPEC_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window
 
 @pytest.mark.parametrize("case", range(len(SPEC_CASES)))
 def test_emulated_paged_attention_spec_verify(emu, case):
-    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = SPEC_CASES[case]
-    g = torch.Generator().manual_seed(300 + case)
-    b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                     block_size=bs, dtype=torch.float64, generator=g)
-    bl = cast(b64, dtype)
-    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
-    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
-                              num_kv_splits=splits, **kw)
-    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
-                 ref.paged_attention(*attn_args(bl), **kw), name=f"spec-verify case {case}")
+    check_emulated_case(emu, SPEC_CASES[case], f"spec-verify case {case}",
+                        torch.Generator().manual_seed(300 + case))
 
 
 # ---- the emulator's own model of the GPU (csrc/emu/emu.h), checked on tiny kernels in shim.cpp
