@@ -8,11 +8,12 @@
 // cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
 // fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
 // memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
-// fragments read once per CTA, load_q), else K-major in shared memory too), then O += P V by NK / 16 wgmma m64n{D}k16 (A = P from registers: the
-// accumulator fragment of S is the A fragment of P, as with mma.sync; B = V, N-major with the
-// transpose bit: V is [key][d]). One wgmma instruction does the work of 16 HMMA.16816 (64 x N
-// x 16 against 16 x 8 x 16) and needs no ldmatrix: the report counts the loop's instructions
-// (bench/kernel_report.py), and the per-score softmax is what remains.
+// fragments read once per CTA, load_q), else K-major in shared memory too), then O += P V
+// by NK / 16 wgmma m64n{D}k16 (A = P from registers: the accumulator fragment of S is the A
+// fragment of P, as with mma.sync; B = V, N-major with the transpose bit: V is [key][d]).
+// One wgmma instruction does the work of 16 HMMA.16816 (64 x N x 16 against 16 x 8 x 16) and
+// needs no ldmatrix: the report counts the loop's instructions (bench/kernel_report.py), and
+// the per-score softmax is what remains.
 // Shared memory: Q [D / 64 panels][64 rows][128 B], then 2 stages of K, V [D / 64][NK][128 B];
 // each panel row holds 64 values of a row's D with its 16-byte chunk c at c ^ (row % 8) (the
 // 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. The base is rounded up
