@@ -6,12 +6,14 @@
 // Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
 // of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64), 2
 // cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
-// fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (A = Q, B = K, both K-major
-// in shared memory), then O += P V by NK / 16 wgmma m64n{D}k16 (A = P from registers: the
-// accumulator fragment of S is the A fragment of P, as with mma.sync; B = V, N-major with the
-// transpose bit: V is [key][d]). One wgmma instruction does the work of 16 HMMA.16816 (64 x N
-// x 16 against 16 x 8 x 16) and needs no ldmatrix: the report counts the loop's instructions
-// (bench/kernel_report.py), and the per-score softmax is what remains.
+// fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
+// memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
+// fragments read once per CTA, load_q), else K-major in shared memory too), then O += P V
+// by NK / 16 wgmma m64n{D}k16 (A = P from registers: the accumulator fragment of S is the A
+// fragment of P, as with mma.sync; B = V, N-major with the transpose bit: V is [key][d]).
+// One wgmma instruction does the work of 16 HMMA.16816 (64 x N x 16 against 16 x 8 x 16) and
+// needs no ldmatrix: the report counts the loop's instructions (bench/kernel_report.py), and
+// the per-score softmax is what remains.
 // Shared memory: Q [D / 64 panels][64 rows][128 B], then 2 stages of K, V [D / 64][NK][128 B];
 // each panel row holds 64 values of a row's D with its 16-byte chunk c at c ^ (row % 8) (the
 // 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. The base is rounded up
@@ -19,8 +21,11 @@
 // runs on every warp of the warpgroup even with no rows (missing rows are zero Q and fully
 // masked scores), so the warpgroup collectives always see 128 threads.
 // Tiles every row of the CTA sees whole run a loop without the mask code, softcap has its own
-// loops (run): the prefill loop the report reads is 514 warp-instructions a tile against the
-// mma.sync tile's 1086 (predicted H100 prefill 2k: 303-536 TFLOP/s against 171-259).
+// loops (run): the prefill loop the report reads (bench.kernel_report --quick, bf16 D 128) is
+// 462 warp-instructions a tile with Q in registers (514 with Q in shared memory; the mma.sync
+// tile: 1086). Predicted H100 Llama-3-8B prefill 2k: 307-551 TFLOP/s (no overlap - issue
+// ceiling; smem operand traffic 37 KB a tile = 1.16x its tensor time), against 261-495 with
+// A = Q from shared memory (54 KB, 1.66x): predicted, no GPU ran.
 #pragma once
 // (wgmma.cuh is included by paged_attention.cu at file scope: this file is inside its namespace.)
 
@@ -43,7 +48,7 @@ struct TcArgs {
 #if RAGGED_WGMMA
 // The tile's state over its K/V loop (registers once inlined: every member function is
 // __forceinline__, the object a local of wgmma_tile).
-template <typename T, int DM, bool FP8>
+template <typename T, int DM, bool FP8, bool QR>
 struct WgmmaTile {
   using LC = LeanCfg<T, DM, true>;
   static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, NK = LC::NK, DT = DM / 8;
@@ -60,6 +65,11 @@ struct WgmmaTile {
   int64_t wpage;
   float sl2, inv_cap;
   float o[DM / 2];      // O [64 x DM] accumulators (wgmma fragment: o[4d + q] is mma's o[d][q])
+  // QREG: Q in registers, the A fragments of QK^T's k-steps (load_q), fixed over the loop:
+  // the QR instantiations (MinBlocks: 3 CTAs/SM). Not for fp8 caches: their D 128 tile is at
+  // 162 of 3 CTAs/SM's 168 registers already.
+  static constexpr bool QREG = QR && !FP8;
+  uint32_t qf[QREG ? DM / 16 : 1][4];
   float mA, mB, lA, lB; // running max (log2 units) and this lane's part of the sum, rows A/B
 
   // Byte offset of 16-byte chunk ch of row r in a swizzled [panels][rows][128 B] array.
@@ -95,6 +105,20 @@ struct WgmmaTile {
       }
     }
   }
+  // This warp's Q rows as wgmma A fragments (wgmma.cuh: a[0] (g, 2t), a[1] (g+8, 2t), a[2]
+  // (g, 2t+8), a[3] (g+8, 2t+8) of k-step kk's 16 columns, i.e. chunks 2kk and 2kk+1), read
+  // once per CTA from the swizzled Q tile: QK^T then reads only K from shared memory (RS),
+  // 8 KB a 32-key tile less at D 128 than A = Q by descriptor (SS).
+  __device__ __forceinline__ void load_q() {
+    if constexpr (!QREG) return;
+    const int lane = threadIdx.x & 31, r = (threadIdx.x >> 5) * 16 + (lane >> 2), t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < DM / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        qf[kk][i] = *reinterpret_cast<const uint32_t*>(
+            base + off(r + 8 * (i & 1), 2 * kk + (i >> 1), kTcRows) + 4 * t);
+  }
   // One K/V tile: prefetch the next, S = Q K^T, online softmax, O += P V. MASK: apply the
   // causal / window / `hi` / missing-row masks (the tiles the CTA does not see whole: the
   // caller runs the others without); CAP: softcap.
@@ -109,11 +133,20 @@ struct WgmmaTile {
     float s[NK / 2];  // S [64 x NK]: s[4n + j] is mma.sync's sc[n][j]
     wgmma_pin(s);     // (CUTLASS pins the chain's accumulators before its fence; S has no
                       // definition before it, the first wgmma ignores its old value)
+    if constexpr (QREG) {
+#pragma unroll
+      for (int kk = 0; kk < DM / 16; ++kk) wgmma_pin(qf[kk]);  // Q stays in registers
+    }
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < DM / 16; ++kk)
-      wgmma_ss<T, NK, false>(s, gmma_desc(sbase + (kk >> 2) * QB + (kk & 3) * 32, 16, 1024),
-                             gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024), kk > 0);
+    for (int kk = 0; kk < DM / 16; ++kk) {
+      const uint64_t dk = gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024);
+      if constexpr (QREG)
+        wgmma_rs<T, NK, false>(s, qf[QREG ? kk : 0], dk, kk > 0);
+      else
+        wgmma_ss<T, NK, false>(s, gmma_desc(sbase + (kk >> 2) * QB + (kk & 3) * 32, 16, 1024),
+                               dk, kk > 0);
+    }
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_pin(s);
@@ -202,10 +235,10 @@ struct WgmmaTile {
   }
 };
 
-template <typename T, int DM, bool FP8>
+template <typename T, int DM, bool FP8, bool QR>
 __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* smem_raw,
                                            const TcArgs& a) {
-  using W = WgmmaTile<T, DM, FP8>;
+  using W = WgmmaTile<T, DM, FP8, QR>;
   constexpr int NC = W::NC, NK = W::NK, VEC = W::VEC;
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sbase = (raw + 16 + 1023u) & ~1023u;  // >= 16 B below it for the stash
@@ -267,8 +300,12 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
     t_lo = min(t_lo, x.nt);
     t_hi = min(max(t_hi, t_lo), x.nt);
   }
+  cp_async_commit();  // Q
   if (x.nt > 0) x.load(0);
-  cp_async_commit();  // Q and tile 0
+  cp_async_commit();  // tile 0
+  cp_async_wait<1>();
+  __syncthreads();    // Q landed (every thread's copies): its fragments, tile 0 in flight
+  x.load_q();
   if (has_cap) x.template run<true>(t_lo, t_hi);
   else x.template run<false>(t_lo, t_hi);
   cp_async_wait<0>();

@@ -386,13 +386,20 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // sequence's q_len x G <= 16: decodes, short spec-verify) take the TCP = false instantiation
 // instead: the lean tile alone, 126 registers, 4 CTAs/SM. fp8 D 64 / 80 / 96 / 256: 115-127
 // registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
-template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
+// QR (16-bit caches, sm_90a): the tensor-core tile keeps Q in registers as QK^T's A
+// fragments (attention_wgmma.cuh: +32 registers at D 128, +16 at D 64, over a tile at exactly
+// 128): sized for 3 (<= 168; 167 / 168 used, no spills). Only launches with a row tile past
+// kTcRows (prefill chunks) take it: the others stay at 4, which their memory-bound loops need
+// (spec-verify q 4 x G 4, predicted H100: 97% of HBM at 4, 65% at 3), and launches with no
+// tensor-core row (max q_len x G <= kLeanRows) take the TCP = false lean-only kernel.
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 struct MinBlocks {
   using LC = LeanCfg<T, DM, EXACT>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   static constexpr int value = LC::OK && !LC::STRIDED ? 3 : 4;
 #else
-  static constexpr int value = FP8 && TCP && LC::TC && DM == 128 ? 3 : 4;
+  static constexpr int value =
+      TCP && LC::TC && (FP8 ? DM == 128 : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
 #endif
 };
 
@@ -402,8 +409,8 @@ struct MinBlocks {
 // cp.async and converts at use (LeanCfg::TILE8); the tensor-core tile dequantises each chunk
 // into its T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps e4m3
 // bytes in shared memory and scales scores / probabilities (see its K/V copy).
-template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
-__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8, TCP>::value))
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
+__global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8, TCP, QR>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
   using C = AttnCfg<T, DM>;
   using LC = LeanCfg<T, DM, EXACT>;
@@ -472,7 +479,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
   if constexpr (TC_OK) {
     if (tc) {
 #if RAGGED_WGMMA
-      wgmma_tile<T, DM, FP8>(p, smem_raw, TcArgs{b, q_start, ctx, row0, nrows, G, kvh, lo, hi,
+      wgmma_tile<T, DM, FP8, QR>(p, smem_raw, TcArgs{b, q_start, ctx, row0, nrows, G, kvh, lo, hi,
                                                  split, plan.n});  // sm_90a: wgmma
       return;
 #endif
@@ -1243,7 +1250,7 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
-template <typename T, int DM, bool EXACT, bool FP8, bool TCP>
+template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
   const int G = p.num_q_heads / p.num_kv_heads;
@@ -1261,7 +1268,7 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
                                            : C::smem(p.head_dim);
   if constexpr (LeanCfg<T, DM, EXACT>::TC && TCP)  // the TC tiles: sm_90a's wgmma tile
     smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
-  auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP>;
+  auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1286,15 +1293,26 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
 
 template <typename T, bool FP8>
 cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
-  // fp8 at D 128 with no tensor-core row (max_seqlen_q x G <= kRows): the lean-only kernel,
-  // 4 CTAs/SM instead of 3 (MinBlocks). The other dims need no second instantiation.
+  // No tensor-core row (max_seqlen_q x G <= kRows for fp8, kLeanRows for 16-bit): the
+  // lean-only kernel, 4 CTAs/SM instead of 3 (MinBlocks): fp8 at D 128. 16-bit at D 64 / 128:
+  // Q in registers (QR, 3 CTAs/SM on sm_90a) only with a row tile past kTcRows, else 4.
+  // The other dims need no second instantiation.
   const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * (p.num_q_heads / p.num_kv_heads);
+  const bool lean_only = rows <= (FP8 ? kRows : kLeanRows), qr = rows > kTcRows;
   switch (p.head_dim) {
-    case 64: return launch<T, 64, true, FP8, true>(p, stream);
+    case 64:
+      if constexpr (!FP8 && LeanCfg<T, 64, true>::TC) {
+        if (lean_only) return launch<T, 64, true, FP8, false>(p, stream);
+        if (qr) return launch<T, 64, true, FP8, true, true>(p, stream);
+      }
+      return launch<T, 64, true, FP8, true>(p, stream);
     case 80: return launch<T, 80, true, FP8, true>(p, stream);
     case 96: return launch<T, 96, true, FP8, true>(p, stream);
     case 128:
-      if (FP8 && rows <= kRows) return launch<T, 128, true, FP8, !FP8>(p, stream);
+      if constexpr (FP8 || LeanCfg<T, 128, true>::TC)
+        if (lean_only) return launch<T, 128, true, FP8, false>(p, stream);
+      if constexpr (!FP8 && LeanCfg<T, 128, true>::TC)
+        if (qr) return launch<T, 128, true, FP8, true, true>(p, stream);
       return launch<T, 128, true, FP8, true>(p, stream);
     case 256: return launch<T, 256, true, FP8, true>(p, stream);
     default: break;

@@ -39,6 +39,16 @@ def test_attention_all_decode(dtype):
     _check_attn([1] * 67, kv, hq=32, hkv=8, d=128, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("q_len", [2, 3, 16, 17])
+def test_attention_16bit_launch_classes(dtype, d, q_len):
+    # G 4, max rows 8 / 12 / 64 / 68 (paged_attention.cu dispatch_head_dim): the lean-only
+    # kernel, the tensor-core tile with Q in shared memory (both 4 CTAs/SM), and past one
+    # 64-row tile the one with Q in registers (wgmma RS on sm_90a, 3 CTAs/SM)
+    _check_attn([q_len, 1, q_len], [q_len + 200, 900, 2100], hq=16, hkv=4, d=d, dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("q_len", [2, 3, 5, 8])
 def test_attention_short_queries(dtype, q_len):

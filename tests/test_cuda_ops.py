@@ -194,6 +194,11 @@ def test_ctas_per_sm_mirrors_the_kernels():
     assert c(*L40, 128, 2, False, 4) == 2                  # 49.8 KB tiles in 100 KB
     assert c(*H100, 128, 2, True, 16) == 4                 # fp8 decode: lean-only kernel
     assert c(*H100, 128, 2, True, 17) == 3                 # fp8 with tensor-core rows
+    # 16-bit on sm_90a: Q-in-registers tile (3) only past one 64-row tile; lean-only <= 8
+    assert c(*H100, 128, 2, False, 8) == 4 and c(*H100, 64, 2, False, 8) == 4
+    assert c(*H100, 128, 2, False, 64) == 4 and c(*H100, 128, 2, False, 65) == 3
+    assert c(*H100, 64, 2, False, 65) == 3 and c(*A100, 128, 2, False, 65) == 3
+    assert c(*H100, 128, 4, False, 65) == 4 and c(*H100, 64, 2, True, 65) == 4
     assert c(*H100, 64, 2, True, 64) == 4 and c(*A100, 256, 2, True, 4) == 3
     assert c(*H100, 80, 2, False, 4) == 4 and c(*A100, 96, 2, True, 4) == 4   # strided tiles
     kc8 = torch.empty(1, 16, 8, 128, device="meta", dtype=torch.float8_e4m3fn)

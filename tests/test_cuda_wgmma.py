@@ -118,6 +118,19 @@ def test_emulated_wgmma_attention(emu, case):
     assert_close(got, want, torch_low, name=f"wgmma case {case}")
 
 
+# Both sides of the 64-row boundary of dispatch_head_dim (G 4): q 16 = one full 64-row CTA, Q
+# in shared memory (SS, 4 CTAs/SM); q 17 = 68 rows, Q in registers (RS, the QR instantiation,
+# its second CTA 4 rows); q 2 = 8 rows: the lean-only kernel, no wgmma.
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("q_len", [2, 16, 17])
+def test_emulated_wgmma_launch_classes(emu, d, q_len):
+    case = ([q_len, 1, q_len], [q_len + 200, 900, 700], 16, 4, d, 16, torch.float16, 2, None,
+            None)
+    got, want, torch_low, ops = _run(emu, case)
+    assert (ops > 0) == (q_len > 2)
+    assert_close(got, want, torch_low, name=f"launch class d {d} q {q_len}")
+
+
 # The sm_80 suite's cases with a tensor-core CTA (and a few without), through the arch-90
 # build: there the tensor-core rows take the wgmma tile; the other tiles are the same code.
 @pytest.mark.parametrize("case", [0, 2, 11, 12, 13, 14, 15, 17])
