@@ -40,9 +40,9 @@
 //   its last wait_group (or its start) fails: the model's stand-in for "registers touched
 //   since" (conservative). The generic->async proxy fence: shared memory a thread wrote in the
 //   generic proxy (st.shared reported by emu_generic_write, a cp.async when its wait_group
-//   applies it) is dirty per 16-byte granule until that thread's fence.proxy.async (the ISA:
+//   applies it) is dirty per byte until that thread's fence.proxy.async (the ISA:
 //   the fence orders the executing thread's own writes; the barrier after it carries them to
-//   the warpgroup); a wgmma reading a dirty granule fails. Register operands in flight: the
+//   the warpgroup); a wgmma reading a dirty byte fails. Register operands in flight: the
 //   accumulators hold a NaN with a payload from issue to the wait that retires the op (or the
 //   last op chained on them), A registers (RS) their issue values; a store to either before
 //   that wait fails there (the A array must outlive the wait, as the tile's does). Conservative
@@ -135,7 +135,8 @@ struct EmuThread {
   std::vector<EmuWgPend> wg_open;                // wgmma issued, not committed
   std::deque<std::vector<EmuWgPend>> wg_groups;  // committed wgmma groups, not waited for
   bool wg_fenced = false;                        // wgmma.fence since the last wait_group
-  std::vector<int> gen_dirty;  // granules of dynamic smem it wrote since its fence.proxy.async
+  std::vector<std::pair<int, int>> gen_dirty;  // dynamic-smem byte ranges written since its
+                                               // fence.proxy.async (offset, length)
 };
 struct EmuWarp {  // one pending collective at a time
   unsigned mask = 0, arrived = 0;
@@ -408,26 +409,26 @@ inline const uint16_t* emu_smem16(uint32_t addr) {
 // the same matrices in a wgmma.mma_async instruction"; cp.async (non-bulk) and st.shared
 // write in the generic proxy, wgmma reads in the async proxy). fence.proxy.async orders the
 // executing thread's own prior accesses; another thread's wgmma sees them through the barrier
-// that follows (the scheduler's usual barrier semantics). So: each 16-byte granule of dynamic
-// shared memory remembers the thread whose generic write (a plain store reported through
+// that follows (the scheduler's usual barrier semantics). So: each byte of dynamic shared
+// memory remembers the thread whose generic write (a plain store reported through
 // emu_generic_write, or a cp.async applied at its wait_group) has not been fenced yet; that
-// thread's fence.proxy.async clears its granules; a wgmma that reads a granule still dirty
-// fails. The last writer of a granule owns it (the kernels write whole 16-byte chunks).
-inline std::vector<int> emu_gen_owner;  // per granule: 0 clean, else writer thread + 1
+// thread's fence.proxy.async clears its bytes; a wgmma that reads a byte still dirty fails.
+// Per byte, not per 16-byte granule: with one owner per granule, a neighbour's later store
+// into the same granule (8 fp16 values from 8 threads) took ownership and its fence cleared
+// the unfenced thread's bytes, so a missing fence passed or failed by the fiber order.
+inline std::vector<int> emu_gen_owner;  // per byte: 0 clean, else writer thread + 1
 inline void emu_generic_write(const void* p, size_t n) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p), b = reinterpret_cast<uintptr_t>(emu_dyn_smem);
   if (n == 0 || a < b || a + n > b + emu_dyn_smem_size) return;  // global / static __shared__
   const int t = emu_cur();
-  for (size_t g = (a - b) / 16; g <= (a + n - 1 - b) / 16; ++g) {
-    if (emu_gen_owner[g] == t + 1) continue;
-    emu_gen_owner[g] = t + 1;
-    emu_threads[t].gen_dirty.push_back(static_cast<int>(g));
-  }
+  for (size_t i = a - b; i < a - b + n; ++i) emu_gen_owner[i] = t + 1;
+  emu_threads[t].gen_dirty.emplace_back(static_cast<int>(a - b), static_cast<int>(n));
 }
 inline void emu_fence_proxy_async() {
   const int t = emu_cur();
-  for (int g : emu_threads[t].gen_dirty)
-    if (emu_gen_owner[g] == t + 1) emu_gen_owner[g] = 0;
+  for (const auto& [off, n] : emu_threads[t].gen_dirty)
+    for (int i = off; i < off + n; ++i)
+      if (emu_gen_owner[i] == t + 1) emu_gen_owner[i] = 0;
   emu_threads[t].gen_dirty.clear();
 }
 
@@ -526,12 +527,13 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
     auto rd = [&](const EmuDesc& ds, int mn, int k, bool mnm) {
       if (ds.base != 0) emu_abort_thread("wgmma: descriptor base offset != 0 (not modelled)");
       const uint16_t* p = emu_smem16(emu_desc_addr(ds, mn, k, mnm));
-      const size_t gi = (reinterpret_cast<const char*>(p) - static_cast<char*>(emu_dyn_smem)) / 16;
-      if (emu_gen_owner[gi] != 0) {
+      const size_t gi = reinterpret_cast<const char*>(p) - static_cast<char*>(emu_dyn_smem);
+      const int own = emu_gen_owner[gi] ? emu_gen_owner[gi] : emu_gen_owner[gi + 1];
+      if (own != 0) {
         char why[200];
         std::snprintf(why, sizeof why, "wgmma: shared memory read by wgmma without "
                       "fence.proxy.async after its generic write (byte %zu, thread %d)",
-                      gi * 16, emu_gen_owner[gi] - 1);
+                      gi, own - 1);
         emu_abort_thread(why);
       }
       op->reads.emplace_back(p, *p);
@@ -732,7 +734,7 @@ void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A...
   for (const uint3& blk : blocks) {
     // poison smem: the kernels must not rely on zero-initialised shared memory
     std::memset(buf.data(), 0xff, buf.size());
-    emu_gen_owner.assign((smem + 15) / 16, 0);
+    emu_gen_owner.assign(smem + 1, 0);
     emu_dyn_smem = base;
     emu_bid = blk;
     // warps in a shuffled order, the lanes of each in a shuffled order
