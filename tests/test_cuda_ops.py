@@ -268,16 +268,21 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
 # bf16 d=256 (case 6) 50 KB, fp32 d=192 in the 256 bucket (case 10) 62 KB.
 
 
-def check_emulated_case(emu, case, name, generator=None):
+def check_emulated_case(emu, case, name, generator=None, fp8=None):
     """One row of a case table (q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window,
-    softcap) through the emulated kernel against the fp64 reference."""
+    softcap) through the emulated kernel against the fp64 reference; fp8 "per_slot" /
+    "per_tensor": the cache quantised to e4m3 with those scales (the reference dequantises)."""
     q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = case
     b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                      block_size=bs, dtype=torch.float64, generator=generator)
-    bl = cast(b64, dtype)
     kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap)
+    if fp8 is not None:
+        b64 = quantize_cache(b64, fp8)
+        kw.update(k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    bl = cast(b64, dtype)
     got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
                               num_kv_splits=splits, **kw)
+    assert got.dtype == dtype
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name=name)
 
@@ -354,19 +359,8 @@ FP8_EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, q dtype, splits, w
 @pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
 @pytest.mark.parametrize("case", range(len(FP8_EMU_CASES)))
 def test_emulated_paged_attention_fp8(emu, case, mode):
-    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = FP8_EMU_CASES[case]
-    g = torch.Generator().manual_seed(case)
-    b64 = quantize_cache(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
-                                    head_dim=d, block_size=bs, dtype=torch.float64,
-                                    generator=g), mode)
-    bl = cast(b64, dtype)
-    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap,
-              k_scale=b64["k_scale"], v_scale=b64["v_scale"])
-    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
-                              num_kv_splits=splits, **kw)
-    assert got.dtype == dtype
-    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
-                 ref.paged_attention(*attn_args(bl), **kw), name=f"emulated fp8 {mode} {case}")
+    check_emulated_case(emu, FP8_EMU_CASES[case], f"emulated fp8 {mode} {case}",
+                        torch.Generator().manual_seed(case), fp8=mode)
 
 
 @pytest.mark.parametrize("d", [32, 64])   # generic tile; lean + tensor-core tiles
@@ -463,18 +457,8 @@ STRIDED_FP8_CASES = [  # as STRIDED_CASES
 @pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
 @pytest.mark.parametrize("case", range(len(STRIDED_FP8_CASES)))
 def test_emulated_paged_attention_d80_d96_fp8(emu, case, mode):
-    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = STRIDED_FP8_CASES[case]
-    g = torch.Generator().manual_seed(200 + case)
-    b64 = quantize_cache(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv,
-                                    head_dim=d, block_size=bs, dtype=torch.float64,
-                                    generator=g), mode)
-    bl = cast(b64, dtype)
-    kw = dict(scale=0.7 / d ** 0.5, sliding_window=window, softcap=softcap,
-              k_scale=b64["k_scale"], v_scale=b64["v_scale"])
-    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
-                              num_kv_splits=splits, **kw)
-    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
-                 ref.paged_attention(*attn_args(bl), **kw), name=f"strided fp8 {mode} {case}")
+    check_emulated_case(emu, STRIDED_FP8_CASES[case], f"strided fp8 {mode} {case}",
+                        torch.Generator().manual_seed(200 + case), fp8=mode)
 
 
 # Spec-verify queries (q_len 2-16) at G 1 / 4 / 8: up to 8 rows stay on the lean tile, 9-16
