@@ -195,10 +195,10 @@ def launch_set(quick: bool) -> list[Launch]:
 def _prefill_class(x: Launch, q: int, backend: str | None) -> bool:
     """Whether a sequence of q new tokens runs the kernel's prefill-class tile: q_len > 16
     (Triton); CUDA picks by rows q_len x G (paged_attention.cu: tensor cores above kLeanRows =
-    8 rows in 16-bit types, above 16 for fp8 caches; fp32 has no tensor-core tile)."""
+    4 rows in 16-bit types, above 16 for fp8 caches; fp32 has no tensor-core tile)."""
     if backend != "cuda":
         return q > 16
-    return q * (x.hq // x.hkv) > (16 if x.kv == "fp8" or x.dtype == "fp32" else 8)
+    return q * (x.hq // x.hkv) > (16 if x.kv == "fp8" or x.dtype == "fp32" else 4)
 
 
 def launch_cost(x: Launch, backend: str | None = None) -> dict:

@@ -4,10 +4,11 @@
 // head of the GQA group) pair, so in decode every query head of the group shares each K/V
 // tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
 // picks its tile class (one launch serves a mixed batch):
-// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 8 rows (> 16 with an fp8
-//   cache): prefill chunks, spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix
-//   from XOR-swizzled shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q
-//   tile takes the third stage's space); 9-16-row sequences use its warp 0 only (kLeanRows).
+// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 4 rows (> 16 with an fp8
+//   cache): prefill chunks, spec-verify queries, G 5-8 decodes): 64 rows a CTA, mma.sync.m16n8k16
+//   + ldmatrix from XOR-swizzled shared memory (sm_90a: wgmma, attention_wgmma.cuh), FA2 online
+//   softmax in registers, 2 cp.async stages (the Q tile takes the third stage's space); on
+//   sm_80 5-16-row sequences use its warp 0 only (kLeanRows).
 // - lean CUDA-core tile (D 64/80/96/128/256 in 16-bit types, 64/128 in fp32, the other rows:
 //   decodes, short spec-verify; D 80/96 every row): Q in registers, 3 cp.async stages of
 //   16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at use), one page offset
@@ -204,15 +205,19 @@ constexpr int kStages = 3;     // cp.async tiles in flight: 2 while one is compu
 constexpr int kTileBytes = 16 * 1024;  // K + V bytes per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma M tile)
-// Sequences of 9-16 rows (spec-verify q_len x G, e.g. 4 x 4) take the tensor-core tile, its
-// warp 0 alone computing (one 16-row mma M tile over every key; warps 1-3 only copy): on the
+// Sequences of 5-16 rows (spec-verify q_len x G, e.g. 4 x 4; G 5-8 decodes) take the
+// tensor-core tile: on sm_80 its warp 0 alone computes (one 16-row mma M tile over every key;
+// warps 1-3 only copy), on sm_90a the warpgroup's m64 wgmma (its missing rows zero Q). On the
 // lean tile they run 4 row groups, 4x the FMAs a key (predicted 44 % of H100 HBM, issue-bound,
 // for spec-verify q=4 B=64 ctx=2048); one warp's ~1100 instructions (64 HMMA) per 16 KB tile
 // keep it memory-bound even when the 4 CTAs' computing warps share a scheduler (predicted
-// 3.9 TB/s issue ceiling). <= 8 rows stay lean (at most 2 row groups: 97 % / 88 % predicted).
+// 3.9 TB/s issue ceiling). <= 4 rows stay lean (one row group, 97 % predicted). 5-8 rows ran
+// two row groups there, 2x the FMAs a key: G 8 decode B=256 x 2k predicted 83 % of H100 HBM
+// (58 % of H200's) on the lean tile, 97 % / 97 % on the tensor-core tile (the mixed
+// 2048+256x2048 G 8 launch 74 -> 98 %); kernel report, bench/results/static/.
 // fp8 caches keep <= 16 rows on the lean tile: its copy is asynchronous (the tensor-core
 // tile's dequantising copy is not), and those launches then run the lean-only kernel.
-constexpr int kLeanRows = 8;
+constexpr int kLeanRows = 4;
 
 template <typename T, int DM, bool EXACT>
 struct LeanCfg {

@@ -110,7 +110,7 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
     """Resident attention CTAs per SM of the instantiation a launch runs: min of its register
     budget (paged_attention.cu MinBlocks, which this mirrors) and of its shared memory (LeanCfg
     / AttnCfg sizes + 1 KB reserved per CTA). rows = max_seqlen_q x G (no tensor-core row at
-    <= 16 for fp8, <= 8 for 16-bit caches: fp8 D 128 and 16-bit D 64 / 128 then run their
+    <= 16 for fp8, <= 4 for 16-bit caches: fp8 D 128 and 16-bit D 64 / 128 then run their
     lean-only kernels; 16-bit rows > 64: the Q-in-registers tile, 3 on sm_90)."""
     vec = 16 // elem
     strided = elem == 2 and d in (80, 96)
@@ -121,7 +121,7 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
         nk = 4 * ng if strided else 16384 // (2 * d * elem)
         smem = 3 * 2 * nk * (d + vec if strided else d) * elem + ng * 80
         tc = not strided and elem == 2 and d <= 128 and (
-            (rows > 16 or d != 128) if fp8 else rows > 8)
+            (rows > 16 or d != 128) if fp8 else rows > 4)
         if fp8:
             kp8 = d + 16 if strided and d % 32 == 0 else d
             s8 = 3 * (2 * nk * kp8 + 8 * nk) + ng * 80

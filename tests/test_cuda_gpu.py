@@ -41,9 +41,9 @@ def test_attention_all_decode(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("q_len", [2, 3, 16, 17])
+@pytest.mark.parametrize("q_len", [1, 2, 16, 17])
 def test_attention_16bit_launch_classes(dtype, d, q_len):
-    # G 4, max rows 8 / 12 / 64 / 68 (paged_attention.cu dispatch_head_dim): the lean-only
+    # G 4, max rows 4 / 8 / 64 / 68 (paged_attention.cu dispatch_head_dim): the lean-only
     # kernel, the tensor-core tile with Q in shared memory (both 4 CTAs/SM), and past one
     # 64-row tile the one with Q in registers (wgmma RS on sm_90a, 3 CTAs/SM)
     _check_attn([q_len, 1, q_len], [q_len + 200, 900, 2100], hq=16, hkv=4, d=d, dtype=dtype)
@@ -102,8 +102,8 @@ def test_attention_softcap_and_scale(dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("q_len", [2, 4, 7, 16])
 def test_attention_spec_verify(dtype, q_len):
-    # Llama-3 heads: q_len x 4 rows = 8..64 (lean tile <= 8 rows, tensor cores above: 9-16 rows
-    # on warp 0 alone, paged_attention.cu kLeanRows)
+    # Llama-3 heads: q_len x 4 rows = 8..64 (lean tile <= 4 rows, tensor cores above: 5-16 rows
+    # on warp 0 alone on sm_80, paged_attention.cu kLeanRows)
     _check_attn([q_len] * 5 + [1], [q_len + 9, 700, 2048, q_len, 77, 900], hq=32, hkv=8,
                 d=128, dtype=dtype)
 

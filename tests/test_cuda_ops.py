@@ -194,7 +194,7 @@ def test_ctas_per_sm_mirrors_the_kernels():
     assert c(*L40, 128, 2, False, 4) == 2                  # 49.8 KB tiles in 100 KB
     assert c(*H100, 128, 2, True, 16) == 4                 # fp8 decode: lean-only kernel
     assert c(*H100, 128, 2, True, 17) == 3                 # fp8 with tensor-core rows
-    # 16-bit on sm_90a: Q-in-registers tile (3) only past one 64-row tile; lean-only <= 8
+    # 16-bit on sm_90a: Q-in-registers tile (3) only past one 64-row tile; lean-only <= 4
     assert c(*H100, 128, 2, False, 8) == 4 and c(*H100, 64, 2, False, 8) == 4
     assert c(*H100, 128, 2, False, 64) == 4 and c(*H100, 128, 2, False, 65) == 3
     assert c(*H100, 64, 2, False, 65) == 3 and c(*A100, 128, 2, False, 65) == 3
@@ -461,7 +461,7 @@ def test_emulated_paged_attention_d80_d96_fp8(emu, case, mode):
                         torch.Generator().manual_seed(200 + case), fp8=mode)
 
 
-# Spec-verify queries (q_len 2-16) at G 1 / 4 / 8: up to 8 rows stay on the lean tile, 9-16
+# Spec-verify queries (q_len 2-16) at G 1 / 4 / 8: up to 4 rows stay on the lean tile, 5-16
 # rows take the tensor-core tile with only warp 0 computing (paged_attention.cu kLeanRows),
 # longer ones its usual 64-row CTAs. Splits, windows, a softcap; D 64 and 128.
 SPEC_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
