@@ -175,7 +175,8 @@ def test_default_num_kv_splits(monkeypatch):
     kc = torch.empty(1, 16, 8, 128, device="meta")
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 100) == 1          # short: no split
     s = cuda_ops.default_num_kv_splits(q, kc, 1, 1, 32768)                # 8 CTAs, 132 SMs
-    assert s == 66                                                        # 4 x 132 / 8 resident
+    # 4 x 132 / 8 = 66 resident, but 66 -> 512-key chunks, 64 used: the grid is sized to 64
+    assert s == 64 and cuda_ops._used_splits(66, 32768) == 64
     q1 = torch.empty(1, 4, 128, device="meta")                            # 1 CTA: the maximum
     assert cuda_ops.default_num_kv_splits(q1, kc[:, :, :1], 1, 1, 1 << 20) == cuda_ops.MAX_KV_SPLITS
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 300) == 3          # >= 128 keys a split
@@ -183,6 +184,27 @@ def test_default_num_kv_splits(monkeypatch):
     assert cuda_ops.default_num_kv_splits(q, kc, 256, 1, 4096) == 1       # busy batch
     q = torch.empty(65536, 32, 128, device="meta")                        # (synthetic: 1 GiB
     assert cuda_ops.default_num_kv_splits(q, kc, 1, 1, 65536) == 1        # a split) workspace cap
+
+
+def test_kv_splits_fill_whole_waves(monkeypatch):
+    # Decode B=32 x 8k, Llama-3-8B heads on H100: 256 CTAs unsplit, 528 resident (4 x 132).
+    # Rounding 528 / 256 up gave 3 splits = 768 CTAs, a second wave 45% full (predicted 73% of
+    # HBM); 2 splits fill one wave. Every count chosen is one the kernel's plan_splits uses.
+    monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_ops, "_sm_arch", lambda device: ((9, 0), 228 * 1024))
+    q = torch.empty(32, 32, 128, device="meta", dtype=torch.bfloat16)
+    kc = torch.empty(1, 16, 8, 128, device="meta", dtype=torch.bfloat16)
+    assert cuda_ops.default_num_kv_splits(q, kc, 32, 1, 8192) == 2
+    monkeypatch.setattr(cuda_ops, "_sm_arch", lambda device: ((8, 0), 164 * 1024))
+    monkeypatch.setattr(cuda_ops, "_sm_count", lambda device: 108)   # A100: 3 x 108 = 324
+    assert cuda_ops.default_num_kv_splits(q[:1], kc, 1, 1, 32768) == 40   # 41 would use 40
+    assert cuda_ops.default_num_kv_splits(q[:1], kc[:, :, :1], 1, 1, 1 << 20) == 128  # 1 CTA
+    for ctas in (1, 3, 8, 100, 256, 300, 700):
+        for kv in (129, 1000, 8192, 32768, 100000):
+            s = cuda_ops._wave_splits(ctas, 528, min(128, -(-kv // 128)), kv)
+            assert cuda_ops._used_splits(s, kv) == s and 1 <= s <= 128, (ctas, kv)
+            if ctas * 2 <= 528 and kv >= 2048:
+                assert s > 1, (ctas, kv)          # a half-empty wave with long contexts splits
 
 
 def test_ctas_per_sm_mirrors_the_kernels():
@@ -206,8 +228,8 @@ def test_ctas_per_sm_mirrors_the_kernels():
     import unittest.mock as mock
     with mock.patch.object(cuda_ops, "_sm_count", lambda device: 132), \
             mock.patch.object(cuda_ops, "_sm_arch", lambda device: H100):
-        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 1, 32768) == 66     # 4 x 132 / 8
-        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 17, 32768) == 50    # 3 x 132 / 8
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 1, 32768) == 64     # 4 x 132 / 8
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 17, 32768) == 47    # 3 x 132 / 8
 
 
 # --------------------------------------------------------------------------- emulated kernels
