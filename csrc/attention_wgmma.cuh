@@ -34,9 +34,9 @@
 // aligned, so stash + padding take 16..1024 bytes. The launch takes the max with the lean
 // tile's 49792 B: 50176 B at D 128, so 2 CTAs/SM still fit sm_86/89's 100 KB (2 x (50176 +
 // 1 KB reserved) = 100 KB exactly), 3 sm_80's 164 KB, 4 sm_90's 228 KB.
-template <typename T, int DM>
+template <typename T, int DM, bool QR = false>
 struct WgmmaCfg {
-  static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
+  static constexpr int NK = (QR && DM == 128 ? 2 : 1) * kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
   static constexpr uint32_t TILES = kTcRows * DM * sizeof(T) + 2 * 2 * NK * DM * sizeof(T);
   static constexpr size_t SMEM = TILES + 1024;
 };
@@ -51,10 +51,11 @@ struct TcArgs {
 template <typename T, int DM, bool FP8, bool QR>
 struct WgmmaTile {
   using LC = LeanCfg<T, DM, true>;
-  static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, NK = LC::NK, DT = DM / 8;
+  static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, DT = DM / 8;
+  static constexpr int NK = WgmmaCfg<T, DM, QR && !FP8>::NK, LOADS = NK * NC / kThreads;
   static constexpr int QB = kTcRows * 128, KB = NK * 128;   // bytes of a Q panel, a K/V panel
   static constexpr int QBYTES = QB * (DM / 64), STAGE = 2 * KB * (DM / 64);
-  static_assert(NK == WgmmaCfg<T, DM>::NK && sizeof(T) == 2 && DM % 64 == 0, "wgmma tile");
+  static_assert(sizeof(T) == 2 && DM % 64 == 0, "wgmma tile");
 
   const PagedAttentionParams& p;
   char* base;        // the 1024-aligned start (generic address), Q then the stages
@@ -87,7 +88,7 @@ struct WgmmaTile {
     const int head_c = blockIdx.y * DM + c * VEC;   // < 2^24: Hkv <= 65535, D <= 256
     char* ks = base + QBYTES + st * STAGE;
 #pragma unroll
-    for (int j = 0; j < LC::LOADS; ++j) {
+    for (int j = 0; j < LOADS; ++j) {
       const int k = grp + j * NG;
       const bool valid = wkey < hi;
       const int64_t src =
@@ -244,10 +245,10 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   const uint32_t sbase = (raw + 16 + 1023u) & ~1023u;  // >= 16 B below it for the stash
   char* base = static_cast<char*>(smem_raw) + (sbase - raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-#if defined(RAGGED_EMU)  // the host's sizing (WgmmaCfg::SMEM), checked where it costs nothing
-  if (sbase - raw + WgmmaCfg<T, DM>::TILES > dynamic_smem_bytes())
+  // The host's sizing (WgmmaCfg::SMEM, set where kernel_arch says this tile runs), checked on
+  // the GPU too: one compare per CTA, and a mis-sized launch traps instead of corrupting.
+  if (sbase - raw + WgmmaCfg<T, DM, QR && !FP8>::TILES > dynamic_smem_bytes())
     device_trap("wgmma tile: dynamic shared memory below WgmmaCfg::SMEM");
-#endif
   // The epilogue's indices wait in shared memory (16 B just below the tiles), not in registers
   // over the loop: at D 128 the loop holds O (64) + S (16) + P (8) and sat at the 128-register
   // cap of 4 CTAs/SM with 16 bytes spilled until these were taken out. kvh < 2^16 (grid.y),

@@ -404,7 +404,8 @@ struct MinBlocks {
   static constexpr int value = LC::OK && !LC::STRIDED ? 3 : 4;
 #else
   static constexpr int value =
-      TCP && LC::TC && (FP8 ? DM == 128 : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
+      TCP && LC::TC && !FP8 && QR && static_cast<bool>(RAGGED_WGMMA) && DM == 128 ? 2
+      : TCP && LC::TC && (FP8 ? DM == 128 : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
 #endif
 };
 
@@ -1255,6 +1256,23 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
+// The arch of the cubin the attention kernels run as on the current device
+// (cudaFuncAttributes::binaryVersion of `kernel`: 80, 90, ...; every instantiation is built
+// for the same gencode list, so one query per device serves them all), 0 when unknown. The
+// host sizes shared memory for the tile that device runs: sm_90a's wgmma tile takes more than
+// sm_80's mma.sync tile (81 KB against 48 KB with Q in registers at D 128), and sizing sm_80
+// for it would cost a CTA/SM there (164 KB: 2 instead of 3).
+inline int kernel_arch(void (*kernel)(PagedAttentionParams)) {
+  static int arch[32] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 32) dev = 0;
+  if (arch[dev] == 0) {
+    cudaFuncAttributes a{};
+    arch[dev] = cudaFuncGetAttributes(&a, kernel) == cudaSuccess ? a.binaryVersion : -1;
+  }
+  return arch[dev] > 0 ? arch[dev] : 0;
+}
+
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
@@ -1271,9 +1289,12 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8, TCP)
                : FP8                       ? C::smem_fp8(p.head_dim)
                                            : C::smem(p.head_dim);
-  if constexpr (LeanCfg<T, DM, EXACT>::TC && TCP)  // the TC tiles: sm_90a's wgmma tile
-    smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
+  if constexpr (LeanCfg<T, DM, EXACT>::TC && TCP) {  // sm_90a's wgmma tile, where it runs
+    constexpr size_t wg = WgmmaCfg<T, DM, QR && !FP8>::SMEM;
+    const int arch = kernel_arch(kernel);  // unknown: the larger size (it only costs occupancy)
+    if ((arch == 0 || arch >= 90) && smem < wg) smem = wg;
+  }
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -129,8 +129,10 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
             s8 = 3 * (2 * nk * kp8 + 8 * nk) + ng * 80
             smem = smem if tc and smem > s8 else s8
         if cap >= (9, 0):
-            # sm_90a: fp8 D 128's tile; 16-bit past 64 rows holds Q in registers (wgmma RS)
-            regs = 3 if tc and (d == 128 if fp8 else rows > 64) else 4
+            # sm_90a: fp8 D 128's tile; 16-bit past 64 rows holds Q in registers (wgmma RS),
+            # at D 128 with 64-key tiles (243 registers, 81 KB: 2)
+            qr = tc and not fp8 and rows > 64
+            regs = (2 if d == 128 else 3) if qr else 3 if tc and fp8 and d == 128 else 4
         else:
             regs = 4 if strided else 3
     else:                        # the generic tile (AttnCfg); 4 = its register floor
