@@ -257,6 +257,9 @@ struct LeanCfg {
   // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
   // no mma k-tiling of D) keeps 16-bit tiles, fp8 ones dequantised at the copy: its SMEM.
   static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
+  // sm_90a's wgmma tile also takes 16-bit D 80 / 96 with 16-bit caches (padded to D 128's
+  // shared layout, 5 / 6 k-steps: attention_wgmma.cuh); fp8 caches there stay lean.
+  static constexpr bool TC90 = TC || STRIDED;
   static constexpr size_t smem(bool fp8, bool tcp) {
     const size_t s8 = static_cast<size_t>(kStages) * TILE8 + NG * 20 * 4;
     return !fp8 ? SMEM : TC && tcp && SMEM > s8 ? SMEM : s8;
@@ -453,7 +456,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kLeanRows rows in
   // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  constexpr bool TC_OK = LC::TC && TCP;  // see LeanCfg; TCP: compiled in (MinBlocks)
+  // See LeanCfg (TC90: the wgmma tile's head dims); TCP: compiled in (MinBlocks).
+  constexpr bool TC_OK = (RAGGED_WGMMA && !FP8 ? LC::TC90 : LC::TC) && TCP;
   const bool tc = TC_OK && total_rows > (FP8 ? kRows : kLeanRows);
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -1250,6 +1254,29 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
+// Whether the current device runs the sm_90a code (the wgmma tile): compute capability 9.0 (the
+// extension's archs are sm_80 and sm_90a; sm_90a code runs only on 9.0). Only D 80 / 96 ask:
+// their kernel has no tensor-core tile elsewhere, so the lean tile's 30.6 / 36.6 KB of shared
+// memory (4 CTAs/SM on sm_80) is not raised to the wgmma tile's 49 KB (3 on sm_80). A wrong
+// "yes" costs shared memory only; "no" on 9.0 cannot happen. Cached per device (<= 64).
+inline bool device_runs_wgmma() {
+#if defined(RAGGED_EMU)
+  return RAGGED_WGMMA;  // the emulator's arch-90 build
+#else
+  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes (benign race: same value)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev < 0 || dev >= 64) dev = 63;
+  if (cached[dev] == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cached[dev] = major == 9 && minor == 0 ? 2 : 1;
+  }
+  return cached[dev] == 2;
+#endif
+}
+
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
@@ -1266,8 +1293,11 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8, TCP)
                : FP8                       ? C::smem_fp8(p.head_dim)
                                            : C::smem(p.head_dim);
-  if constexpr (LeanCfg<T, DM, EXACT>::TC && TCP)  // the TC tiles: sm_90a's wgmma tile
-    smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
+  // The TC tiles: sm_90a's wgmma tile (D 80 / 96: only there, see device_runs_wgmma).
+  using LC = LeanCfg<T, DM, EXACT>;
+  if constexpr (TCP && (LC::TC || (LC::TC90 && !FP8)))
+    if (LC::TC || device_runs_wgmma())
+      smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
@@ -1306,8 +1336,18 @@ cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream
         if (qr) return launch<T, 64, true, FP8, true, true>(p, stream);
       }
       return launch<T, 64, true, FP8, true>(p, stream);
-    case 80: return launch<T, 80, true, FP8, true>(p, stream);
-    case 96: return launch<T, 96, true, FP8, true>(p, stream);
+    case 80:  // 16-bit caches: as D 128 (the wgmma tile on sm_90a; lean on sm_80 either way)
+      if constexpr (!FP8 && LeanCfg<T, 80, true>::TC90) {
+        if (lean_only) return launch<T, 80, true, FP8, false>(p, stream);
+        if (qr) return launch<T, 80, true, FP8, true, true>(p, stream);
+      }
+      return launch<T, 80, true, FP8, true>(p, stream);
+    case 96:
+      if constexpr (!FP8 && LeanCfg<T, 96, true>::TC90) {
+        if (lean_only) return launch<T, 96, true, FP8, false>(p, stream);
+        if (qr) return launch<T, 96, true, FP8, true, true>(p, stream);
+      }
+      return launch<T, 96, true, FP8, true>(p, stream);
     case 128:
       if constexpr (FP8 || LeanCfg<T, 128, true>::TC)
         if (lean_only) return launch<T, 128, true, FP8, false>(p, stream);
