@@ -4,7 +4,8 @@
 // RAGGED_WGMMA (sm_90a, or the emulator's arch-90 build).
 //
 // Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
-// of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64), 2
+// of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64; D 80 / 96
+// (16-bit caches only): 32 keys in D 128's padded layout, 10 / 12 KB of it written), 2
 // cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
 // fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
 // memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
@@ -16,7 +17,11 @@
 // the per-score softmax is what remains.
 // Shared memory: Q [D / 64 panels][64 rows][128 B], then 2 stages of K, V [D / 64][NK][128 B];
 // each panel row holds 64 values of a row's D with its 16-byte chunk c at c ^ (row % 8) (the
-// 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. The base is rounded up
+// 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. D 80 / 96: Q and K take
+// 2 panels (DP = 128) of which only the D / 8 real chunks are copied and read (QK^T's k-steps
+// 0..D/16-1: k-step 4 / 4-5 in panel 1); V takes [D / 16 | D / 32 panels][NK][32 | 64 B]
+// in the 32B / 64B swizzle (wgmma.cuh: N = D must be whole swizzle rows), so P V is one
+// m64n80k16 / m64n96k16 per 16 keys (predicted H100 prefill 2k: 344 / 398 TFLOP/s). The base is rounded up
 // to 1024 bytes of the shared window (the swizzle is on address bits): see WgmmaCfg. wgmma
 // runs on every warp of the warpgroup even with no rows (missing rows are zero Q and fully
 // masked scores), so the warpgroup collectives always see 128 threads.

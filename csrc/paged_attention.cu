@@ -4,12 +4,14 @@
 // head of the GQA group) pair, so in decode every query head of the group shares each K/V
 // tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
 // picks its tile class (one launch serves a mixed batch):
-// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 8 rows (> 16 with an fp8
-//   cache): prefill chunks, spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix
-//   from XOR-swizzled shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q
-//   tile takes the third stage's space); 9-16-row sequences use its warp 0 only (kLeanRows).
+// - tensor cores (16-bit types, D 64/128 (sm_90a: also D 80/96 with 16-bit caches), sequences
+//   with q_len x G > 8 rows (> 16 with an fp8 cache): prefill chunks, spec-verify queries): 64
+//   rows a CTA, mma.sync.m16n8k16 + ldmatrix from XOR-swizzled shared memory (sm_90a: wgmma,
+//   attention_wgmma.cuh), FA2 online softmax in registers, 2 cp.async stages (the Q tile takes
+//   the third stage's space); 9-16-row sequences use its warp 0 only (kLeanRows).
 // - lean CUDA-core tile (D 64/80/96/128/256 in 16-bit types, 64/128 in fp32, the other rows:
-//   decodes, short spec-verify; D 80/96 every row): Q in registers, 3 cp.async stages of
+//   decodes, short spec-verify; D 80/96 every row on sm_80 and with fp8 caches): Q in
+//   registers, 3 cp.async stages of
 //   16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at use), one page offset
 //   per key shared by K and V, the lanes of a group spanning D (see LeanCfg).
 // - the generic tile (other head dims: run-time ones, 80/96 in fp32): the first version of
@@ -255,7 +257,8 @@ struct LeanCfg {
   static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE8, "merge area fits the fp8 stages");
   // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
-  // no mma k-tiling of D) keeps 16-bit tiles, fp8 ones dequantised at the copy: its SMEM.
+  // sm_80's mma.sync tile has no k-tiling of D 80/96, see TC90) keeps 16-bit tiles, fp8
+  // ones dequantised at the copy: its SMEM.
   static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
   // sm_90a's wgmma tile also takes 16-bit D 80 / 96 with 16-bit caches (padded to D 128's
   // shared layout, 5 / 6 k-steps: attention_wgmma.cuh); fp8 caches there stay lean.
@@ -391,7 +394,8 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
 // QR (16-bit caches, sm_90a): the tensor-core tile keeps Q in registers as QK^T's A
 // fragments (attention_wgmma.cuh: +32 registers at D 128, +16 at D 64, over a tile at exactly
-// 128): sized for 3 (<= 168; 167 / 168 used, no spills). Only launches with a row tile past
+// 128): sized for 3 (<= 168; 167 / 168 used, no spills). D 80 / 96 (O 40 / 48 registers, Q
+// +20 / +24) fit 128 with Q in registers (128 used, no spills): 4 at every row count. Only launches with a row tile past
 // kTcRows (prefill chunks) take it: the others stay at 4, which their memory-bound loops need
 // (spec-verify q 4 x G 4, predicted H100: 97% of HBM at 4, 65% at 3), and launches with no
 // tensor-core row (max q_len x G <= kLeanRows) take the TCP = false lean-only kernel.

@@ -201,6 +201,12 @@ def test_ctas_per_sm_mirrors_the_kernels():
     assert c(*H100, 128, 4, False, 65) == 4 and c(*H100, 64, 2, True, 65) == 4
     assert c(*H100, 64, 2, True, 64) == 4 and c(*A100, 256, 2, True, 4) == 3
     assert c(*H100, 80, 2, False, 4) == 4 and c(*A100, 96, 2, True, 4) == 4   # strided tiles
+    # 16-bit D 80 / 96 on sm_90a: lean-only <= 8 rows, the wgmma tile (SS, then Q in
+    # registers) past 8 / 64 rows, 4 each (128 registers, no spills); sm_80: lean, 4
+    for d in (80, 96):
+        for rows in (8, 9, 64, 65):
+            assert c(*H100, d, 2, False, rows) == 4 and c(*A100, d, 2, False, rows) == 4
+        assert c(*H100, d, 2, True, 65) == 4                                   # fp8: lean
     kc8 = torch.empty(1, 16, 8, 128, device="meta", dtype=torch.float8_e4m3fn)
     q = torch.empty(1, 32, 128, device="meta", dtype=torch.bfloat16)
     import unittest.mock as mock
