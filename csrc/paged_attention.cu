@@ -260,8 +260,8 @@ struct LeanCfg {
   // sm_80's mma.sync tile has no k-tiling of D 80/96, see TC90) keeps 16-bit tiles, fp8
   // ones dequantised at the copy: its SMEM.
   static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
-  // sm_90a's wgmma tile also takes 16-bit D 80 / 96 with 16-bit caches (padded to D 128's
-  // shared layout, 5 / 6 k-steps: attention_wgmma.cuh); fp8 caches there stay lean.
+  // 16-bit D 80 / 96 with 16-bit caches take both tensor-core tiles too (padded to D 128's
+  // shared layout, 5 / 6 k-steps; attention_wgmma.cuh on sm_90a); fp8 caches there stay lean.
   static constexpr bool TC90 = TC || STRIDED;
   static constexpr size_t smem(bool fp8, bool tcp) {
     const size_t s8 = static_cast<size_t>(kStages) * TILE8 + NG * 20 * 4;
@@ -403,7 +403,7 @@ template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 struct MinBlocks {
   using LC = LeanCfg<T, DM, EXACT>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  static constexpr int value = LC::OK && !LC::STRIDED ? 3 : 4;
+  static constexpr int value = LC::OK && (!LC::STRIDED || (TCP && !FP8)) ? 3 : 4;
 #else
   static constexpr int value =
       TCP && LC::TC && (FP8 ? DM == 128 : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
@@ -460,8 +460,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kLeanRows rows in
   // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  // See LeanCfg (TC90: the wgmma tile's head dims); TCP: compiled in (MinBlocks).
-  constexpr bool TC_OK = (RAGGED_WGMMA && !FP8 ? LC::TC90 : LC::TC) && TCP;
+  // See LeanCfg (TC90: with D 80 / 96, 16-bit caches only); TCP: compiled in (MinBlocks).
+  constexpr bool TC_OK = (FP8 ? LC::TC : LC::TC90) && TCP;
   const bool tc = TC_OK && total_rows > (FP8 ? kRows : kLeanRows);
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -501,15 +501,20 @@ paged_attention_kernel(const PagedAttentionParams p) {
       // chunks: with 32 (16 more live registers for S while P V runs) sm_90a spilled 8 bytes at
       // the 128-register cap of 4 CTAs/SM; the extra rescale of O is 32 FMULs per 16 HMMAs.
       // D 128 keeps 32 (16 keys spilled 16 bytes there: O's 64 registers dominate anyway).
+      // D 80 / 96: rows padded to DP = 128 (16 chunks: c ^ (r % 8) stays in the row for the
+      // 10 / 12 real chunks c, the only ones copied and read), KS = 5 / 6 k-steps (an odd
+      // last one alone: ldmatrix .x2), DT = 10 / 12 8-column tiles of O.
       constexpr int KS = DM / 16, NT = DM <= 64 ? 2 : 4, DT = DM / 8, CK = 8 * NT;
-      static_assert(kTcRows * DM * 2 + 2 * kTileBytes <= kStages * kTileBytes, "TC smem");
+      constexpr int DP = (DM + 63) / 64 * 64, CH = DM / 8;
+      static_assert(kTcRows * DP * 2 + 2 * kTileBytes <= kStages * kTileBytes &&
+                        2 * TNK * DP * 2 == kTileBytes, "TC smem");
       T* Qs = reinterpret_cast<T*>(smem_raw);
-      T* kvs = Qs + kTcRows * DM;
-      auto sw = [](int r, int ch) { return r * DM + ((ch ^ (r & 7)) * TVEC); };
+      T* kvs = Qs + kTcRows * DP;
+      auto sw = [](int r, int ch) { return r * DP + ((ch ^ (r & 7)) * TVEC); };
       const int nt_tiles = hi > lo ? (hi - lo + TNK - 1) / TNK : 0;
       const T* q = static_cast<const T*>(p.q);
-      for (int i = tid; i < kTcRows * TNC; i += kThreads) {
-        const int r = i / TNC, ch = i % TNC;
+      for (int i = tid; i < kTcRows * CH; i += kThreads) {
+        const int r = i / CH, ch = i % CH;
         const bool ok = r < nrows;
         const int rr = row0 + (ok ? r : 0);
         cp_async16(Qs + sw(r, ch),
@@ -532,14 +537,15 @@ paged_attention_kernel(const PagedAttentionParams p) {
       };
       int64_t wpage = wkey < hi ? page_of(wbi) : 0;
       auto load = [&](int stage) {
-        T* ks = kvs + stage * 2 * TNK * DM;
+        T* ks = kvs + stage * 2 * TNK * DP;
 #pragma unroll
         for (int j = 0; j < LC::LOADS; ++j) {
           const int k = grp + j * TNG;
           const bool valid = wkey < hi;
           const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-          copy_kv_chunk<T, FP8, TVEC>(ks + sw(k, c), ks + TNK * DM + sw(k, c), p, off, valid, bt,
-                                      wbi, woff, kvh);
+          if (TNC == CH || c < CH)  // D 80 / 96: 16-lane groups, 10 / 12 chunks copied
+            copy_kv_chunk<T, FP8, TVEC>(ks + sw(k, c), ks + TNK * DP + sw(k, c), p, off, valid,
+                                        bt, wbi, woff, kvh);
           wkey += TNG;
           woff += TNG;
           if (woff >= bs) {
@@ -574,25 +580,33 @@ paged_attention_kernel(const PagedAttentionParams p) {
         __syncthreads();
         // CK keys at a time (S of 16 x CK in CK / 2 registers).
         for (int kc2 = 0; kc2 < TNK / CK && warp_rows; ++kc2) {
-          const T* Ks = kvs + stage * 2 * TNK * DM + kc2 * CK * DM;
-          const T* Vs = Ks + TNK * DM;
+          const T* Ks = kvs + stage * 2 * TNK * DP + kc2 * CK * DP;
+          const T* Vs = Ks + TNK * DP;
           float sc[NT][4];
 #pragma unroll
           for (int n = 0; n < NT; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
 #pragma unroll
           for (int k2 = 0; k2 < KS; k2 += 2) {
+            const bool pair = k2 + 1 < KS;  // false: D 80's k-step 4 alone
             uint32_t qa[2][4];
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-              ldmatrix<4, false>(qa[h], Qs + sw(wr0 + (lane & 7) + 8 * ((lane >> 3) & 1),
-                                                2 * (k2 + h) + (lane >> 4)));
+              if (h == 0 || pair)
+                ldmatrix<4, false>(qa[h], Qs + sw(wr0 + (lane & 7) + 8 * ((lane >> 3) & 1),
+                                                  2 * (k2 + h) + (lane >> 4)));
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
-              uint32_t kb[4];
-              ldmatrix<4, false>(kb, Ks + sw(8 * n + (lane & 7), 2 * k2 + (lane >> 3)));
-              const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-              mma_16816<T>(sc[n], qa[0], b0);
-              mma_16816<T>(sc[n], qa[1], b1);
+              if (pair) {
+                uint32_t kb[4];
+                ldmatrix<4, false>(kb, Ks + sw(8 * n + (lane & 7), 2 * k2 + (lane >> 3)));
+                const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+                mma_16816<T>(sc[n], qa[0], b0);
+                mma_16816<T>(sc[n], qa[1], b1);
+              } else {
+                uint32_t b0[2];  // lanes 0-15's rows: chunks 2 k2, 2 k2 + 1
+                ldmatrix<2, false>(b0, Ks + sw(8 * n + (lane & 7), 2 * k2 + ((lane >> 3) & 1)));
+                mma_16816<T>(sc[n], qa[0], b0);
+              }
             }
           }
           // Scores stay unscaled (x f inside the exp2's FFMA); masks only on the tiles that
@@ -1258,29 +1272,6 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
-// Whether the current device runs the sm_90a code (the wgmma tile): compute capability 9.0 (the
-// extension's archs are sm_80 and sm_90a; sm_90a code runs only on 9.0). Only D 80 / 96 ask:
-// their kernel has no tensor-core tile elsewhere, so the lean tile's 30.6 / 36.6 KB of shared
-// memory (4 CTAs/SM on sm_80) is not raised to the wgmma tile's 49 KB (3 on sm_80). A wrong
-// "yes" costs shared memory only; "no" on 9.0 cannot happen. Cached per device (<= 64).
-inline bool device_runs_wgmma() {
-#if defined(RAGGED_EMU)
-  return RAGGED_WGMMA;  // the emulator's arch-90 build
-#else
-  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes (benign race: same value)
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (dev < 0 || dev >= 64) dev = 63;
-  if (cached[dev] == 0) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cached[dev] = major == 9 && minor == 0 ? 2 : 1;
-  }
-  return cached[dev] == 2;
-#endif
-}
-
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
@@ -1297,11 +1288,11 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8, TCP)
                : FP8                       ? C::smem_fp8(p.head_dim)
                                            : C::smem(p.head_dim);
-  // The TC tiles: sm_90a's wgmma tile (D 80 / 96: only there, see device_runs_wgmma).
+  // The TC tiles (sm_90a's wgmma tile; D 80 / 96: the mma.sync tile's 48 KB too, against
+  // the lean tile's 30.6 / 36.6 KB).
   using LC = LeanCfg<T, DM, EXACT>;
   if constexpr (TCP && (LC::TC || (LC::TC90 && !FP8)))
-    if (LC::TC || device_runs_wgmma())
-      smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
+    smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
   if (smem > 48 * 1024) {
     const cudaError_t e =

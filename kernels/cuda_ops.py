@@ -126,16 +126,17 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
             kp8 = d + 16 if strided and d % 32 == 0 else d
             s8 = 3 * (2 * nk * kp8 + 8 * nk) + ng * 80
             smem = smem if tc and smem > s8 else s8
+        # 16-bit D 80 / 96 with tensor-core rows: the tensor-core tiles in D 128's padded
+        # layout (attention_wgmma.cuh WgmmaCfg: 50176 B, the launch's max with the lean tile)
+        strided_tc = strided and not fp8 and rows > 8
+        if strided_tc:
+            smem = max(smem, 50176)
         if cap >= (9, 0):
-            # sm_90a: fp8 D 128's tile; 16-bit past 64 rows holds Q in registers (wgmma RS)
+            # sm_90a: fp8 D 128's tile; 16-bit past 64 rows holds Q in registers (wgmma RS),
+            # except D 80 / 96 whose Q-in-registers tile fits 128 registers (no spills): 4
             regs = 3 if tc and (d == 128 if fp8 else rows > 64) else 4
-            if strided and not fp8 and rows > 8:
-                # 16-bit D 80 / 96 with tensor-core rows: the wgmma tile in D 128's padded
-                # layout (attention_wgmma.cuh WgmmaCfg, 50176 B); Q in registers fits 128
-                # registers there (D 80 / 96 QR: 128, no spills): 4 at any row count
-                smem = max(smem, 50176)
         else:
-            regs = 4 if strided else 3
+            regs = 4 if strided and not strided_tc else 3
     else:                        # the generic tile (AttnCfg); 4 = its register floor
         nk = 32 if d * elem <= 256 else 16
         base = 4 * (16 * d + 16 * nk + 64)
