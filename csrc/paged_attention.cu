@@ -383,8 +383,9 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // shared memory (LeanCfg::SMEM): 4 CTAs fit sm_90's 228 KB (<= 128 registers), but sm_80's
 // 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
 // forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
-// registers) costs nothing. The strided D 80 / 96 tiles (30.6 / 36.6 KB, 110-116 registers)
-// fit 4 on sm_80 too. fp8 lean tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but
+// registers) costs nothing. The strided D 80 / 96 lean tiles (30.6 / 36.6 KB, 108-116
+// registers) fit 4 on sm_80 too: their lean-only kernels (TCP = false) take 4; with the
+// tensor-core tile (TCP, 16-bit caches: 49 KB, 143 / 156 registers, no spills) 3. fp8 lean tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but
 // 4 spilled 16-24 bytes at D 64/128/256 there: 3.
 // fp8 caches on sm_90 (TCP: the kernel has the tensor-core tile): at D 128 the tensor-core
 // tile's dequantising copy (scale index + conversion in the load loop) needs > 128 registers
@@ -503,7 +504,9 @@ paged_attention_kernel(const PagedAttentionParams p) {
       // D 128 keeps 32 (16 keys spilled 16 bytes there: O's 64 registers dominate anyway).
       // D 80 / 96: rows padded to DP = 128 (16 chunks: c ^ (r % 8) stays in the row for the
       // 10 / 12 real chunks c, the only ones copied and read), KS = 5 / 6 k-steps (an odd
-      // last one alone: ldmatrix .x2), DT = 10 / 12 8-column tiles of O.
+      // last one alone: ldmatrix .x2), DT = 10 / 12 8-column tiles of O. Predicted A100
+      // prefill 2k: 104 / 120 TFLOP/s (the lean tile: 10.5 / 11.8), mixed 2048+256x2048
+      // 76 / 79 % of HBM (25 / 27 %).
       constexpr int KS = DM / 16, NT = DM <= 64 ? 2 : 4, DT = DM / 8, CK = 8 * NT;
       constexpr int DP = (DM + 63) / 64 * 64, CH = DM / 8;
       static_assert(kTcRows * DP * 2 + 2 * kTileBytes <= kStages * kTileBytes &&
