@@ -22,8 +22,9 @@
 // 0..D/16-1: k-step 4 / 4-5 in panel 1); V takes [D / 16 | D / 32 panels][NK][32 | 64 B]
 // in the 32B / 64B swizzle (wgmma.cuh: N = D must be whole swizzle rows), so P V is one
 // m64n80k16 / m64n96k16 per 16 keys (predicted H100 prefill 2k: 344 / 398 TFLOP/s, 463 /
-// 480 warp-instructions a tile, 7 / 8 HGMMA; the lean tile: 15.8 / 17.6 TFLOP/s). The base is rounded up
-// to 1024 bytes of the shared window (the swizzle is on address bits): see WgmmaCfg. wgmma
+// 480 warp-instructions a tile, 7 / 8 HGMMA; the lean tile: 15.8 / 17.6 TFLOP/s). The base is
+// rounded up to 1024 bytes of the shared window (the swizzle is on address bits): see
+// WgmmaCfg. wgmma
 // runs on every warp of the warpgroup even with no rows (missing rows are zero Q and fully
 // masked scores), so the warpgroup collectives always see 128 threads.
 // Tiles every row of the CTA sees whole run a loop without the mask code, softcap has its own

@@ -4,16 +4,17 @@
 // head of the GQA group) pair, so in decode every query head of the group shares each K/V
 // tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
 // picks its tile class (one launch serves a mixed batch):
-// - tensor cores (16-bit types, D 64/128 (sm_90a: also D 80/96 with 16-bit caches), sequences
-//   with q_len x G > 8 rows (> 16 with an fp8 cache): prefill chunks, spec-verify queries): 64
-//   rows a CTA, mma.sync.m16n8k16 + ldmatrix from XOR-swizzled shared memory (sm_90a: wgmma,
-//   attention_wgmma.cuh), FA2 online softmax in registers, 2 cp.async stages (the Q tile takes
-//   the third stage's space); 9-16-row sequences use its warp 0 only (kLeanRows).
+// - tensor cores (16-bit types, D 64/128, and D 80/96 with 16-bit caches (rows padded to
+//   D 128's layout), sequences with q_len x G > 8 rows (> 16 with an fp8 cache): prefill
+//   chunks, spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix from
+//   XOR-swizzled shared memory (sm_90a: wgmma, attention_wgmma.cuh), FA2 online softmax in
+//   registers, 2 cp.async stages (the Q tile takes the third stage's space); 9-16-row
+//   sequences use its warp 0 only (kLeanRows).
 // - lean CUDA-core tile (D 64/80/96/128/256 in 16-bit types, 64/128 in fp32, the other rows:
-//   decodes, short spec-verify; D 80/96 every row on sm_80 and with fp8 caches): Q in
-//   registers, 3 cp.async stages of
-//   16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at use), one page offset
-//   per key shared by K and V, the lanes of a group spanning D (see LeanCfg).
+//   decodes, short spec-verify; D 80/96 with fp8 caches every row): Q in registers, 3
+//   cp.async stages of 16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at
+//   use), one page offset per key shared by K and V, the lanes of a group spanning D (see
+//   LeanCfg).
 // - the generic tile (other head dims: run-time ones, 80/96 in fp32): the first version of
 //   this kernel, kept for coverage; scores/softmax/PV through shared memory, 2 stages.
 // Split-KV: each sequence picks its own split count on the device (plan_splits, bounded by the
@@ -257,12 +258,12 @@ struct LeanCfg {
   static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE8, "merge area fits the fp8 stages");
   // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
-  // sm_80's mma.sync tile has no k-tiling of D 80/96, see TC90) keeps 16-bit tiles, fp8
-  // ones dequantised at the copy: its SMEM.
+  // with 16-bit caches only, TC16) keeps 16-bit tiles, fp8 ones dequantised at the copy:
+  // its SMEM.
   static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
-  // 16-bit D 80 / 96 with 16-bit caches take both tensor-core tiles too (padded to D 128's
-  // shared layout, 5 / 6 k-steps; attention_wgmma.cuh on sm_90a); fp8 caches there stay lean.
-  static constexpr bool TC90 = TC || STRIDED;
+  // The head dims of the tensor-core tiles with 16-bit caches: D 80 / 96 too (padded to D
+  // 128's shared layout, 5 / 6 k-steps; mma.sync and wgmma alike); fp8 caches there stay lean.
+  static constexpr bool TC16 = TC || STRIDED;
   static constexpr size_t smem(bool fp8, bool tcp) {
     const size_t s8 = static_cast<size_t>(kStages) * TILE8 + NG * 20 * 4;
     return !fp8 ? SMEM : TC && tcp && SMEM > s8 ? SMEM : s8;
@@ -385,8 +386,9 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
 // registers) costs nothing. The strided D 80 / 96 lean tiles (30.6 / 36.6 KB, 108-116
 // registers) fit 4 on sm_80 too: their lean-only kernels (TCP = false) take 4; with the
-// tensor-core tile (TCP, 16-bit caches: 49 KB, 143 / 156 registers, no spills) 3. fp8 lean tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but
-// 4 spilled 16-24 bytes at D 64/128/256 there: 3.
+// tensor-core tile (TCP, 16-bit caches: 49 KB, 143 / 156 registers, no spills) 3. fp8 lean
+// tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but 4 spilled 16-24 bytes at D
+// 64/128/256 there: 3.
 // fp8 caches on sm_90 (TCP: the kernel has the tensor-core tile): at D 128 the tensor-core
 // tile's dequantising copy (scale index + conversion in the load loop) needs > 128 registers
 // (24 B spilled at 4 CTAs/SM): sized for 3 there. Launches with no tensor-core row (every
@@ -396,10 +398,11 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // QR (16-bit caches, sm_90a): the tensor-core tile keeps Q in registers as QK^T's A
 // fragments (attention_wgmma.cuh: +32 registers at D 128, +16 at D 64, over a tile at exactly
 // 128): sized for 3 (<= 168; 167 / 168 used, no spills). D 80 / 96 (O 40 / 48 registers, Q
-// +20 / +24) fit 128 with Q in registers (128 used, no spills): 4 at every row count. Only launches with a row tile past
-// kTcRows (prefill chunks) take it: the others stay at 4, which their memory-bound loops need
-// (spec-verify q 4 x G 4, predicted H100: 97% of HBM at 4, 65% at 3), and launches with no
-// tensor-core row (max q_len x G <= kLeanRows) take the TCP = false lean-only kernel.
+// +20 / +24) fit 128 with Q in registers (128 used, no spills): 4 at every row count. Only
+// launches with a row tile past kTcRows (prefill chunks) take it: the others stay at 4,
+// which their memory-bound loops need (spec-verify q 4 x G 4, predicted H100: 97% of HBM at
+// 4, 65% at 3), and launches with no tensor-core row (max q_len x G <= kLeanRows) take the
+// TCP = false lean-only kernel.
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 struct MinBlocks {
   using LC = LeanCfg<T, DM, EXACT>;
@@ -461,8 +464,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kLeanRows rows in
   // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  // See LeanCfg (TC90: with D 80 / 96, 16-bit caches only); TCP: compiled in (MinBlocks).
-  constexpr bool TC_OK = (FP8 ? LC::TC : LC::TC90) && TCP;
+  // See LeanCfg (TC16: with D 80 / 96, 16-bit caches only); TCP: compiled in (MinBlocks).
+  constexpr bool TC_OK = (FP8 ? LC::TC : LC::TC16) && TCP;
   const bool tc = TC_OK && total_rows > (FP8 ? kRows : kLeanRows);
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -1294,7 +1297,7 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   // The TC tiles (sm_90a's wgmma tile; D 80 / 96: the mma.sync tile's 48 KB too, against
   // the lean tile's 30.6 / 36.6 KB).
   using LC = LeanCfg<T, DM, EXACT>;
-  if constexpr (TCP && (LC::TC || (LC::TC90 && !FP8)))
+  if constexpr (TCP && (LC::TC || (LC::TC16 && !FP8)))
     smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
   if (smem > 48 * 1024) {
@@ -1334,14 +1337,14 @@ cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream
         if (qr) return launch<T, 64, true, FP8, true, true>(p, stream);
       }
       return launch<T, 64, true, FP8, true>(p, stream);
-    case 80:  // 16-bit caches: as D 128 (the wgmma tile on sm_90a; lean on sm_80 either way)
-      if constexpr (!FP8 && LeanCfg<T, 80, true>::TC90) {
+    case 80:  // 16-bit caches: as D 64 / 128 (fp8 caches: the lean tile for every row)
+      if constexpr (!FP8 && LeanCfg<T, 80, true>::TC16) {
         if (lean_only) return launch<T, 80, true, FP8, false>(p, stream);
         if (qr) return launch<T, 80, true, FP8, true, true>(p, stream);
       }
       return launch<T, 80, true, FP8, true>(p, stream);
     case 96:
-      if constexpr (!FP8 && LeanCfg<T, 96, true>::TC90) {
+      if constexpr (!FP8 && LeanCfg<T, 96, true>::TC16) {
         if (lean_only) return launch<T, 96, true, FP8, false>(p, stream);
         if (qr) return launch<T, 96, true, FP8, true, true>(p, stream);
       }
