@@ -182,7 +182,7 @@ def launch_set(quick: bool) -> list[Launch]:
         out += _attention_set(f"gqa-{g}", hq, hkv, 128, "bf16", 16, 0, True)
     for d in (64, 80, 96, 256):       # other head dims: the compile / spill coverage of the
         out += [x for x in _attention_set(f"hd{d}", 32, 8, d, "bf16", 16, 0, True)  # old check
-                if x.kind != "prefill"]
+                if x.kind != "prefill" or d in (80, 96)]   # 80 / 96: their wgmma tile too
     for d in (80, 96):                # the strided lean tile's spec-verify rows
         out.append(_attn("spec-verify q=4 B=64 ctx=2048", f"hd{d}", 32, 8, d, "bf16", 16,
                          [4] * 64, [2048] * 64))

@@ -4,7 +4,8 @@
 // RAGGED_WGMMA (sm_90a, or the emulator's arch-90 build).
 //
 // Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
-// of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64), 2
+// of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64; D 80 / 96
+// (16-bit caches only): 32 keys in D 128's padded layout, 10 / 12 KB of it written), 2
 // cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
 // fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
 // memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
@@ -16,8 +17,14 @@
 // the per-score softmax is what remains.
 // Shared memory: Q [D / 64 panels][64 rows][128 B], then 2 stages of K, V [D / 64][NK][128 B];
 // each panel row holds 64 values of a row's D with its 16-byte chunk c at c ^ (row % 8) (the
-// 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. The base is rounded up
-// to 1024 bytes of the shared window (the swizzle is on address bits): see WgmmaCfg. wgmma
+// 128B swizzle), so every 8-row group is one 1024-byte swizzle atom. D 80 / 96: Q and K take
+// 2 panels (DP = 128) of which only the D / 8 real chunks are copied and read (QK^T's k-steps
+// 0..D/16-1: k-step 4 / 4-5 in panel 1); V takes [D / 16 | D / 32 panels][NK][32 | 64 B]
+// in the 32B / 64B swizzle (wgmma.cuh: N = D must be whole swizzle rows), so P V is one
+// m64n80k16 / m64n96k16 per 16 keys (predicted H100 prefill 2k: 344 / 398 TFLOP/s, 463 /
+// 480 warp-instructions a tile, 7 / 8 HGMMA; the lean tile: 15.8 / 17.6 TFLOP/s). The base is
+// rounded up to 1024 bytes of the shared window (the swizzle is on address bits): see
+// WgmmaCfg. wgmma
 // runs on every warp of the warpgroup even with no rows (missing rows are zero Q and fully
 // masked scores), so the warpgroup collectives always see 128 threads.
 // Tiles every row of the CTA sees whole run a loop without the mask code, softcap has its own
@@ -34,10 +41,18 @@
 // aligned, so stash + padding take 16..1024 bytes. The launch takes the max with the lean
 // tile's 49792 B: 50176 B at D 128, so 2 CTAs/SM still fit sm_86/89's 100 KB (2 x (50176 +
 // 1 KB reserved) = 100 KB exactly), 3 sm_80's 164 KB, 4 sm_90's 228 KB.
+// D 80 / 96 take D 128's padded layout (DP = 128: NK 32, the same bytes, so the same CTAs/SM).
+// QR at D 128 (Q in registers, prefill launches): 64-key tiles, 32 KB a stage. The per-tile
+// work that does not scale with keys (O's rescale: 64 FMULs a thread, the barriers, waits and
+// descriptors) is then paid once per 64 keys: predicted H100 prefill 2k 307-551 -> 336-681
+// TFLOP/s (747 warp-instructions per 64-key tile against 2 x 462), at 243 registers and
+// 81 KB, 2 CTAs/SM (MinBlocks); the other classes keep 16 KB tiles (4 CTAs/SM).
 template <typename T, int DM, bool QR = false>
 struct WgmmaCfg {
-  static constexpr int NK = (QR && DM == 128 ? 2 : 1) * kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
-  static constexpr uint32_t TILES = kTcRows * DM * sizeof(T) + 2 * 2 * NK * DM * sizeof(T);
+  static constexpr int DP = (DM + 63) / 64 * 64;  // D padded to whole 64-value panels
+  static constexpr int NK = (QR && DM == 128 ? 2 : 1) * kTileBytes /
+                            (2 * DP * static_cast<int>(sizeof(T)));
+  static constexpr uint32_t TILES = kTcRows * DP * sizeof(T) + 2 * 2 * NK * DP * sizeof(T);
   static constexpr size_t SMEM = TILES + 1024;
 };
 
@@ -51,11 +66,19 @@ struct TcArgs {
 template <typename T, int DM, bool FP8, bool QR>
 struct WgmmaTile {
   using LC = LeanCfg<T, DM, true>;
+  // NC lanes a group copy chunks c < CH (D 80 / 96: the lean tile's 16-lane groups, 10 / 12
+  // real chunks; the lanes past them copy nothing), DT = CH 8-column accumulator tiles.
   static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, DT = DM / 8;
   static constexpr int NK = WgmmaCfg<T, DM, QR && !FP8>::NK, LOADS = NK * NC / kThreads;
+  static constexpr int CH = DM / 8, DP = WgmmaCfg<T, DM>::DP;
   static constexpr int QB = kTcRows * 128, KB = NK * 128;   // bytes of a Q panel, a K/V panel
-  static constexpr int QBYTES = QB * (DM / 64), STAGE = 2 * KB * (DM / 64);
-  static_assert(sizeof(T) == 2 && DM % 64 == 0, "wgmma tile");
+  static constexpr int QBYTES = QB * (DP / 64), STAGE = 2 * KB * (DP / 64);
+  // V's swizzle (wgmma.cuh): 128B rows at D 64 / 128 (V then has K's layout), 64B rows at D 96,
+  // 32B at D 80, so that N = D is whole swizzle rows of VW / 2 values (canonical MN-major).
+  static constexpr int VW = DM % 64 == 0 ? 128 : DM % 32 == 0 ? 64 : 32, VCPR = VW / 16;
+  static_assert(NK * NC % kThreads == 0 && NK * VW % 1024 == 0 && sizeof(T) == 2 &&
+                    (DM == 64 || DM == 80 || DM == 96 || DM == 128) && !(FP8 && DM % 64),
+                "wgmma tile: 16-bit D 64/80/96/128 (fp8 caches: D 64/128)");
 
   const PagedAttentionParams& p;
   char* base;        // the 1024-aligned start (generic address), Q then the stages
@@ -77,6 +100,11 @@ struct WgmmaTile {
   static __device__ __forceinline__ int off(int r, int ch, int rows) {
     return (ch >> 3) * rows * 128 + r * 128 + (((ch & 7) ^ (r & 7)) << 4);
   }
+  // The same for V: [D / (VW / 2) panels][NK keys][VW bytes], chunk c of key k at chunk
+  // c % VCPR ^ the key's address bits 7.. (the swizzle XORs bits 4.. with 7..; = off at 128).
+  static __device__ __forceinline__ int voff(int k, int ch) {
+    return (ch / VCPR) * NK * VW + k * VW + (((ch % VCPR) ^ (k * VW / 128 % VCPR)) << 4);
+  }
   __device__ __forceinline__ int64_t page_of(int bi) const {
     return static_cast<int64_t>(bt[bi]) *
            (static_cast<int64_t>(p.num_kv_heads) * DM * p.block_size);
@@ -93,10 +121,10 @@ struct WgmmaTile {
       const bool valid = wkey < hi;
       const int64_t src =
           wpage + static_cast<int64_t>(woff) * (p.num_kv_heads * DM) + head_c;
-      const int so = off(k, c, NK);
-      copy_kv_chunk<T, FP8, VEC>(reinterpret_cast<T*>(ks + so),
-                                 reinterpret_cast<T*>(ks + STAGE / 2 + so), p, src, valid, bt,
-                                 wbi, woff, blockIdx.y);
+      if (c < CH)  // D 80 / 96: K columns 80 / 96 .. 127 are never written, never read
+        copy_kv_chunk<T, FP8, VEC>(reinterpret_cast<T*>(ks + off(k, c, NK)),
+                                   reinterpret_cast<T*>(ks + STAGE / 2 + voff(k, c)), p, src,
+                                   valid, bt, wbi, woff, blockIdx.y);
       wkey += NG;
       woff += NG;
       if (woff >= p.block_size) {
@@ -214,8 +242,8 @@ struct WgmmaTile {
     wgmma_pin(o);   // the rescale and the packs above the fence (CUTLASS warpgroup_fence_operand)
     wgmma_fence();  // O was rescaled and P written by ordinary instructions
 #pragma unroll
-    for (int kt = 0; kt < NK / 16; ++kt)  // 16 keys = 2 8-row groups of V (SBO 1024 apart)
-      wgmma_rs<T, DM, true>(o, pa[kt], gmma_desc(vs + kt * 2048, KB, 1024), true);
+    for (int kt = 0; kt < NK / 16; ++kt)  // 16 keys = 2 8-row groups of V (SBO 8 VW apart)
+      wgmma_rs<T, DM, true>(o, pa[kt], gmma_desc<VW>(vs + kt * 16 * VW, NK * VW, 8 * VW), true);
     wgmma_commit();
     wgmma_wait<0>();  // O complete, and this stage's K/V no longer read ...
     wgmma_pin(o);     // (P's registers: ptxas tracks HGMMA's A operands until the wait)
@@ -240,7 +268,7 @@ template <typename T, int DM, bool FP8, bool QR>
 __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* smem_raw,
                                            const TcArgs& a) {
   using W = WgmmaTile<T, DM, FP8, QR>;
-  constexpr int NC = W::NC, NK = W::NK, VEC = W::VEC;
+  constexpr int CH = W::CH, NK = W::NK, VEC = W::VEC;
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t sbase = (raw + 16 + 1023u) & ~1023u;  // >= 16 B below it for the stash
   char* base = static_cast<char*>(smem_raw) + (sbase - raw);
@@ -259,8 +287,8 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
                        a.kvh | a.nrows << 16 | a.split << 23 | (a.nsplit == 1) << 30);
   const int G = a.G, nrows = a.nrows, row0 = a.row0, ctx = a.ctx;
   const T* q = static_cast<const T*>(p.q);
-  for (int i = tid; i < kTcRows * NC; i += kThreads) {
-    const int r = i / NC, ch = i % NC;
+  for (int i = tid; i < kTcRows * CH; i += kThreads) {  // D 80 / 96: columns past D unwritten
+    const int r = i / CH, ch = i % CH;
     const bool ok = r < nrows;
     const int rr = row0 + (ok ? r : 0);
     cp_async16(base + W::off(r, ch, kTcRows),
@@ -276,7 +304,7 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   x.qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;  // a missing row sees no key
   x.qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
   x.stage = 0;
-  x.wkey = a.lo + tid / NC;
+  x.wkey = a.lo + tid / W::NC;
   x.wbi = p.block_shift >= 0 ? x.wkey >> p.block_shift : x.wkey / p.block_size;
   x.woff = x.wkey - x.wbi * p.block_size;
   x.wpage = x.wkey < a.hi ? x.page_of(x.wbi) : 0;

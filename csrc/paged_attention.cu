@@ -4,15 +4,17 @@
 // head of the GQA group) pair, so in decode every query head of the group shares each K/V
 // tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
 // picks its tile class (one launch serves a mixed batch):
-// - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 4 rows (> 16 with an fp8
-//   cache): prefill chunks, spec-verify queries, G 5-8 decodes): 64 rows a CTA, mma.sync.m16n8k16
-//   + ldmatrix from XOR-swizzled shared memory (sm_90a: wgmma, attention_wgmma.cuh), FA2 online
-//   softmax in registers, 2 cp.async stages (the Q tile takes the third stage's space); on
-//   sm_80 5-16-row sequences use its warp 0 only (kLeanRows).
+// - tensor cores (16-bit types, D 64/128, and D 80/96 with 16-bit caches (rows padded to
+//   D 128's layout), sequences with q_len x G > 4 rows (> 16 with an fp8 cache): prefill
+//   chunks, spec-verify queries, G 5-8 decodes): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix
+//   from XOR-swizzled shared memory (sm_90a: wgmma, attention_wgmma.cuh), FA2 online softmax
+//   in registers, 2 cp.async stages (the Q tile takes the third stage's space); on sm_80
+//   5-16-row sequences use its warp 0 only (kLeanRows).
 // - lean CUDA-core tile (D 64/80/96/128/256 in 16-bit types, 64/128 in fp32, the other rows:
-//   decodes, short spec-verify; D 80/96 every row): Q in registers, 3 cp.async stages of
-//   16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at use), one page offset
-//   per key shared by K and V, the lanes of a group spanning D (see LeanCfg).
+//   decodes, short spec-verify; D 80/96 with fp8 caches every row): Q in registers, 3
+//   cp.async stages of 16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at
+//   use), one page offset per key shared by K and V, the lanes of a group spanning D (see
+//   LeanCfg).
 // - the generic tile (other head dims: run-time ones, 80/96 in fp32): the first version of
 //   this kernel, kept for coverage; scores/softmax/PV through shared memory, 2 stages.
 // Split-KV: each sequence picks its own split count on the device (plan_splits, bounded by the
@@ -260,8 +262,12 @@ struct LeanCfg {
   static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE8, "merge area fits the fp8 stages");
   // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
-  // no mma k-tiling of D) keeps 16-bit tiles, fp8 ones dequantised at the copy: its SMEM.
+  // with 16-bit caches only, TC16) keeps 16-bit tiles, fp8 ones dequantised at the copy:
+  // its SMEM.
   static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
+  // The head dims of the tensor-core tiles with 16-bit caches: D 80 / 96 too (padded to D
+  // 128's shared layout, 5 / 6 k-steps; mma.sync and wgmma alike); fp8 caches there stay lean.
+  static constexpr bool TC16 = TC || STRIDED;
   static constexpr size_t smem(bool fp8, bool tcp) {
     const size_t s8 = static_cast<size_t>(kStages) * TILE8 + NG * 20 * 4;
     return !fp8 ? SMEM : TC && tcp && SMEM > s8 ? SMEM : s8;
@@ -382,9 +388,11 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // shared memory (LeanCfg::SMEM): 4 CTAs fit sm_90's 228 KB (<= 128 registers), but sm_80's
 // 164 KB hold 3 (+ 1 KB reserve each; sm_86/89's 100 KB hold 2), so there asking for 4 only
 // forced spills (40 bytes at D=128) for occupancy shared memory never allows: 3 (<= 168
-// registers) costs nothing. The strided D 80 / 96 tiles (30.6 / 36.6 KB, 110-116 registers)
-// fit 4 on sm_80 too. fp8 lean tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but
-// 4 spilled 16-24 bytes at D 64/128/256 there: 3.
+// registers) costs nothing. The strided D 80 / 96 lean tiles (30.6 / 36.6 KB, 108-116
+// registers) fit 4 on sm_80 too: their lean-only kernels (TCP = false) take 4; with the
+// tensor-core tile (TCP, 16-bit caches: 49 KB, 143 / 156 registers, no spills) 3. fp8 lean
+// tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but 4 spilled 16-24 bytes at D
+// 64/128/256 there: 3.
 // fp8 caches on sm_90 (TCP: the kernel has the tensor-core tile): at D 128 the tensor-core
 // tile's dequantising copy (scale index + conversion in the load loop) needs > 128 registers
 // (24 B spilled at 4 CTAs/SM): sized for 3 there. Launches with no tensor-core row (every
@@ -393,15 +401,17 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
 // QR (16-bit caches, sm_90a): the tensor-core tile keeps Q in registers as QK^T's A
 // fragments (attention_wgmma.cuh: +32 registers at D 128, +16 at D 64, over a tile at exactly
-// 128): sized for 3 (<= 168; 167 / 168 used, no spills). Only launches with a row tile past
-// kTcRows (prefill chunks) take it: the others stay at 4, which their memory-bound loops need
-// (spec-verify q 4 x G 4, predicted H100: 97% of HBM at 4, 65% at 3), and launches with no
-// tensor-core row (max q_len x G <= kLeanRows) take the TCP = false lean-only kernel.
+// 128): sized for 3 (<= 168; 167 / 168 used, no spills). D 80 / 96 (O 40 / 48 registers, Q
+// +20 / +24) fit 128 with Q in registers (128 used, no spills): 4 at every row count. Only
+// launches with a row tile past kTcRows (prefill chunks) take it: the others stay at 4,
+// which their memory-bound loops need (spec-verify q 4 x G 4, predicted H100: 97% of HBM at
+// 4, 65% at 3), and launches with no tensor-core row (max q_len x G <= kLeanRows) take the
+// TCP = false lean-only kernel.
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 struct MinBlocks {
   using LC = LeanCfg<T, DM, EXACT>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  static constexpr int value = LC::OK && !LC::STRIDED ? 3 : 4;
+  static constexpr int value = LC::OK && (!LC::STRIDED || (TCP && !FP8)) ? 3 : 4;
 #else
   static constexpr int value =
       TCP && LC::TC && !FP8 && QR && static_cast<bool>(RAGGED_WGMMA) && DM == 128 ? 2
@@ -459,7 +469,8 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // Tile class of this CTA: tensor cores for the sequences with more than kLeanRows rows in
   // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
-  constexpr bool TC_OK = LC::TC && TCP;  // see LeanCfg; TCP: compiled in (MinBlocks)
+  // See LeanCfg (TC16: with D 80 / 96, 16-bit caches only); TCP: compiled in (MinBlocks).
+  constexpr bool TC_OK = (FP8 ? LC::TC : LC::TC16) && TCP;
   const bool tc = TC_OK && total_rows > (FP8 ? kRows : kLeanRows);
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
@@ -499,15 +510,22 @@ paged_attention_kernel(const PagedAttentionParams p) {
       // chunks: with 32 (16 more live registers for S while P V runs) sm_90a spilled 8 bytes at
       // the 128-register cap of 4 CTAs/SM; the extra rescale of O is 32 FMULs per 16 HMMAs.
       // D 128 keeps 32 (16 keys spilled 16 bytes there: O's 64 registers dominate anyway).
+      // D 80 / 96: rows padded to DP = 128 (16 chunks: c ^ (r % 8) stays in the row for the
+      // 10 / 12 real chunks c, the only ones copied and read), KS = 5 / 6 k-steps (an odd
+      // last one alone: ldmatrix .x2), DT = 10 / 12 8-column tiles of O. Predicted A100
+      // prefill 2k: 104 / 120 TFLOP/s (the lean tile: 10.5 / 11.8), mixed 2048+256x2048
+      // 76 / 79 % of HBM (25 / 27 %).
       constexpr int KS = DM / 16, NT = DM <= 64 ? 2 : 4, DT = DM / 8, CK = 8 * NT;
-      static_assert(kTcRows * DM * 2 + 2 * kTileBytes <= kStages * kTileBytes, "TC smem");
+      constexpr int DP = (DM + 63) / 64 * 64, CH = DM / 8;
+      static_assert(kTcRows * DP * 2 + 2 * kTileBytes <= kStages * kTileBytes &&
+                        2 * TNK * DP * 2 == kTileBytes, "TC smem");
       T* Qs = reinterpret_cast<T*>(smem_raw);
-      T* kvs = Qs + kTcRows * DM;
-      auto sw = [](int r, int ch) { return r * DM + ((ch ^ (r & 7)) * TVEC); };
+      T* kvs = Qs + kTcRows * DP;
+      auto sw = [](int r, int ch) { return r * DP + ((ch ^ (r & 7)) * TVEC); };
       const int nt_tiles = hi > lo ? (hi - lo + TNK - 1) / TNK : 0;
       const T* q = static_cast<const T*>(p.q);
-      for (int i = tid; i < kTcRows * TNC; i += kThreads) {
-        const int r = i / TNC, ch = i % TNC;
+      for (int i = tid; i < kTcRows * CH; i += kThreads) {
+        const int r = i / CH, ch = i % CH;
         const bool ok = r < nrows;
         const int rr = row0 + (ok ? r : 0);
         cp_async16(Qs + sw(r, ch),
@@ -530,14 +548,15 @@ paged_attention_kernel(const PagedAttentionParams p) {
       };
       int64_t wpage = wkey < hi ? page_of(wbi) : 0;
       auto load = [&](int stage) {
-        T* ks = kvs + stage * 2 * TNK * DM;
+        T* ks = kvs + stage * 2 * TNK * DP;
 #pragma unroll
         for (int j = 0; j < LC::LOADS; ++j) {
           const int k = grp + j * TNG;
           const bool valid = wkey < hi;
           const int64_t off = wpage + static_cast<int64_t>(woff) * tok_stride + head_c;
-          copy_kv_chunk<T, FP8, TVEC>(ks + sw(k, c), ks + TNK * DM + sw(k, c), p, off, valid, bt,
-                                      wbi, woff, kvh);
+          if (TNC == CH || c < CH)  // D 80 / 96: 16-lane groups, 10 / 12 chunks copied
+            copy_kv_chunk<T, FP8, TVEC>(ks + sw(k, c), ks + TNK * DP + sw(k, c), p, off, valid,
+                                        bt, wbi, woff, kvh);
           wkey += TNG;
           woff += TNG;
           if (woff >= bs) {
@@ -572,25 +591,33 @@ paged_attention_kernel(const PagedAttentionParams p) {
         __syncthreads();
         // CK keys at a time (S of 16 x CK in CK / 2 registers).
         for (int kc2 = 0; kc2 < TNK / CK && warp_rows; ++kc2) {
-          const T* Ks = kvs + stage * 2 * TNK * DM + kc2 * CK * DM;
-          const T* Vs = Ks + TNK * DM;
+          const T* Ks = kvs + stage * 2 * TNK * DP + kc2 * CK * DP;
+          const T* Vs = Ks + TNK * DP;
           float sc[NT][4];
 #pragma unroll
           for (int n = 0; n < NT; ++n) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
 #pragma unroll
           for (int k2 = 0; k2 < KS; k2 += 2) {
+            const bool pair = k2 + 1 < KS;  // false: D 80's k-step 4 alone
             uint32_t qa[2][4];
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-              ldmatrix<4, false>(qa[h], Qs + sw(wr0 + (lane & 7) + 8 * ((lane >> 3) & 1),
-                                                2 * (k2 + h) + (lane >> 4)));
+              if (h == 0 || pair)
+                ldmatrix<4, false>(qa[h], Qs + sw(wr0 + (lane & 7) + 8 * ((lane >> 3) & 1),
+                                                  2 * (k2 + h) + (lane >> 4)));
 #pragma unroll
             for (int n = 0; n < NT; ++n) {
-              uint32_t kb[4];
-              ldmatrix<4, false>(kb, Ks + sw(8 * n + (lane & 7), 2 * k2 + (lane >> 3)));
-              const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-              mma_16816<T>(sc[n], qa[0], b0);
-              mma_16816<T>(sc[n], qa[1], b1);
+              if (pair) {
+                uint32_t kb[4];
+                ldmatrix<4, false>(kb, Ks + sw(8 * n + (lane & 7), 2 * k2 + (lane >> 3)));
+                const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+                mma_16816<T>(sc[n], qa[0], b0);
+                mma_16816<T>(sc[n], qa[1], b1);
+              } else {
+                uint32_t b0[2];  // lanes 0-15's rows: chunks 2 k2, 2 k2 + 1
+                ldmatrix<2, false>(b0, Ks + sw(8 * n + (lane & 7), 2 * k2 + ((lane >> 3) & 1)));
+                mma_16816<T>(sc[n], qa[0], b0);
+              }
             }
           }
           // Scores stay unscaled (x f inside the exp2's FFMA); masks only on the tiles that
@@ -1289,11 +1316,20 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8, TCP)
                : FP8                       ? C::smem_fp8(p.head_dim)
                                            : C::smem(p.head_dim);
+  // The TC tiles: 2 stages of 16 KB + Q (WgmmaCfg<T, DM>: sm_90a's wgmma tile, and the
+  // mma.sync tile at D 80 / 96, whose lean tile takes only 30.6 / 36.6 KB); on sm_90a with Q
+  // in registers at D 128, 64-key tiles (WgmmaCfg<T, DM, true>: 81 KB), set only where
+  // kernel_arch says the wgmma tile runs (unknown: the larger, which only costs occupancy).
+  using LC = LeanCfg<T, DM, EXACT>;
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
-  if constexpr (LeanCfg<T, DM, EXACT>::TC && TCP) {  // sm_90a's wgmma tile, where it runs
-    constexpr size_t wg = WgmmaCfg<T, DM, QR && !FP8>::SMEM;
-    const int arch = kernel_arch(kernel);  // unknown: the larger size (it only costs occupancy)
-    if ((arch == 0 || arch >= 90) && smem < wg) smem = wg;
+  if constexpr (TCP && (LC::TC || (LC::TC16 && !FP8))) {
+    constexpr size_t tc = WgmmaCfg<T, DM>::SMEM, wg = WgmmaCfg<T, DM, QR && !FP8>::SMEM;
+    size_t need = tc;
+    if (wg > tc) {
+      const int arch = kernel_arch(kernel);
+      if (arch == 0 || arch >= 90) need = wg;
+    }
+    if (smem < need) smem = need;
   }
   if (smem > 48 * 1024) {
     const cudaError_t e =
@@ -1332,8 +1368,18 @@ cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream
         if (qr) return launch<T, 64, true, FP8, true, true>(p, stream);
       }
       return launch<T, 64, true, FP8, true>(p, stream);
-    case 80: return launch<T, 80, true, FP8, true>(p, stream);
-    case 96: return launch<T, 96, true, FP8, true>(p, stream);
+    case 80:  // 16-bit caches: as D 64 / 128 (fp8 caches: the lean tile for every row)
+      if constexpr (!FP8 && LeanCfg<T, 80, true>::TC16) {
+        if (lean_only) return launch<T, 80, true, FP8, false>(p, stream);
+        if (qr) return launch<T, 80, true, FP8, true, true>(p, stream);
+      }
+      return launch<T, 80, true, FP8, true>(p, stream);
+    case 96:
+      if constexpr (!FP8 && LeanCfg<T, 96, true>::TC16) {
+        if (lean_only) return launch<T, 96, true, FP8, false>(p, stream);
+        if (qr) return launch<T, 96, true, FP8, true, true>(p, stream);
+      }
+      return launch<T, 96, true, FP8, true>(p, stream);
     case 128:
       if constexpr (FP8 || LeanCfg<T, 128, true>::TC)
         if (lean_only) return launch<T, 128, true, FP8, false>(p, stream);

@@ -1,6 +1,7 @@
 // Hopper warpgroup MMA (wgmma.mma_async, sm_90a) for the tensor-core attention tile
 // (attention_wgmma.cuh): shared-memory matrix descriptors, fence / commit / wait, and
-// m64nNk16 (N 32/64/128) with A from shared memory (SS) or registers (RS), fp32 accumulate.
+// m64nNk16 (N 32/64/128; RS also 80/96, D 80/96's P V) with A from shared memory (SS) or
+// registers (RS), fp32 accumulate.
 // The emulator (csrc/emu/emu.h, RAGGED_EMU) models each with the PTX ISA's semantics: a
 // collective of the 128 threads of a warpgroup, descriptors decoded (start, LBO, SBO, swizzle
 // on the shared address), results only at wgmma.wait_group (accumulators NaN until then).
@@ -12,7 +13,11 @@
 // Shared-memory layout used here: 128-byte swizzle ("B128"), rows of 128 bytes (64 16-bit
 // values), 16-byte chunk c of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes
 // apart, every 8-row group on a 1024-byte boundary of the shared window (the swizzle XORs
-// address bits 4-6 with 7-9, so the pattern needs that alignment: base offset 0).
+// address bits 4-6 with 7-9, so the pattern needs that alignment: base offset 0). D 80 / 96's
+// V (the N-major B of P V, N = 80 / 96) takes the 32B / 64B swizzle instead (rows of 32 / 64
+// bytes, chunk c ^ (r / 4 % 2) / c ^ (r / 2 % 4)): N is then a whole number of swizzle rows
+// (5 of 16 values / 3 of 32), the ISA's canonical MN-major layout; 128B rows of 64 values
+// would leave N = 80 / 96 at 1.25 / 1.5 repeats, a layout the ISA does not define.
 #pragma once
 
 #include <cstdint>
@@ -60,14 +65,18 @@ __device__ __forceinline__ void device_trap(const char* why) {
 #endif
 }
 
-// Descriptor of a 128B-swizzled operand at shared address `addr` (PTX ISA "Matrix Descriptor
+// Descriptor of a swizzled operand at shared address `addr` (PTX ISA "Matrix Descriptor
 // Format": bits 0-13 start >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 49-51 base offset, 62-63
-// swizzle mode, 1 = 128B). K-major: LBO unused (1), SBO = 8-row group stride. MN-major: LBO =
-// stride of the next 64 MN values, SBO = stride of the next 8 K rows.
+// swizzle mode: 1 = 128B, 2 = 64B, 3 = 32B). K-major: LBO unused (1), SBO = 8-row group
+// stride. MN-major: LBO = stride of the next W / 2 MN values (one swizzle row of W bytes:
+// 64 / 32 / 16 16-bit values), SBO = stride of the next 8 K rows.
+template <int W = 128>
 __device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  static_assert(W == 128 || W == 64 || W == 32, "swizzle 128B / 64B / 32B");
+  constexpr uint64_t mode = W == 128 ? 1 : W == 64 ? 2 : 3;
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
          static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16 |
-         static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32 | 1ull << 62;
+         static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32 | mode << 62;
 }
 
 // Orders this thread's register accesses before the wgmma that follows (required before the
@@ -215,7 +224,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 #if defined(RAGGED_EMU)
   emu_wgmma(d, N, a, 0, db, acc, false, TB, IsBf16<T>::value);
 #elif RAGGED_WGMMA
-  static_assert(N == 32 || N == 64 || N == 128, "wgmma_rs: N 32/64/128");
+  static_assert(N == 32 || N == 64 || N == 80 || N == 96 || N == 128, "wgmma_rs: N 32/64/80/96/128");
   if constexpr (N == 32 && !IsBf16<T>::value)
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
@@ -249,6 +258,56 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(static_cast<int>(acc)), "n"(static_cast<int>(TB)));
+  else if constexpr (N == 80 && !IsBf16<T>::value)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39}, {%40, %41, %42, %43}, %44, p, 1, 1, %46;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(static_cast<int>(acc)), "n"(static_cast<int>(TB)));
+  else if constexpr (N == 80 && IsBf16<T>::value)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39}, {%40, %41, %42, %43}, %44, p, 1, 1, %46;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(static_cast<int>(acc)), "n"(static_cast<int>(TB)));
+  else if constexpr (N == 96 && !IsBf16<T>::value)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k16.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47}, {%48, %49, %50, %51}, %52, p, 1, 1, %54;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(static_cast<int>(acc)), "n"(static_cast<int>(TB)));
+  else if constexpr (N == 96 && IsBf16<T>::value)
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47}, {%48, %49, %50, %51}, %52, p, 1, 1, %54;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(static_cast<int>(acc)), "n"(static_cast<int>(TB)));
   else if constexpr (N == 128 && !IsBf16<T>::value)
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"

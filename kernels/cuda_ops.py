@@ -113,7 +113,7 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
     budget (paged_attention.cu MinBlocks, which this mirrors) and of its shared memory (LeanCfg
     / AttnCfg sizes + 1 KB reserved per CTA). rows = max_seqlen_q x G (no tensor-core row at
     <= 16 for fp8, <= 4 for 16-bit caches: fp8 D 128 and 16-bit D 64 / 128 then run their
-    lean-only kernels; 16-bit rows > 64: the Q-in-registers tile, 3 on sm_90)."""
+    lean-only kernels; 16-bit rows > 64: the Q-in-registers tile, 3 on sm_90 at D 64 / 128)."""
     vec = 16 // elem
     strided = elem == 2 and d in (80, 96)
     nc = 16 if strided else d // vec
@@ -128,13 +128,19 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
             kp8 = d + 16 if strided and d % 32 == 0 else d
             s8 = 3 * (2 * nk * kp8 + 8 * nk) + ng * 80
             smem = smem if tc and smem > s8 else s8
+        # 16-bit D 80 / 96 with tensor-core rows: the tensor-core tiles in D 128's padded
+        # layout (attention_wgmma.cuh WgmmaCfg: 50176 B, the launch's max with the lean tile)
+        strided_tc = strided and not fp8 and rows > 4
+        if strided_tc:
+            smem = max(smem, 50176)
         if cap >= (9, 0):
             # sm_90a: fp8 D 128's tile; 16-bit past 64 rows holds Q in registers (wgmma RS),
-            # at D 128 with 64-key tiles (243 registers, 81 KB: 2)
+            # at D 128 with 64-key tiles (243 registers, 81 KB: 2), except D 80 / 96 whose
+            # Q-in-registers tile fits 128 registers (no spills): 4
             qr = tc and not fp8 and rows > 64
-            regs = (2 if d == 128 else 3) if qr else 3 if tc and fp8 and d == 128 else 4
+            regs = 2 if qr and d == 128 else 3 if qr or (tc and fp8 and d == 128) else 4
         else:
-            regs = 4 if strided else 3
+            regs = 4 if strided and not strided_tc else 3
     else:                        # the generic tile (AttnCfg); 4 = its register floor
         nk = 32 if d * elem <= 256 else 16
         base = 4 * (16 * d + 16 * nk + 64)

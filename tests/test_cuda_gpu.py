@@ -40,12 +40,13 @@ def test_attention_all_decode(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
 @pytest.mark.parametrize("q_len", [1, 2, 16, 17])
 def test_attention_16bit_launch_classes(dtype, d, q_len):
     # G 4, max rows 4 / 8 / 64 / 68 (paged_attention.cu dispatch_head_dim): the lean-only
     # kernel, the tensor-core tile with Q in shared memory (both 4 CTAs/SM), and past one
-    # 64-row tile the one with Q in registers (wgmma RS on sm_90a, 3 CTAs/SM)
+    # 64-row tile the one with Q in registers (wgmma RS on sm_90a, 3 CTAs/SM; D 80 / 96: 4,
+    # their padded tiles: V in the 32B / 64B swizzle on sm_90a, 5 / 6 k-steps)
     _check_attn([q_len, 1, q_len], [q_len + 200, 900, 2100], hq=16, hkv=4, d=d, dtype=dtype)
 
 
@@ -110,7 +111,7 @@ def test_attention_spec_verify(dtype, q_len):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("group", [1, 4, 5, 8])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
 def test_attention_prefill_chunk_with_context(dtype, group, d):
     # chunks after cached context (tensor-core tiles in fp16/bf16, 64 rows a CTA, partial
     # last CTA with idle warps) beside decodes in one launch

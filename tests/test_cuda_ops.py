@@ -223,6 +223,15 @@ def test_ctas_per_sm_mirrors_the_kernels():
     assert c(*H100, 128, 4, False, 65) == 4 and c(*H100, 64, 2, True, 65) == 4
     assert c(*H100, 64, 2, True, 64) == 4 and c(*A100, 256, 2, True, 4) == 3
     assert c(*H100, 80, 2, False, 4) == 4 and c(*A100, 96, 2, True, 4) == 4   # strided tiles
+    # 16-bit D 80 / 96 on sm_90a: lean-only <= 4 rows, the wgmma tile (SS, then Q in
+    # registers) past 4 / 64 rows, 4 each (128 registers, no spills); sm_80: lean-only 4, the
+    # mma.sync tile's 49 KB past 4 rows 3 (2 in sm_89's 100 KB); fp8 caches stay lean: 4
+    for d in (80, 96):
+        for rows in (4, 5, 64, 65):
+            assert c(*H100, d, 2, False, rows) == 4
+            assert c(*A100, d, 2, False, rows) == (4 if rows <= 4 else 3)
+        assert c(*L40, d, 2, False, 5) == 2
+        assert c(*H100, d, 2, True, 65) == 4 and c(*A100, d, 2, True, 65) == 4
     kc8 = torch.empty(1, 16, 8, 128, device="meta", dtype=torch.float8_e4m3fn)
     q = torch.empty(1, 32, 128, device="meta", dtype=torch.bfloat16)
     import unittest.mock as mock
@@ -443,8 +452,8 @@ def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d):
 # Head dims 80 / 96 in 16-bit types: the strided lean tile (16 lanes a group, 5 / 6 elements a
 # lane, 10 / 12 chunk copies a key; paged_attention.cu LeanCfg). Decodes at G 1/4/5/8, block
 # sizes 16 and 48, splits, windows, a softcap; spec-verify q_len 2-16 at G 1/4/8 (8-128 rows:
-# 1, 2 and 4 row groups); prefill rows of D 80/96 run this tile too (no tensor-core tile
-# there). fp32 q stays on the generic tile (20 / 24 chunks of 4 floats do not fit 16 lanes).
+# 1, 2 and 4 row groups; past 8 rows the mma.sync tile, test_emulated_mma_d80_d96). fp32 q
+# stays on the generic tile (20 / 24 chunks of 4 floats do not fit 16 lanes).
 STRIDED_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window, softcap
     ([1, 1, 3, 1], [70, 1, 40, 200], 2, 2, 80, 16, torch.bfloat16, 2, None, None),       # G 1
     ([1, 2, 1], [150, 33, 90], 8, 2, 80, 48, torch.float16, 3, 20, None),                # G 4
@@ -462,6 +471,34 @@ STRIDED_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, win
 def test_emulated_paged_attention_d80_d96(emu, case):
     check_emulated_case(emu, STRIDED_CASES[case], f"strided case {case}",
                         torch.Generator().manual_seed(100 + case))
+
+
+# 16-bit D 80 / 96 past 8 rows: the mma.sync tile with rows padded to D 128's pitch (10 / 12
+# chunks a row copied, 5 / 6 k-steps: D 80's last alone, ldmatrix .x2; 10 / 12 n-tiles of
+# P V). Cached context, G 1 / 4 / 5, splits, windows, a softcap, a mixed batch, spec-verify;
+# then G 1 either side of the class edges (8 rows: lean-only, no mma; 9, 64, 65: the tile).
+MMA_STRIDED_CASES = [  # as STRIDED_CASES
+    ([70, 1], [200, 50], 2, 2, 80, 16, torch.float16, 1, None, None),              # G 1
+    ([40, 1, 3], [300, 90, 20], 8, 2, 96, 16, torch.bfloat16, 2, None, None),      # G 4
+    ([30, 1], [260, 70], 10, 2, 80, 48, torch.float16, 3, 50, None),               # G 5
+    ([9], [333], 8, 2, 96, 32, torch.bfloat16, 2, 40, 3.0),                        # softcap
+    ([37, 1, 0, 1, 1, 21, 0, 1], [100, 150, 0, 1, 260, 60, 3, 33], 8, 2, 80, 16,
+     torch.float16, 3, None, None),                                                # mixed
+    ([2, 3, 4, 16, 1], [40, 90, 60, 120, 33], 8, 2, 96, 16, torch.float16, 2, None, None),
+    ([2, 9, 16, 5], [30, 77, 60, 40], 2, 2, 80, 16, torch.bfloat16, 2, None, None),  # spec
+] + [([q, 1], [q + 70, 150], 2, 2, d, 16, torch.float16, 2, None, None)
+     for d in (80, 96) for q in (4, 5, 64, 65)]
+
+
+@pytest.mark.parametrize("case", range(len(MMA_STRIDED_CASES)))
+def test_emulated_mma_d80_d96(emu, case):
+    c = MMA_STRIDED_CASES[case]
+    ops = emu.mma_ops()
+    check_emulated_case(emu, c, f"mma d80/96 case {case}",
+                        torch.Generator().manual_seed(300 + case))
+    rows = max(q * c[2] // c[3] for q in c[0])
+    assert (emu.mma_ops() > ops) == (rows > 4)   # the tensor-core rows took the mma tile
+                                                 # (kLeanRows)
 
 
 # fp8 caches in the lean tile (e4m3 codes staged by cp.async, converted at use, scales on the

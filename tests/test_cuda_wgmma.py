@@ -132,6 +132,61 @@ def test_emulated_wgmma_launch_classes(emu, d, q_len):
     assert_close(got, want, torch_low, name=f"launch class d {d} q {q_len}")
 
 
+# D 80 / 96 (16-bit caches): D 128's padded Q / K panels (only the 10 / 12 real 16-byte chunks
+# a row copied, QK^T over 5 / 6 k-steps) and V in the 32B / 64B swizzle (one m64n80k16 /
+# m64n96k16 per 16 keys). Prefill chunks with cached context, G 1 / 4 / 5, splits, block size
+# 48, windows, a softcap, a mixed batch and spec-verify rows (9-16 rows: warp 0's rows only).
+WGMMA_STRIDED_CASES = [  # as WGMMA_CASES
+    # G 1, D 80: 70 rows = a full 64-row CTA (unmasked tiles, QR) + 6 rows, cached context
+    ([70, 1], [200, 50], 2, 2, 80, 16, torch.float16, 1, None, None),
+    # G 4, D 96, bf16, 2 splits, a decode and a short spec-verify query beside the chunk (QR)
+    ([40, 1, 3], [300, 90, 20], 8, 2, 96, 16, torch.bfloat16, 2, None, None),
+    # G 5, D 80, block size 48 (division walk), a window (masked tiles at both ends), 3 splits
+    ([30, 1], [260, 70], 10, 2, 80, 48, torch.float16, 3, 50, None),
+    # G 4, D 96: 36 rows (Q in shared memory, SS), window + softcap, bf16
+    ([9], [333], 8, 2, 96, 32, torch.bfloat16, 2, 40, 3.0),
+    # mixed batch: chunks among decodes and empty sequences (searched layout), G 4, D 80
+    ([37, 1, 0, 1, 1, 21, 0, 1], [100, 150, 0, 1, 260, 60, 3, 33], 8, 2, 80, 16,
+     torch.float16, 3, None, None),
+    # spec-verify q 2-16 at G 4, D 96: 8 rows lean, 12 / 16 rows warp 0 only, 64 rows (SS)
+    ([2, 3, 4, 16, 1], [40, 90, 60, 120, 33], 8, 2, 96, 16, torch.float16, 2, None, None),
+    # spec-verify at G 1, D 80, bf16: q 9 / 16 on the tile (warp 0), q 2 / 5 lean
+    ([2, 9, 16, 5], [30, 77, 60, 40], 2, 2, 80, 16, torch.bfloat16, 2, None, None),
+]
+
+
+@pytest.mark.parametrize("case", range(len(WGMMA_STRIDED_CASES)))
+def test_emulated_wgmma_attention_d80_d96(emu, case):
+    got, want, torch_low, ops = _run(emu, WGMMA_STRIDED_CASES[case])
+    assert ops > 0
+    assert_close(got, want, torch_low, name=f"wgmma d80/96 case {case}")
+
+
+# D 80 / 96 either side of the class edges at G 1 (rows = q_len): 4 the lean-only kernel (no
+# wgmma; kLeanRows), 5 the SS tile, 64 one full SS CTA, 65 the QR (Q in registers) tile, its
+# second CTA 1 row. An fp8 cache at D 80 / 96 keeps every row on the lean tile (no wgmma).
+@pytest.mark.parametrize("d", [80, 96])
+@pytest.mark.parametrize("q_len", [4, 5, 64, 65])
+def test_emulated_wgmma_strided_launch_classes(emu, d, q_len):
+    case = ([q_len, 1], [q_len + 70, 150], 2, 2, d, 16, torch.float16, 2, None, None)
+    got, want, torch_low, ops = _run(emu, case)
+    assert (ops > 0) == (q_len > 4)
+    assert_close(got, want, torch_low, name=f"launch class d {d} q {q_len}")
+
+
+def test_emulated_wgmma_strided_fp8_stays_lean(emu):
+    b64 = quantize_cache(make_batch([40, 1], [120, 60], num_q_heads=8, num_kv_heads=2,
+                                    head_dim=80, block_size=16, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(7)), "per_slot")
+    bl = cast(b64, torch.float16)
+    kw = dict(scale=0.1, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    ops = emu.wgmma_ops()
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=40, num_kv_splits=2, arch=90, **kw)
+    assert emu.wgmma_ops() == ops
+    assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
+                 ref.paged_attention(*attn_args(bl), **kw), name="fp8 d80 lean")
+
+
 # The sm_80 suite's cases with a tensor-core CTA (and a few without), through the arch-90
 # build: there the tensor-core rows take the wgmma tile; the other tiles are the same code.
 @pytest.mark.parametrize("case", [0, 2, 11, 12, 13, 14, 15, 17])

@@ -332,8 +332,10 @@ inline float emu_b16_to_f(uint16_t h, bool bf16) {
 // A (16x16): reg0 (g, 2t..2t+1), reg1 (g+8, 2t..), reg2 (g, 2t+8..), reg3 (g+8, 2t+8..).
 // B (16x8, k x n): reg0 (k = 2t..2t+1, n = g), reg1 (k = 2t+8.., n = g).
 // C/D (16x8 f32): c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1).
+inline unsigned long long emu_mma_count = 0;  // mma.sync calls, one a thread (tests read it)
 inline void emu_mma_16816(float* d, const uint32_t* a, const uint32_t* b, const float* c,
                           bool bf16) {
+  ++emu_mma_count;
   const int w = emu_cur() >> 5;
   unsigned long long* o = emu_collective(
       0xffffffffu, bf16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16",

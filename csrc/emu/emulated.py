@@ -173,6 +173,13 @@ def wgmma_ops(arch=90) -> int:
     return int(fn())
 
 
+def mma_ops(arch=80) -> int:
+    """mma.sync calls (one per thread of a warp) the emulator has run since it loaded."""
+    fn = build(arch).emu_mma_ops
+    fn.restype = ctypes.c_ulonglong
+    return int(fn())
+
+
 def shfl_test(mode):
     """One warp shuffles (shim.cpp): 0 full warp, 1 a lane exited, 2 half warp with its mask,
     3 a source lane outside the mask. Returns the 32 results (NaN where none written)."""
