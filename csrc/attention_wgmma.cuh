@@ -4,8 +4,9 @@
 // RAGGED_WGMMA (sm_90a, or the emulator's arch-90 build).
 //
 // Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
-// of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64; D 80 / 96
-// (16-bit caches only): 32 keys in D 128's padded layout, 10 / 12 KB of it written), 2
+// of one split, K/V tiles of WgmmaCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64; 32 KB,
+// 64 keys, with Q in registers at D 128; D 80 / 96 (16-bit caches only): 32 keys in D 128's
+// padded layout, 10 / 12 KB of it written), 2
 // cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
 // fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
 // memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
@@ -28,11 +29,12 @@
 // runs on every warp of the warpgroup even with no rows (missing rows are zero Q and fully
 // masked scores), so the warpgroup collectives always see 128 threads.
 // Tiles every row of the CTA sees whole run a loop without the mask code, softcap has its own
-// loops (run): the prefill loop the report reads (bench.kernel_report --quick, bf16 D 128) is
-// 462 warp-instructions a tile with Q in registers (514 with Q in shared memory; the mma.sync
-// tile: 1086). Predicted H100 Llama-3-8B prefill 2k: 307-551 TFLOP/s (no overlap - issue
-// ceiling; smem operand traffic 37 KB a tile = 1.16x its tensor time), against 261-495 with
-// A = Q from shared memory (54 KB, 1.66x): predicted, no GPU ran.
+// loops (run): the prefill loop the report reads (bench.kernel_report, bf16 D 128) is 770
+// warp-instructions a 64-key tile with Q in registers (477 a 32-key tile before; 514 with Q
+// in shared memory; the mma.sync tile: 1086). Predicted H100 Llama-3-8B prefill 2k: 338-661
+// TFLOP/s (no overlap - issue ceiling) at 2 CTAs/SM, 254 registers, no spills, against
+// 302-533 with 32-key tiles at 3 CTAs/SM and 261-495 with A = Q from shared memory:
+// predicted, no GPU ran.
 #pragma once
 // (wgmma.cuh is included by paged_attention.cu at file scope: this file is inside its namespace.)
 

@@ -401,7 +401,8 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
 // QR (16-bit caches, sm_90a): the tensor-core tile keeps Q in registers as QK^T's A
 // fragments (attention_wgmma.cuh: +32 registers at D 128, +16 at D 64, over a tile at exactly
-// 128): sized for 3 (<= 168; 167 / 168 used, no spills). D 80 / 96 (O 40 / 48 registers, Q
+// 128): sized for 3 (<= 168; 168 used at D 64, no spills); at D 128 with 64-key tiles (S and
+// P twice as large: 254 registers, 81 KB of shared memory, WgmmaCfg) for 2. D 80 / 96 (O 40 / 48 registers, Q
 // +20 / +24) fit 128 with Q in registers (128 used, no spills): 4 at every row count. Only
 // launches with a row tile past kTcRows (prefill chunks) take it: the others stay at 4,
 // which their memory-bound loops need (spec-verify q 4 x G 4, predicted H100: 97% of HBM at
