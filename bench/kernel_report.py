@@ -567,15 +567,18 @@ extern "C" void kr_get(int i, long long* o) {
 class CudaRecorder:
     """csrc/ built for the CPU as csrc/emu does (its source rewrite and shim), with
     `kernel<<<grid, block, smem>>>` recording (kernel, grid, block, dynamic smem) instead of
-    running: the real host launcher picks the instantiation and the launch shape."""
+    running: the real host launcher picks the instantiation and the launch shape. arch 90:
+    the emulator's sm_90a build (RAGGED_EMU_SM90: kernel_arch answers 90, so the launcher
+    sizes shared memory for the wgmma tile as it does on an H100/H200); 80: sm_80's."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, arch: int = 80):
         spec = importlib.util.spec_from_file_location("_kr_emulated",
                                                       root / "csrc" / "emu" / "emulated.py")
         self.emu = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.emu)
         csrc = root / "csrc"
-        out = CACHE / f"emu-rec-{_sources_digest(csrc, (csrc / 'emu' / 'emu.h').read_text() + (csrc / 'emu' / 'shim.cpp').read_text() + _RECORDER + _RECORDER_TU)}"
+        defs = ["-DRAGGED_EMU_SM90=1"] if arch >= 90 else []
+        out = CACHE / f"emu-rec-{_sources_digest(csrc, (csrc / 'emu' / 'emu.h').read_text() + (csrc / 'emu' / 'shim.cpp').read_text() + _RECORDER + _RECORDER_TU + ' '.join(defs))}"
         lib = out / "librec.so"
         if not lib.exists():
             src = out / "src"
@@ -593,7 +596,7 @@ class CudaRecorder:
                 tu.write_text(f'#include "emu.h"\n#include "src/{f.name}"\n')
                 tus.append(str(tu))
             tmp = out / f"lib.tmp{os.getpid()}.so"
-            subprocess.run(["g++", "-std=c++20", "-O0", "-fPIC", "-shared", "-pthread", "-w",
+            subprocess.run(["g++", "-std=c++20", "-O0", "-fPIC", "-shared", "-pthread", "-w", *defs,
                             f"-I{self.emu.cuda_include()}", f"-I{out}", *tus,
                             str(out / "shim.cpp"), str(out / "kr.cpp"), "-o", str(tmp)],
                            check=True, capture_output=True, text=True)
@@ -692,13 +695,14 @@ def _init_worker(root: str):
 
 
 def _run(task):
-    """Pool task: ("triton", job, arch) | ("cuda", csrc, unit, arch) | ("recorder", root)."""
+    """Pool task: ("triton", job, arch) | ("cuda", csrc, unit, arch) | ("recorder", root,
+    arch)."""
     try:
         if task[0] == "triton":
             return compile_triton(task[1], task[2])
         if task[0] == "cuda":
             return compile_cuda(*task[1:])
-        CudaRecorder(Path(task[1]))
+        CudaRecorder(Path(task[1]), task[2])
         return {}
     except Exception as e:        # a kernel that does not compile is reported, not fatal
         return dict(error=f"{type(e).__name__}: {str(e)[-400:]}")
@@ -769,7 +773,8 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
             per_launch[(x.key, arch)] = [(spec_key(j), j[6], j[5].get("num_warps", 4)) for j in js]
             for j in js:
                 tri_jobs.setdefault((spec_key(j), arch), j)
-    tasks = [("recorder", str(root))] if units else []
+    rec_archs = sorted({90 if a >= 90 else 80 for a in archs})
+    tasks = [("recorder", str(root), a) for a in rec_archs] if units else []
     tasks += [("cuda", str(csrc), u, a) for a in archs for u in units]
     tasks += [("triton", j, a) for (_, a), j in tri_jobs.items()]
     log(f"kernel report: {len(launches)} launches, {len(tri_jobs)} Triton compiles, "
@@ -777,7 +782,8 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
     with ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(str(root),)) as ex:
         results = list(ex.map(_run, tasks))
     res_iter = iter(results)
-    rec_err = next(res_iter).get("error") if units else "no nvcc"
+    rec_errs = [next(res_iter).get("error") for _ in rec_archs] if units else ["no nvcc"]
+    rec_err = next((e for e in rec_errs if e), None)
     cuda_facts, cuda_errors = {}, []
     for a in archs:
         for u in units:
@@ -787,10 +793,10 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
             else:
                 cuda_facts.update({(k, a): v for k, v in r.items()})
     tri_facts = {key: next(res_iter) for key in tri_jobs}
-    rec = None
+    recs = {}
     if units and not rec_err:
         try:
-            rec = CudaRecorder(root)
+            recs = {a: CudaRecorder(root, a) for a in rec_archs}
         except Exception as e:           # noqa: BLE001
             rec_err = f"{type(e).__name__}: {e}"
     rows = []
@@ -805,6 +811,7 @@ def build_report(archs=(90, 80), quick=False, jobs=2, root=None, jit=True,
                 rows.append(dict(row, backend="triton", **_triton_row(x, arch, dev, per_launch,
                                                                        tri_facts)))
                 if units:
+                    rec = recs.get(90 if arch >= 90 else 80)
                     rows.append(dict(row, backend="cuda", **_cuda_row(x, arch, dev, rec, rec_err,
                                                                       cuda_facts)))
     kernels_out = [dict(backend="triton", key=k[0], **_slim(v)) for k, v in tri_facts.items()]

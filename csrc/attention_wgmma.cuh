@@ -4,8 +4,9 @@
 // RAGGED_WGMMA (sm_90a, or the emulator's arch-90 build).
 //
 // Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
-// of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64; D 80 / 96
-// (16-bit caches only): 32 keys in D 128's padded layout, 10 / 12 KB of it written), 2
+// of one split, K/V tiles of WgmmaCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64; 32 KB,
+// 64 keys, with Q in registers at D 128; D 80 / 96 (16-bit caches only): 32 keys in D 128's
+// padded layout, 10 / 12 KB of it written), 2
 // cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
 // fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
 // memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
@@ -28,11 +29,12 @@
 // runs on every warp of the warpgroup even with no rows (missing rows are zero Q and fully
 // masked scores), so the warpgroup collectives always see 128 threads.
 // Tiles every row of the CTA sees whole run a loop without the mask code, softcap has its own
-// loops (run): the prefill loop the report reads (bench.kernel_report --quick, bf16 D 128) is
-// 462 warp-instructions a tile with Q in registers (514 with Q in shared memory; the mma.sync
-// tile: 1086). Predicted H100 Llama-3-8B prefill 2k: 307-551 TFLOP/s (no overlap - issue
-// ceiling; smem operand traffic 37 KB a tile = 1.16x its tensor time), against 261-495 with
-// A = Q from shared memory (54 KB, 1.66x): predicted, no GPU ran.
+// loops (run): the prefill loop the report reads (bench.kernel_report, bf16 D 128) is 770
+// warp-instructions a 64-key tile with Q in registers (477 a 32-key tile before; 514 with Q
+// in shared memory; the mma.sync tile: 1086). Predicted H100 Llama-3-8B prefill 2k: 338-661
+// TFLOP/s (no overlap - issue ceiling) at 2 CTAs/SM, 254 registers, no spills, against
+// 302-533 with 32-key tiles at 3 CTAs/SM and 261-495 with A = Q from shared memory:
+// predicted, no GPU ran.
 #pragma once
 // (wgmma.cuh is included by paged_attention.cu at file scope: this file is inside its namespace.)
 
@@ -42,10 +44,16 @@
 // tile's 49792 B: 50176 B at D 128, so 2 CTAs/SM still fit sm_86/89's 100 KB (2 x (50176 +
 // 1 KB reserved) = 100 KB exactly), 3 sm_80's 164 KB, 4 sm_90's 228 KB.
 // D 80 / 96 take D 128's padded layout (DP = 128: NK 32, the same bytes, so the same CTAs/SM).
-template <typename T, int DM>
+// QR at D 128 (Q in registers, prefill launches): 64-key tiles, 32 KB a stage. The per-tile
+// work that does not scale with keys (O's rescale: 64 FMULs a thread, the barriers, waits and
+// descriptors) is then paid once per 64 keys: predicted H100 prefill 2k 307-551 -> 336-681
+// TFLOP/s (747 warp-instructions per 64-key tile against 2 x 462), at 243 registers and
+// 81 KB, 2 CTAs/SM (MinBlocks); the other classes keep 16 KB tiles (4 CTAs/SM).
+template <typename T, int DM, bool QR = false>
 struct WgmmaCfg {
   static constexpr int DP = (DM + 63) / 64 * 64;  // D padded to whole 64-value panels
-  static constexpr int NK = kTileBytes / (2 * DP * static_cast<int>(sizeof(T)));
+  static constexpr int NK = (QR && DM == 128 ? 2 : 1) * kTileBytes /
+                            (2 * DP * static_cast<int>(sizeof(T)));
   static constexpr uint32_t TILES = kTcRows * DP * sizeof(T) + 2 * 2 * NK * DP * sizeof(T);
   static constexpr size_t SMEM = TILES + 1024;
 };
@@ -62,14 +70,15 @@ struct WgmmaTile {
   using LC = LeanCfg<T, DM, true>;
   // NC lanes a group copy chunks c < CH (D 80 / 96: the lean tile's 16-lane groups, 10 / 12
   // real chunks; the lanes past them copy nothing), DT = CH 8-column accumulator tiles.
-  static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, NK = LC::NK, DT = DM / 8;
+  static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, DT = DM / 8;
+  static constexpr int NK = WgmmaCfg<T, DM, QR && !FP8>::NK, LOADS = NK * NC / kThreads;
   static constexpr int CH = DM / 8, DP = WgmmaCfg<T, DM>::DP;
   static constexpr int QB = kTcRows * 128, KB = NK * 128;   // bytes of a Q panel, a K/V panel
   static constexpr int QBYTES = QB * (DP / 64), STAGE = 2 * KB * (DP / 64);
   // V's swizzle (wgmma.cuh): 128B rows at D 64 / 128 (V then has K's layout), 64B rows at D 96,
   // 32B at D 80, so that N = D is whole swizzle rows of VW / 2 values (canonical MN-major).
   static constexpr int VW = DM % 64 == 0 ? 128 : DM % 32 == 0 ? 64 : 32, VCPR = VW / 16;
-  static_assert(NK == WgmmaCfg<T, DM>::NK && NK * VW % 1024 == 0 && sizeof(T) == 2 &&
+  static_assert(NK * NC % kThreads == 0 && NK * VW % 1024 == 0 && sizeof(T) == 2 &&
                     (DM == 64 || DM == 80 || DM == 96 || DM == 128) && !(FP8 && DM % 64),
                 "wgmma tile: 16-bit D 64/80/96/128 (fp8 caches: D 64/128)");
 
@@ -109,7 +118,7 @@ struct WgmmaTile {
     const int head_c = blockIdx.y * DM + c * VEC;   // < 2^24: Hkv <= 65535, D <= 256
     char* ks = base + QBYTES + st * STAGE;
 #pragma unroll
-    for (int j = 0; j < LC::LOADS; ++j) {
+    for (int j = 0; j < LOADS; ++j) {
       const int k = grp + j * NG;
       const bool valid = wkey < hi;
       const int64_t src =
@@ -266,10 +275,10 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   const uint32_t sbase = (raw + 16 + 1023u) & ~1023u;  // >= 16 B below it for the stash
   char* base = static_cast<char*>(smem_raw) + (sbase - raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-#if defined(RAGGED_EMU)  // the host's sizing (WgmmaCfg::SMEM), checked where it costs nothing
-  if (sbase - raw + WgmmaCfg<T, DM>::TILES > dynamic_smem_bytes())
+  // The host's sizing (WgmmaCfg::SMEM, set where kernel_arch says this tile runs), checked on
+  // the GPU too: one compare per CTA, and a mis-sized launch traps instead of corrupting.
+  if (sbase - raw + WgmmaCfg<T, DM, QR && !FP8>::TILES > dynamic_smem_bytes())
     device_trap("wgmma tile: dynamic shared memory below WgmmaCfg::SMEM");
-#endif
   // The epilogue's indices wait in shared memory (16 B just below the tiles), not in registers
   // over the loop: at D 128 the loop holds O (64) + S (16) + P (8) and sat at the 128-register
   // cap of 4 CTAs/SM with 16 bytes spilled until these were taken out. kvh < 2^16 (grid.y),

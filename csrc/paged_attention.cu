@@ -401,7 +401,8 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
 // QR (16-bit caches, sm_90a): the tensor-core tile keeps Q in registers as QK^T's A
 // fragments (attention_wgmma.cuh: +32 registers at D 128, +16 at D 64, over a tile at exactly
-// 128): sized for 3 (<= 168; 167 / 168 used, no spills). D 80 / 96 (O 40 / 48 registers, Q
+// 128): sized for 3 (<= 168; 168 used at D 64, no spills); at D 128 with 64-key tiles (S and
+// P twice as large: 254 registers, 81 KB of shared memory, WgmmaCfg) for 2. D 80 / 96 (O 40 / 48 registers, Q
 // +20 / +24) fit 128 with Q in registers (128 used, no spills): 4 at every row count. Only
 // launches with a row tile past kTcRows (prefill chunks) take it: the others stay at 4,
 // which their memory-bound loops need (spec-verify q 4 x G 4, predicted H100: 97% of HBM at
@@ -414,7 +415,8 @@ struct MinBlocks {
   static constexpr int value = LC::OK && (!LC::STRIDED || (TCP && !FP8)) ? 3 : 4;
 #else
   static constexpr int value =
-      TCP && LC::TC && (FP8 ? DM == 128 : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
+      TCP && LC::TC && !FP8 && QR && static_cast<bool>(RAGGED_WGMMA) && DM == 128 ? 2
+      : TCP && LC::TC && (FP8 ? DM == 128 : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
 #endif
 };
 
@@ -1282,6 +1284,23 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const PagedAtten
   }
 }
 
+// The arch of the cubin the attention kernels run as on the current device
+// (cudaFuncAttributes::binaryVersion of `kernel`: 80, 90, ...; every instantiation is built
+// for the same gencode list, so one query per device serves them all), 0 when unknown. The
+// host sizes shared memory for the tile that device runs: sm_90a's wgmma tile takes more than
+// sm_80's mma.sync tile (81 KB against 48 KB with Q in registers at D 128), and sizing sm_80
+// for it would cost a CTA/SM there (164 KB: 2 instead of 3).
+inline int kernel_arch(void (*kernel)(PagedAttentionParams)) {
+  static int arch[32] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 32) dev = 0;
+  if (arch[dev] == 0) {
+    cudaFuncAttributes a{};
+    arch[dev] = cudaFuncGetAttributes(&a, kernel) == cudaSuccess ? a.binaryVersion : -1;
+  }
+  return arch[dev] > 0 ? arch[dev] : 0;
+}
+
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   using C = AttnCfg<T, DM>;
@@ -1298,12 +1317,21 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   size_t smem = LeanCfg<T, DM, EXACT>::OK ? LeanCfg<T, DM, EXACT>::smem(FP8, TCP)
                : FP8                       ? C::smem_fp8(p.head_dim)
                                            : C::smem(p.head_dim);
-  // The TC tiles (sm_90a's wgmma tile; D 80 / 96: the mma.sync tile's 48 KB too, against
-  // the lean tile's 30.6 / 36.6 KB).
+  // The TC tiles: 2 stages of 16 KB + Q (WgmmaCfg<T, DM>: sm_90a's wgmma tile, and the
+  // mma.sync tile at D 80 / 96, whose lean tile takes only 30.6 / 36.6 KB); on sm_90a with Q
+  // in registers at D 128, 64-key tiles (WgmmaCfg<T, DM, true>: 81 KB), set only where
+  // kernel_arch says the wgmma tile runs (unknown: the larger, which only costs occupancy).
   using LC = LeanCfg<T, DM, EXACT>;
-  if constexpr (TCP && (LC::TC || (LC::TC16 && !FP8)))
-    smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
+  if constexpr (TCP && (LC::TC || (LC::TC16 && !FP8))) {
+    constexpr size_t tc = WgmmaCfg<T, DM>::SMEM, wg = WgmmaCfg<T, DM, QR && !FP8>::SMEM;
+    size_t need = tc;
+    if (wg > tc) {
+      const int arch = kernel_arch(kernel);
+      if (arch == 0 || arch >= 90) need = wg;
+    }
+    if (smem < need) smem = need;
+  }
   if (smem > 48 * 1024) {
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

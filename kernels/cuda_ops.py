@@ -135,8 +135,10 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
             smem = max(smem, 50176)
         if cap >= (9, 0):
             # sm_90a: fp8 D 128's tile; 16-bit past 64 rows holds Q in registers (wgmma RS),
-            # except D 80 / 96 whose Q-in-registers tile fits 128 registers (no spills): 4
-            regs = 3 if tc and (d == 128 if fp8 else rows > 64) else 4
+            # at D 128 with 64-key tiles (243 registers, 81 KB: 2), except D 80 / 96 whose
+            # Q-in-registers tile fits 128 registers (no spills): 4
+            qr = tc and not fp8 and rows > 64
+            regs = 2 if qr and d == 128 else 3 if qr or (tc and fp8 and d == 128) else 4
         else:
             regs = 4 if strided and not strided_tc else 3
     else:                        # the generic tile (AttnCfg); 4 = its register floor

@@ -218,7 +218,7 @@ def test_ctas_per_sm_mirrors_the_kernels():
     assert c(*H100, 128, 2, True, 17) == 3                 # fp8 with tensor-core rows
     # 16-bit on sm_90a: Q-in-registers tile (3) only past one 64-row tile; lean-only <= 4
     assert c(*H100, 128, 2, False, 8) == 4 and c(*H100, 64, 2, False, 8) == 4
-    assert c(*H100, 128, 2, False, 64) == 4 and c(*H100, 128, 2, False, 65) == 3
+    assert c(*H100, 128, 2, False, 64) == 4 and c(*H100, 128, 2, False, 65) == 2
     assert c(*H100, 64, 2, False, 65) == 3 and c(*A100, 128, 2, False, 65) == 3
     assert c(*H100, 128, 4, False, 65) == 4 and c(*H100, 64, 2, True, 65) == 4
     assert c(*H100, 64, 2, True, 64) == 4 and c(*A100, 256, 2, True, 4) == 3

@@ -187,6 +187,26 @@ def test_emulated_wgmma_strided_fp8_stays_lean(emu):
                  ref.paged_attention(*attn_args(bl), **kw), name="fp8 d80 lean")
 
 
+# Q in registers at D 128 (> 64 rows): 64-key tiles on sm_90a, 16 KB Q + 2 x 32 KB stages +
+# 1 KB of alignment (WgmmaCfg<T, 128, true>); the host sizes that only where kernel_arch says
+# the wgmma tile runs: the sm_80 build keeps the mma.sync tile's 2 x 16 KB (3 CTAs/SM on an
+# A100, 2 at 81 KB). One split: the attention kernel is the last launch.
+def test_emulated_wgmma_qr_smem_follows_the_arch(emu):
+    case = ([17, 1], [300, 90], 8, 2, 128, 16, torch.float16, 1, None, None)
+    got, want, torch_low, ops = _run(emu, case)
+    assert ops > 0
+    assert_close(got, want, torch_low, name="qr d 128")
+    assert emu.last_dyn_smem(arch=90) == 64 * 128 * 2 + 2 * 2 * 64 * 128 * 2 + 1024
+    q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = case
+    b = cast(make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                        block_size=bs, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1)), dtype)
+    got80 = emu.paged_attention(*attn_args(b), max_seqlen_q=b["max_seqlen_q"], num_kv_splits=1,
+                                scale=0.7 / d ** 0.5, arch=80)
+    assert_close(got80, want, torch_low, name="qr d 128 sm_80")
+    assert emu.last_dyn_smem(arch=80) < 52 * 1024
+
+
 # The sm_80 suite's cases with a tensor-core CTA (and a few without), through the arch-90
 # build: there the tensor-core rows take the wgmma tile; the other tiles are the same code.
 @pytest.mark.parametrize("case", [0, 2, 11, 12, 13, 14, 15, 17])

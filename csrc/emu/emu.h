@@ -752,5 +752,23 @@ void emu_launch(void (*k)(P...), dim3 g, dim3 b, size_t smem, cudaStream_t, A...
   }
   ++emu_launch_count;
 }
+// The cubin a kernel runs as: this build's arch (the sm_90a path, or sm_80's).
+template <typename F>
+cudaError_t emu_func_get_attributes(cudaFuncAttributes* a, F* kernel) {
+  (void)kernel;
+  *a = cudaFuncAttributes{};
+#if defined(RAGGED_EMU_SM90)
+  a->binaryVersion = a->ptxVersion = 90;
+#else
+  a->binaryVersion = a->ptxVersion = 80;
+#endif
+  return cudaSuccess;
+}
+inline cudaError_t emu_get_device(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
 #define cudaGetLastError() emu_get_last_error()
 #define cudaFuncSetAttribute(kernel, attr, value) emu_func_set_attribute(kernel, attr, value)
+#define cudaFuncGetAttributes(attrs, kernel) emu_func_get_attributes(attrs, kernel)
+#define cudaGetDevice(d) emu_get_device(d)

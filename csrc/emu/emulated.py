@@ -173,6 +173,13 @@ def wgmma_ops(arch=90) -> int:
     return int(fn())
 
 
+def last_dyn_smem(arch=80) -> int:
+    """Dynamic shared memory bytes of the last kernel launch (the host launcher's sizing)."""
+    fn = build(arch).emu_last_smem
+    fn.restype = ctypes.c_ulonglong
+    return int(fn())
+
+
 def mma_ops(arch=80) -> int:
     """mma.sync calls (one per thread of a warp) the emulator has run since it loaded."""
     fn = build(arch).emu_mma_ops

@@ -148,6 +148,7 @@ const char* emu_last_message() { return emu_message.c_str(); }
 
 unsigned long long emu_wgmma_ops() { return emu_wgmma_count; }  // since the library loaded
 unsigned long long emu_mma_ops() { return emu_mma_count; }  // mma.sync, one per thread
+unsigned long long emu_last_smem() { return emu_dyn_smem_size; }  // the last launch's dynamic smem
 
 int emu_mma_test(int dtype, int mode, const void* a, const void* b, const float* c, float* d) {
   MmaTestParams p{mode, a, b, c, d};
