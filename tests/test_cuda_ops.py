@@ -482,6 +482,7 @@ MMA_STRIDED_CASES = [  # as STRIDED_CASES
     ([40, 1, 3], [300, 90, 20], 8, 2, 96, 16, torch.bfloat16, 2, None, None),      # G 4
     ([30, 1], [260, 70], 10, 2, 80, 48, torch.float16, 3, 50, None),               # G 5
     ([9], [333], 8, 2, 96, 32, torch.bfloat16, 2, 40, 3.0),                        # softcap
+    ([20], [260], 8, 2, 80, 16, torch.float16, 1, None, 4.0),                      # softcap
     ([37, 1, 0, 1, 1, 21, 0, 1], [100, 150, 0, 1, 260, 60, 3, 33], 8, 2, 80, 16,
      torch.float16, 3, None, None),                                                # mixed
     ([2, 3, 4, 16, 1], [40, 90, 60, 120, 33], 8, 2, 96, 16, torch.float16, 2, None, None),

@@ -145,6 +145,8 @@ WGMMA_STRIDED_CASES = [  # as WGMMA_CASES
     ([30, 1], [260, 70], 10, 2, 80, 48, torch.float16, 3, 50, None),
     # G 4, D 96: 36 rows (Q in shared memory, SS), window + softcap, bf16
     ([9], [333], 8, 2, 96, 32, torch.bfloat16, 2, 40, 3.0),
+    # G 4, D 80: 80 rows (QR: a full CTA, its unmasked softcap loop, + 16 rows), softcap
+    ([20], [260], 8, 2, 80, 16, torch.float16, 1, None, 4.0),
     # mixed batch: chunks among decodes and empty sequences (searched layout), G 4, D 80
     ([37, 1, 0, 1, 1, 21, 0, 1], [100, 150, 0, 1, 260, 60, 3, 33], 8, 2, 80, 16,
      torch.float16, 3, None, None),
