@@ -34,10 +34,21 @@
 // aligned, so stash + padding take 16..1024 bytes. The launch takes the max with the lean
 // tile's 49792 B: 50176 B at D 128, so 2 CTAs/SM still fit sm_86/89's 100 KB (2 x (50176 +
 // 1 KB reserved) = 100 KB exactly), 3 sm_80's 164 KB, 4 sm_90's 228 KB.
-template <typename T, int DM>
+// fp8 caches (FP8): Q, ONE T stage of K/V panels (the convert pass's output, what wgmma
+// reads), then a 2-slot ring of what cp.async brings: e4m3 codes K, V [NK][DM] (16-byte
+// chunks XOR-swizzled, see sw8) and the keys' float32 scales K, V [NK] (RING bytes a slot).
+// Q is read into registers once (QREG), so its area is ring slot 1 where it fits (D 128:
+// 8448 <= 16384 B): 41216 B of tiles at D 128, 41984 at D 64; a second panel stage instead
+// would be 49664 B (> the 49152 that keeps 2 CTAs/SM on sm_86/89, whose hosts size the same
+// launch: the host does not know the arch).
+template <typename T, int DM, bool FP8 = false>
 struct WgmmaCfg {
   static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
-  static constexpr uint32_t TILES = kTcRows * DM * sizeof(T) + 2 * 2 * NK * DM * sizeof(T);
+  static constexpr uint32_t QBYTES = kTcRows * DM * sizeof(T), PANEL = 2 * NK * DM * sizeof(T);
+  static constexpr uint32_t RING = 2 * NK * DM + 2 * NK * 4;
+  static constexpr bool RING_IN_Q = RING <= QBYTES;
+  static constexpr uint32_t TILES =  // fp8: + 16 B at the end for t_hi (see run)
+      !FP8 ? QBYTES + 2 * PANEL : QBYTES + PANEL + (RING_IN_Q ? 1 : 2) * RING + 16;
   static constexpr size_t SMEM = TILES + 1024;
 };
 
@@ -62,13 +73,21 @@ struct WgmmaTile {
   const int32_t* bt;
   int lo, hi, nt, t4, qposA, qposB, stage;
   int wkey, wbi, woff;  // the block walk of this thread's next key (keys grp + j NG, tile order)
+  int wblk;             // fp8: bt[wbi] (per-slot scales: (block * block_size + off) * Hkv + h)
   int64_t wpage;
   float sl2, inv_cap;
   float o[DM / 2];      // O [64 x DM] accumulators (wgmma fragment: o[4d + q] is mma's o[d][q])
   // QREG: Q in registers, the A fragments of QK^T's k-steps (load_q), fixed over the loop:
-  // the QR instantiations (MinBlocks: 3 CTAs/SM). Not for fp8 caches: their D 128 tile is at
-  // 162 of 3 CTAs/SM's 168 registers already.
-  static constexpr bool QREG = QR && !FP8;
+  // the QR instantiations and every fp8 one (MinBlocks: 3 CTAs/SM). fp8: Q's shared memory
+  // becomes ring slot 1 (WgmmaCfg), and QK^T reads 8 KB a tile less from shared memory (RS).
+  static constexpr bool QREG = QR || FP8;
+  // fp8 copies: NC8 lanes a key, CB8 bytes each (16 at D 128, 8 at D 64: NG8 = 16 keys apart,
+  // <= the block size, so the block walk steps at most once a key), LOADS8 keys a thread.
+  using WC = WgmmaCfg<T, DM, FP8>;
+  static constexpr int NC8 = DM / 16 >= 8 ? DM / 16 : 8, CB8 = DM / NC8, NG8 = kThreads / NC8;
+  static constexpr int LOADS8 = NK / NG8, CVT = 2 * NK * DM / 16 / kThreads;
+  static_assert(!FP8 || (NG8 <= 16 && NK % NG8 == 0 && CVT * kThreads * 16 == 2 * NK * DM),
+                "fp8 wgmma copy / convert split");
   uint32_t qf[QREG ? DM / 16 : 1][4];
   float mA, mB, lA, lB; // running max (log2 units) and this lane's part of the sum, rows A/B
 
@@ -105,6 +124,101 @@ struct WgmmaTile {
       }
     }
   }
+  // fp8 ring slot `slot` (0 / 1; tile it lives in slot it & 1), from base.
+  static __device__ __forceinline__ int ring(int slot) {
+    return slot == 0 ? QBYTES + STAGE
+                     : (WC::RING_IN_Q ? 0 : QBYTES + STAGE + static_cast<int>(WC::RING));
+  }
+  // Byte offset of 16-byte code chunk cc of key k in a ring slot's [NK][DM] codes: XOR-swizzled
+  // by the key's 128-byte line so that 8 consecutive keys' chunk cc (one phase of the convert
+  // pass's 16-byte loads) hit 8 distinct bank groups (D 128: row = line, cc ^ k % 8; D 64:
+  // 2 rows a line, cc ^ (k / 2) % 4).
+  static __device__ __forceinline__ int sw8(int k, int cc) {
+    return k * DM + ((cc ^ ((k * DM / 128) & (DM / 16 - 1))) << 4);
+  }
+  // fp8: the e4m3 codes (and per-slot scales) of the next tile into ring slot `slot` by
+  // cp.async, nothing converted: the copy stays in flight while this tile computes (the
+  // synchronous dequantising copy, copy_kv_chunk, left none). Thread (grp, c) copies CB8 codes
+  // at byte c CB8 of keys grp + j NG8; lanes c 0 / 1 also the key's K / V scale (per slot).
+  __device__ __forceinline__ void load8(int slot) {
+    const int grp = threadIdx.x / NC8, c = threadIdx.x % NC8;
+    const int head_c = blockIdx.y * DM + c * CB8;   // < 2^24: Hkv <= 65535, D <= 256
+    char* rs = base + ring(slot);
+    const uint8_t* kc = static_cast<const uint8_t*>(p.k_cache);
+    const uint8_t* vc = static_cast<const uint8_t*>(p.v_cache);
+    const bool per_slot = p.k_scale != nullptr;
+    const float* ssrc = c == 0 ? p.k_scale : p.v_scale;
+#pragma unroll
+    for (int j = 0; j < LOADS8; ++j) {
+      const int k = grp + j * NG8;
+      const bool valid = wkey < hi;  // past hi: zero codes, zero scales (nothing read)
+      // The key's slot from (wblk, woff): no 64-bit page offset kept over the loop (2 of the
+      // registers that had the D 128 tile spill 8 bytes at 3 CTAs/SM's 168).
+      const int64_t slot = static_cast<int64_t>(wblk) * p.block_size + woff;
+      const int64_t src = slot * (p.num_kv_heads * DM) + head_c;
+      const int d8 = sw8(k, c * CB8 / 16) + (c * CB8) % 16;
+      if constexpr (CB8 == 16) {
+        cp_async16(rs + d8, kc + (valid ? src : 0), valid);
+        cp_async16(rs + NK * DM + d8, vc + (valid ? src : 0), valid);
+      } else {
+        cp_async_ca<CB8>(rs + d8, kc + (valid ? src : 0), valid);
+        cp_async_ca<CB8>(rs + NK * DM + d8, vc + (valid ? src : 0), valid);
+      }
+      if (per_slot && c < 2) {
+        const int64_t si = slot * p.num_kv_heads + blockIdx.y;
+        cp_async_ca<4>(rs + 2 * NK * DM + (c * NK + k) * 4, ssrc + (valid ? si : 0), valid);
+      }
+      wkey += NG8;
+      woff += NG8;
+      if (woff >= p.block_size) {
+        woff -= p.block_size;
+        ++wbi;
+        if (wkey < hi) wblk = bt[wbi];
+      }
+    }
+  }
+  // Two e4m3 codes (the low 16 bits) -> two T, packed. The codes convert unscaled (every e4m3
+  // value is exact in fp16 and bf16), the scales go on S's and P's columns in registers
+  // (step): per sm_90 code pair fp16 1 instruction (cvt.rn.f16x2.e4m3x2), bf16 4 (+ 2
+  // HADD2.F32 + 1 F2FP pack), i.e. 44 / 140 a thread a tile with the 16-byte loads and stores,
+  // against 204 for converting to fp32, scaling by the key's scale and rounding (2 FMULs a
+  // code: 64 a thread a tile; the registers' way costs 32 FMULs + 8 LDS.64, none per tensor).
+  static __device__ __forceinline__ uint32_t cvt8x2(uint32_t two) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+        static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
+    if constexpr (IsBf16<T>::value) {
+      const float2 f = __half22float2(__half2(h));
+      return pack2<T>(f.x, f.y);
+    } else {
+      uint32_t r;
+      memcpy(&r, &h, 4);
+      return r;
+    }
+  }
+  // fp8: the convert pass, ring slot -> the T panels wgmma reads (the 16-bit tile's layout).
+  // Item i = (matrix, code chunk cc, key k), k fastest: 8 consecutive threads load chunk cc
+  // of 8 keys (sw8: no bank conflict) and store T chunks 2cc, 2cc + 1 of those keys (off:
+  // 128B-swizzled rows, none either). Plain st.shared (generic proxy): the caller fences.
+  __device__ __forceinline__ void convert(int slot) {
+    const char* rs = base + ring(slot);
+    char* ps = base + QBYTES;
+#pragma unroll 1
+    for (int j = 0; j < CVT; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      const int k = i % NK, r = i / NK, cc = r % (DM / 16), m = r / (DM / 16);
+      const uint4 w = *reinterpret_cast<const uint4*>(rs + m * NK * DM + sw8(k, cc));
+      const uint4 lo = make_uint4(cvt8x2(w.x), cvt8x2(w.x >> 16), cvt8x2(w.y), cvt8x2(w.y >> 16));
+      const uint4 hi8 = make_uint4(cvt8x2(w.z), cvt8x2(w.z >> 16), cvt8x2(w.w), cvt8x2(w.w >> 16));
+      char* d0 = ps + m * (STAGE / 2) + off(k, 2 * cc, NK);
+      char* d1 = ps + m * (STAGE / 2) + off(k, 2 * cc + 1, NK);
+      *reinterpret_cast<uint4*>(d0) = lo;
+      *reinterpret_cast<uint4*>(d1) = hi8;
+#if defined(RAGGED_EMU)
+      emu_generic_write(d0, 16);  // generic-proxy stores: wgmma needs fence.proxy.async
+      emu_generic_write(d1, 16);
+#endif
+    }
+  }
   // This warp's Q rows as wgmma A fragments (wgmma.cuh: a[0] (g, 2t), a[1] (g+8, 2t), a[2]
   // (g, 2t+8), a[3] (g+8, 2t+8) of k-step kk's 16 columns, i.e. chunks 2kk and 2kk+1), read
   // once per CTA from the swizzled Q tile: QK^T then reads only K from shared memory (RS),
@@ -124,12 +238,28 @@ struct WgmmaTile {
   // caller runs the others without); CAP: softcap.
   template <bool MASK, bool CAP>
   __device__ __forceinline__ void step(int it) {
-    if (it + 1 < nt) load(stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
-    __syncthreads();
-    const uint32_t ks = sbase + QBYTES + stage * STAGE, vs = ks + STAGE / 2;
+    if constexpr (FP8) {
+      // The ring: tile it + 1's codes in flight into slot (it + 1) & 1 (tile it - 1's, read
+      // before the last step's closing barrier) while tile it's are converted into the panel
+      // (free: the last step's PV wait and barrier).
+      if (it + 1 < nt) load8((it + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();   // this thread's copies of tile it landed ...
+      __syncthreads();      // ... and everyone's: the pass converts chunks others copied
+      convert(it & 1);
+      fence_proxy_async();  // the panel's st.shared (generic proxy) before wgmma's reads
+      __syncthreads();
+    } else {
+      if (it + 1 < nt) load(stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
+      __syncthreads();
+    }
+    const uint32_t ks = sbase + QBYTES + (FP8 ? 0 : stage * STAGE), vs = ks + STAGE / 2;
+    // fp8 per slot: this tile's K / V scales in its ring slot (thread's columns 8n + 2t4 + e)
+    const float* ksc = reinterpret_cast<const float*>(base + ring(it & 1) + 2 * NK * DM);
+    const bool per_slot = FP8 && p.k_scale != nullptr;
     float s[NK / 2];  // S [64 x NK]: s[4n + j] is mma.sync's sc[n][j]
     wgmma_pin(s);     // (CUTLASS pins the chain's accumulators before its fence; S has no
                       // definition before it, the first wgmma ignores its old value)
@@ -150,6 +280,14 @@ struct WgmmaTile {
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_pin(s);
+    if (per_slot) {  // the keys' K scales (per tensor: in sl2), before the softcap and masks
+#pragma unroll
+      for (int n = 0; n < NK / 8; ++n) {
+        const float2 k2 = *reinterpret_cast<const float2*>(ksc + 8 * n + 2 * t4);
+        s[4 * n] *= k2.x; s[4 * n + 1] *= k2.y;
+        s[4 * n + 2] *= k2.x; s[4 * n + 3] *= k2.y;
+      }
+    }
     // Scores stay unscaled until the exp2's FFMA (x f), as in the mma.sync tile.
     float f = sl2;
     if constexpr (CAP) {
@@ -200,6 +338,16 @@ struct WgmmaTile {
       o[4 * d] *= aA; o[4 * d + 1] *= aA;
       o[4 * d + 2] *= aB; o[4 * d + 3] *= aB;
     }
+    if (per_slot) {  // P x the keys' V scales (l above sums the unscaled P; per tensor: at the end)
+      const float* vsc = ksc + NK;
+#pragma unroll
+      for (int kt = 0; kt < NK / 16; ++kt) {
+        const float2 v0 = *reinterpret_cast<const float2*>(vsc + 16 * kt + 2 * t4);
+        const float2 v1 = *reinterpret_cast<const float2*>(vsc + 16 * kt + 8 + 2 * t4);
+        s[8 * kt] *= v0.x; s[8 * kt + 1] *= v0.y; s[8 * kt + 2] *= v0.x; s[8 * kt + 3] *= v0.y;
+        s[8 * kt + 4] *= v1.x; s[8 * kt + 5] *= v1.y; s[8 * kt + 6] *= v1.x; s[8 * kt + 7] *= v1.y;
+      }
+    }
     uint32_t pa[NK / 16][4];
 #pragma unroll
     for (int kt = 0; kt < NK / 16; ++kt) {
@@ -223,17 +371,32 @@ struct WgmmaTile {
   }
   // Tiles [0, t_lo) and [t_hi, nt) masked, [t_lo, t_hi) not. One masked loop serves both
   // ends (the seg loop), so the loop body exists twice, not three times.
+  // fp8: t_hi is read from shared memory (written by wgmma_tile) after the first masked
+  // loop: kept in a register over it, it was the last value spilled (8 B) at D 128.
   template <bool CAP>
   __device__ __forceinline__ void run(int t_lo, int t_hi) {
     int it = 0;
     for (int seg = 0; seg < 2; ++seg) {
       const int end = seg == 0 ? t_lo : nt;
       for (; it < end; ++it) step<true, CAP>(it);
-      if (seg == 0)
-        for (; it < t_hi; ++it) step<false, CAP>(it);
+      if (seg == 0) {
+        const int th = FP8 ? *reinterpret_cast<const int*>(base + WC::TILES - 16) : t_hi;
+        for (; it < th; ++it) step<false, CAP>(it);
+      }
     }
   }
 };
+
+// threadIdx.x read again (a fresh S2R): a value the compiler cannot keep live from before.
+__device__ __forceinline__ int fresh_tid() {
+#if defined(RAGGED_EMU)
+  return static_cast<int>(threadIdx.x);
+#else
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+#endif
+}
 
 template <typename T, int DM, bool FP8, bool QR>
 __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* smem_raw,
@@ -245,7 +408,7 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   char* base = static_cast<char*>(smem_raw) + (sbase - raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 #if defined(RAGGED_EMU)  // the host's sizing (WgmmaCfg::SMEM), checked where it costs nothing
-  if (sbase - raw + WgmmaCfg<T, DM>::TILES > dynamic_smem_bytes())
+  if (sbase - raw + WgmmaCfg<T, DM, FP8>::TILES > dynamic_smem_bytes())
     device_trap("wgmma tile: dynamic shared memory below WgmmaCfg::SMEM");
 #endif
   // The epilogue's indices wait in shared memory (16 B just below the tiles), not in registers
@@ -275,21 +438,27 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   x.qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;  // a missing row sees no key
   x.qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
   x.stage = 0;
-  x.wkey = a.lo + tid / NC;
+  x.wkey = a.lo + tid / (FP8 ? W::NC8 : NC);
   x.wbi = p.block_shift >= 0 ? x.wkey >> p.block_shift : x.wkey / p.block_size;
   x.woff = x.wkey - x.wbi * p.block_size;
-  x.wpage = x.wkey < a.hi ? x.page_of(x.wbi) : 0;
+  x.wblk = x.wkey < a.hi ? x.bt[x.wbi] : 0;
+  x.wpage = static_cast<int64_t>(x.wblk) *
+            (static_cast<int64_t>(p.num_kv_heads) * DM * p.block_size);
   const bool has_cap = p.softcap > 0.f;
   x.inv_cap = has_cap ? 1.f / p.softcap : 0.f;
   x.sl2 = has_cap ? p.scale : p.scale * kLog2e;
+  if (FP8 && p.k_scale == nullptr) x.sl2 *= p.k_scale_f;  // per tensor: K's scale on S
 #pragma unroll
   for (int j = 0; j < DM / 2; ++j) x.o[j] = 0.f;
   x.mA = x.mB = -INFINITY;
   x.lA = x.lB = 0.f;
   // Tiles every row of the CTA sees whole (no mask): kmax < hi and kmax <= the first row's
   // position (causal), key0 > the last row's position - window; none with missing rows.
+  // fp8 (decodes, spec-verify: 4-16 rows) also with missing rows: their Q is zero-filled, so
+  // unmasked they score 0 against every key (finite: zero codes and scales past hi) and are
+  // never stored; the mask code is ~3 instructions a score.
   int t_lo = 0, t_hi = 0;
-  if (nrows == kTcRows) {
+  if (nrows == kTcRows || FP8) {
     const int qmin = ctx + row0 / G, qmax = ctx + (row0 + nrows - 1) / G;
     const int X = min(qmin + 1, a.hi) - a.lo;        // keys [lo, lo + X) precede both bounds
     t_hi = X > 0 ? X / NK : 0;
@@ -301,11 +470,18 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
     t_hi = min(max(t_hi, t_lo), x.nt);
   }
   cp_async_commit();  // Q
-  if (x.nt > 0) x.load(0);
+  if (x.nt > 0) {
+    if constexpr (FP8) x.load8(0);
+    else x.load(0);
+  }
   cp_async_commit();  // tile 0
   cp_async_wait<1>();
   __syncthreads();    // Q landed (every thread's copies): its fragments, tile 0 in flight
   x.load_q();
+  if constexpr (FP8) {
+    if (tid == 0) *reinterpret_cast<int*>(base + W::WC::TILES - 16) = t_hi;  // (see run)
+    __syncthreads();  // Q read by all: its area is ring slot 1 (tile 1); t_hi visible
+  }
   if (has_cap) x.template run<true>(t_lo, t_hi);
   else x.template run<false>(t_lo, t_hi);
   cp_async_wait<0>();
@@ -314,20 +490,26 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   const int e_q_start = e.x, e_row0 = e.y, e_G = e.z, e_kvh = e.w & 0xffff;
   const int e_nrows = e.w >> 16 & 0x7f, e_split = e.w >> 23 & 0x7f;
   const bool e_one = e.w >> 30 & 1;
-  if (warp * 16 >= e_nrows) return;
+  // fp8: the thread's indices read again, not kept over the loop (they were spilled there:
+  // the fp8 D 128 loop fills 3 CTAs/SM's 168 registers; 16-bit: the same values)
+  const int etid = FP8 ? fresh_tid() : tid, elane = etid & 31, ewarp = etid >> 5;
+  const int erA = ewarp * 16 + (elane >> 2), erB = erA + 8;
+  if (ewarp * 16 >= e_nrows) return;
   float lA = x.lA, lB = x.lB;
 #pragma unroll
   for (int w = 1; w <= 2; w <<= 1) {
     lA += __shfl_xor_sync(0xffffffffu, lA, w);
     lB += __shfl_xor_sync(0xffffffffu, lB, w);
   }
-  const int t4 = lane & 3;
+  const int t4 = elane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int r = h ? rB : rA;
+    const int r = h ? erB : erA;
     if (r >= e_nrows) continue;
     const float l = h ? lB : lA, mm = h ? x.mB : x.mA;
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
+    // (fp8 per tensor: V's scale here; a row that sees no key gives zeros)
+    const float vsf = FP8 && p.k_scale == nullptr ? p.v_scale_f : 1.f;
+    const float inv = l > 0.f ? vsf / l : 0.f;
     const int rr = e_row0 + r;
     const int64_t t = e_q_start + rr / e_G;
     const int qh = e_kvh * e_G + rr % e_G;

@@ -213,6 +213,10 @@ constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma
 // fp8 caches keep <= 16 rows on the lean tile: its copy is asynchronous (the tensor-core
 // tile's dequantising copy is not), and those launches then run the lean-only kernel.
 constexpr int kLeanRows = 8;
+// fp8 caches on sm_90a: sequences with more rows than this take the wgmma tile, whose fp8
+// path keeps a cp.async ring of e4m3 codes in flight and converts once per code into the T
+// panels (attention_wgmma.cuh), instead of the lean tile's convert + FMA per (row, key, d).
+constexpr int kFp8WgmmaRows = 0;
 
 template <typename T, int DM, bool EXACT>
 struct LeanCfg {
@@ -399,7 +403,8 @@ struct MinBlocks {
   static constexpr int value = LC::OK && !LC::STRIDED ? 3 : 4;
 #else
   static constexpr int value =
-      TCP && LC::TC && (FP8 ? DM == 128 : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
+      TCP && LC::TC && (FP8 ? DM == 128 || static_cast<bool>(RAGGED_WGMMA)
+                            : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
 #endif
 };
 
@@ -454,7 +459,7 @@ paged_attention_kernel(const PagedAttentionParams p) {
   // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
   // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
   constexpr bool TC_OK = LC::TC && TCP;  // see LeanCfg; TCP: compiled in (MinBlocks)
-  const bool tc = TC_OK && total_rows > (FP8 ? kRows : kLeanRows);
+  const bool tc = TC_OK && total_rows > (FP8 ? (RAGGED_WGMMA ? kFp8WgmmaRows : kRows) : kLeanRows);
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
   const int nrows = total_rows - row0_64 < tile_rows ? static_cast<int>(total_rows - row0_64)
@@ -1267,7 +1272,7 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
                : FP8                       ? C::smem_fp8(p.head_dim)
                                            : C::smem(p.head_dim);
   if constexpr (LeanCfg<T, DM, EXACT>::TC && TCP)  // the TC tiles: sm_90a's wgmma tile
-    smem = smem > WgmmaCfg<T, DM>::SMEM ? smem : WgmmaCfg<T, DM>::SMEM;
+    smem = smem > WgmmaCfg<T, DM, FP8>::SMEM ? smem : WgmmaCfg<T, DM, FP8>::SMEM;
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
   if (smem > 48 * 1024) {
     const cudaError_t e =
@@ -1298,7 +1303,7 @@ cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream
   // Q in registers (QR, 3 CTAs/SM on sm_90a) only with a row tile past kTcRows, else 4.
   // The other dims need no second instantiation.
   const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * (p.num_q_heads / p.num_kv_heads);
-  const bool lean_only = rows <= (FP8 ? kRows : kLeanRows), qr = rows > kTcRows;
+  const bool lean_only = rows <= (FP8 ? kFp8WgmmaRows : kLeanRows), qr = rows > kTcRows;
   switch (p.head_dim) {
     case 64:
       if constexpr (!FP8 && LeanCfg<T, 64, true>::TC) {
