@@ -47,8 +47,10 @@ struct WgmmaCfg {
   static constexpr uint32_t QBYTES = kTcRows * DM * sizeof(T), PANEL = 2 * NK * DM * sizeof(T);
   static constexpr uint32_t RING = 2 * NK * DM + 2 * NK * 4;
   static constexpr bool RING_IN_Q = RING <= QBYTES;
-  static constexpr uint32_t TILES =  // fp8: + 16 B at the end for t_hi (see run)
-      !FP8 ? QBYTES + 2 * PANEL : QBYTES + PANEL + (RING_IN_Q ? 1 : 2) * RING + 16;
+  // fp8: + 16 B for t_hi, lo and 256 B for the rows' positions at the end (see END)
+  static constexpr uint32_t TILES =
+      !FP8 ? QBYTES + 2 * PANEL : QBYTES + PANEL + (RING_IN_Q ? 1 : 2) * RING + 16 + 4 * kTcRows;
+  static constexpr uint32_t END = TILES - 16 - 4 * kTcRows;
   static constexpr size_t SMEM = TILES + 1024;
 };
 
@@ -200,17 +202,25 @@ struct WgmmaTile {
   // of 8 keys (sw8: no bank conflict) and store T chunks 2cc, 2cc + 1 of those keys (off:
   // 128B-swizzled rows, none either). Plain st.shared (generic proxy): the caller fences.
   __device__ __forceinline__ void convert(int slot) {
-    const char* rs = base + ring(slot);
-    char* ps = base + QBYTES;
-#pragma unroll 1
-    for (int j = 0; j < CVT; ++j) {
-      const int i = threadIdx.x + j * kThreads;
-      const int k = i % NK, r = i / NK, cc = r % (DM / 16), m = r / (DM / 16);
-      const uint4 w = *reinterpret_cast<const uint4*>(rs + m * NK * DM + sw8(k, cc));
+    // Unsigned, power-of-two index math (the signed `i % NK` form cost ~20 instructions an
+    // item in the rolled loop); rolled: unrolled, the items' registers spilled at 168.
+    constexpr unsigned CPR = DM / 16, RS = kThreads / NK;
+    static_assert(kThreads % NK == 0 && (CPR & (CPR - 1)) == 0, "convert items");
+    const unsigned t = threadIdx.x, k = t % NK, r0 = t / NK;
+    const unsigned sk = (k * DM / 128) & (CPR - 1), k7 = k & 7;
+    const char* src = base + ring(slot) + k * DM;
+    char* dst = base + QBYTES + k * 128;
+#pragma unroll
+    for (unsigned j = 0; j < CVT; ++j) {
+      const unsigned r = r0 + RS * j, cc = r % CPR, m = r / CPR;
+      const uint4 w = *reinterpret_cast<const uint4*>(src + m * (NK * DM) + ((cc ^ sk) << 4));
       const uint4 lo = make_uint4(cvt8x2(w.x), cvt8x2(w.x >> 16), cvt8x2(w.y), cvt8x2(w.y >> 16));
       const uint4 hi8 = make_uint4(cvt8x2(w.z), cvt8x2(w.z >> 16), cvt8x2(w.w), cvt8x2(w.w >> 16));
-      char* d0 = ps + m * (STAGE / 2) + off(k, 2 * cc, NK);
-      char* d1 = ps + m * (STAGE / 2) + off(k, 2 * cc + 1, NK);
+      // T chunks 2cc, 2cc + 1 of key k: off(k, ch, NK) = (ch / 8) NK 128 + k 128 +
+      // ((ch % 8) ^ k % 8) 16; the odd chunk differs in bit 4 only (the rest is 128-aligned)
+      const unsigned o0 = m * (STAGE / 2) + (cc >> 2) * (NK * 128) + ((((2 * cc) & 7) ^ k7) << 4);
+      char* d0 = dst + o0;
+      char* d1 = dst + (o0 ^ 16u);
       *reinterpret_cast<uint4*>(d0) = lo;
       *reinterpret_cast<uint4*>(d1) = hi8;
 #if defined(RAGGED_EMU)
@@ -296,11 +306,14 @@ struct WgmmaTile {
       f = 1.f;
     }
     if constexpr (MASK) {
-      const int key0 = lo + it * NK, window = p.sliding_window;
+      const int* ends = reinterpret_cast<const int*>(base + WC::END);
+      const int rA = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+      const int key0 = (FP8 ? ends[1] : lo) + it * NK, window = p.sliding_window;
+      const int qA = FP8 ? ends[4 + rA] : qposA, qB = FP8 ? ends[12 + rA] : qposB;
 #pragma unroll
       for (int j = 0; j < NK / 2; ++j) {
         const int key = key0 + 8 * (j >> 2) + 2 * t4 + (j & 1);
-        const int qp = (j & 2) ? qposB : qposA;
+        const int qp = (j & 2) ? qB : qA;
         const bool ok = key < hi && key <= qp && (window <= 0 || key > qp - window);
         if (!ok) s[j] = -INFINITY;
       }
@@ -371,8 +384,8 @@ struct WgmmaTile {
   }
   // Tiles [0, t_lo) and [t_hi, nt) masked, [t_lo, t_hi) not. One masked loop serves both
   // ends (the seg loop), so the loop body exists twice, not three times.
-  // fp8: t_hi is read from shared memory (written by wgmma_tile) after the first masked
-  // loop: kept in a register over it, it was the last value spilled (8 B) at D 128.
+  // fp8: t_hi is read from shared memory (WgmmaCfg::END, written by wgmma_tile) after the
+  // first masked loop: kept in a register over it, it was spilled (8 B) at D 128.
   template <bool CAP>
   __device__ __forceinline__ void run(int t_lo, int t_hi) {
     int it = 0;
@@ -380,7 +393,7 @@ struct WgmmaTile {
       const int end = seg == 0 ? t_lo : nt;
       for (; it < end; ++it) step<true, CAP>(it);
       if (seg == 0) {
-        const int th = FP8 ? *reinterpret_cast<const int*>(base + WC::TILES - 16) : t_hi;
+        const int th = FP8 ? *reinterpret_cast<const int*>(base + WC::END) : t_hi;
         for (; it < th; ++it) step<false, CAP>(it);
       }
     }
@@ -479,7 +492,11 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   __syncthreads();    // Q landed (every thread's copies): its fragments, tile 0 in flight
   x.load_q();
   if constexpr (FP8) {
-    if (tid == 0) *reinterpret_cast<int*>(base + W::WC::TILES - 16) = t_hi;  // (see run)
+    // kept out of the loop's registers (3 CTAs/SM's 168 at D 128): t_hi, lo, the positions
+    // of the 64 rows (qposA / qposB), read where used (run, the masks)
+    int* ends = reinterpret_cast<int*>(base + W::WC::END);
+    if (tid == 0) ends[0] = t_hi, ends[1] = a.lo;
+    if (tid < kTcRows) ends[4 + tid] = tid < nrows ? ctx + (row0 + tid) / G : -1;
     __syncthreads();  // Q read by all: its area is ring slot 1 (tile 1); t_hi visible
   }
   if (has_cap) x.template run<true>(t_lo, t_hi);
