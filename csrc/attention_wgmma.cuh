@@ -61,6 +61,12 @@ struct TcArgs {
 #if RAGGED_WGMMA
 // The tile's state over its K/V loop (registers once inlined: every member function is
 // __forceinline__, the object a local of wgmma_tile).
+// A descriptor `bytes` further on (bytes % 16 == 0): the start address field (bits 0-13,
+// address >> 4) plus bytes >> 4, a 32-bit add (no carry out: shared addresses < 2^18).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t bytes) {
+  return (d & 0xffffffff00000000ull) | (static_cast<uint32_t>(d) + (bytes >> 4));
+}
+
 template <typename T, int DM, bool FP8, bool QR>
 struct WgmmaTile {
   using LC = LeanCfg<T, DM, true>;
@@ -267,6 +273,9 @@ struct WgmmaTile {
       __syncthreads();
     }
     const uint32_t ks = sbase + QBYTES + (FP8 ? 0 : stage * STAGE), vs = ks + STAGE / 2;
+    // fp8: one panel stage, so the descriptors are loop-invariant; each k-step's is the base's
+    // plus its byte offset / 16 in the start field (desc_plus: 1 add, not gmma_desc's 4)
+    const uint64_t dk0 = gmma_desc(ks, 16, 1024), dv0 = gmma_desc(vs, KB, 1024);
     // fp8 per slot: this tile's K / V scales in its ring slot (thread's columns 8n + 2t4 + e)
     const float* ksc = reinterpret_cast<const float*>(base + ring(it & 1) + 2 * NK * DM);
     const bool per_slot = FP8 && p.k_scale != nullptr;
@@ -280,7 +289,8 @@ struct WgmmaTile {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < DM / 16; ++kk) {
-      const uint64_t dk = gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024);
+      const uint64_t dk = FP8 ? desc_plus(dk0, (kk >> 2) * KB + (kk & 3) * 32)
+                              : gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024);
       if constexpr (QREG)
         wgmma_rs<T, NK, false>(s, qf[QREG ? kk : 0], dk, kk > 0);
       else
@@ -375,7 +385,8 @@ struct WgmmaTile {
     wgmma_fence();  // O was rescaled and P written by ordinary instructions
 #pragma unroll
     for (int kt = 0; kt < NK / 16; ++kt)  // 16 keys = 2 8-row groups of V (SBO 1024 apart)
-      wgmma_rs<T, DM, true>(o, pa[kt], gmma_desc(vs + kt * 2048, KB, 1024), true);
+      wgmma_rs<T, DM, true>(o, pa[kt], FP8 ? desc_plus(dv0, kt * 2048)
+                                           : gmma_desc(vs + kt * 2048, KB, 1024), true);
     wgmma_commit();
     wgmma_wait<0>();  // O complete, and this stage's K/V no longer read ...
     wgmma_pin(o);     // (P's registers: ptxas tracks HGMMA's A operands until the wait)

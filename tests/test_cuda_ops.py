@@ -268,10 +268,11 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
 # bf16 d=256 (case 6) 50 KB, fp32 d=192 in the 256 bucket (case 10) 62 KB.
 
 
-def check_emulated_case(emu, case, name, generator=None, fp8=None):
+def check_emulated_case(emu, case, name, generator=None, fp8=None, arch=80):
     """One row of a case table (q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window,
     softcap) through the emulated kernel against the fp64 reference; fp8 "per_slot" /
-    "per_tensor": the cache quantised to e4m3 with those scales (the reference dequantises)."""
+    "per_tensor": the cache quantised to e4m3 with those scales (the reference dequantises);
+    arch 90: the emulator's sm_90a build (wgmma tile)."""
     q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = case
     b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                      block_size=bs, dtype=torch.float64, generator=generator)
@@ -281,7 +282,7 @@ def check_emulated_case(emu, case, name, generator=None, fp8=None):
         kw.update(k_scale=b64["k_scale"], v_scale=b64["v_scale"])
     bl = cast(b64, dtype)
     got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
-                              num_kv_splits=splits, **kw)
+                              num_kv_splits=splits, arch=arch, **kw)
     assert got.dtype == dtype
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name=name)

@@ -164,3 +164,31 @@ def test_emulated_wgmma_attention_fp8(emu, case):
     assert emu.wgmma_ops() > ops
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name=f"wgmma fp8 {case}")
+
+
+# fp8 on sm_90a: every row (decodes included, kFp8WgmmaRows = 0) takes the wgmma tile, whose
+# fp8 path stages e4m3 codes + per-slot scales by cp.async in a 2-slot ring and converts
+# them into the T panels (attention_wgmma.cuh). Both scale modes; each case spans >= 3 K/V
+# tiles so the ring's steady state (tile t + 1 in flight, t converted) runs.
+FP8_RING_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, q dtype, splits, window, softcap
+    # decodes G 4, D 128, bf16, 2 splits: 4 of 64 rows, unmasked full tiles + a partial one
+    ([1, 1], [150, 97], 4, 1, 128, 16, torch.bfloat16, 2, None, None),
+    # decodes G 8, D 64, fp16, block size 32 (NK 64: 8-byte code copies)
+    ([1, 1], [200, 70], 8, 1, 64, 32, torch.float16, 1, None, None),
+    # spec-verify q 2 / 16 / 5 at G 4 (8 / 64 / 20 rows), D 128, fp16
+    ([2, 16, 5], [100, 120, 70], 4, 1, 128, 16, torch.float16, 1, None, None),
+    # a prefill chunk with cached context, D 64, block size 48, window (masked tile ends)
+    ([24, 1], [180, 60], 4, 1, 64, 48, torch.bfloat16, 1, 50, None),
+    # softcap, decode + short verify, D 128, block size 64
+    ([3, 1], [110, 140], 8, 2, 128, 64, torch.bfloat16, 1, None, 4.0),
+]
+
+
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+@pytest.mark.parametrize("case", range(len(FP8_RING_CASES)))
+def test_emulated_wgmma_fp8_ring(emu, case, mode):
+    from tests.test_cuda_ops import check_emulated_case
+    ops = emu.wgmma_ops()
+    check_emulated_case(emu, FP8_RING_CASES[case], f"wgmma fp8 ring {mode} {case}",
+                        torch.Generator().manual_seed(10 + case), fp8=mode, arch=90)
+    assert emu.wgmma_ops() > ops   # the decodes too: no lean tile for fp8 on arch 90
