@@ -109,9 +109,11 @@ def _sm_arch(device: torch.device) -> tuple:
 def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: int) -> int:
     """Resident attention CTAs per SM of the instantiation a launch runs: min of its register
     budget (paged_attention.cu MinBlocks, which this mirrors) and of its shared memory (LeanCfg
-    / AttnCfg sizes + 1 KB reserved per CTA). rows = max_seqlen_q x G (no tensor-core row at
-    <= 16 for fp8, <= 8 for 16-bit caches: fp8 D 128 and 16-bit D 64 / 128 then run their
-    lean-only kernels; 16-bit rows > 64: the Q-in-registers tile, 3 on sm_90)."""
+    / AttnCfg sizes + 1 KB reserved per CTA). rows = max_seqlen_q x G (16-bit caches: no
+    tensor-core row at <= 8, D 64 / 128 then run their lean-only kernels; 16-bit rows > 64:
+    the Q-in-registers tile, 3 on sm_90). fp8 caches at D 64 / 128 always launch the kernel
+    with the tensor-core tile (kFp8WgmmaRows = 0: on sm_90a every fp8 row takes the wgmma
+    tile, 3 on sm_90; elsewhere its lean branch serves rows <= 16)."""
     vec = 16 // elem
     strided = elem == 2 and d in (80, 96)
     nc = 16 if strided else d // vec
@@ -120,15 +122,15 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
         ng = 128 // nc
         nk = 4 * ng if strided else 16384 // (2 * d * elem)
         smem = 3 * 2 * nk * (d + vec if strided else d) * elem + ng * 80
-        tc = not strided and elem == 2 and d <= 128 and (
-            (rows > 16 or d != 128) if fp8 else rows > 8)
+        tc = not strided and elem == 2 and d <= 128 and (fp8 or rows > 8)
         if fp8:
             kp8 = d + 16 if strided and d % 32 == 0 else d
             s8 = 3 * (2 * nk * kp8 + 8 * nk) + ng * 80
             smem = smem if tc and smem > s8 else s8
         if cap >= (9, 0):
-            # sm_90a: fp8 D 128's tile; 16-bit past 64 rows holds Q in registers (wgmma RS)
-            regs = 3 if tc and (d == 128 if fp8 else rows > 64) else 4
+            # sm_90a: fp8's wgmma tile (Q in registers, the code ring; D 64 / 128); 16-bit
+            # past 64 rows holds Q in registers too (wgmma RS)
+            regs = 3 if tc and (fp8 or rows > 64) else 4
         else:
             regs = 4 if strided else 3
     else:                        # the generic tile (AttnCfg); 4 = its register floor

@@ -192,22 +192,27 @@ def test_ctas_per_sm_mirrors_the_kernels():
     c = cuda_ops._ctas_per_sm
     assert c(*H100, 128, 2, False, 4) == 4 and c(*A100, 128, 2, False, 4) == 3
     assert c(*L40, 128, 2, False, 4) == 2                  # 49.8 KB tiles in 100 KB
-    assert c(*H100, 128, 2, True, 16) == 4                 # fp8 decode: lean-only kernel
-    assert c(*H100, 128, 2, True, 17) == 3                 # fp8 with tensor-core rows
+    # fp8 at D 64 / 128: the tensor-core kernel for every row count (sm_90a: the wgmma tile
+    # with its code ring, 3; sm_80: its lean branch below 17 rows, 3 as before; sm_89's
+    # 100 KB: 2, the tensor-core kernel's 49.8 KB, against 3 for the old lean-only one)
+    assert c(*H100, 128, 2, True, 1) == 3 and c(*H100, 128, 2, True, 16) == 3
+    assert c(*H100, 128, 2, True, 17) == 3 and c(*H100, 64, 2, True, 4) == 3
+    assert c(*A100, 128, 2, True, 4) == 3 and c(*A100, 128, 2, True, 17) == 3
+    assert c(*L40, 128, 2, True, 4) == 2
     # 16-bit on sm_90a: Q-in-registers tile (3) only past one 64-row tile; lean-only <= 8
     assert c(*H100, 128, 2, False, 8) == 4 and c(*H100, 64, 2, False, 8) == 4
     assert c(*H100, 128, 2, False, 64) == 4 and c(*H100, 128, 2, False, 65) == 3
     assert c(*H100, 64, 2, False, 65) == 3 and c(*A100, 128, 2, False, 65) == 3
-    assert c(*H100, 128, 4, False, 65) == 4 and c(*H100, 64, 2, True, 65) == 4
-    assert c(*H100, 64, 2, True, 64) == 4 and c(*A100, 256, 2, True, 4) == 3
+    assert c(*H100, 128, 4, False, 65) == 4 and c(*H100, 64, 2, True, 65) == 3
+    assert c(*H100, 256, 2, True, 4) == 4 and c(*A100, 256, 2, True, 4) == 3
     assert c(*H100, 80, 2, False, 4) == 4 and c(*A100, 96, 2, True, 4) == 4   # strided tiles
     kc8 = torch.empty(1, 16, 8, 128, device="meta", dtype=torch.float8_e4m3fn)
     q = torch.empty(1, 32, 128, device="meta", dtype=torch.bfloat16)
     import unittest.mock as mock
     with mock.patch.object(cuda_ops, "_sm_count", lambda device: 132), \
             mock.patch.object(cuda_ops, "_sm_arch", lambda device: H100):
-        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 1, 32768) == 66     # 4 x 132 / 8
-        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 17, 32768) == 50    # 3 x 132 / 8
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 1, 32768) == 50     # 3 x 132 / 8
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 17, 32768) == 50    # (wgmma tile)
 
 
 # --------------------------------------------------------------------------- emulated kernels
