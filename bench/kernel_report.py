@@ -129,7 +129,8 @@ def _attn(name, model, hq, hkv, d, dt, bs, q, k, window=0, kv=""):
 
 def _fp8_set():
     """fp8 (e4m3, per-slot scales) caches, bf16 q: issue 14's decode target (B >= 64 x >= 2k
-    at <= 0.6x the bf16 time) and spec-verify, at D 128 and at the strided head dims 80 / 96."""
+    at <= 0.6x the bf16 time) and spec-verify, at D 128 and at the strided head dims 80 / 96;
+    prefill and mixed at D 128 (the tensor-core tile's fp8 path)."""
     out = []
     for model, d in (("llama3-8b", 128), ("hd80", 80), ("hd96", 96)):
         out.append(_attn("decode B=256 ctx=2048 fp8", model, 32, 8, d, "bf16", 16, [1] * 256,

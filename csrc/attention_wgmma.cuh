@@ -5,8 +5,12 @@
 //
 // Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
 // of one split, K/V tiles of LeanCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64), 2
-// cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
-// fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
+// cp.async stages, FA2 online softmax in fp32 registers. fp8 caches (every fp8 row on sm_90a,
+// decodes too: kFp8WgmmaRows): the e4m3 codes and per-slot scales of tile t + 1 travel by
+// cp.async into a 2-slot ring while tile t computes; a convert pass writes tile t's codes,
+// unscaled, into one T panel stage (e4m3 is exact in fp16 / bf16), fenced for the async proxy;
+// the scales multiply S's columns (K) and P's (V) in registers (per tensor: the softmax scale
+// and the output). See load8 / convert / step. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
 // memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
 // fragments read once per CTA, load_q), else K-major in shared memory too), then O += P V
 // by NK / 16 wgmma m64n{D}k16 (A = P from registers: the accumulator fragment of S is the A

@@ -5,9 +5,12 @@
 // tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
 // picks its tile class (one launch serves a mixed batch):
 // - tensor cores (16-bit types, D 64/128, sequences with q_len x G > 8 rows (> 16 with an fp8
-//   cache): prefill chunks, spec-verify queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix
+//   cache; every row with an fp8 cache on sm_90a, kFp8WgmmaRows): prefill chunks, spec-verify
+//   queries): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix
 //   from XOR-swizzled shared memory, FA2 online softmax in registers, 2 cp.async stages (the Q
 //   tile takes the third stage's space); 9-16-row sequences use its warp 0 only (kLeanRows).
+//   sm_90a: wgmma.mma_async instead (attention_wgmma.cuh; fp8: a cp.async ring of e4m3 codes
+//   converted into its T panels).
 // - lean CUDA-core tile (D 64/80/96/128/256 in 16-bit types, 64/128 in fp32, the other rows:
 //   decodes, short spec-verify; D 80/96 every row): Q in registers, 3 cp.async stages of
 //   16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at use), one page offset
@@ -163,7 +166,8 @@ __device__ __forceinline__ void dequant_store(T* dst, const uint8_t* src, float 
 
 // One 16-byte chunk (N = 16 / sizeof(T) elements) of a key's K and of its V into the lean /
 // tensor-core tiles' T layout. 16-bit/fp32 caches: two cp.async copies. fp8 caches (only the
-// tensor-core tile now; the lean tile stages codes by cp.async, see LeanCfg::TILE8): N e4m3
+// mma.sync tile now, sm_80/89; the lean tile stages codes by cp.async, see LeanCfg::TILE8, and
+// so does the sm_90a wgmma tile, see WgmmaTile::load8): N e4m3
 // codes each, dequantised (code x the key's scale, in fp32, rounded to T: what the reference
 // does in q's dtype) and stored, so the tiles' math runs unchanged. `bi`, `boff`: the key's
 // block-table index and offset in its block (read only when valid).
@@ -210,12 +214,20 @@ constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma
 // for spec-verify q=4 B=64 ctx=2048); one warp's ~1100 instructions (64 HMMA) per 16 KB tile
 // keep it memory-bound even when the 4 CTAs' computing warps share a scheduler (predicted
 // 3.9 TB/s issue ceiling). <= 8 rows stay lean (at most 2 row groups: 97 % / 88 % predicted).
-// fp8 caches keep <= 16 rows on the lean tile: its copy is asynchronous (the tensor-core
-// tile's dequantising copy is not), and those launches then run the lean-only kernel.
+// fp8 caches elsewhere (sm_80/89: the mma.sync tile dequantises synchronously at the copy)
+// keep <= 16 rows on the lean tile, whose copy is asynchronous.
 constexpr int kLeanRows = 8;
 // fp8 caches on sm_90a: sequences with more rows than this take the wgmma tile, whose fp8
-// path keeps a cp.async ring of e4m3 codes in flight and converts once per code into the T
-// panels (attention_wgmma.cuh), instead of the lean tile's convert + FMA per (row, key, d).
+// path keeps a cp.async ring of e4m3 codes in flight and converts each code once into the T
+// panels (attention_wgmma.cuh), instead of the lean tile's convert + FMA per (row, key, d):
+// every row, decodes included. Predicted (kernel report, Llama-3-8B bf16 q, block 16, H100 /
+// H200): decode B=256 x 2k 524 -> 385 / 370 us (lean: 904 warp-instructions per 8 KB tile,
+// wgmma: 568), 0.58x / 0.80x the bf16 cache's time; spec-verify q 4 B=64: 477 -> 97 us;
+// D 64 decode 271 -> 259 us. The 64-row tile pads a 4-row decode 16x on the tensor cores
+// (1 MFLOP a 32-key tile: ~60 % of the dense peak at H200's HBM rate), but decode is bound
+// by issue slots per byte, and those drop 1.6x. Hosts launch the tensor-core kernel for
+// every fp8 row count at D 64 / 128 (the host cannot tell sm_90a from sm_80/89), whose lean
+// branch serves the decodes there (sm_80: 3 CTAs/SM as before; sm_86/89: 2, not 3).
 constexpr int kFp8WgmmaRows = 0;
 
 template <typename T, int DM, bool EXACT>
@@ -259,7 +271,8 @@ struct LeanCfg {
   static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE8, "merge area fits the fp8 stages");
   // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
-  // no mma k-tiling of D) keeps 16-bit tiles, fp8 ones dequantised at the copy: its SMEM.
+  // no mma k-tiling of D) keeps 16-bit tiles (mma.sync: fp8 ones dequantised at the copy; the
+  // wgmma tile's fp8 ring fits in less, WgmmaCfg): its SMEM.
   static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
   static constexpr size_t smem(bool fp8, bool tcp) {
     const size_t s8 = static_cast<size_t>(kStages) * TILE8 + NG * 20 * 4;
@@ -384,12 +397,13 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // registers) costs nothing. The strided D 80 / 96 tiles (30.6 / 36.6 KB, 110-116 registers)
 // fit 4 on sm_80 too. fp8 lean tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but
 // 4 spilled 16-24 bytes at D 64/128/256 there: 3.
-// fp8 caches on sm_90 (TCP: the kernel has the tensor-core tile): at D 128 the tensor-core
-// tile's dequantising copy (scale index + conversion in the load loop) needs > 128 registers
-// (24 B spilled at 4 CTAs/SM): sized for 3 there. Launches with no tensor-core row (every
-// sequence's q_len x G <= 16: decodes, short spec-verify) take the TCP = false instantiation
-// instead: the lean tile alone, 126 registers, 4 CTAs/SM. fp8 D 64 / 80 / 96 / 256: 115-127
-// registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
+// fp8 caches on sm_90a (TCP: the kernel has the tensor-core tile, which every fp8 launch at
+// D 64 / 128 takes, kFp8WgmmaRows): the wgmma tile's fp8 path keeps Q in registers (its
+// shared memory is a ring slot) beside O: 168 of 3 CTAs/SM's 168 registers at D 64 and 128,
+// no spills (attention_wgmma.cuh: the loop-invariant values it had spilled live in shared
+// memory). Plain sm_90 / the host: D 128 at 3 (the mma.sync tile's dequantising copy spilled
+// 24 B at 4). fp8 D 80 / 96 / 256 (lean only): 115-127 registers at 4, no spills.
+// kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
 // QR (16-bit caches, sm_90a): the tensor-core tile keeps Q in registers as QK^T's A
 // fragments (attention_wgmma.cuh: +32 registers at D 128, +16 at D 64, over a tile at exactly
 // 128): sized for 3 (<= 168; 167 / 168 used, no spills). Only launches with a row tile past
@@ -411,9 +425,10 @@ struct MinBlocks {
 #include "attention_wgmma.cuh"  // sm_90a's tensor-core tile (wgmma); uses the helpers above
 
 // FP8: the cache holds e4m3 codes (p.kv_fp8). The lean tile stages codes and per-slot scales by
-// cp.async and converts at use (LeanCfg::TILE8); the tensor-core tile dequantises each chunk
-// into its T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps e4m3
-// bytes in shared memory and scales scores / probabilities (see its K/V copy).
+// cp.async and converts at use (LeanCfg::TILE8); the sm_90a wgmma tile stages them the same
+// way and converts each tile once into its T panels (attention_wgmma.cuh); the mma.sync tile
+// dequantises each chunk into its T tile at the copy (copy_kv_chunk); the generic tile (other
+// head dims) keeps e4m3 bytes in shared memory and scales scores / probabilities.
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 __global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8, TCP, QR>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
@@ -456,8 +471,9 @@ paged_attention_kernel(const PagedAttentionParams p) {
   if (row0_64 >= total_rows) return;            // q_len 0, or a tile past this sequence
   const int row0 = static_cast<int>(row0_64);
   // Tile class of this CTA: tensor cores for the sequences with more than kLeanRows rows in
-  // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
-  // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
+  // 16-bit types (prefill chunks, spec-verify queries; fp8: more than kRows, every row on
+  // sm_90a), 64 rows a CTA (the CTA of every 4th 16-row slot; the other 3 exit); the lean
+  // CUDA-core tile for the others (decodes).
   constexpr bool TC_OK = LC::TC && TCP;  // see LeanCfg; TCP: compiled in (MinBlocks)
   const bool tc = TC_OK && total_rows > (FP8 ? (RAGGED_WGMMA ? kFp8WgmmaRows : kRows) : kLeanRows);
   if (tc && (rtile & 3)) return;
@@ -1298,12 +1314,12 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
 
 template <typename T, bool FP8>
 cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
-  // No tensor-core row (max_seqlen_q x G <= kRows for fp8, kLeanRows for 16-bit): the
-  // lean-only kernel, 4 CTAs/SM instead of 3 (MinBlocks): fp8 at D 128. 16-bit at D 64 / 128:
-  // Q in registers (QR, 3 CTAs/SM on sm_90a) only with a row tile past kTcRows, else 4.
-  // The other dims need no second instantiation.
+  // 16-bit at D 64 / 128: no tensor-core row (max_seqlen_q x G <= kLeanRows): the lean-only
+  // kernel, 4 CTAs/SM; Q in registers (QR, 3 CTAs/SM on sm_90a) only with a row tile past
+  // kTcRows, else 4. fp8: always the tensor-core kernel (kFp8WgmmaRows: on sm_90a every fp8
+  // row takes the wgmma tile). The other dims need no second instantiation.
   const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * (p.num_q_heads / p.num_kv_heads);
-  const bool lean_only = rows <= (FP8 ? kFp8WgmmaRows : kLeanRows), qr = rows > kTcRows;
+  const bool lean_only = rows <= kLeanRows, qr = rows > kTcRows;
   switch (p.head_dim) {
     case 64:
       if constexpr (!FP8 && LeanCfg<T, 64, true>::TC) {
@@ -1314,10 +1330,10 @@ cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream
     case 80: return launch<T, 80, true, FP8, true>(p, stream);
     case 96: return launch<T, 96, true, FP8, true>(p, stream);
     case 128:
-      if constexpr (FP8 || LeanCfg<T, 128, true>::TC)
+      if constexpr (!FP8 && LeanCfg<T, 128, true>::TC) {
         if (lean_only) return launch<T, 128, true, FP8, false>(p, stream);
-      if constexpr (!FP8 && LeanCfg<T, 128, true>::TC)
         if (qr) return launch<T, 128, true, FP8, true, true>(p, stream);
+      }
       return launch<T, 128, true, FP8, true>(p, stream);
     case 256: return launch<T, 256, true, FP8, true>(p, stream);
     default: break;

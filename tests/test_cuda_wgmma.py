@@ -139,10 +139,11 @@ def test_emulated_paged_attention_sm90(emu, case):
     assert_close(got, want, torch_low, name=f"sm90 emulated case {case}")
 
 
-# fp8 caches: the wgmma tile dequantises at the copy like the mma.sync tile (copy_kv_chunk).
-# The FP8_EMU_CASES with a tensor-core chunk (0, 1, 5) see 1 K/V tile each; these two see 5-10,
-# so the pipeline's steady state (plain dequantising stores into the stage the next step's
-# wgmma reads, fenced by that step's fence.proxy.async) runs too.
+# fp8 caches: the wgmma tile's code ring (cp.async of e4m3 codes + scales, a convert pass into
+# the T panels, fence.proxy.async, scales on S / P). The FP8_EMU_CASES (0, 1, 5) see 1-2 K/V
+# tiles a CTA; these two see 5-10, so the ring's steady state runs too. Mutations (checked by
+# hand): deleting the step's cp_async_wait<1>, the barrier after it, or the fence after the
+# convert pass fails all 15 fp8 cases here (NaN-poisoned codes / "without fence.proxy.async").
 FP8_WGMMA_CASES = [FP8_EMU_CASES[0], FP8_EMU_CASES[1], FP8_EMU_CASES[5],
                    ([70, 1], [300, 50], 2, 2, 128, 16, torch.float16, 1, None, None),
                    ([40, 2], [400, 30], 8, 2, 64, 48, torch.bfloat16, 1, 200, None)]
