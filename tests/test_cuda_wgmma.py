@@ -193,3 +193,16 @@ def test_emulated_wgmma_fp8_ring(emu, case, mode):
     check_emulated_case(emu, FP8_RING_CASES[case], f"wgmma fp8 ring {mode} {case}",
                         torch.Generator().manual_seed(10 + case), fp8=mode, arch=90)
     assert emu.wgmma_ops() > ops   # the decodes too: no lean tile for fp8 on arch 90
+
+
+# The sm_80 suite's fp8 cases with 16-bit q at D 64 / 128 (mixed batches, GQA 5, block 48,
+# window, splits), both scale modes, through the arch-90 build: there every row of them,
+# decodes included, takes the wgmma tile's code ring.
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+@pytest.mark.parametrize("case", [0, 1, 5])
+def test_emulated_paged_attention_fp8_sm90(emu, case, mode):
+    from tests.test_cuda_ops import check_emulated_case
+    ops = emu.wgmma_ops()
+    check_emulated_case(emu, FP8_EMU_CASES[case], f"sm90 emulated fp8 {mode} {case}",
+                        torch.Generator().manual_seed(case), fp8=mode, arch=90)
+    assert emu.wgmma_ops() > ops
