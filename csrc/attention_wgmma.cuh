@@ -164,21 +164,24 @@ struct WgmmaTile {
     for (int j = 0; j < LOADS8; ++j) {
       const int k = grp + j * NG8;
       const bool valid = wkey < hi;  // past hi: zero codes, zero scales (nothing read)
-      // The key's slot from (wblk, woff): no 64-bit page offset kept over the loop (2 of the
-      // registers that had the D 128 tile spill 8 bytes at 3 CTAs/SM's 168).
-      const int64_t slot = static_cast<int64_t>(wblk) * p.block_size + woff;
-      const int64_t src = slot * (p.num_kv_heads * DM) + head_c;
+      // The key's slot from (wblk, woff), in 32 bits (num_blocks x block_size < 2^31: a cache
+      // of 2^31 slots would be >= 128 GiB a layer), widened for the byte offset; no 64-bit
+      // page offset kept over the loop (2 of the registers that had the D 128 tile spill at
+      // 168). Past hi the address stays in bounds without a select: wblk is the last block
+      // read (0 before any) and woff < block_size, and src-size 0 reads nothing.
+      const int slot = wblk * p.block_size + woff;
+      const int64_t src = static_cast<int64_t>(slot) * (p.num_kv_heads * DM) + head_c;
       const int d8 = sw8(k, c * CB8 / 16) + (c * CB8) % 16;
       if constexpr (CB8 == 16) {
-        cp_async16(rs + d8, kc + (valid ? src : 0), valid);
-        cp_async16(rs + NK * DM + d8, vc + (valid ? src : 0), valid);
+        cp_async16(rs + d8, kc + src, valid);
+        cp_async16(rs + NK * DM + d8, vc + src, valid);
       } else {
-        cp_async_ca<CB8>(rs + d8, kc + (valid ? src : 0), valid);
-        cp_async_ca<CB8>(rs + NK * DM + d8, vc + (valid ? src : 0), valid);
+        cp_async_ca<CB8>(rs + d8, kc + src, valid);
+        cp_async_ca<CB8>(rs + NK * DM + d8, vc + src, valid);
       }
       if (per_slot && c < 2) {
-        const int64_t si = slot * p.num_kv_heads + blockIdx.y;
-        cp_async_ca<4>(rs + 2 * NK * DM + (c * NK + k) * 4, ssrc + (valid ? si : 0), valid);
+        const int64_t si = static_cast<int64_t>(slot) * p.num_kv_heads + blockIdx.y;
+        cp_async_ca<4>(rs + 2 * NK * DM + (c * NK + k) * 4, ssrc + si, valid);
       }
       wkey += NG8;
       woff += NG8;

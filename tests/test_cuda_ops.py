@@ -388,8 +388,9 @@ def test_emulated_paged_attention_fp8_scales_matter(emu, d):
                  ref.paged_attention(*attn_args(bl), **kw), name="fp8 scale spread")
 
 
+@pytest.mark.parametrize("arch", [80, 90])   # 90: the wgmma tile's code ring, decodes too
 @pytest.mark.parametrize("d", [24, 64])   # generic tile; lean + tensor-core tiles
-def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d):
+def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d, arch):
     # Every slot no query may read (past seq_len in each last block, the unused blocks) holds
     # NaN codes (0x7f) and NaN scales: a tile that read one, even times a zero scale or
     # probability, would put NaN in P V.
@@ -418,7 +419,8 @@ def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d):
     bl = cast(b64, torch.float16)
     kw = dict(scale=0.1, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
     for splits in (1, 3):
-        got = emu.paged_attention(*attn_args(bl), max_seqlen_q=13, num_kv_splits=splits, **kw)
+        got = emu.paged_attention(*attn_args(bl), max_seqlen_q=13, num_kv_splits=splits,
+                                  arch=arch, **kw)
         assert not got.isnan().any()
         assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                      ref.paged_attention(*attn_args(bl), **kw), name=f"fp8 poisoned {splits}")
