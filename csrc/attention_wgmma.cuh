@@ -10,8 +10,9 @@
 // cp.async into a 2-slot ring while tile t computes; a convert pass writes tile t's codes,
 // unscaled, into one T panel stage (e4m3 is exact in fp16 / bf16), fenced for the async proxy;
 // the scales multiply S's columns (K) and P's (V) in registers (per tensor: the softmax scale
-// and the output). See load8 / convert / step. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
-// memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
+// and the output). See load8 / convert / step.
+// Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
+// memory; A = Q from registers in the QR and fp8 instantiations (3 CTAs/SM: Q's
 // fragments read once per CTA, load_q), else K-major in shared memory too), then O += P V
 // by NK / 16 wgmma m64n{D}k16 (A = P from registers: the accumulator fragment of S is the A
 // fragment of P, as with mma.sync; B = V, N-major with the transpose bit: V is [key][d]).

@@ -346,7 +346,8 @@ def test_rows_follow_the_kernels_tile_class():
     cls90 = lambda y: [kr._prefill_class(y, q, "cuda", 90) for q in y.q_lens]  # noqa: E731
     assert cls90(dataclasses.replace(x, kv="fp8")) == [True] * 5
     assert cls90(dataclasses.replace(x, kv="fp8", d=80)) == [False, False, False, True, True]
-    assert cls90(dataclasses.replace(x, kv="fp8", dtype="fp32")) == [False, False, False, True, True]
+    assert cls90(dataclasses.replace(x, kv="fp8", dtype="fp32")) == \
+        [False, False, False, True, True]
     assert cls90(x) == cls(x, "cuda")
     assert cls(dataclasses.replace(x, dtype="fp32"), "cuda") == [False, False, False, True, True]
     fp8 = kr.launch_cost(dataclasses.replace(x, kv="fp8"))["decode"][0]
