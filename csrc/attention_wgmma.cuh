@@ -43,9 +43,9 @@
 // reads), then a 2-slot ring of what cp.async brings: e4m3 codes K, V [NK][DM] (16-byte
 // chunks XOR-swizzled, see sw8) and the keys' float32 scales K, V [NK] (RING bytes a slot).
 // Q is read into registers once (QREG), so its area is ring slot 1 where it fits (D 128:
-// 8448 <= 16384 B): 41216 B of tiles at D 128, 41984 at D 64; a second panel stage instead
-// would be 49664 B (> the 49152 that keeps 2 CTAs/SM on sm_86/89, whose hosts size the same
-// launch: the host does not know the arch).
+// 8448 <= 16384 B): 41488 B of tiles at D 128, 42256 at D 64 (with END's 272 B); a second
+// slot instead would make 49936 B (> the 49152 that keeps 2 CTAs/SM on sm_86/89, whose hosts
+// size the same launch: the host does not know the arch).
 template <typename T, int DM, bool FP8 = false>
 struct WgmmaCfg {
   static constexpr int NK = kTileBytes / (2 * DM * static_cast<int>(sizeof(T)));
@@ -195,10 +195,11 @@ struct WgmmaTile {
   }
   // Two e4m3 codes (the low 16 bits) -> two T, packed. The codes convert unscaled (every e4m3
   // value is exact in fp16 and bf16), the scales go on S's and P's columns in registers
-  // (step): per sm_90 code pair fp16 1 instruction (cvt.rn.f16x2.e4m3x2), bf16 4 (+ 2
-  // HADD2.F32 + 1 F2FP pack), i.e. 44 / 140 a thread a tile with the 16-byte loads and stores,
-  // against 204 for converting to fp32, scaling by the key's scale and rounding (2 FMULs a
-  // code: 64 a thread a tile; the registers' way costs 32 FMULs + 8 LDS.64, none per tensor).
+  // (step): per sm_90 code pair fp16 1 instruction (F2FP.F16.E4M3.UNPACK_B), bf16 4 (+ 2
+  // HADD2.F32 + 1 F2FP pack): 32 / 128 of the D 128 loop's 452 / 550 warp-instructions a
+  // tile (SASS). Scaling at conversion would add 2 FMULs a code (64 a thread a tile, and the
+  // fp16 path would need the fp32 detour too: ~+96); on S / P in registers it is 32 FMULs +
+  // 8 LDS.64 a thread a tile per slot, none per tensor (folded into sl2 and the epilogue).
   static __device__ __forceinline__ uint32_t cvt8x2(uint32_t two) {
     const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
         static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
