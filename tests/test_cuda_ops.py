@@ -369,8 +369,9 @@ def test_emulated_paged_attention_fp8(emu, case, mode):
                         torch.Generator().manual_seed(case), fp8=mode)
 
 
+@pytest.mark.parametrize("arch", [80, 90])   # 90: the wgmma tile (scales on S / P)
 @pytest.mark.parametrize("d", [32, 64])   # generic tile; lean + tensor-core tiles
-def test_emulated_paged_attention_fp8_scales_matter(emu, d):
+def test_emulated_paged_attention_fp8_scales_matter(emu, d, arch):
     # Per-slot scales spread over 4 orders of magnitude: a kernel that ignored, swapped or
     # misaddressed them (slot * Hkv + head) would be off by O(1), far outside the tolerance.
     g = torch.Generator().manual_seed(7)
@@ -383,7 +384,8 @@ def test_emulated_paged_attention_fp8_scales_matter(emu, d):
     b64 = quantize_cache(b64, "per_slot")
     bl = cast(b64, torch.float16)
     kw = dict(scale=0.05, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
-    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=20, num_kv_splits=1, **kw)
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=20, num_kv_splits=1, arch=arch,
+                              **kw)
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name="fp8 scale spread")
 
