@@ -129,13 +129,18 @@ def _attn(name, model, hq, hkv, d, dt, bs, q, k, window=0, kv=""):
 
 def _fp8_set():
     """fp8 (e4m3, per-slot scales) caches, bf16 q: issue 14's decode target (B >= 64 x >= 2k
-    at <= 0.6x the bf16 time) and spec-verify, at D 128 and at the strided head dims 80 / 96."""
+    at <= 0.6x the bf16 time) and spec-verify, at D 128 and at the strided head dims 80 / 96;
+    prefill and mixed at D 128 (the tensor-core tile's fp8 path)."""
     out = []
     for model, d in (("llama3-8b", 128), ("hd80", 80), ("hd96", 96)):
         out.append(_attn("decode B=256 ctx=2048 fp8", model, 32, 8, d, "bf16", 16, [1] * 256,
                          [2048] * 256, kv="fp8"))
     out.append(_attn("spec-verify q=4 B=64 ctx=2048 fp8", "llama3-8b", 32, 8, 128, "bf16", 16,
                      [4] * 64, [2048] * 64, kv="fp8"))
+    out.append(_attn("prefill 2048 fp8", "llama3-8b", 32, 8, 128, "bf16", 16, [2048], [2048],
+                     kv="fp8"))
+    out.append(_attn("mixed 2048+256x2048 fp8", "llama3-8b", 32, 8, 128, "bf16", 16,
+                     [1] * 256 + [2048], [2048] * 257, kv="fp8"))
     return out
 
 
@@ -192,16 +197,20 @@ def launch_set(quick: bool) -> list[Launch]:
     return out
 
 
-def _prefill_class(x: Launch, q: int, backend: str | None) -> bool:
+def _prefill_class(x: Launch, q: int, backend: str | None, arch: int | None = None) -> bool:
     """Whether a sequence of q new tokens runs the kernel's prefill-class tile: q_len > 16
     (Triton); CUDA picks by rows q_len x G (paged_attention.cu: tensor cores above kLeanRows =
-    4 rows in 16-bit types, above 16 for fp8 caches; fp32 has no tensor-core tile)."""
+    4 rows in 16-bit types, above 16 for fp8 caches; fp32 has no tensor-core tile). fp8 caches
+    on sm_90a (arch >= 90) at D 64 / 128 with 16-bit q: every row (kFp8WgmmaRows = 0)."""
     if backend != "cuda":
         return q > 16
+    if x.kv == "fp8" and arch is not None and arch >= 90 and x.dtype != "fp32" and \
+            x.d in (64, 128):
+        return q > 0
     return q * (x.hq // x.hkv) > (16 if x.kv == "fp8" or x.dtype == "fp32" else 4)
 
 
-def launch_cost(x: Launch, backend: str | None = None) -> dict:
+def launch_cost(x: Launch, backend: str | None = None, arch: int | None = None) -> dict:
     """Bytes that must move and FLOPs, split into the decode-class part (memory bound) and the
     prefill-class part (_prefill_class): bench.kernels' accounting (each input read once, each
     output written once; causal FLOPs 4 D Hq x visible keys)."""
@@ -219,7 +228,7 @@ def launch_cost(x: Launch, backend: str | None = None) -> dict:
     # fp8 caches: 1-byte codes + a float32 K and V scale per (key, KV head), as read
     ekv, esc = (1, 8) if x.kv == "fp8" else (e, 0)
     for q, k in zip(x.q_lens, x.kv_lens):
-        p = parts["prefill" if _prefill_class(x, q, backend) else "decode"]
+        p = parts["prefill" if _prefill_class(x, q, backend, arch) else "decode"]
         lo = max(0, k - q - x.window + 1) if x.window else 0
         vis = sum(k - q + i + 1 - (max(0, k - q + i - x.window + 1) if x.window else 0)
                   for i in range(q))
@@ -231,7 +240,7 @@ def launch_cost(x: Launch, backend: str | None = None) -> dict:
 # =========================================================================== model
 def predict(x: Launch, kern: dict, dev: dict) -> dict:
     """Predicted time, GB/s, TFLOP/s and % of the device's peaks for one launch."""
-    cost = launch_cost(x, "cuda" if "unit" in kern else "triton")
+    cost = launch_cost(x, "cuda" if "unit" in kern else "triton", kern.get("arch"))
     out = dict(parts={})
     t = t_slow = 0.0
     for cls in ("decode", "prefill"):
@@ -884,7 +893,7 @@ def _summary(x: Launch, kerns: list[dict], dev: dict) -> dict:
         out["ttgir_async_wait_nums"] = k["ttgir_copy_loop_waits"]
     for cls in ("decode", "prefill"):
         lp = pick_loop(k, cls) if not x.op else None
-        if lp and launch_cost(x, "cuda" if "unit" in k else "triton")[cls] != (0, 0):
+        if lp and launch_cost(x, "cuda" if "unit" in k else "triton", k.get("arch"))[cls] != (0, 0):
             out[f"{cls}_loop"] = dict(
                 instr_per_warp=lp["instr"], cta_instr=lp["instr"] * k["warps"],
                 kv_bytes=lp["copy_bytes"] * k["warps"],

@@ -5,11 +5,16 @@
 //
 // Same CTA contract as the mma.sync tile: 64 rows (one warpgroup, 16 per warp), keys [lo, hi)
 // of one split, K/V tiles of WgmmaCfg::NK keys (16 KB: 32 keys at D 128, 64 at D 64; 32 KB,
-// 64 keys, with Q in registers at D 128; D 80 / 96 (16-bit caches only): 32 keys in D 128's
-// padded layout, 10 / 12 KB of it written), 2
-// cp.async stages, fp8 caches dequantised at the copy (copy_kv_chunk), FA2 online softmax in
-// fp32 registers. Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
-// memory; A = Q from registers in the QR instantiations (prefill launches, 3 CTAs/SM: Q's
+// 64 keys, with Q in registers at D 128 (16-bit caches); D 80 / 96 (16-bit caches only): 32
+// keys in D 128's padded layout, 10 / 12 KB of it written), 2 cp.async stages, FA2 online
+// softmax in fp32 registers. fp8 caches (every fp8 row on sm_90a, decodes too:
+// kFp8WgmmaRows): the e4m3 codes and per-slot scales of tile t + 1 travel by cp.async into a
+// 2-slot ring while tile t computes; a convert pass writes tile t's codes, unscaled, into one
+// T panel stage (e4m3 is exact in fp16 / bf16), fenced for the async proxy; the scales
+// multiply S's columns (K) and P's (V) in registers (per tensor: the softmax scale and the
+// output). See load8 / convert / step.
+// Per tile: S = Q K^T by D / 16 wgmma m64n{NK}k16 (B = K, K-major in shared
+// memory; A = Q from registers in the QR and fp8 instantiations (3 CTAs/SM: Q's
 // fragments read once per CTA, load_q), else K-major in shared memory too), then O += P V
 // by NK / 16 wgmma m64n{D}k16 (A = P from registers: the accumulator fragment of S is the A
 // fragment of P, as with mma.sync; B = V, N-major with the transpose bit: V is [key][d]).
@@ -44,17 +49,29 @@
 // tile's 49792 B: 50176 B at D 128, so 2 CTAs/SM still fit sm_86/89's 100 KB (2 x (50176 +
 // 1 KB reserved) = 100 KB exactly), 3 sm_80's 164 KB, 4 sm_90's 228 KB.
 // D 80 / 96 take D 128's padded layout (DP = 128: NK 32, the same bytes, so the same CTAs/SM).
-// QR at D 128 (Q in registers, prefill launches): 64-key tiles, 32 KB a stage. The per-tile
-// work that does not scale with keys (O's rescale: 64 FMULs a thread, the barriers, waits and
-// descriptors) is then paid once per 64 keys: predicted H100 prefill 2k 307-551 -> 336-681
-// TFLOP/s (747 warp-instructions per 64-key tile against 2 x 462), at 243 registers and
-// 81 KB, 2 CTAs/SM (MinBlocks); the other classes keep 16 KB tiles (4 CTAs/SM).
-template <typename T, int DM, bool QR = false>
+// QR at D 128 with a 16-bit cache (Q in registers, prefill launches): 64-key tiles, 32 KB a
+// stage. The per-tile work that does not scale with keys (O's rescale: 64 FMULs a thread, the
+// barriers, waits and descriptors) is then paid once per 64 keys: predicted H100 prefill 2k
+// 302-533 -> 338-661 TFLOP/s (770 warp-instructions per 64-key tile against 2 x 477), at 254
+// registers and 81 KB, 2 CTAs/SM (MinBlocks); the other classes keep 16 KB tiles.
+// fp8 caches (FP8): Q, ONE T stage of K/V panels (the convert pass's output, what wgmma
+// reads), then a 2-slot ring of what cp.async brings: e4m3 codes K, V [NK][DM] (16-byte
+// chunks XOR-swizzled, see sw8) and the keys' float32 scales K, V [NK] (RING bytes a slot).
+// Q is read into registers once (QREG), so its area is ring slot 1 where it fits (D 128:
+// 8448 <= 16384 B): 41488 B of tiles at D 128, 42256 at D 64 (with END's 272 B); a second
+// slot instead would make 49936 B (> the 49152 that keeps 2 CTAs/SM on sm_86/89).
+template <typename T, int DM, bool FP8 = false, bool QR = false>
 struct WgmmaCfg {
   static constexpr int DP = (DM + 63) / 64 * 64;  // D padded to whole 64-value panels
-  static constexpr int NK = (QR && DM == 128 ? 2 : 1) * kTileBytes /
+  static constexpr int NK = (QR && !FP8 && DM == 128 ? 2 : 1) * kTileBytes /
                             (2 * DP * static_cast<int>(sizeof(T)));
-  static constexpr uint32_t TILES = kTcRows * DP * sizeof(T) + 2 * 2 * NK * DP * sizeof(T);
+  static constexpr uint32_t QBYTES = kTcRows * DP * sizeof(T), PANEL = 2 * NK * DP * sizeof(T);
+  static constexpr uint32_t RING = 2 * NK * DM + 2 * NK * 4;
+  static constexpr bool RING_IN_Q = RING <= QBYTES;
+  // fp8: + 16 B for t_hi, lo and 256 B for the rows' positions at the end (see END)
+  static constexpr uint32_t TILES =
+      !FP8 ? QBYTES + 2 * PANEL : QBYTES + PANEL + (RING_IN_Q ? 1 : 2) * RING + 16 + 4 * kTcRows;
+  static constexpr uint32_t END = TILES - 16 - 4 * kTcRows;
   static constexpr size_t SMEM = TILES + 1024;
 };
 
@@ -65,13 +82,19 @@ struct TcArgs {
 #if RAGGED_WGMMA
 // The tile's state over its K/V loop (registers once inlined: every member function is
 // __forceinline__, the object a local of wgmma_tile).
+// A descriptor `bytes` further on (bytes % 16 == 0): the start address field (bits 0-13,
+// address >> 4) plus bytes >> 4, a 32-bit add (no carry out: shared addresses < 2^18).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t d, uint32_t bytes) {
+  return (d & 0xffffffff00000000ull) | (static_cast<uint32_t>(d) + (bytes >> 4));
+}
+
 template <typename T, int DM, bool FP8, bool QR>
 struct WgmmaTile {
   using LC = LeanCfg<T, DM, true>;
   // NC lanes a group copy chunks c < CH (D 80 / 96: the lean tile's 16-lane groups, 10 / 12
   // real chunks; the lanes past them copy nothing), DT = CH 8-column accumulator tiles.
   static constexpr int VEC = LC::VEC, NC = LC::NC, NG = LC::NG, DT = DM / 8;
-  static constexpr int NK = WgmmaCfg<T, DM, QR && !FP8>::NK, LOADS = NK * NC / kThreads;
+  static constexpr int NK = WgmmaCfg<T, DM, FP8, QR>::NK, LOADS = NK * NC / kThreads;
   static constexpr int CH = DM / 8, DP = WgmmaCfg<T, DM>::DP;
   static constexpr int QB = kTcRows * 128, KB = NK * 128;   // bytes of a Q panel, a K/V panel
   static constexpr int QBYTES = QB * (DP / 64), STAGE = 2 * KB * (DP / 64);
@@ -88,13 +111,21 @@ struct WgmmaTile {
   const int32_t* bt;
   int lo, hi, nt, t4, qposA, qposB, stage;
   int wkey, wbi, woff;  // the block walk of this thread's next key (keys grp + j NG, tile order)
+  int wblk;             // fp8: bt[wbi] (per-slot scales: (block * block_size + off) * Hkv + h)
   int64_t wpage;
   float sl2, inv_cap;
   float o[DM / 2];      // O [64 x DM] accumulators (wgmma fragment: o[4d + q] is mma's o[d][q])
   // QREG: Q in registers, the A fragments of QK^T's k-steps (load_q), fixed over the loop:
-  // the QR instantiations (MinBlocks: 3 CTAs/SM). Not for fp8 caches: their D 128 tile is at
-  // 162 of 3 CTAs/SM's 168 registers already.
-  static constexpr bool QREG = QR && !FP8;
+  // the QR instantiations and every fp8 one (MinBlocks: 3 CTAs/SM). fp8: Q's shared memory
+  // becomes ring slot 1 (WgmmaCfg), and QK^T reads 8 KB a tile less from shared memory (RS).
+  static constexpr bool QREG = QR || FP8;
+  // fp8 copies: NC8 lanes a key, CB8 bytes each (16 at D 128, 8 at D 64: NG8 = 16 keys apart,
+  // <= the block size, so the block walk steps at most once a key), LOADS8 keys a thread.
+  using WC = WgmmaCfg<T, DM, FP8, QR>;
+  static constexpr int NC8 = DM / 16 >= 8 ? DM / 16 : 8, CB8 = DM / NC8, NG8 = kThreads / NC8;
+  static constexpr int LOADS8 = NK / NG8, CVT = 2 * NK * DM / 16 / kThreads;
+  static_assert(!FP8 || (NG8 <= 16 && NK % NG8 == 0 && CVT * kThreads * 16 == 2 * NK * DM),
+                "fp8 wgmma copy / convert split");
   uint32_t qf[QREG ? DM / 16 : 1][4];
   float mA, mB, lA, lB; // running max (log2 units) and this lane's part of the sum, rows A/B
 
@@ -136,6 +167,113 @@ struct WgmmaTile {
       }
     }
   }
+  // fp8 ring slot `slot` (0 / 1; tile it lives in slot it & 1), from base.
+  static __device__ __forceinline__ int ring(int slot) {
+    return slot == 0 ? QBYTES + STAGE
+                     : (WC::RING_IN_Q ? 0 : QBYTES + STAGE + static_cast<int>(WC::RING));
+  }
+  // Byte offset of 16-byte code chunk cc of key k in a ring slot's [NK][DM] codes: XOR-swizzled
+  // by the key's 128-byte line so that 8 consecutive keys' chunk cc (one phase of the convert
+  // pass's 16-byte loads) hit 8 distinct bank groups (D 128: row = line, cc ^ k % 8; D 64:
+  // 2 rows a line, cc ^ (k / 2) % 4).
+  static __device__ __forceinline__ int sw8(int k, int cc) {
+    return k * DM + ((cc ^ ((k * DM / 128) & (DM / 16 - 1))) << 4);
+  }
+  // fp8: the e4m3 codes (and per-slot scales) of the next tile into ring slot `slot` by
+  // cp.async, nothing converted: the copy stays in flight while this tile computes (the
+  // synchronous dequantising copy, copy_kv_chunk, left none). Thread (grp, c) copies CB8 codes
+  // at byte c CB8 of keys grp + j NG8; lanes c 0 / 1 also the key's K / V scale (per slot).
+  __device__ __forceinline__ void load8(int slot) {
+    const int grp = threadIdx.x / NC8, c = threadIdx.x % NC8;
+    const int head_c = blockIdx.y * DM + c * CB8;   // < 2^24: Hkv <= 65535, D <= 256
+    char* rs = base + ring(slot);
+    const uint8_t* kc = static_cast<const uint8_t*>(p.k_cache);
+    const uint8_t* vc = static_cast<const uint8_t*>(p.v_cache);
+    const bool per_slot = p.k_scale != nullptr;
+    const float* ssrc = c == 0 ? p.k_scale : p.v_scale;
+#pragma unroll
+    for (int j = 0; j < LOADS8; ++j) {
+      const int k = grp + j * NG8;
+      const bool valid = wkey < hi;  // past hi: zero codes, zero scales (nothing read)
+      // The key's slot from (wblk, woff), in 32 bits (num_blocks x block_size < 2^31: a cache
+      // of 2^31 slots would be >= 128 GiB a layer), widened for the byte offset; no 64-bit
+      // page offset kept over the loop (2 of the registers that had the D 128 tile spill at
+      // 168). Past hi the address stays in bounds without a select: wblk is the last block
+      // read (0 before any) and woff < block_size, and src-size 0 reads nothing.
+      const int slot = wblk * p.block_size + woff;
+      const int64_t src = static_cast<int64_t>(slot) * (p.num_kv_heads * DM) + head_c;
+      const int d8 = sw8(k, c * CB8 / 16) + (c * CB8) % 16;
+      if constexpr (CB8 == 16) {
+        cp_async16(rs + d8, kc + src, valid);
+        cp_async16(rs + NK * DM + d8, vc + src, valid);
+      } else {
+        cp_async_ca<CB8>(rs + d8, kc + src, valid);
+        cp_async_ca<CB8>(rs + NK * DM + d8, vc + src, valid);
+      }
+      if (per_slot && c < 2) {
+        const int64_t si = static_cast<int64_t>(slot) * p.num_kv_heads + blockIdx.y;
+        cp_async_ca<4>(rs + 2 * NK * DM + (c * NK + k) * 4, ssrc + si, valid);
+      }
+      wkey += NG8;
+      woff += NG8;
+      if (woff >= p.block_size) {
+        woff -= p.block_size;
+        ++wbi;
+        if (wkey < hi) wblk = bt[wbi];
+      }
+    }
+  }
+  // Two e4m3 codes (the low 16 bits) -> two T, packed. The codes convert unscaled (every e4m3
+  // value is exact in fp16 and bf16), the scales go on S's and P's columns in registers
+  // (step): per sm_90 code pair fp16 1 instruction (F2FP.F16.E4M3.UNPACK_B), bf16 4 (+ 2
+  // HADD2.F32 + 1 F2FP pack): 32 / 128 of the D 128 loop's 452 / 550 warp-instructions a
+  // tile (SASS). Scaling at conversion would add 2 FMULs a code (64 a thread a tile, and the
+  // fp16 path would need the fp32 detour too: ~+96); on S / P in registers it is 32 FMULs +
+  // 8 LDS.64 a thread a tile per slot, none per tensor (folded into sl2 and the epilogue).
+  static __device__ __forceinline__ uint32_t cvt8x2(uint32_t two) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+        static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
+    if constexpr (IsBf16<T>::value) {
+      const float2 f = __half22float2(__half2(h));
+      return pack2<T>(f.x, f.y);
+    } else {
+      uint32_t r;
+      memcpy(&r, &h, 4);
+      return r;
+    }
+  }
+  // fp8: the convert pass, ring slot -> the T panels wgmma reads (the 16-bit tile's layout).
+  // Item i = (matrix, code chunk cc, key k), k fastest: 8 consecutive threads load chunk cc
+  // of 8 keys (sw8: no bank conflict) and store T chunks 2cc, 2cc + 1 of those keys (off:
+  // 128B-swizzled rows, none either). Plain st.shared (generic proxy): the caller fences.
+  __device__ __forceinline__ void convert(int slot) {
+    // Unsigned, power-of-two index math (the signed `i % NK` form cost ~20 instructions an
+    // item in the rolled loop); rolled: unrolled, the items' registers spilled at 168.
+    constexpr unsigned CPR = DM / 16, RS = kThreads / NK;
+    static_assert(kThreads % NK == 0 && (CPR & (CPR - 1)) == 0, "convert items");
+    const unsigned t = threadIdx.x, k = t % NK, r0 = t / NK;
+    const unsigned sk = (k * DM / 128) & (CPR - 1), k7 = k & 7;
+    const char* src = base + ring(slot) + k * DM;
+    char* dst = base + QBYTES + k * 128;
+#pragma unroll
+    for (unsigned j = 0; j < CVT; ++j) {
+      const unsigned r = r0 + RS * j, cc = r % CPR, m = r / CPR;
+      const uint4 w = *reinterpret_cast<const uint4*>(src + m * (NK * DM) + ((cc ^ sk) << 4));
+      const uint4 lo = make_uint4(cvt8x2(w.x), cvt8x2(w.x >> 16), cvt8x2(w.y), cvt8x2(w.y >> 16));
+      const uint4 hi8 = make_uint4(cvt8x2(w.z), cvt8x2(w.z >> 16), cvt8x2(w.w), cvt8x2(w.w >> 16));
+      // T chunks 2cc, 2cc + 1 of key k: off(k, ch, NK) = (ch / 8) NK 128 + k 128 +
+      // ((ch % 8) ^ k % 8) 16; the odd chunk differs in bit 4 only (the rest is 128-aligned)
+      const unsigned o0 = m * (STAGE / 2) + (cc >> 2) * (NK * 128) + ((((2 * cc) & 7) ^ k7) << 4);
+      char* d0 = dst + o0;
+      char* d1 = dst + (o0 ^ 16u);
+      *reinterpret_cast<uint4*>(d0) = lo;
+      *reinterpret_cast<uint4*>(d1) = hi8;
+#if defined(RAGGED_EMU)
+      emu_generic_write(d0, 16);  // generic-proxy stores: wgmma needs fence.proxy.async
+      emu_generic_write(d1, 16);
+#endif
+    }
+  }
   // This warp's Q rows as wgmma A fragments (wgmma.cuh: a[0] (g, 2t), a[1] (g+8, 2t), a[2]
   // (g, 2t+8), a[3] (g+8, 2t+8) of k-step kk's 16 columns, i.e. chunks 2kk and 2kk+1), read
   // once per CTA from the swizzled Q tile: QK^T then reads only K from shared memory (RS),
@@ -155,12 +293,31 @@ struct WgmmaTile {
   // caller runs the others without); CAP: softcap.
   template <bool MASK, bool CAP>
   __device__ __forceinline__ void step(int it) {
-    if (it + 1 < nt) load(stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
-    __syncthreads();
-    const uint32_t ks = sbase + QBYTES + stage * STAGE, vs = ks + STAGE / 2;
+    if constexpr (FP8) {
+      // The ring: tile it + 1's codes in flight into slot (it + 1) & 1 (tile it - 1's, read
+      // before the last step's closing barrier) while tile it's are converted into the panel
+      // (free: the last step's PV wait and barrier).
+      if (it + 1 < nt) load8((it + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();   // this thread's copies of tile it landed ...
+      __syncthreads();      // ... and everyone's: the pass converts chunks others copied
+      convert(it & 1);
+      fence_proxy_async();  // the panel's st.shared (generic proxy) before wgmma's reads
+      __syncthreads();
+    } else {
+      if (it + 1 < nt) load(stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      fence_proxy_async();  // the copies (generic proxy) before wgmma's reads (async proxy)
+      __syncthreads();
+    }
+    const uint32_t ks = sbase + QBYTES + (FP8 ? 0 : stage * STAGE), vs = ks + STAGE / 2;
+    // fp8: one panel stage, so the descriptors are loop-invariant; each k-step's is the base's
+    // plus its byte offset / 16 in the start field (desc_plus: 1 add, not gmma_desc's 4)
+    const uint64_t dk0 = gmma_desc(ks, 16, 1024), dv0 = gmma_desc(vs, KB, 1024);
+    // fp8 per slot: this tile's K / V scales in its ring slot (thread's columns 8n + 2t4 + e)
+    const float* ksc = reinterpret_cast<const float*>(base + ring(it & 1) + 2 * NK * DM);
+    const bool per_slot = FP8 && p.k_scale != nullptr;
     float s[NK / 2];  // S [64 x NK]: s[4n + j] is mma.sync's sc[n][j]
     wgmma_pin(s);     // (CUTLASS pins the chain's accumulators before its fence; S has no
                       // definition before it, the first wgmma ignores its old value)
@@ -171,7 +328,8 @@ struct WgmmaTile {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < DM / 16; ++kk) {
-      const uint64_t dk = gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024);
+      const uint64_t dk = FP8 ? desc_plus(dk0, (kk >> 2) * KB + (kk & 3) * 32)
+                              : gmma_desc(ks + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024);
       if constexpr (QREG)
         wgmma_rs<T, NK, false>(s, qf[QREG ? kk : 0], dk, kk > 0);
       else
@@ -181,6 +339,14 @@ struct WgmmaTile {
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_pin(s);
+    if (per_slot) {  // the keys' K scales (per tensor: in sl2), before the softcap and masks
+#pragma unroll
+      for (int n = 0; n < NK / 8; ++n) {
+        const float2 k2 = *reinterpret_cast<const float2*>(ksc + 8 * n + 2 * t4);
+        s[4 * n] *= k2.x; s[4 * n + 1] *= k2.y;
+        s[4 * n + 2] *= k2.x; s[4 * n + 3] *= k2.y;
+      }
+    }
     // Scores stay unscaled until the exp2's FFMA (x f), as in the mma.sync tile.
     float f = sl2;
     if constexpr (CAP) {
@@ -189,11 +355,14 @@ struct WgmmaTile {
       f = 1.f;
     }
     if constexpr (MASK) {
-      const int key0 = lo + it * NK, window = p.sliding_window;
+      const int* ends = reinterpret_cast<const int*>(base + WC::END);
+      const int rA = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+      const int key0 = (FP8 ? ends[1] : lo) + it * NK, window = p.sliding_window;
+      const int qA = FP8 ? ends[4 + rA] : qposA, qB = FP8 ? ends[12 + rA] : qposB;
 #pragma unroll
       for (int j = 0; j < NK / 2; ++j) {
         const int key = key0 + 8 * (j >> 2) + 2 * t4 + (j & 1);
-        const int qp = (j & 2) ? qposB : qposA;
+        const int qp = (j & 2) ? qB : qA;
         const bool ok = key < hi && key <= qp && (window <= 0 || key > qp - window);
         if (!ok) s[j] = -INFINITY;
       }
@@ -231,6 +400,16 @@ struct WgmmaTile {
       o[4 * d] *= aA; o[4 * d + 1] *= aA;
       o[4 * d + 2] *= aB; o[4 * d + 3] *= aB;
     }
+    if (per_slot) {  // P x the keys' V scales (l above sums the unscaled P; per tensor: at the end)
+      const float* vsc = ksc + NK;
+#pragma unroll
+      for (int kt = 0; kt < NK / 16; ++kt) {
+        const float2 v0 = *reinterpret_cast<const float2*>(vsc + 16 * kt + 2 * t4);
+        const float2 v1 = *reinterpret_cast<const float2*>(vsc + 16 * kt + 8 + 2 * t4);
+        s[8 * kt] *= v0.x; s[8 * kt + 1] *= v0.y; s[8 * kt + 2] *= v0.x; s[8 * kt + 3] *= v0.y;
+        s[8 * kt + 4] *= v1.x; s[8 * kt + 5] *= v1.y; s[8 * kt + 6] *= v1.x; s[8 * kt + 7] *= v1.y;
+      }
+    }
     uint32_t pa[NK / 16][4];
 #pragma unroll
     for (int kt = 0; kt < NK / 16; ++kt) {
@@ -245,7 +424,9 @@ struct WgmmaTile {
     wgmma_fence();  // O was rescaled and P written by ordinary instructions
 #pragma unroll
     for (int kt = 0; kt < NK / 16; ++kt)  // 16 keys = 2 8-row groups of V (SBO 8 VW apart)
-      wgmma_rs<T, DM, true>(o, pa[kt], gmma_desc<VW>(vs + kt * 16 * VW, NK * VW, 8 * VW), true);
+      wgmma_rs<T, DM, true>(o, pa[kt], FP8 ? desc_plus(dv0, kt * 2048)
+                                           : gmma_desc<VW>(vs + kt * 16 * VW, NK * VW, 8 * VW),
+                            true);
     wgmma_commit();
     wgmma_wait<0>();  // O complete, and this stage's K/V no longer read ...
     wgmma_pin(o);     // (P's registers: ptxas tracks HGMMA's A operands until the wait)
@@ -254,17 +435,32 @@ struct WgmmaTile {
   }
   // Tiles [0, t_lo) and [t_hi, nt) masked, [t_lo, t_hi) not. One masked loop serves both
   // ends (the seg loop), so the loop body exists twice, not three times.
+  // fp8: t_hi is read from shared memory (WgmmaCfg::END, written by wgmma_tile) after the
+  // first masked loop: kept in a register over it, it was spilled (8 B) at D 128.
   template <bool CAP>
   __device__ __forceinline__ void run(int t_lo, int t_hi) {
     int it = 0;
     for (int seg = 0; seg < 2; ++seg) {
       const int end = seg == 0 ? t_lo : nt;
       for (; it < end; ++it) step<true, CAP>(it);
-      if (seg == 0)
-        for (; it < t_hi; ++it) step<false, CAP>(it);
+      if (seg == 0) {
+        const int th = FP8 ? *reinterpret_cast<const int*>(base + WC::END) : t_hi;
+        for (; it < th; ++it) step<false, CAP>(it);
+      }
     }
   }
 };
+
+// threadIdx.x read again (a fresh S2R): a value the compiler cannot keep live from before.
+__device__ __forceinline__ int fresh_tid() {
+#if defined(RAGGED_EMU)
+  return static_cast<int>(threadIdx.x);
+#else
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+#endif
+}
 
 template <typename T, int DM, bool FP8, bool QR>
 __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* smem_raw,
@@ -277,7 +473,7 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // The host's sizing (WgmmaCfg::SMEM, set where kernel_arch says this tile runs), checked on
   // the GPU too: one compare per CTA, and a mis-sized launch traps instead of corrupting.
-  if (sbase - raw + WgmmaCfg<T, DM, QR && !FP8>::TILES > dynamic_smem_bytes())
+  if (sbase - raw + WgmmaCfg<T, DM, FP8, QR>::TILES > dynamic_smem_bytes())
     device_trap("wgmma tile: dynamic shared memory below WgmmaCfg::SMEM");
   // The epilogue's indices wait in shared memory (16 B just below the tiles), not in registers
   // over the loop: at D 128 the loop holds O (64) + S (16) + P (8) and sat at the 128-register
@@ -306,21 +502,27 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   x.qposA = rA < nrows ? ctx + (row0 + rA) / G : -1;  // a missing row sees no key
   x.qposB = rB < nrows ? ctx + (row0 + rB) / G : -1;
   x.stage = 0;
-  x.wkey = a.lo + tid / W::NC;
+  x.wkey = a.lo + tid / (FP8 ? W::NC8 : W::NC);
   x.wbi = p.block_shift >= 0 ? x.wkey >> p.block_shift : x.wkey / p.block_size;
   x.woff = x.wkey - x.wbi * p.block_size;
-  x.wpage = x.wkey < a.hi ? x.page_of(x.wbi) : 0;
+  x.wblk = x.wkey < a.hi ? x.bt[x.wbi] : 0;
+  x.wpage = static_cast<int64_t>(x.wblk) *
+            (static_cast<int64_t>(p.num_kv_heads) * DM * p.block_size);
   const bool has_cap = p.softcap > 0.f;
   x.inv_cap = has_cap ? 1.f / p.softcap : 0.f;
   x.sl2 = has_cap ? p.scale : p.scale * kLog2e;
+  if (FP8 && p.k_scale == nullptr) x.sl2 *= p.k_scale_f;  // per tensor: K's scale on S
 #pragma unroll
   for (int j = 0; j < DM / 2; ++j) x.o[j] = 0.f;
   x.mA = x.mB = -INFINITY;
   x.lA = x.lB = 0.f;
   // Tiles every row of the CTA sees whole (no mask): kmax < hi and kmax <= the first row's
   // position (causal), key0 > the last row's position - window; none with missing rows.
+  // fp8 (decodes, spec-verify: 4-16 rows) also with missing rows: their Q is zero-filled, so
+  // unmasked they score 0 against every key (finite: zero codes and scales past hi) and are
+  // never stored; the mask code is ~3 instructions a score.
   int t_lo = 0, t_hi = 0;
-  if (nrows == kTcRows) {
+  if (nrows == kTcRows || FP8) {
     const int qmin = ctx + row0 / G, qmax = ctx + (row0 + nrows - 1) / G;
     const int X = min(qmin + 1, a.hi) - a.lo;        // keys [lo, lo + X) precede both bounds
     t_hi = X > 0 ? X / NK : 0;
@@ -332,11 +534,22 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
     t_hi = min(max(t_hi, t_lo), x.nt);
   }
   cp_async_commit();  // Q
-  if (x.nt > 0) x.load(0);
+  if (x.nt > 0) {
+    if constexpr (FP8) x.load8(0);
+    else x.load(0);
+  }
   cp_async_commit();  // tile 0
   cp_async_wait<1>();
   __syncthreads();    // Q landed (every thread's copies): its fragments, tile 0 in flight
   x.load_q();
+  if constexpr (FP8) {
+    // kept out of the loop's registers (3 CTAs/SM's 168 at D 128): t_hi, lo, the positions
+    // of the 64 rows (qposA / qposB), read where used (run, the masks)
+    int* ends = reinterpret_cast<int*>(base + W::WC::END);
+    if (tid == 0) ends[0] = t_hi, ends[1] = a.lo;
+    if (tid < kTcRows) ends[4 + tid] = tid < nrows ? ctx + (row0 + tid) / G : -1;
+    __syncthreads();  // Q read by all: its area is ring slot 1 (tile 1); t_hi visible
+  }
   if (has_cap) x.template run<true>(t_lo, t_hi);
   else x.template run<false>(t_lo, t_hi);
   cp_async_wait<0>();
@@ -345,20 +558,26 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
   const int e_q_start = e.x, e_row0 = e.y, e_G = e.z, e_kvh = e.w & 0xffff;
   const int e_nrows = e.w >> 16 & 0x7f, e_split = e.w >> 23 & 0x7f;
   const bool e_one = e.w >> 30 & 1;
-  if (warp * 16 >= e_nrows) return;
+  // fp8: the thread's indices read again, not kept over the loop (they were spilled there:
+  // the fp8 D 128 loop fills 3 CTAs/SM's 168 registers; 16-bit: the same values)
+  const int etid = FP8 ? fresh_tid() : tid, elane = etid & 31, ewarp = etid >> 5;
+  const int erA = ewarp * 16 + (elane >> 2), erB = erA + 8;
+  if (ewarp * 16 >= e_nrows) return;
   float lA = x.lA, lB = x.lB;
 #pragma unroll
   for (int w = 1; w <= 2; w <<= 1) {
     lA += __shfl_xor_sync(0xffffffffu, lA, w);
     lB += __shfl_xor_sync(0xffffffffu, lB, w);
   }
-  const int t4 = lane & 3;
+  const int t4 = elane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int r = h ? rB : rA;
+    const int r = h ? erB : erA;
     if (r >= e_nrows) continue;
     const float l = h ? lB : lA, mm = h ? x.mB : x.mA;
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key gives zeros
+    // (fp8 per tensor: V's scale here; a row that sees no key gives zeros)
+    const float vsf = FP8 && p.k_scale == nullptr ? p.v_scale_f : 1.f;
+    const float inv = l > 0.f ? vsf / l : 0.f;
     const int rr = e_row0 + r;
     const int64_t t = e_q_start + rr / e_G;
     const int qh = e_kvh * e_G + rr % e_G;

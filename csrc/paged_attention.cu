@@ -5,11 +5,13 @@
 // tile the CTA streams through shared memory: K/V bytes are read once per KV head. Each CTA
 // picks its tile class (one launch serves a mixed batch):
 // - tensor cores (16-bit types, D 64/128, and D 80/96 with 16-bit caches (rows padded to
-//   D 128's layout), sequences with q_len x G > 4 rows (> 16 with an fp8 cache): prefill
-//   chunks, spec-verify queries, G 5-8 decodes): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix
-//   from XOR-swizzled shared memory (sm_90a: wgmma, attention_wgmma.cuh), FA2 online softmax
-//   in registers, 2 cp.async stages (the Q tile takes the third stage's space); on sm_80
-//   5-16-row sequences use its warp 0 only (kLeanRows).
+//   D 128's layout), sequences with q_len x G > 4 rows (> 16 with an fp8 cache; every row
+//   with an fp8 cache on sm_90a, kFp8WgmmaRows): prefill chunks, spec-verify queries, G 5-8
+//   decodes): 64 rows a CTA, mma.sync.m16n8k16 + ldmatrix from XOR-swizzled shared memory,
+//   FA2 online softmax in registers, 2 cp.async stages (the Q tile takes the third stage's
+//   space); on sm_80 5-16-row sequences use its warp 0 only (kLeanRows). sm_90a:
+//   wgmma.mma_async instead (attention_wgmma.cuh; fp8: a cp.async ring of e4m3 codes
+//   converted into its T panels).
 // - lean CUDA-core tile (D 64/80/96/128/256 in 16-bit types, 64/128 in fp32, the other rows:
 //   decodes, short spec-verify; D 80/96 with fp8 caches every row): Q in registers, 3
 //   cp.async stages of 16 KB (D 80/96: 10/12 KB; fp8: e4m3 codes + scales, converted at
@@ -166,7 +168,8 @@ __device__ __forceinline__ void dequant_store(T* dst, const uint8_t* src, float 
 
 // One 16-byte chunk (N = 16 / sizeof(T) elements) of a key's K and of its V into the lean /
 // tensor-core tiles' T layout. 16-bit/fp32 caches: two cp.async copies. fp8 caches (only the
-// tensor-core tile now; the lean tile stages codes by cp.async, see LeanCfg::TILE8): N e4m3
+// mma.sync tile now, sm_80/89; the lean tile stages codes by cp.async, see LeanCfg::TILE8, and
+// so does the sm_90a wgmma tile, see WgmmaTile::load8): N e4m3
 // codes each, dequantised (code x the key's scale, in fp32, rounded to T: what the reference
 // does in q's dtype) and stored, so the tiles' math runs unchanged. `bi`, `boff`: the key's
 // block-table index and offset in its block (read only when valid).
@@ -217,9 +220,21 @@ constexpr int kTcRows = 64;   // rows of a tensor-core CTA: 16 per warp (one mma
 // two row groups there, 2x the FMAs a key: G 8 decode B=256 x 2k predicted 83 % of H100 HBM
 // (58 % of H200's) on the lean tile, 97 % / 97 % on the tensor-core tile (the mixed
 // 2048+256x2048 G 8 launch 74 -> 98 %); kernel report, bench/results/static/.
-// fp8 caches keep <= 16 rows on the lean tile: its copy is asynchronous (the tensor-core
-// tile's dequantising copy is not), and those launches then run the lean-only kernel.
+// fp8 caches elsewhere (sm_80/89: the mma.sync tile dequantises synchronously at the copy)
+// keep <= 16 rows on the lean tile, whose copy is asynchronous.
 constexpr int kLeanRows = 4;
+// fp8 caches on sm_90a: sequences with more rows than this take the wgmma tile, whose fp8
+// path keeps a cp.async ring of e4m3 codes in flight and converts each code once into the T
+// panels (attention_wgmma.cuh), instead of the lean tile's convert + FMA per (row, key, d):
+// every row, decodes included. Predicted (kernel report, Llama-3-8B bf16 q, block 16, H100 /
+// H200): decode B=256 x 2k 524 -> 385 / 370 us (lean: 904 warp-instructions per 8 KB tile,
+// wgmma: 568), 0.58x / 0.80x the bf16 cache's time; spec-verify q 4 B=64: 477 -> 97 us;
+// D 64 decode 271 -> 259 us. The 64-row tile pads a 4-row decode 16x on the tensor cores
+// (1 MFLOP a 32-key tile: ~60 % of the dense peak at H200's HBM rate), but decode is bound
+// by issue slots per byte, and those drop 1.6x. The host launches the tensor-core kernel for
+// every fp8 row count at D 64 / 128 where kernel_arch says sm_90 (elsewhere, as before, the
+// lean-only kernel when no sequence has more than kRows rows).
+constexpr int kFp8WgmmaRows = 0;
 
 template <typename T, int DM, bool EXACT>
 struct LeanCfg {
@@ -262,8 +277,8 @@ struct LeanCfg {
   static constexpr int TILE8 = 2 * NK * KP8 + 2 * NK * 4;
   static_assert(NG * 4 * (DM + 2) * 4 <= kStages * TILE8, "merge area fits the fp8 stages");
   // The tensor-core tile (16-bit D 64/128; DM 256: O needs 128 registers; strided D 80/96:
-  // with 16-bit caches only, TC16) keeps 16-bit tiles, fp8 ones dequantised at the copy:
-  // its SMEM.
+  // with 16-bit caches only, TC16) keeps 16-bit tiles (mma.sync: fp8 ones dequantised at the
+  // copy; the wgmma tile's fp8 ring fits in less, WgmmaCfg): its SMEM.
   static constexpr bool TC = OK && !STRIDED && sizeof(T) == 2 && DM <= 128;
   // The head dims of the tensor-core tiles with 16-bit caches: D 80 / 96 too (padded to D
   // 128's shared layout, 5 / 6 k-steps; mma.sync and wgmma alike); fp8 caches there stay lean.
@@ -393,12 +408,13 @@ __device__ __forceinline__ void transpose_reduce(float* v, int lane) {
 // tensor-core tile (TCP, 16-bit caches: 49 KB, 143 / 156 registers, no spills) 3. fp8 lean
 // tiles (25-26 KB) would fit 4 on sm_80 by shared memory, but 4 spilled 16-24 bytes at D
 // 64/128/256 there: 3.
-// fp8 caches on sm_90 (TCP: the kernel has the tensor-core tile): at D 128 the tensor-core
-// tile's dequantising copy (scale index + conversion in the load loop) needs > 128 registers
-// (24 B spilled at 4 CTAs/SM): sized for 3 there. Launches with no tensor-core row (every
-// sequence's q_len x G <= 16: decodes, short spec-verify) take the TCP = false instantiation
-// instead: the lean tile alone, 126 registers, 4 CTAs/SM. fp8 D 64 / 80 / 96 / 256: 115-127
-// registers at 4, no spills. kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
+// fp8 caches on sm_90a (TCP: the kernel has the tensor-core tile, which every fp8 launch at
+// D 64 / 128 takes there, kFp8WgmmaRows): the wgmma tile's fp8 path keeps Q in registers (its
+// shared memory is a ring slot) beside O: 168 of 3 CTAs/SM's 168 registers at D 64 and 128,
+// no spills (attention_wgmma.cuh: the loop-invariant values it had spilled live in shared
+// memory). Plain sm_90 / the host: D 128 at 3 (the mma.sync tile's dequantising copy spilled
+// 24 B at 4). fp8 D 80 / 96 / 256 (lean only): 115-127 registers at 4, no spills.
+// kernels/cuda_ops.py's _ctas_per_sm mirrors this table.
 // QR (16-bit caches, sm_90a): the tensor-core tile keeps Q in registers as QK^T's A
 // fragments (attention_wgmma.cuh: +32 registers at D 128, +16 at D 64, over a tile at exactly
 // 128): sized for 3 (<= 168; 168 used at D 64, no spills); at D 128 with 64-key tiles (S and
@@ -416,16 +432,18 @@ struct MinBlocks {
 #else
   static constexpr int value =
       TCP && LC::TC && !FP8 && QR && static_cast<bool>(RAGGED_WGMMA) && DM == 128 ? 2
-      : TCP && LC::TC && (FP8 ? DM == 128 : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
+      : TCP && LC::TC && (FP8 ? DM == 128 || static_cast<bool>(RAGGED_WGMMA)
+                              : QR && static_cast<bool>(RAGGED_WGMMA)) ? 3 : 4;
 #endif
 };
 
 #include "attention_wgmma.cuh"  // sm_90a's tensor-core tile (wgmma); uses the helpers above
 
 // FP8: the cache holds e4m3 codes (p.kv_fp8). The lean tile stages codes and per-slot scales by
-// cp.async and converts at use (LeanCfg::TILE8); the tensor-core tile dequantises each chunk
-// into its T tile at the copy (copy_kv_chunk); the generic tile (other head dims) keeps e4m3
-// bytes in shared memory and scales scores / probabilities (see its K/V copy).
+// cp.async and converts at use (LeanCfg::TILE8); the sm_90a wgmma tile stages them the same
+// way and converts each tile once into its T panels (attention_wgmma.cuh); the mma.sync tile
+// dequantises each chunk into its T tile at the copy (copy_kv_chunk); the generic tile (other
+// head dims) keeps e4m3 bytes in shared memory and scales scores / probabilities.
 template <typename T, int DM, bool EXACT, bool FP8, bool TCP, bool QR = false>
 __global__ void __launch_bounds__(kThreads, (MinBlocks<T, DM, EXACT, FP8, TCP, QR>::value))
 paged_attention_kernel(const PagedAttentionParams p) {
@@ -468,11 +486,13 @@ paged_attention_kernel(const PagedAttentionParams p) {
   if (row0_64 >= total_rows) return;            // q_len 0, or a tile past this sequence
   const int row0 = static_cast<int>(row0_64);
   // Tile class of this CTA: tensor cores for the sequences with more than kLeanRows rows in
-  // 16-bit types (prefill chunks, spec-verify queries), 64 rows a CTA (the CTA of every 4th
-  // 16-row slot; the other 3 exit); the lean CUDA-core tile for the others (decodes).
+  // 16-bit types (prefill chunks, spec-verify queries; fp8: more than kRows, every row on
+  // sm_90a), 64 rows a CTA (the CTA of every 4th 16-row slot; the other 3 exit); the lean
+  // CUDA-core tile for the others (decodes).
   // See LeanCfg (TC16: with D 80 / 96, 16-bit caches only); TCP: compiled in (MinBlocks).
   constexpr bool TC_OK = (FP8 ? LC::TC : LC::TC16) && TCP;
-  const bool tc = TC_OK && total_rows > (FP8 ? kRows : kLeanRows);
+  const bool tc =
+      TC_OK && total_rows > (FP8 ? (RAGGED_WGMMA ? kFp8WgmmaRows : kRows) : kLeanRows);
   if (tc && (rtile & 3)) return;
   const int tile_rows = tc ? kTcRows : kRows;
   const int nrows = total_rows - row0_64 < tile_rows ? static_cast<int>(total_rows - row0_64)
@@ -1319,12 +1339,12 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
                                            : C::smem(p.head_dim);
   // The TC tiles: 2 stages of 16 KB + Q (WgmmaCfg<T, DM>: sm_90a's wgmma tile, and the
   // mma.sync tile at D 80 / 96, whose lean tile takes only 30.6 / 36.6 KB); on sm_90a with Q
-  // in registers at D 128, 64-key tiles (WgmmaCfg<T, DM, true>: 81 KB), set only where
+  // in registers at D 128, 64-key tiles (WgmmaCfg<T, DM, false, true>: 81 KB), set only where
   // kernel_arch says the wgmma tile runs (unknown: the larger, which only costs occupancy).
   using LC = LeanCfg<T, DM, EXACT>;
   auto kernel = paged_attention_kernel<T, DM, EXACT, FP8, TCP, QR>;
   if constexpr (TCP && (LC::TC || (LC::TC16 && !FP8))) {
-    constexpr size_t tc = WgmmaCfg<T, DM>::SMEM, wg = WgmmaCfg<T, DM, QR && !FP8>::SMEM;
+    constexpr size_t tc = WgmmaCfg<T, DM, FP8>::SMEM, wg = WgmmaCfg<T, DM, FP8, QR>::SMEM;
     size_t need = tc;
     if (wg > tc) {
       const int arch = kernel_arch(kernel);
@@ -1356,12 +1376,14 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
 
 template <typename T, bool FP8>
 cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
-  // No tensor-core row (max_seqlen_q x G <= kRows for fp8, kLeanRows for 16-bit): the
-  // lean-only kernel, 4 CTAs/SM instead of 3 (MinBlocks): fp8 at D 128. 16-bit at D 64 / 128:
-  // Q in registers (QR, 3 CTAs/SM on sm_90a) only with a row tile past kTcRows, else 4.
-  // The other dims need no second instantiation.
+  // 16-bit at D 64 / 128: no tensor-core row (max_seqlen_q x G <= kLeanRows): the lean-only
+  // kernel, 4 CTAs/SM; Q in registers (QR, 3 CTAs/SM on sm_90a) only with a row tile past
+  // kTcRows, else 4. fp8: the tensor-core kernel where kernel_arch says sm_90 (kFp8WgmmaRows:
+  // on sm_90a every fp8 row takes the wgmma tile); elsewhere at D 128 the lean-only kernel
+  // when no sequence has more than kRows rows (sm_86/89: 3 CTAs/SM, not the tensor-core
+  // kernel's 2). The other dims need no second instantiation.
   const int64_t rows = static_cast<int64_t>(p.max_seqlen_q) * (p.num_q_heads / p.num_kv_heads);
-  const bool lean_only = rows <= (FP8 ? kRows : kLeanRows), qr = rows > kTcRows;
+  const bool lean_only = rows <= kLeanRows, qr = rows > kTcRows;
   switch (p.head_dim) {
     case 64:
       if constexpr (!FP8 && LeanCfg<T, 64, true>::TC) {
@@ -1382,10 +1404,15 @@ cudaError_t dispatch_head_dim(const PagedAttentionParams& p, cudaStream_t stream
       }
       return launch<T, 96, true, FP8, true>(p, stream);
     case 128:
-      if constexpr (FP8 || LeanCfg<T, 128, true>::TC)
+      if constexpr (!FP8 && LeanCfg<T, 128, true>::TC) {
         if (lean_only) return launch<T, 128, true, FP8, false>(p, stream);
-      if constexpr (!FP8 && LeanCfg<T, 128, true>::TC)
         if (qr) return launch<T, 128, true, FP8, true, true>(p, stream);
+      }
+      if constexpr (FP8) {
+        const int arch = kernel_arch(paged_attention_kernel<T, 128, true, FP8, false>);
+        if (rows <= kRows && arch > 0 && arch < 90)
+          return launch<T, 128, true, FP8, false>(p, stream);
+      }
       return launch<T, 128, true, FP8, true>(p, stream);
     case 256: return launch<T, 256, true, FP8, true>(p, stream);
     default: break;

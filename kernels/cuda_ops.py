@@ -111,9 +111,11 @@ def _sm_arch(device: torch.device) -> tuple:
 def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: int) -> int:
     """Resident attention CTAs per SM of the instantiation a launch runs: min of its register
     budget (paged_attention.cu MinBlocks, which this mirrors) and of its shared memory (LeanCfg
-    / AttnCfg sizes + 1 KB reserved per CTA). rows = max_seqlen_q x G (no tensor-core row at
-    <= 16 for fp8, <= 4 for 16-bit caches: fp8 D 128 and 16-bit D 64 / 128 then run their
-    lean-only kernels; 16-bit rows > 64: the Q-in-registers tile, 3 on sm_90 at D 64 / 128)."""
+    / AttnCfg sizes + 1 KB reserved per CTA). rows = max_seqlen_q x G (16-bit caches: no
+    tensor-core row at <= 4, D 64 / 128 then run their lean-only kernels; 16-bit rows > 64:
+    the Q-in-registers tile, at D 128 with 64-key tiles). fp8 caches at D 64 / 128 on sm_90
+    always launch the kernel with the tensor-core tile (kFp8WgmmaRows = 0: every fp8 row takes
+    the wgmma tile); elsewhere fp8 D 128 runs its lean-only kernel up to 16 rows."""
     vec = 16 // elem
     strided = elem == 2 and d in (80, 96)
     nc = 16 if strided else d // vec
@@ -123,7 +125,7 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
         nk = 4 * ng if strided else 16384 // (2 * d * elem)
         smem = 3 * 2 * nk * (d + vec if strided else d) * elem + ng * 80
         tc = not strided and elem == 2 and d <= 128 and (
-            (rows > 16 or d != 128) if fp8 else rows > 4)
+            (cap >= (9, 0) or rows > 16 or d != 128) if fp8 else rows > 4)
         if fp8:
             kp8 = d + 16 if strided and d % 32 == 0 else d
             s8 = 3 * (2 * nk * kp8 + 8 * nk) + ng * 80
@@ -134,11 +136,12 @@ def _ctas_per_sm(cap: tuple, smem_sm: int, d: int, elem: int, fp8: bool, rows: i
         if strided_tc:
             smem = max(smem, 50176)
         if cap >= (9, 0):
-            # sm_90a: fp8 D 128's tile; 16-bit past 64 rows holds Q in registers (wgmma RS),
-            # at D 128 with 64-key tiles (243 registers, 81 KB: 2), except D 80 / 96 whose
-            # Q-in-registers tile fits 128 registers (no spills): 4
+            # sm_90a: fp8's wgmma tile (Q in registers, the code ring; D 64 / 128: 3); 16-bit
+            # past 64 rows holds Q in registers too (wgmma RS), at D 128 with 64-key tiles
+            # (254 registers, 81 KB: 2), except D 80 / 96 whose Q-in-registers tile fits 128
+            # registers (no spills): 4
             qr = tc and not fp8 and rows > 64
-            regs = 2 if qr and d == 128 else 3 if qr or (tc and fp8 and d == 128) else 4
+            regs = 2 if qr and d == 128 else 3 if qr or (tc and fp8) else 4
         else:
             regs = 4 if strided and not strided_tc else 3
     else:                        # the generic tile (AttnCfg); 4 = its register floor

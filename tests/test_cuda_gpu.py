@@ -420,10 +420,11 @@ def test_compile_fullgraph_inductor():
 
 # --------------------------------------------------------------------------- fp8 KV cache
 # fp8 (float8_e4m3fn) caches: the lean tile stages e4m3 codes by cp.async and converts at use,
-# the tensor-core tile dequantises each K/V chunk at its copy into shared memory, the generic
-# tile keeps e4m3 in shared memory (lean and generic: scores x k scale, probabilities x v
-# scale); checked on the same codes as the reference. All-decode D 128 launches run the
-# lean-only kernel (no tensor-core tile compiled in).
+# the mma.sync tile (sm_80/89) dequantises each K/V chunk at its copy into shared memory, the
+# generic tile keeps e4m3 in shared memory (lean and generic: scores x k scale, probabilities
+# x v scale); checked on the same codes as the reference. On sm_90a every fp8 row at D 64 /
+# 128 (decodes too) takes the wgmma tile: a cp.async ring of codes + scales, a convert pass
+# into its 16-bit panels, scales on S / P (attention_wgmma.cuh).
 FP8_MODES = ["per_slot", "per_tensor"]
 
 

@@ -214,14 +214,20 @@ def test_ctas_per_sm_mirrors_the_kernels():
     c = cuda_ops._ctas_per_sm
     assert c(*H100, 128, 2, False, 4) == 4 and c(*A100, 128, 2, False, 4) == 3
     assert c(*L40, 128, 2, False, 4) == 2                  # 49.8 KB tiles in 100 KB
-    assert c(*H100, 128, 2, True, 16) == 4                 # fp8 decode: lean-only kernel
-    assert c(*H100, 128, 2, True, 17) == 3                 # fp8 with tensor-core rows
+    # fp8 at D 64 / 128: on sm_90a the tensor-core kernel for every row count (the wgmma tile
+    # with its code ring, 3); sm_80: its lean-only kernel up to 16 rows at D 128 (3, as before;
+    # the launcher asks kernel_arch), the tensor-core kernel past them (3); sm_89's 100 KB: the
+    # lean-only kernel's 26 KB fit 3
+    assert c(*H100, 128, 2, True, 1) == 3 and c(*H100, 128, 2, True, 16) == 3
+    assert c(*H100, 128, 2, True, 17) == 3 and c(*H100, 64, 2, True, 4) == 3
+    assert c(*A100, 128, 2, True, 4) == 3 and c(*A100, 128, 2, True, 17) == 3
+    assert c(*L40, 128, 2, True, 4) == 3 and c(*L40, 128, 2, True, 17) == 2
     # 16-bit on sm_90a: Q-in-registers tile (3) only past one 64-row tile; lean-only <= 4
     assert c(*H100, 128, 2, False, 8) == 4 and c(*H100, 64, 2, False, 8) == 4
     assert c(*H100, 128, 2, False, 64) == 4 and c(*H100, 128, 2, False, 65) == 2
     assert c(*H100, 64, 2, False, 65) == 3 and c(*A100, 128, 2, False, 65) == 3
-    assert c(*H100, 128, 4, False, 65) == 4 and c(*H100, 64, 2, True, 65) == 4
-    assert c(*H100, 64, 2, True, 64) == 4 and c(*A100, 256, 2, True, 4) == 3
+    assert c(*H100, 128, 4, False, 65) == 4 and c(*H100, 64, 2, True, 65) == 3
+    assert c(*H100, 256, 2, True, 4) == 4 and c(*A100, 256, 2, True, 4) == 3
     assert c(*H100, 80, 2, False, 4) == 4 and c(*A100, 96, 2, True, 4) == 4   # strided tiles
     # 16-bit D 80 / 96 on sm_90a: lean-only <= 4 rows, the wgmma tile (SS, then Q in
     # registers) past 4 / 64 rows, 4 each (128 registers, no spills); sm_80: lean-only 4, the
@@ -237,8 +243,9 @@ def test_ctas_per_sm_mirrors_the_kernels():
     import unittest.mock as mock
     with mock.patch.object(cuda_ops, "_sm_count", lambda device: 132), \
             mock.patch.object(cuda_ops, "_sm_arch", lambda device: H100):
-        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 1, 32768) == 64     # 4 x 132 / 8
-        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 17, 32768) == 47    # 3 x 132 / 8
+        # 3 x 132 / 8 = 49.5 (the wgmma tile): 47, the count plan_splits uses for <= 49
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 1, 32768) == 47
+        assert cuda_ops.default_num_kv_splits(q, kc8, 1, 17, 32768) == 47
 
 
 # --------------------------------------------------------------------------- emulated kernels
@@ -299,10 +306,11 @@ EMU_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, dtype, splits, window,
 # bf16 d=256 (case 6) 50 KB, fp32 d=192 in the 256 bucket (case 10) 62 KB.
 
 
-def check_emulated_case(emu, case, name, generator=None, fp8=None):
+def check_emulated_case(emu, case, name, generator=None, fp8=None, arch=80):
     """One row of a case table (q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window,
     softcap) through the emulated kernel against the fp64 reference; fp8 "per_slot" /
-    "per_tensor": the cache quantised to e4m3 with those scales (the reference dequantises)."""
+    "per_tensor": the cache quantised to e4m3 with those scales (the reference dequantises);
+    arch 90: the emulator's sm_90a build (wgmma tile)."""
     q_lens, kv_lens, hq, hkv, d, bs, dtype, splits, window, softcap = case
     b64 = make_batch(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                      block_size=bs, dtype=torch.float64, generator=generator)
@@ -312,7 +320,7 @@ def check_emulated_case(emu, case, name, generator=None, fp8=None):
         kw.update(k_scale=b64["k_scale"], v_scale=b64["v_scale"])
     bl = cast(b64, dtype)
     got = emu.paged_attention(*attn_args(bl), max_seqlen_q=bl["max_seqlen_q"],
-                              num_kv_splits=splits, **kw)
+                              num_kv_splits=splits, arch=arch, **kw)
     assert got.dtype == dtype
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name=name)
@@ -394,8 +402,9 @@ def test_emulated_paged_attention_fp8(emu, case, mode):
                         torch.Generator().manual_seed(case), fp8=mode)
 
 
+@pytest.mark.parametrize("arch", [80, 90])   # 90: the wgmma tile (scales on S / P)
 @pytest.mark.parametrize("d", [32, 64])   # generic tile; lean + tensor-core tiles
-def test_emulated_paged_attention_fp8_scales_matter(emu, d):
+def test_emulated_paged_attention_fp8_scales_matter(emu, d, arch):
     # Per-slot scales spread over 4 orders of magnitude: a kernel that ignored, swapped or
     # misaddressed them (slot * Hkv + head) would be off by O(1), far outside the tolerance.
     g = torch.Generator().manual_seed(7)
@@ -408,13 +417,15 @@ def test_emulated_paged_attention_fp8_scales_matter(emu, d):
     b64 = quantize_cache(b64, "per_slot")
     bl = cast(b64, torch.float16)
     kw = dict(scale=0.05, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
-    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=20, num_kv_splits=1, **kw)
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=20, num_kv_splits=1, arch=arch,
+                              **kw)
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name="fp8 scale spread")
 
 
+@pytest.mark.parametrize("arch", [80, 90])   # 90: the wgmma tile's code ring, decodes too
 @pytest.mark.parametrize("d", [24, 64])   # generic tile; lean + tensor-core tiles
-def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d):
+def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d, arch):
     # Every slot no query may read (past seq_len in each last block, the unused blocks) holds
     # NaN codes (0x7f) and NaN scales: a tile that read one, even times a zero scale or
     # probability, would put NaN in P V.
@@ -443,7 +454,8 @@ def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d):
     bl = cast(b64, torch.float16)
     kw = dict(scale=0.1, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
     for splits in (1, 3):
-        got = emu.paged_attention(*attn_args(bl), max_seqlen_q=13, num_kv_splits=splits, **kw)
+        got = emu.paged_attention(*attn_args(bl), max_seqlen_q=13, num_kv_splits=splits,
+                                  arch=arch, **kw)
         assert not got.isnan().any()
         assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                      ref.paged_attention(*attn_args(bl), **kw), name=f"fp8 poisoned {splits}")

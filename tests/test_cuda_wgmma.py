@@ -217,10 +217,11 @@ def test_emulated_paged_attention_sm90(emu, case):
     assert_close(got, want, torch_low, name=f"sm90 emulated case {case}")
 
 
-# fp8 caches: the wgmma tile dequantises at the copy like the mma.sync tile (copy_kv_chunk).
-# The FP8_EMU_CASES with a tensor-core chunk (0, 1, 5) see 1 K/V tile each; these two see 5-10,
-# so the pipeline's steady state (plain dequantising stores into the stage the next step's
-# wgmma reads, fenced by that step's fence.proxy.async) runs too.
+# fp8 caches: the wgmma tile's code ring (cp.async of e4m3 codes + scales, a convert pass into
+# the T panels, fence.proxy.async, scales on S / P). The FP8_EMU_CASES (0, 1, 5) see 1-2 K/V
+# tiles a CTA; these two see 5-10, so the ring's steady state runs too. Mutations (checked by
+# hand): deleting the step's cp_async_wait<1>, the barrier after it, or the fence after the
+# convert pass fails all 15 fp8 cases here (NaN-poisoned codes / "without fence.proxy.async").
 FP8_WGMMA_CASES = [FP8_EMU_CASES[0], FP8_EMU_CASES[1], FP8_EMU_CASES[5],
                    ([70, 1], [300, 50], 2, 2, 128, 16, torch.float16, 1, None, None),
                    ([40, 2], [400, 30], 8, 2, 64, 48, torch.bfloat16, 1, 200, None)]
@@ -242,3 +243,44 @@ def test_emulated_wgmma_attention_fp8(emu, case):
     assert emu.wgmma_ops() > ops
     assert_close(got, ref.paged_attention(*attn_args(b64), **kw),
                  ref.paged_attention(*attn_args(bl), **kw), name=f"wgmma fp8 {case}")
+
+
+# fp8 on sm_90a: every row (decodes included, kFp8WgmmaRows = 0) takes the wgmma tile, whose
+# fp8 path stages e4m3 codes + per-slot scales by cp.async in a 2-slot ring and converts
+# them into the T panels (attention_wgmma.cuh). Both scale modes; each case spans >= 3 K/V
+# tiles so the ring's steady state (tile t + 1 in flight, t converted) runs.
+FP8_RING_CASES = [  # q_lens, kv_lens, hq, hkv, d, block size, q dtype, splits, window, softcap
+    # decodes G 4, D 128, bf16, 2 splits: 4 of 64 rows, unmasked full tiles + a partial one
+    ([1, 1], [150, 97], 4, 1, 128, 16, torch.bfloat16, 2, None, None),
+    # decodes G 8, D 64, fp16, block size 32 (NK 64: 8-byte code copies)
+    ([1, 1], [200, 70], 8, 1, 64, 32, torch.float16, 1, None, None),
+    # spec-verify q 2 / 16 / 5 at G 4 (8 / 64 / 20 rows), D 128, fp16
+    ([2, 16, 5], [100, 120, 70], 4, 1, 128, 16, torch.float16, 1, None, None),
+    # a prefill chunk with cached context, D 64, block size 48, window (masked tile ends)
+    ([24, 1], [180, 60], 4, 1, 64, 48, torch.bfloat16, 1, 50, None),
+    # softcap, decode + short verify, D 128, block size 64
+    ([3, 1], [110, 140], 8, 2, 128, 64, torch.bfloat16, 1, None, 4.0),
+]
+
+
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+@pytest.mark.parametrize("case", range(len(FP8_RING_CASES)))
+def test_emulated_wgmma_fp8_ring(emu, case, mode):
+    from tests.test_cuda_ops import check_emulated_case
+    ops = emu.wgmma_ops()
+    check_emulated_case(emu, FP8_RING_CASES[case], f"wgmma fp8 ring {mode} {case}",
+                        torch.Generator().manual_seed(10 + case), fp8=mode, arch=90)
+    assert emu.wgmma_ops() > ops   # the decodes too: no lean tile for fp8 on arch 90
+
+
+# The sm_80 suite's fp8 cases with 16-bit q at D 64 / 128 (mixed batches, GQA 5, block 48,
+# window, splits), both scale modes, through the arch-90 build: there every row of them,
+# decodes included, takes the wgmma tile's code ring.
+@pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
+@pytest.mark.parametrize("case", [0, 1, 5])
+def test_emulated_paged_attention_fp8_sm90(emu, case, mode):
+    from tests.test_cuda_ops import check_emulated_case
+    ops = emu.wgmma_ops()
+    check_emulated_case(emu, FP8_EMU_CASES[case], f"sm90 emulated fp8 {mode} {case}",
+                        torch.Generator().manual_seed(case), fp8=mode, arch=90)
+    assert emu.wgmma_ops() > ops

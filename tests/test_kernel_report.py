@@ -342,6 +342,13 @@ def test_rows_follow_the_kernels_tile_class():
     assert cls(x, "cuda") == [False, True, True, True, True]
     assert cls(x, "triton") == [False, False, False, False, True]
     assert cls(dataclasses.replace(x, kv="fp8"), "cuda") == [False, False, False, True, True]
+    # fp8 on sm_90a (D 64 / 128, 16-bit q): every row takes the wgmma tile; not D 80 / fp32 q
+    cls90 = lambda y: [kr._prefill_class(y, q, "cuda", 90) for q in y.q_lens]  # noqa: E731
+    assert cls90(dataclasses.replace(x, kv="fp8")) == [True] * 5
+    assert cls90(dataclasses.replace(x, kv="fp8", d=80)) == [False, False, False, True, True]
+    assert cls90(dataclasses.replace(x, kv="fp8", dtype="fp32")) == \
+        [False, False, False, True, True]
+    assert cls90(x) == cls(x, "cuda")
     assert cls(dataclasses.replace(x, dtype="fp32"), "cuda") == [False, False, False, True, True]
     fp8 = kr.launch_cost(dataclasses.replace(x, kv="fp8"))["decode"][0]
     assert fp8 == sum(k * 8 * (2 * 128 + 8) + 2 * q * 32 * 128 * 2
