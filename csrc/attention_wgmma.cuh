@@ -128,6 +128,8 @@ struct WgmmaTile {
                 "fp8 wgmma copy / convert split");
   uint32_t qf[QREG ? DM / 16 : 1][4];
   float mA, mB, lA, lB; // running max (log2 units) and this lane's part of the sum, rows A/B
+  // exp2 offset of P (see step): fp8 caches with fp16 q only
+  static constexpr float kPShift = FP8 && std::is_same<T, __half>::value ? 8.f : 0.f;
 
   // Byte offset of 16-byte chunk ch of row r in a swizzled [panels][rows][128 B] array.
   static __device__ __forceinline__ int off(int r, int ch, int rows) {
@@ -383,13 +385,18 @@ struct WgmmaTile {
     const float aA = fast_exp2(mA - uA), aB = fast_exp2(mB - uB);
     mA = nA;
     mB = nB;
+    // P in [0, 2^kPShift] (O and l both carry the 2^kPShift; the split partial's lse takes it
+    // out): fp8 with fp16 q packs P x the keys' V scales (~|v| / 448) into fp16, whose
+    // subnormals (< 6.1e-5) lost the small products: 2-12x PyTorch's own fp16 error on a
+    // 2048-key decode with small V (a review's finding); the shift costs no instruction.
+    const float eA = uA - kPShift, eB = uB - kPShift;
     float sA = 0.f, sB = 0.f;
 #pragma unroll
     for (int n = 0; n < NK / 8; ++n) {
-      s[4 * n] = fast_exp2(fmaf(s[4 * n], f, -uA));
-      s[4 * n + 1] = fast_exp2(fmaf(s[4 * n + 1], f, -uA));
-      s[4 * n + 2] = fast_exp2(fmaf(s[4 * n + 2], f, -uB));
-      s[4 * n + 3] = fast_exp2(fmaf(s[4 * n + 3], f, -uB));
+      s[4 * n] = fast_exp2(fmaf(s[4 * n], f, -eA));
+      s[4 * n + 1] = fast_exp2(fmaf(s[4 * n + 1], f, -eA));
+      s[4 * n + 2] = fast_exp2(fmaf(s[4 * n + 2], f, -eB));
+      s[4 * n + 3] = fast_exp2(fmaf(s[4 * n + 3], f, -eB));
       sA += s[4 * n] + s[4 * n + 1];
       sB += s[4 * n + 2] + s[4 * n + 3];
     }
@@ -596,7 +603,8 @@ __device__ __forceinline__ void wgmma_tile(const PagedAttentionParams& p, void* 
       for (int d = 0; d < W::DT; ++d)
         *reinterpret_cast<float2*>(po + 8 * d + 2 * t4) =
             make_float2(x.o[4 * d + 2 * h] * inv, x.o[4 * d + 2 * h + 1] * inv);
-      if (t4 == 0) p.partial_lse[row] = l > 0.f ? (mm + log2f(l)) / kLog2e : -INFINITY;
+      if (t4 == 0)
+        p.partial_lse[row] = l > 0.f ? (mm + log2f(l) - W::kPShift) / kLog2e : -INFINITY;
     }
   }
 }

@@ -10,8 +10,6 @@ CUDA device exists.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 MAX_KV_SPLITS = 128                  # = kMaxSplits in paged_attention.cu (the merge's bound)
@@ -161,7 +159,10 @@ def _used_splits(s: int, kv_len: int) -> int:
     return max(1, -(-kv_len // chunk))
 
 
-@functools.lru_cache(maxsize=256)   # one search per step: every layer asks the same
+_WAVE_SPLITS: dict[tuple, int] = {}  # one search per step: every layer asks the same (a dict,
+                                     # traceable, unlike lru_cache: see _SM_COUNT)
+
+
 def _wave_splits(ctas: int, wave: int, cap: int, kv_len: int) -> int:
     """The split count s <= cap, of those the kernel uses as given (_used_splits(s) == s),
     with the least predicted time: ceil(ctas s / wave) waves of resident CTAs, each CTA
@@ -169,12 +170,20 @@ def _wave_splits(ctas: int, wave: int, cap: int, kv_len: int) -> int:
     pipeline fill, fp32 partial and merge), ties to the smaller s. Rounding wave / ctas up
     made a second, mostly empty wave: decode B=32 x 8k on H100 (256 CTAs, 528 resident)
     took 3 splits, 768 CTAs, predicted 73% of HBM; 2 (512 CTAs, one wave) predict 97%."""
+    key = (ctas, wave, cap, kv_len)
+    best = _WAVE_SPLITS.get(key)
+    if best is not None:
+        return best
+
     def cost(s):
         return -(-ctas * s // wave) * (-(-kv_len // s) + _SPLIT_MIN_KEYS)
     best = 1
     for s in range(2, cap + 1):
         if cost(s) < cost(best) and _used_splits(s, kv_len) == s:
             best = s
+    if len(_WAVE_SPLITS) > 4096:
+        _WAVE_SPLITS.clear()
+    _WAVE_SPLITS[key] = best
     return best
 
 

@@ -174,7 +174,10 @@ def _kv_tiles(acc, m_i, l_i, q, k_head, v_head, bt_row, base, t_lo, t_hi, seq_le
         if KV_FP8:
             v = v.to(q.dtype)
             if PER_SLOT_SCALE:
-                p = p * v_sc[None, :]
+                if v.dtype == tl.float16:   # x 2^8, out again after the loop (see _attend)
+                    p = p * (v_sc * 256.0)[None, :]
+                else:
+                    p = p * v_sc[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -370,6 +373,10 @@ def _attend(q_ptr, k_ptr, v_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, bt_row, tok0, q_
     if KV_FP8:
         if not PER_SLOT_SCALE:
             o = o * out_scale                                # per-tensor v scale
+        elif q.dtype == tl.float16:
+            # P x the keys' V scales (~|v| / 448) went to fp16 x 2^8 for P V (_kv_tiles): in
+            # fp16's subnormals (< 6.1e-5) the small products lost their precision
+            o = o * (1.0 / 256.0)
     if TO_WS:
         ws_row = (split.to(tl.int64) * ws_rows + ws_row0 + tok) * num_q_heads + head
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))

@@ -273,6 +273,28 @@ def test_emulated_wgmma_fp8_ring(emu, case, mode):
     assert emu.wgmma_ops() > ops   # the decodes too: no lean tile for fp8 on arch 90
 
 
+# fp16 q, per-slot scales, small V (|v| ~ 1e-2: V scales ~ 7e-5): P x the keys' V scales, packed
+# into fp16 for P V, fell into fp16's subnormals on a long decode (2-12x PyTorch's own error,
+# the review's finding); P now carries 2^8 (attention_wgmma.cuh kPShift). Two splits: the
+# partial's log-sum-exp takes the 2^8 out again.
+@pytest.mark.parametrize("splits", [1, 2])
+def test_emulated_wgmma_fp8_fp16_small_v(emu, splits):
+    b64 = make_batch([1, 1], [1024, 700], num_q_heads=4, num_kv_heads=1, head_dim=128,
+                     block_size=16, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(21))
+    b64 = quantize_cache(dict(b64, v_cache=b64["v_cache"] * 1e-2), "per_slot")
+    bl = cast(b64, torch.float16)
+    kw = dict(scale=0.7 / 128 ** 0.5, k_scale=b64["k_scale"], v_scale=b64["v_scale"])
+    got = emu.paged_attention(*attn_args(bl), max_seqlen_q=1, num_kv_splits=splits, arch=90,
+                              **kw)
+    want = ref.paged_attention(*attn_args(b64), **kw)
+    assert want.abs().max() < 1e-2      # the regime: every P x scale below 6.1e-5
+    # no absolute floor: the outputs are ~1e-3, below the floor's 1e-3 scale, where the
+    # subnormal loss (2.4x PyTorch's own error before the fix) would hide under it
+    assert_close(got, want, ref.paged_attention(*attn_args(bl), **kw), floor_ulps=0.0,
+                 name=f"wgmma fp8 fp16 small v, {splits} splits")
+
+
 # The sm_80 suite's fp8 cases with 16-bit q at D 64 / 128 (mixed batches, GQA 5, block 48,
 # window, splits), both scale modes, through the arch-90 build: there every row of them,
 # decodes included, takes the wgmma tile's code ring.

@@ -796,6 +796,29 @@ def test_fp8_cache_all_modes(mode):
            name=f"fp8 {mode} fp32 q")
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fp8_fp16_small_v_per_slot(splits):
+    # fp16 q, per-slot scales, |v| ~ 1e-2 (V scales ~ 7e-5): P x the keys' V scales went to
+    # fp16 for P V in fp16's subnormals (< 6.1e-5), losing the small products on a long
+    # decode; _kv_tiles now packs them x 2^8 and _attend takes it out.
+    from tests.attention_cases import quantize_cache
+    b = make_batch([1, 1], [1024, 700], num_q_heads=4, num_kv_heads=1, head_dim=64,
+                   block_size=16, dtype=torch.float64,
+                   generator=torch.Generator().manual_seed(21))
+    b = quantize_cache(dict(b, v_cache=b["v_cache"] * 1e-2), "per_slot")
+    bl = cast(b, torch.float16)
+    kw = dict(scale=None, sliding_window=None, softcap=None, k_scale=b["k_scale"],
+              v_scale=b["v_scale"])
+    got = kernels.paged_attention(*attn_args(bl), max_seqlen_q=1, max_seqlen_k=1024,
+                                  num_kv_splits=splits, backend="triton", **kw)
+    want = reference.paged_attention(*attn_args(b), **kw)
+    assert want.abs().max() < 1e-2      # the regime: every P x scale below 6.1e-5
+    # no absolute floor: the outputs are ~1e-3, below the floor's 1e-3 scale, where the
+    # subnormal loss (4x PyTorch's own error before the fix) would hide under it
+    assert_close(got, want, reference.paged_attention(*attn_args(bl), **kw), floor_ulps=0.0,
+                 name=f"fp8 fp16 small v {splits} splits")
+
+
 @gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("mode", ["per_slot", "per_tensor"])
