@@ -473,6 +473,11 @@ struct EmuWarpgroup {
   std::string op;
   EmuWgIn in[128];
   std::shared_ptr<EmuWgOp> out;
+  // The shared memory the op reads, as it was when the first warp issued it: the hardware may
+  // read its operands from then on, so a write in between (another warp still converting or
+  // storing, no barrier before the wgmma) is a race even though the last warp's issue sees
+  // the final bytes.
+  std::vector<std::pair<const uint16_t*, uint16_t>> first;
 };
 
 // wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}: d (N/2 floats a thread) = A B + (scale_d ?
@@ -496,8 +501,38 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
   std::snprintf(key, sizeof key, "m64n%dk16 %s %s ta%d tb%d sd%d", n, a ? "RS" : "SS",
                 bf16 ? "bf16" : "f16", trans_a, trans_b, scale_d);
   EmuWarpgroup& g = emu_wgs[w];
-  if (g.arrived == 0) g.op = key;
-  else if (g.op != key)
+  // Every shared operand address of this op (A by da if SS, B by db), in read order.
+  auto operand_addrs = [&](auto&& f) {
+    if (a == nullptr) {
+      const EmuDesc ds = emu_desc(da);
+      for (int m = 0; m < 64; ++m)
+        for (int k = 0; k < 16; ++k) f(ds, m, k, trans_a);
+    }
+    const EmuDesc ds = emu_desc(db);
+    for (int k = 0; k < 16; ++k)
+      for (int c = 0; c < n; ++c) f(ds, c, k, trans_b);
+  };
+  auto unfenced = [&](const uint16_t* p) {
+    const size_t gi = reinterpret_cast<const char*>(p) - static_cast<char*>(emu_dyn_smem);
+    const int own = emu_gen_owner[gi] ? emu_gen_owner[gi] : emu_gen_owner[gi + 1];
+    if (own != 0) {
+      char why[200];
+      std::snprintf(why, sizeof why, "wgmma: shared memory read by wgmma without "
+                    "fence.proxy.async after its generic write (byte %zu, thread %d)",
+                    gi, own - 1);
+      emu_abort_thread(why);
+    }
+  };
+  if (g.arrived == 0) {
+    g.op = key;
+    g.first.clear();
+    operand_addrs([&](const EmuDesc& ds, int mn, int k, bool mnm) {
+      if (ds.base != 0) emu_abort_thread("wgmma: descriptor base offset != 0 (not modelled)");
+      const uint16_t* p = emu_smem16(emu_desc_addr(ds, mn, k, mnm));
+      unfenced(p);  // every writer fenced (and past a barrier) before the first warp issues
+      g.first.emplace_back(p, *p);
+    });
+  } else if (g.op != key)
     emu_abort_thread(std::string("wgmma: threads of the warpgroup disagree (") + g.op + " vs " +
                      key + ")");
   EmuWgIn& in = g.in[i];
@@ -522,6 +557,10 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
     for (int j = 1; j < 128; ++j)
       if (g.in[j].da != g.in[0].da || g.in[j].db != g.in[0].db)
         emu_abort_thread("wgmma: matrix descriptors differ across the warpgroup");
+    for (const auto& [p, v] : g.first)
+      if (*p != v)
+        emu_abort_thread("wgmma: shared memory it reads was written after the warpgroup's "
+                         "first warp issued it (no barrier between the writes and the wgmma)");
     auto op = std::make_shared<EmuWgOp>();
     op->nacc = nacc;
     op->res.assign(128 * nacc, 0.f);
@@ -529,15 +568,7 @@ inline void emu_wgmma(float* d, int n, const uint32_t* a, uint64_t da, uint64_t 
     auto rd = [&](const EmuDesc& ds, int mn, int k, bool mnm) {
       if (ds.base != 0) emu_abort_thread("wgmma: descriptor base offset != 0 (not modelled)");
       const uint16_t* p = emu_smem16(emu_desc_addr(ds, mn, k, mnm));
-      const size_t gi = reinterpret_cast<const char*>(p) - static_cast<char*>(emu_dyn_smem);
-      const int own = emu_gen_owner[gi] ? emu_gen_owner[gi] : emu_gen_owner[gi + 1];
-      if (own != 0) {
-        char why[200];
-        std::snprintf(why, sizeof why, "wgmma: shared memory read by wgmma without "
-                      "fence.proxy.async after its generic write (byte %zu, thread %d)",
-                      gi, own - 1);
-        emu_abort_thread(why);
-      }
+      unfenced(p);
       op->reads.emplace_back(p, *p);
       return emu_b16_to_f(*p, bf16);
     };
