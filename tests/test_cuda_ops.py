@@ -424,7 +424,7 @@ def test_emulated_paged_attention_fp8_scales_matter(emu, d, arch):
 
 
 @pytest.mark.parametrize("arch", [80, 90])   # 90: the wgmma tile's code ring, decodes too
-@pytest.mark.parametrize("d", [24, 64])   # generic tile; lean + tensor-core tiles
+@pytest.mark.parametrize("d", [24, 64, 128])   # generic tile; lean + tensor-core tiles
 def test_emulated_paged_attention_fp8_never_reads_past_the_keys(emu, d, arch):
     # Every slot no query may read (past seq_len in each last block, the unused blocks) holds
     # NaN codes (0x7f) and NaN scales: a tile that read one, even times a zero scale or
